@@ -1,0 +1,32 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint demo bench clean
+
+install: $(STAMP)
+
+# torch first (2.13.0 resolves to the local CPU wheel; a looser pin pulls a multi-GB CUDA build),
+# then natten without build isolation (its setup.py imports torch), then the rest fully pinned.
+$(STAMP): pyproject.toml constraints.txt Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip==25.3
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q --no-build-isolation natten==0.21.7
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	$(PY) -m ruff check .
+	$(PY) -m pytest
+
+demo: install
+	$(VENV)/bin/dinat-batch demo
+
+bench: install
+	$(PY) benchmarks/kernels.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -30,7 +30,15 @@ import torch
 from kernels import available_backends, na2d
 
 # (map size, kernel, dilation, heads) of every attention layer kind in dinat-mini at 224
-DINAT_MINI_224 = [(56, 7, 1, 2), (56, 7, 8, 2), (28, 7, 1, 4), (28, 7, 4, 4), (14, 7, 1, 8), (14, 7, 2, 8), (7, 7, 1, 16)]
+DINAT_MINI_224 = [
+    (56, 7, 1, 2),
+    (56, 7, 8, 2),
+    (28, 7, 1, 4),
+    (28, 7, 4, 4),
+    (14, 7, 1, 8),
+    (14, 7, 2, 8),
+    (7, 7, 1, 16),
+]
 HEAD_DIM = 32
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
@@ -75,11 +83,14 @@ def run(device: torch.device, dtype: torch.dtype, batch: int, repeat: int) -> li
     gen = torch.Generator(device=device).manual_seed(0)
     for size, kernel, dilation, heads in DINAT_MINI_224:
         q, k, v = (
-            torch.randn(batch, size, size, heads, HEAD_DIM, device=device, generator=gen).to(dtype) for _ in range(3)
+            torch.randn(batch, size, size, heads, HEAD_DIM, device=device, generator=gen).to(dtype)
+            for _ in range(3)
         )
         rpb = torch.randn(heads, 2 * kernel - 1, 2 * kernel - 1, device=device, generator=gen).to(dtype)
         floor_ms = 4 * batch * size * size * heads * kernel**2 * HEAD_DIM / peak / 1e6
-        baseline = time_ms(lambda: na2d(q, k, v, kernel, dilation, backend="natten"), device, max(2, repeat // 2))
+        baseline = time_ms(
+            lambda: na2d(q, k, v, kernel, dilation, backend="natten"), device, max(2, repeat // 2)
+        )
         lines.append(
             f"| {size} | {kernel} | {dilation} | {heads} | natten | no | {baseline:.2f} | 1.0 | {floor_ms / baseline:.1%} |"
         )
@@ -90,7 +101,9 @@ def run(device: torch.device, dtype: torch.dtype, batch: int, repeat: int) -> li
                     continue
                 reps = 2 if status.name == "reference" else repeat
                 ms = time_ms(
-                    lambda name=status.name, bias=bias: na2d(q, k, v, kernel, dilation, rpb=bias, backend=name),
+                    lambda name=status.name, bias=bias: na2d(
+                        q, k, v, kernel, dilation, rpb=bias, backend=name
+                    ),
                     device,
                     reps,
                 )

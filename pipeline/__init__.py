@@ -1,0 +1,1 @@
+"""dinat-batch: batch inference for DiNAT image models, from object storage to Parquet."""

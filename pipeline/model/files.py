@@ -1,0 +1,134 @@
+"""Where a checkpoint's files come from: a local folder, an fsspec URI (cached locally), or the HF hub.
+
+A checkpoint is a folder in Hugging Face layout: `config.json`, optional `preprocessor_config.json`, and
+weights as `model.safetensors` (preferred) or `pytorch_model.bin`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+CONFIG = "config.json"
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be found, fetched or loaded; the message says what to do next."""
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    source: str
+    config: Path
+    weights: Path
+    preprocessor_config: Path | None
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DINAT_BATCH_CACHE", Path.home() / ".cache" / "dinat-batch")) / "models"
+
+
+def _from_folder(source: str, folder: Path) -> CheckpointFiles:
+    if not (folder / CONFIG).is_file():
+        raise ModelLoadError(
+            f"{source}: no {CONFIG} in {folder}; a checkpoint folder needs {CONFIG} and weights"
+        )
+    weights = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
+    if weights is None:
+        raise ModelLoadError(f"{source}: no weights in {folder}; expected one of {', '.join(WEIGHT_FILES)}")
+    pre = folder / PREPROCESSOR_CONFIG
+    return CheckpointFiles(source, folder / CONFIG, weights, pre if pre.is_file() else None)
+
+
+def _from_fsspec(uri: str, storage_options: dict[str, Any]) -> CheckpointFiles:
+    """Download once into a cache folder keyed by the remote objects' identity (ETag or checksum)."""
+    fs, root = fsspec.core.url_to_fs(uri.rstrip("/"), **storage_options)
+    try:
+        present = {Path(p).name for p in fs.ls(root, detail=False)}
+    except FileNotFoundError:
+        present = set()
+    weights = next((name for name in WEIGHT_FILES if name in present), None)
+    if CONFIG not in present or weights is None:
+        raise ModelLoadError(
+            f"{uri}: expected {CONFIG} and one of {', '.join(WEIGHT_FILES)} under this prefix, found "
+            f"{sorted(present) or 'nothing'}; check the URI and the storage credentials"
+        )
+    names = [CONFIG, weights] + ([PREPROCESSOR_CONFIG] if PREPROCESSOR_CONFIG in present else [])
+    identity = json.dumps([uri] + [(n, fs.ukey(f"{root}/{n}")) for n in names])
+    folder = cache_root() / hashlib.sha256(identity.encode()).hexdigest()[:24]
+    if not folder.is_dir():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".partial-"))
+        try:
+            for name in names:
+                fs.get_file(f"{root}/{name}", str(staging / name))
+            staging.rename(folder)  # atomic: a crashed download never looks complete
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+            if not folder.is_dir():  # another process may have won the race
+                raise
+    return _from_folder(uri, folder)
+
+
+def _from_hub(repo_id: str) -> CheckpointFiles:
+    """Through huggingface_hub, which honours HF_HOME, HF_HUB_OFFLINE and HF_TOKEN."""
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    def fetch_first(names: tuple[str, ...]) -> Path | None:
+        """The first of `names` the repository (or, offline, the cache) has."""
+        for name in names:
+            try:
+                return Path(huggingface_hub.hf_hub_download(repo_id, name))
+            except EntryNotFoundError:
+                continue
+        return None
+
+    try:
+        config = Path(huggingface_hub.hf_hub_download(repo_id, CONFIG))
+        weights = fetch_first(WEIGHT_FILES)
+    except (EntryNotFoundError, OSError, ValueError) as err:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no")
+        why = (
+            "HF_HUB_OFFLINE is set and it is not in the local cache"
+            if offline
+            else f"{type(err).__name__}: {err}"
+        )
+        raise ModelLoadError(
+            f"could not get {repo_id!r} from the Hugging Face hub ({why}). Pass a local copy instead: "
+            "a folder or an fsspec URI (s3://bucket/models/...) holding config.json and model.safetensors "
+            f"or pytorch_model.bin, e.g. made with `hf download {repo_id} --local-dir DIR`"
+        ) from err
+    if weights is None:
+        raise ModelLoadError(
+            f"hub repository {repo_id!r} has none of the weight files {', '.join(WEIGHT_FILES)}"
+        )
+    return CheckpointFiles(repo_id, config, weights, fetch_first((PREPROCESSOR_CONFIG,)))
+
+
+def resolve(source: str, storage_options: dict[str, Any] | None = None) -> CheckpointFiles:
+    """Find a checkpoint's files locally, downloading them first when they live elsewhere."""
+    if "://" in source:
+        if source.startswith("file://"):
+            return _from_folder(source, Path(source[len("file://") :]))
+        return _from_fsspec(source, storage_options or {})
+    path = Path(source).expanduser()
+    if path.exists():
+        return _from_folder(source, path)
+    if _HUB_ID.match(source):
+        return _from_hub(source)
+    raise ModelLoadError(
+        f"model source {source!r} is neither an existing folder, an fsspec URI (s3://...) nor a hub id (org/name)"
+    )

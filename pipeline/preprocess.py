@@ -1,0 +1,155 @@
+"""Encoded image bytes -> the model's input, exactly as the checkpoint's `preprocessor_config.json` says.
+
+ViTImageProcessor semantics: EXIF orientation, first frame, RGB conversion, resize straight to
+height x width with the configured PIL filter (aspect ratio not kept, no crop), rescale, normalize.
+Runs on CPU workers; returns numpy so the result travels through Ray without torch.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_MAX_PIXELS = 100_000_000  # ~10k x 10k; bigger declared sizes are treated as decompression bombs
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+class PreprocessConfig(BaseModel):
+    """The fields of a Hugging Face `preprocessor_config.json` that ViTImageProcessor uses.
+
+    Defaults are those of the published DiNAT checkpoints (224 x 224, bicubic, ImageNet statistics).
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    do_resize: bool = True
+    size: dict[str, int] = Field(default_factory=lambda: {"height": 224, "width": 224})
+    resample: int = Image.Resampling.BICUBIC
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[float, float, float] = IMAGENET_MEAN
+    image_std: tuple[float, float, float] = IMAGENET_STD
+
+    @field_validator("size", mode="before")
+    @classmethod
+    def _square(cls, value):
+        # older configs say `"size": 224`
+        if isinstance(value, int):
+            return {"height": value, "width": value}
+        if isinstance(value, dict) and "shortest_edge" in value and "height" not in value:
+            raise ValueError(
+                "size with shortest_edge is not ViTImageProcessor's resize; give height and width"
+            )
+        return value
+
+    @property
+    def height(self) -> int:
+        return self.size["height"]
+
+    @property
+    def width(self) -> int:
+        return self.size["width"]
+
+
+class ImageDecodeError(ValueError):
+    """Bytes that do not decode to an image. `kind` names the failure for error counts."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class PreprocessedImage:
+    pixel_values: np.ndarray  # float32 [3, height, width]
+    width: int  # of the source image, after EXIF orientation
+    height: int
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    if not data:
+        raise ImageDecodeError("empty", "the file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # PIL warns, then refuses, above its own global limit; ours is the configured one below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:
+        raise ImageDecodeError(
+            "too_large", f"declared image size is too large to decode safely: {err}"
+        ) from err
+    except UnidentifiedImageError as err:
+        head = data[:8].hex(" ")
+        raise ImageDecodeError(
+            "undecodable", f"not a recognised image format ({len(data)} bytes starting with {head})"
+        ) from err
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            "too_large",
+            f"image declares {width} x {height} = {width * height} pixels, over the limit of {max_pixels} "
+            "(raise max_pixels if such images are expected)",
+        )
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. 16-bit and 32-bit integer greyscale is scaled to 8 bits (PIL alone would clip
+    it to white); float greyscale is clipped to 0..255; everything else is PIL's own conversion, as
+    upstream's processor does (alpha is dropped, not composited)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image, dtype=np.float64) / 257.0
+        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        # PIL wants palette transparency resolved through RGBA before dropping alpha
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Bytes -> an oriented RGB image (first frame of animations and multi-page files)."""
+    image = _open(data, max_pixels)
+    try:
+        image.seek(0)
+        image = ImageOps.exif_transpose(image)
+        image.load()
+        return to_rgb(image)
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        message = str(err)
+        kind = "truncated" if "truncated" in message or isinstance(err, EOFError) else "undecodable"
+        raise ImageDecodeError(kind, f"{image.format or 'image'} data is corrupt: {message}") from err
+
+
+def pixel_values(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
+    """An RGB image -> float32 [3, height, width] as ViTImageProcessor computes it."""
+    if config.do_resize:
+        image = image.resize((config.width, config.height), resample=Image.Resampling(config.resample))
+    values = np.asarray(image, dtype=np.float32)
+    if config.do_rescale:
+        values = values * np.float32(config.rescale_factor)
+    if config.do_normalize:
+        values = (values - np.asarray(config.image_mean, np.float32)) / np.asarray(
+            config.image_std, np.float32
+        )
+    return np.ascontiguousarray(values.transpose(2, 0, 1))
+
+
+def preprocess(
+    data: bytes, config: PreprocessConfig, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> PreprocessedImage:
+    """Encoded bytes -> model input and source size; raises ImageDecodeError with a readable message."""
+    image = decode(data, max_pixels)
+    return PreprocessedImage(pixel_values(image, config), image.width, image.height)

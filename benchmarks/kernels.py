@@ -12,6 +12,7 @@ FLOPs (QK^T and AV, a multiply and an add each), at the matmul rate measured in 
 from __future__ import annotations
 
 import argparse
+import functools
 import datetime as dt
 import platform
 import statistics
@@ -111,7 +112,7 @@ def run(device: torch.device, dtype: torch.dtype, batch: int, repeat: int) -> li
                     f"| {size} | {kernel} | {dilation} | {heads} | {status.name} | {'yes' if with_rpb else 'no'} "
                     f"| {ms:.2f} | {baseline / ms:.1f} | {floor_ms / ms:.1%} |"
                 )
-            auto_ms = time_ms(lambda bias=bias: na2d(q, k, v, kernel, dilation, rpb=bias), device, repeat)
+            auto_ms = time_ms(functools.partial(call, rpb=bias), device, repeat)
             lines.append(
                 f"| {size} | {kernel} | {dilation} | {heads} | **auto** | {'yes' if with_rpb else 'no'} "
                 f"| {auto_ms:.2f} | {baseline / auto_ms:.1f} | {floor_ms / auto_ms:.1%} |"

@@ -89,9 +89,8 @@ def run(device: torch.device, dtype: torch.dtype, batch: int, repeat: int) -> li
         )
         rpb = torch.randn(heads, 2 * kernel - 1, 2 * kernel - 1, device=device, generator=gen).to(dtype)
         floor_ms = 4 * batch * size * size * heads * kernel**2 * HEAD_DIM / peak / 1e6
-        baseline = time_ms(
-            lambda: na2d(q, k, v, kernel, dilation, backend="natten"), device, max(2, repeat // 2)
-        )
+        call = functools.partial(na2d, q, k, v, kernel, dilation)
+        baseline = time_ms(functools.partial(call, backend="natten"), device, max(2, repeat // 2))
         lines.append(
             f"| {size} | {kernel} | {dilation} | {heads} | natten | no | {baseline:.2f} | 1.0 | {floor_ms / baseline:.1%} |"
         )
@@ -101,13 +100,7 @@ def run(device: torch.device, dtype: torch.dtype, batch: int, repeat: int) -> li
                 if not status.available or status.name == "natten":
                     continue
                 reps = 2 if status.name == "reference" else repeat
-                ms = time_ms(
-                    lambda name=status.name, bias=bias: na2d(
-                        q, k, v, kernel, dilation, rpb=bias, backend=name
-                    ),
-                    device,
-                    reps,
-                )
+                ms = time_ms(functools.partial(call, rpb=bias, backend=status.name), device, reps)
                 lines.append(
                     f"| {size} | {kernel} | {dilation} | {heads} | {status.name} | {'yes' if with_rpb else 'no'} "
                     f"| {ms:.2f} | {baseline / ms:.1f} | {floor_ms / ms:.1%} |"

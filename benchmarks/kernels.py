@@ -12,8 +12,8 @@ FLOPs (QK^T and AV, a multiply and an add each), at the matmul rate measured in 
 from __future__ import annotations
 
 import argparse
-import functools
 import datetime as dt
+import functools
 import platform
 import statistics
 import sys

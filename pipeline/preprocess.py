@@ -84,7 +84,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
             image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as err:
         raise ImageDecodeError(
-            "too_large", f"declared image size is too large to decode safely: {err}"
+            "too_large", f"image declares a size over the limit that decodes safely: {err}"
         ) from err
     except UnidentifiedImageError as err:
         head = data[:8].hex(" ")

@@ -55,6 +55,7 @@ def _from_folder(source: str, folder: Path) -> CheckpointFiles:
 def _from_fsspec(uri: str, storage_options: dict[str, Any]) -> CheckpointFiles:
     """Download once into a cache folder keyed by the remote objects' identity (ETag or checksum)."""
     fs, root = fsspec.core.url_to_fs(uri.rstrip("/"), **storage_options)
+    fs.invalidate_cache()  # fsspec reuses filesystem instances with their listings: always ask afresh
     try:
         present = {Path(p).name for p in fs.ls(root, detail=False)}
     except FileNotFoundError:

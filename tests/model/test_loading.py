@@ -1,0 +1,138 @@
+"""HF-format checkpoints saved with random weights load through every source kind, and bad ones fail clearly."""
+
+import hashlib
+import shutil
+
+import pytest
+import torch
+
+from pipeline.model import ModelLoadError, load_model
+from pipeline.model.export import random_model, save_checkpoint
+from tests.model.test_dinat import shortened
+
+PIXELS = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def reference_model():
+    return random_model(shortened("dinat-mini-in1k-224"), seed=11)
+
+
+@pytest.fixture(scope="module")
+def expected(reference_model):
+    with torch.inference_mode():
+        return reference_model(PIXELS)
+
+
+def check_same(model, expected, backbone_only=False):
+    with torch.inference_mode():
+        out = model(PIXELS)
+    torch.testing.assert_close(out.embeddings, expected.embeddings, atol=1e-6, rtol=0)
+    if backbone_only:
+        assert out.logits is None and not model.has_classifier
+    else:
+        torch.testing.assert_close(out.logits, expected.logits, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("weights_format", ["safetensors", "bin"])
+@pytest.mark.parametrize("backbone_only", [False, True], ids=["classifier", "backbone"])
+def test_local_folder(tmp_path, reference_model, expected, weights_format, backbone_only):
+    folder = save_checkpoint(reference_model, tmp_path / "ckpt", weights_format, backbone_only=backbone_only)
+    model = load_model(str(folder), device="cpu")
+    check_same(model, expected, backbone_only)
+    weights = next(p for p in folder.iterdir() if p.name.startswith(("model.", "pytorch_model")))
+    assert model.weights_sha256 == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert model.config.id2label == reference_model.config.id2label
+    assert model.source == str(folder)
+    assert model.preprocessing.height == 224
+
+
+def test_file_uri_and_dtype(tmp_path, reference_model, expected):
+    folder = save_checkpoint(reference_model, tmp_path / "ckpt")
+    model = load_model(f"file://{folder}", device="cpu", dtype=torch.bfloat16)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    model = load_model(f"file://{folder}", device="cpu")
+    check_same(model, expected)
+
+
+def test_s3_on_a_real_object_store(tmp_path, object_store, model_cache, reference_model, expected):
+    folder = save_checkpoint(reference_model, tmp_path / "ckpt", "bin")
+    fs = object_store.filesystem()
+    fs.mkdir("models")
+    fs.put(str(folder) + "/", "models/dinat-mini/", recursive=True)
+    uri = "s3://models/dinat-mini/"
+    check_same(load_model(uri, device="cpu", storage_options=object_store.storage_options), expected)
+    assert len(list(model_cache.iterdir())) == 1
+    # a second load reuses the cached download; a changed object gets a fresh one
+    load_model(uri, device="cpu", storage_options=object_store.storage_options)
+    assert len(list(model_cache.iterdir())) == 1
+    fs.pipe("models/dinat-mini/config.json", (folder / "config.json").read_bytes() + b"\n")
+    load_model(uri, device="cpu", storage_options=object_store.storage_options)
+    assert len(list(model_cache.iterdir())) == 2
+    with pytest.raises(ModelLoadError, match="expected config.json and one of"):
+        load_model("s3://models/absent/", storage_options=object_store.storage_options)
+
+
+def test_hub_id_from_the_local_hub_cache(tmp_path, monkeypatch, reference_model, expected):
+    """The hub path itself (huggingface_hub), served offline from a cache laid out as the hub writes it."""
+    hf_home = tmp_path / "hf"
+    repo = hf_home / "hub" / "models--shi-labs--dinat-test"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    save_checkpoint(reference_model, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(hf_home / "hub"))
+    check_same(load_model("shi-labs/dinat-test", device="cpu"), expected)
+    with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE is set.*Pass a local copy"):
+        load_model("shi-labs/dinat-absent")
+
+
+def test_missing_unexpected_and_mismatched_keys_are_named(tmp_path, reference_model):
+    state = reference_model.state_dict()
+    del state["dinat.encoder.levels.1.layers.0.attention.self.rpb"]
+    state["dinat.extra.weight"] = torch.zeros(1)
+    state["classifier.bias"] = torch.zeros(11)
+    broken = random_model(shortened("dinat-mini-in1k-224"), seed=1)
+    folder = save_checkpoint(broken, tmp_path / "ckpt")
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    with pytest.raises(ModelLoadError) as err:
+        load_model(str(folder))
+    message = str(err.value)
+    assert "1 missing keys: dinat.encoder.levels.1.layers.0.attention.self.rpb" in message
+    assert "1 unexpected keys: dinat.extra.weight" in message
+    assert "classifier.bias: checkpoint [11] vs model [10]" in message
+
+
+def test_corrupt_weights_and_pickled_code_are_refused(tmp_path, reference_model):
+    folder = save_checkpoint(reference_model, tmp_path / "ckpt", "bin")
+    torch.save({"payload": shutil.rmtree}, folder / "pytorch_model.bin")  # a pickle that would import code
+    with pytest.raises(ModelLoadError, match="could not read weights pytorch_model.bin"):
+        load_model(str(folder))
+    (folder / "pytorch_model.bin").unlink()
+    (folder / "model.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(ModelLoadError, match="could not read weights model.safetensors"):
+        load_model(str(folder))
+
+
+def test_bad_sources_say_what_to_do(tmp_path):
+    with pytest.raises(ModelLoadError, match="neither an existing folder"):
+        load_model("not a model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match=r"no config.json"):
+        load_model(str(tmp_path / "empty"))
+    (tmp_path / "empty" / "config.json").write_text(
+        '{"embed_dim": 64, "depths": [1], "num_heads": [2], "dilations": [[1]]}'
+    )
+    with pytest.raises(ModelLoadError, match="no weights"):
+        load_model(str(tmp_path / "empty"))
+    (tmp_path / "empty" / "model.safetensors").write_bytes(b"")
+    (tmp_path / "empty" / "config.json").write_text(
+        '{"depths": [1, 2], "num_heads": [2], "dilations": [[1]]}'
+    )
+    with pytest.raises(ModelLoadError, match="one entry per stage"):
+        load_model(str(tmp_path / "empty"))

@@ -69,7 +69,7 @@ def test_s3_on_a_real_object_store(tmp_path, object_store, model_cache, referenc
     fs.pipe("models/dinat-mini/config.json", (folder / "config.json").read_bytes() + b"\n")
     load_model(uri, device="cpu", storage_options=object_store.storage_options)
     assert len(list(model_cache.iterdir())) == 2
-    with pytest.raises(ModelLoadError, match="expected config.json and one of"):
+    with pytest.raises(ModelLoadError, match=r"expected config.json and one of"):
         load_model("s3://models/absent/", storage_options=object_store.storage_options)
 
 
@@ -86,7 +86,7 @@ def test_hub_id_from_the_local_hub_cache(tmp_path, monkeypatch, reference_model,
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(hf_home / "hub"))
     check_same(load_model("shi-labs/dinat-test", device="cpu"), expected)
-    with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE is set.*Pass a local copy"):
+    with pytest.raises(ModelLoadError, match=r"HF_HUB_OFFLINE is set.*Pass a local copy"):
         load_model("shi-labs/dinat-absent")
 
 
@@ -111,11 +111,11 @@ def test_missing_unexpected_and_mismatched_keys_are_named(tmp_path, reference_mo
 def test_corrupt_weights_and_pickled_code_are_refused(tmp_path, reference_model):
     folder = save_checkpoint(reference_model, tmp_path / "ckpt", "bin")
     torch.save({"payload": shutil.rmtree}, folder / "pytorch_model.bin")  # a pickle that would import code
-    with pytest.raises(ModelLoadError, match="could not read weights pytorch_model.bin"):
+    with pytest.raises(ModelLoadError, match=r"could not read weights pytorch_model.bin"):
         load_model(str(folder))
     (folder / "pytorch_model.bin").unlink()
     (folder / "model.safetensors").write_bytes(b"\x00" * 100)
-    with pytest.raises(ModelLoadError, match="could not read weights model.safetensors"):
+    with pytest.raises(ModelLoadError, match=r"could not read weights model.safetensors"):
         load_model(str(folder))
 
 

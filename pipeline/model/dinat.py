@@ -176,6 +176,7 @@ class NeighborhoodAttention(nn.Module):
         self.heads = heads
         self.kernel_size = kernel_size
         self.dilation = dilation
+        self.backend = "auto"  # a kernels backend name; see Dinat.set_na_backend
         self.rpb = nn.Parameter(torch.zeros(heads, 2 * kernel_size - 1, 2 * kernel_size - 1))
         self.query = nn.Linear(dim, dim, bias=qkv_bias)
         self.key = nn.Linear(dim, dim, bias=qkv_bias)
@@ -185,7 +186,8 @@ class NeighborhoodAttention(nn.Module):
         b, h, w, c = x.shape
         shape = (b, h, w, self.heads, c // self.heads)
         q, k, v = (proj(x).view(shape) for proj in (self.query, self.key, self.value))
-        return na2d(q, k, v, self.kernel_size, self.dilation, rpb=self.rpb).reshape(b, h, w, c)
+        out = na2d(q, k, v, self.kernel_size, self.dilation, rpb=self.rpb, backend=self.backend)
+        return out.reshape(b, h, w, c)
 
 
 class AttentionBlock(nn.Module):
@@ -302,6 +304,12 @@ class Dinat(nn.Module):
         self.source: str | None = None
         self.weights_sha256: str | None = None
         self.preprocessing: PreprocessConfig | None = None
+
+    def set_na_backend(self, backend: str) -> None:
+        """Run every attention layer on one kernels backend ("auto" picks per layer, the default)."""
+        for module in self.modules():
+            if isinstance(module, NeighborhoodAttention):
+                module.backend = backend
 
     @property
     def has_classifier(self) -> bool:

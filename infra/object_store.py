@@ -95,9 +95,15 @@ class LocalObjectStore:
         args = [weed_binary(), "server", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
         args += [f"{k}={v}" for k, v in {**ports, **grpc}.items()]
         args += ["-s3", f"-s3.port={self.port}", f"-s3.config={config}", "-volume.max=0"]
+        # the Iceberg and Lance catalogs would listen on fixed ports (8181, 9101); they are not needed
+        args += ["-s3.port.iceberg=0", "-s3.port.lance=0"]
         log = (self.data_dir / "weed.log").open("wb")
         self._process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def _wait_ready(self) -> None:
@@ -116,7 +122,6 @@ class LocalObjectStore:
                 return
             except Exception:
                 time.sleep(0.5)
-        self.stop()
         raise RuntimeError(f"SeaweedFS did not serve S3 within {self._startup_timeout} s; see its log")
 
     def stop(self, timeout: float = 3.0) -> None:

@@ -12,9 +12,7 @@ FLOPs (QK^T and AV, a multiply and an add each), at the matmul rate measured in 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import functools
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +26,7 @@ if not __package__:
 
 import torch
 
+from benchmarks.common import machine, record
 from kernels import available_backends, na2d
 
 # (map size, kernel, dilation, heads) of every attention layer kind in dinat-mini at 224
@@ -41,7 +40,6 @@ DINAT_MINI_224 = [
     (7, 7, 1, 16),
 ]
 HEAD_DIM = 32
-RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 def _sync(device: torch.device) -> None:
@@ -71,9 +69,7 @@ def matmul_gflops(device: torch.device, dtype: torch.dtype) -> float:
 def run(device: torch.device, dtype: torch.dtype, batch: int, repeat: int) -> list[str]:
     peak = matmul_gflops(device, dtype)
     lines = [
-        f"### NA kernels, dinat-mini shapes at 224, batch {batch}, {dtype}, {device.type}"
-        f" ({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or platform.machine()},"
-        f" {torch.get_num_threads()} threads, torch {torch.__version__}, {dt.date.today()})",
+        f"### NA kernels, dinat-mini shapes at 224, batch {batch}, {dtype}, {machine(device)}",
         "",
         f"Measured matmul rate: {peak:.0f} GFLOP/s. ms per call (median of {repeat}); x = speed-up over natten"
         " without RPB; floor = share of the arithmetic floor reached.",
@@ -126,8 +122,7 @@ def main() -> None:
         lines = run(torch.device(args.device), getattr(torch, args.dtype), args.batch, args.repeat)
     print("\n".join(lines))
     if args.record:
-        with RESULTS.open("a") as f:
-            f.write("\n" + "\n".join(lines) + "\n")
+        record(lines)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,6 @@ after a warm-up call (which compiles where compiling is asked for; compile time 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import platform
 import statistics
 import sys
 import time
@@ -24,9 +22,8 @@ if not __package__:
 
 import torch
 
+from benchmarks.common import machine, record
 from pipeline.model.export import random_model
-
-RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 def measure(model, pixels: torch.Tensor, repeat: int) -> tuple[float, float]:
@@ -72,14 +69,8 @@ def main() -> None:
             ("auto, bf16, torch.compile", "auto", torch.bfloat16, True),
             ("auto, fp16", "auto", torch.float16, False),
         ]
-    where = (
-        torch.cuda.get_device_name()
-        if device.type == "cuda"
-        else (platform.processor() or platform.machine())
-    )
     lines = [
-        f"### dinat-mini at 224, batch {args.batch}, {device.type} ({where}, {torch.get_num_threads()} threads,"
-        f" torch {torch.__version__}, {dt.date.today()})",
+        f"### dinat-mini at 224, batch {args.batch}, {machine(device)}",
         "",
         "| configuration | images/s | x auto fp32 eager | first call s |",
         "|---|---|---|---|",
@@ -98,8 +89,7 @@ def main() -> None:
         print(lines[-1], flush=True)
     print("\n".join(lines))
     if args.record:
-        with RESULTS.open("a") as f:
-            f.write("\n" + "\n".join(lines) + "\n")
+        record(lines)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/kernels.py
+	$(PY) benchmarks/model.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

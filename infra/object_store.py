@@ -5,6 +5,7 @@ stopped by PID (SIGTERM, then SIGKILL: weed ignores SIGTERM for several seconds)
 manager so nothing is left running:
 
     with LocalObjectStore() as store:
+        store.make_bucket("images")     # returns once the bucket takes writes
         fs = store.filesystem()          # an s3fs filesystem with the right endpoint and keys
         store.storage_options           # the same, for fsspec URIs such as s3://bucket/prefix
 """
@@ -68,6 +69,22 @@ class LocalObjectStore:
 
         return s3fs.S3FileSystem(**self.storage_options, skip_instance_cache=True)
 
+    def make_bucket(self, name: str, timeout: float = 30.0) -> None:
+        """Create a bucket and wait until it takes writes: SeaweedFS grows volumes for a new bucket lazily
+        and answers 500 InternalError to the first writes meanwhile."""
+        fs = self.filesystem()
+        fs.makedirs(name, exist_ok=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fs.pipe(f"{name}/.ready", b"")
+                fs.rm(f"{name}/.ready")
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+
     def start(self) -> LocalObjectStore:
         identities = {
             "identities": [
@@ -86,11 +103,12 @@ class LocalObjectStore:
             "-volume.port": _free_port(),
             "-filer.port": _free_port(),
         }
-        # the gRPC ports default to port + 10000; pick them too so parallel servers never collide
+        # gRPC ports default to port + 10000 (invalid above 55535, colliding between servers): pick them too
         grpc = {
             "-master.port.grpc": _free_port(),
             "-volume.port.grpc": _free_port(),
             "-filer.port.grpc": _free_port(),
+            "-s3.port.grpc": _free_port(),
         }
         args = [weed_binary(), "server", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
         args += [f"{k}={v}" for k, v in {**ports, **grpc}.items()]
@@ -110,15 +128,13 @@ class LocalObjectStore:
         deadline = time.monotonic() + self._startup_timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                raise RuntimeError(
-                    f"weed exited with {self._process.returncode}; see {self.data_dir / 'weed.log'}"
-                )
+                log = (self.data_dir / "weed.log").read_text(errors="replace")
+                fatal = [line for line in log.splitlines() if line.startswith("F")] or [log[-500:]]
+                raise RuntimeError(f"weed exited with {self._process.returncode}: {fatal[-1]}")
             try:
-                fs = self.filesystem()
-                bucket = "readiness-" + secrets.token_hex(3)
-                fs.mkdir(bucket)
-                fs.pipe(f"{bucket}/probe", b"ok")
-                fs.rm(bucket, recursive=True)
+                # ready means a write lands: the S3 API answers before the volume server has registered
+                self.make_bucket("readiness", timeout=0)
+                self.filesystem().rmdir("readiness")
                 return
             except Exception:
                 time.sleep(0.5)

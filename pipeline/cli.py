@@ -145,8 +145,8 @@ def demo() -> None:
 
     with tempfile.TemporaryDirectory(prefix="dinat-demo-") as tmp, LocalObjectStore() as store:
         typer.echo(f"local S3 (SeaweedFS) on {store.endpoint}")
+        store.make_bucket("demo")
         fs = store.filesystem()
-        fs.mkdir("demo")
         uris = []
         for name, data in demo_images().items():
             fs.pipe(f"demo/images/{name}", data)

@@ -9,8 +9,8 @@ from infra.object_store import LocalObjectStore
 
 
 def test_round_trip_and_wrong_credentials_refused(object_store):
+    object_store.make_bucket("store-test")
     fs = object_store.filesystem()
-    fs.mkdir("store-test")
     fs.pipe("store-test/a.bin", b"payload")
     assert fs.cat("store-test/a.bin") == b"payload"
     assert object_store.endpoint.startswith("http://127.0.0.1:")

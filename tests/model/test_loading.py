@@ -57,8 +57,8 @@ def test_file_uri_and_dtype(tmp_path, reference_model, expected):
 
 def test_s3_on_a_real_object_store(tmp_path, object_store, model_cache, reference_model, expected):
     folder = save_checkpoint(reference_model, tmp_path / "ckpt", "bin")
+    object_store.make_bucket("models")
     fs = object_store.filesystem()
-    fs.mkdir("models")
     fs.put(str(folder) + "/", "models/dinat-mini/", recursive=True)
     uri = "s3://models/dinat-mini/"
     check_same(load_model(uri, device="cpu", storage_options=object_store.storage_options), expected)

@@ -112,7 +112,10 @@ class LocalObjectStore:
         }
         args = [weed_binary(), "server", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
         args += [f"{k}={v}" for k, v in {**ports, **grpc}.items()]
-        args += ["-s3", f"-s3.port={self.port}", f"-s3.config={config}", "-volume.max=0"]
+        args += ["-s3", f"-s3.port={self.port}", f"-s3.config={config}"]
+        # every bucket gets volumes of its own; with the default 30 GB volumes and a disk-sized maximum,
+        # the third bucket found no free volume and writes failed with InternalError
+        args += ["-master.volumeSizeLimitMB=256", "-volume.max=200"]
         # the Iceberg and Lance catalogs would listen on fixed ports (8181, 9101); they are not needed
         args += ["-s3.port.iceberg=0", "-s3.port.lance=0"]
         log = (self.data_dir / "weed.log").open("wb")
@@ -133,8 +136,8 @@ class LocalObjectStore:
                 raise RuntimeError(f"weed exited with {self._process.returncode}: {fatal[-1]}")
             try:
                 # ready means a write lands: the S3 API answers before the volume server has registered
+                # (the bucket stays: deleting a bucket drops its volumes, and new buckets then fail writes)
                 self.make_bucket("readiness", timeout=0)
-                self.filesystem().rmdir("readiness")
                 return
             except Exception:
                 time.sleep(0.5)

@@ -20,7 +20,7 @@ from kernels.problem import NAProblem
 
 from .base import FAST_DTYPES, dtype_unsupported
 
-# Measured on a 2-core CPU over DiNAT-mini's shapes (benchmarks/kernels.py): 8 balances halo waste
+# A sweep of 4/7/8/14/28 on a 2-core CPU (benchmarks/RESULTS.md): 8 balances halo waste
 # against block size.
 TILE = 8
 

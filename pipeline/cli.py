@@ -33,6 +33,7 @@ def top_k(model, images: list[str], k: int, storage_options: dict[str, Any]) -> 
 
     from pipeline.preprocess import ImageDecodeError, preprocess
 
+    device = next(model.parameters()).device
     results: list[tuple[str, list | str]] = []
     for uri in images:
         try:
@@ -41,7 +42,6 @@ def top_k(model, images: list[str], k: int, storage_options: dict[str, Any]) -> 
         except (ImageDecodeError, OSError) as err:
             results.append((uri, f"{type(err).__name__}: {err}"))
             continue
-        device = next(model.parameters()).device
         with torch.inference_mode():
             out = model(torch.from_numpy(prepared.pixel_values)[None].to(device))
         if out.logits is None:

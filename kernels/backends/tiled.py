@@ -31,7 +31,7 @@ class _Plan:
     query_cols: torch.Tensor  # [1, nTw, 1, Tqw]
     key_rows: torch.Tensor  # [nTh, 1, KHh, 1]
     key_cols: torch.Tensor  # [1, nTw, 1, KHw]
-    valid: torch.Tensor  # [1, nTh*nTw, Tqh*Tqw, KHh*KHw] bool
+    outside: torch.Tensor  # [1, nTh*nTw, Tqh*Tqw, KHh*KHw] bool: key not in the query's window
     bias_rows: torch.Tensor  # [nTh, 1, Tqh, 1, KHh, 1]
     bias_cols: torch.Tensor  # [1, nTw, 1, Tqw, 1, KHw]
 
@@ -63,7 +63,7 @@ def _plan(
         query_cols=cols.queries[None, :, None, :].to(device),
         key_rows=rows.keys[:, None, :, None].to(device),
         key_cols=cols.keys[None, :, None, :].to(device),
-        valid=valid.reshape(1, n_th * n_tw, tq, kh).to(device),
+        outside=~valid.reshape(1, n_th * n_tw, tq, kh).to(device),
         bias_rows=rows.bias_index[:, None, :, None, :, None].to(device),
         bias_cols=cols.bias_index[None, :, None, :, None, :].to(device),
     )
@@ -90,7 +90,7 @@ class TiledBackend:
         if problem.rpb is not None:
             bias = problem.rpb[:, plan.bias_rows, plan.bias_cols]  # [heads, nTh, nTw, Tqh, Tqw, KHh, KHw]
             mask = bias.reshape(n, plan.tiles, plan.tile_queries, plan.tile_keys).to(problem.dtype)
-        mask = mask.masked_fill(~plan.valid, float("-inf"))
+        mask = mask.masked_fill(plan.outside, float("-inf"))
         mask = mask.expand(n, plan.tiles, plan.tile_queries, plan.tile_keys).reshape(
             1, n * plan.tiles, plan.tile_queries, plan.tile_keys
         )

@@ -98,28 +98,21 @@ class LocalObjectStore:
         config = self.data_dir / "identities.json"
         config.write_text(json.dumps(identities))
         self.port = _free_port()
-        ports = {
-            "-master.port": _free_port(),
-            "-volume.port": _free_port(),
-            "-filer.port": _free_port(),
-        }
-        # gRPC ports default to port + 10000 (invalid above 55535, colliding between servers): pick them too
-        grpc = {
-            "-master.port.grpc": _free_port(),
-            "-volume.port.grpc": _free_port(),
-            "-filer.port.grpc": _free_port(),
-            "-s3.port.grpc": _free_port(),
-        }
         args = [weed_binary(), "server", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
-        args += [f"{k}={v}" for k, v in {**ports, **grpc}.items()]
         args += ["-s3", f"-s3.port={self.port}", f"-s3.config={config}"]
+        # gRPC ports default to port + 10000 (invalid above 55535, colliding between servers): pick them all
+        for service in ("master", "volume", "filer"):
+            args += [f"-{service}.port={_free_port()}", f"-{service}.port.grpc={_free_port()}"]
+        args.append(f"-s3.port.grpc={_free_port()}")
         # every bucket gets volumes of its own; with the default 30 GB volumes and a disk-sized maximum,
         # the third bucket found no free volume and writes failed with InternalError
         args += ["-master.volumeSizeLimitMB=256", "-volume.max=200"]
         # the Iceberg and Lance catalogs would listen on fixed ports (8181, 9101); they are not needed
         args += ["-s3.port.iceberg=0", "-s3.port.lance=0"]
-        log = (self.data_dir / "weed.log").open("wb")
-        self._process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with (self.data_dir / "weed.log").open("wb") as log:
+            self._process = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         try:
             self._wait_ready()
         except BaseException:
@@ -131,17 +124,23 @@ class LocalObjectStore:
         deadline = time.monotonic() + self._startup_timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                log = (self.data_dir / "weed.log").read_text(errors="replace")
-                fatal = [line for line in log.splitlines() if line.startswith("F")] or [log[-500:]]
-                raise RuntimeError(f"weed exited with {self._process.returncode}: {fatal[-1]}")
+                raise RuntimeError(f"weed exited with {self._process.returncode}: {self._last_log_line()}")
             try:
                 # ready means a write lands: the S3 API answers before the volume server has registered
-                # (the bucket stays: deleting a bucket drops its volumes, and new buckets then fail writes)
                 self.make_bucket("readiness", timeout=0)
+                self.filesystem().rmdir("readiness")
                 return
             except Exception:
                 time.sleep(0.5)
-        raise RuntimeError(f"SeaweedFS did not serve S3 within {self._startup_timeout} s; see its log")
+        raise RuntimeError(
+            f"SeaweedFS did not serve S3 within {self._startup_timeout} s; its log ends: {self._last_log_line()}"
+        )
+
+    def _last_log_line(self) -> str:
+        """The fatal line when weed wrote one, else the log's last line (the log goes with the data dir)."""
+        lines = (self.data_dir / "weed.log").read_text(errors="replace").splitlines() or [""]
+        fatal = [line for line in lines if line.startswith("F")]
+        return (fatal or lines)[-1]
 
     def stop(self, timeout: float = 3.0) -> None:
         if self._process is not None and self._process.poll() is None:

@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_MAX_PIXELS = 100_000_000  # ~10k x 10k; bigger declared sizes are treated as decompression bombs
-_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# greyscale modes PIL cannot bring to RGB sensibly, and the divisor that brings them to 0..255
+_WIDE_GREY_DIVISOR = {"I;16": 257.0, "I;16B": 257.0, "I;16L": 257.0, "I;16N": 257.0, "I": 257.0, "F": 1.0}
 
 
 class PreprocessConfig(BaseModel):
@@ -107,11 +108,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     upstream's processor does (alpha is dropped, not composited)."""
     if image.mode == "RGB":
         return image
-    if image.mode in _SIXTEEN_BIT_MODES:
-        values = np.asarray(image, dtype=np.float64) / 257.0
-        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L").convert("RGB")
-    if image.mode == "F":
-        values = np.asarray(image, dtype=np.float64)
+    if image.mode in _WIDE_GREY_DIVISOR:
+        values = np.asarray(image, dtype=np.float64) / _WIDE_GREY_DIVISOR[image.mode]
         return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L").convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         # PIL wants palette transparency resolved through RGBA before dropping alpha
@@ -122,6 +120,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Bytes -> an oriented RGB image (first frame of animations and multi-page files)."""
     image = _open(data, max_pixels)
+    fmt = image.format or "image"  # exif_transpose returns a new image without a format
     try:
         image.seek(0)
         image = ImageOps.exif_transpose(image)
@@ -130,7 +129,7 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         message = str(err)
         kind = "truncated" if "truncated" in message or isinstance(err, EOFError) else "undecodable"
-        raise ImageDecodeError(kind, f"{image.format or 'image'} data is corrupt: {message}") from err
+        raise ImageDecodeError(kind, f"{fmt} data is corrupt: {message}") from err
 
 
 def pixel_values(image: Image.Image, config: PreprocessConfig) -> np.ndarray:

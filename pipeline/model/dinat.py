@@ -195,7 +195,7 @@ class AttentionBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, kernel_size: int, dilation: int, qkv_bias: bool):
         super().__init__()
-        # upstream names the NA submodule `self` (keys `attention.self.query.weight`), a Python keyword here
+        # upstream names the NA submodule `self`: its keys read `attention.self.query.weight`
         self.self = NeighborhoodAttention(dim, heads, kernel_size, dilation, qkv_bias)
         self.output = nn.Module()
         self.output.dense = nn.Linear(dim, dim)

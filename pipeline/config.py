@@ -1,0 +1,136 @@
+"""The job configuration: one pydantic model, loaded from YAML or JSON and overridden by CLI flags.
+
+Everything that crosses a process or a file is validated here, before any data is read, with errors that
+name the field. `storage_options` may carry credentials: `redacted()` is the only form that is logged or
+written anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_MODEL = "shi-labs/dinat-mini-in1k-224"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+_SECRET_NAME = re.compile(r"key|secret|token|password|credential|session", re.IGNORECASE)
+_NOT_SECRET = {"endpoint_url", "region_name", "use_ssl", "anon", "client_kwargs", "config_kwargs"}
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the field and what to change."""
+
+
+class RunConfig(BaseModel):
+    """One pipeline run: where the images are, which model, where the Parquet goes, how to schedule it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: str = Field(description="prefix, glob, file, .tar shards or Parquet table (any fsspec URI)")
+    output: str = Field(description="directory for the Parquet dataset (any fsspec URI)")
+    model: str = DEFAULT_MODEL
+    input_format: Literal["auto", "files", "webdataset", "parquet"] = "auto"
+    image_column: str = Field(
+        "image", description="Parquet input: column of image bytes (or a struct with a `bytes` field)"
+    )
+    uri_column: str | None = Field(None, description="Parquet input: column of image URIs instead of bytes")
+    top_k: int = Field(5, ge=1, le=1000)
+    batch_size: int = Field(32, ge=1, le=4096, description="images per inference call")
+    min_actors: int = Field(1, ge=1)
+    max_actors: int | None = Field(
+        None, ge=1, description="default: one per GPU in the cluster, or one on a CPU-only cluster"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="auto: GPU actors when the cluster has GPUs now; cuda: wait for them (autoscaling)",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    cpu_threads: int | None = Field(None, ge=1, description="torch threads per CPU actor; default: all cores")
+    max_pixels: int = Field(100_000_000, ge=1, description="larger declared images are decode errors")
+    read_batch_size: int = Field(64, ge=1, description="objects fetched concurrently per read task")
+    rows_per_file: int = Field(100_000, ge=1, description="target rows per output Parquet file")
+    overwrite: bool = Field(False, description="replace an existing output instead of refusing")
+    run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]+$", max_length=128)
+    ray_address: str | None = Field(None, description="default: RAY_ADDRESS, else a local Ray")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options, may hold keys")
+
+    @field_validator("input", "output", "model")
+    @classmethod
+    def _non_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _output_outside_input(self) -> RunConfig:
+        source = _normalised(self.input)
+        target = _normalised(self.output)
+        if target == source or target.startswith(source + "/"):
+            raise ValueError(
+                f"output {self.output!r} lies inside the input {self.input!r}: a rerun would read its own "
+                "output. Choose an output outside the input prefix"
+            )
+        return self
+
+    def redacted(self) -> dict[str, Any]:
+        """The config as JSON-able data with every credential in storage_options replaced by '***'."""
+        data = self.model_dump(mode="json")
+        data["storage_options"] = redact(data["storage_options"])
+        return data
+
+
+def _normalised(uri: str) -> str:
+    uri = uri.rstrip("/")
+    for wildcard in ("*", "?", "["):
+        uri = uri.split(wildcard)[0]
+    return uri.rstrip("/")
+
+
+def redact(value: Any, name: str = "") -> Any:
+    if isinstance(value, dict):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, name) for v in value]
+    if name and name not in _NOT_SECRET and _SECRET_NAME.search(name):
+        return "***"
+    return value
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
+    """A RunConfig from a YAML or JSON file, with `overrides` (CLI flags; None means not given) on top."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise ConfigError(f"cannot read the config file {path}: {err.strerror}") from err
+        try:
+            loaded = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as err:
+            raise ConfigError(
+                f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}"
+            ) from err
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of config fields, not {type(loaded).__name__}")
+        data.update(loaded)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(describe(err, path)) from err
+
+
+def describe(err: ValidationError, path: Path | None = None) -> str:
+    """One line per invalid field, naming it as the config file and the CLI flag spell it."""
+    where = f" in {path}" if path else ""
+    lines = [f"invalid job configuration{where}:"]
+    for problem in err.errors():
+        field = ".".join(str(part) for part in problem["loc"]) or "(config)"
+        flag = f" (--{field.replace('_', '-')})" if problem["loc"] else ""
+        lines.append(f"  {field}{flag}: {problem['msg']}")
+    return "\n".join(lines)

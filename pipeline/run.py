@@ -1,0 +1,184 @@
+"""Assembles the Ray Data pipeline and runs it: list -> read -> decode (CPU tasks) -> infer (actor pool)
+-> Parquet -> `_SUCCESS`. Returns the run summary, which is also the `_SUCCESS` manifest."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+import ray
+from pydantic import BaseModel
+
+from pipeline.config import ConfigError, RunConfig
+from pipeline.inference import Predictor
+from pipeline.model import load_model
+from pipeline.preprocess import decode_batch
+from pipeline.sink import Output
+from pipeline.sources import (
+    check_table,
+    choose_kind,
+    list_objects,
+    locate_files,
+    read_objects,
+    read_shards,
+    read_tables,
+)
+
+_DECODE_BATCH = 16  # images per decode task call: small enough to spread over cores, big enough to amortise
+# Read and decode tasks fuse into one; half a CPU each lets two overlap per core while one waits on storage.
+# The difference from the inference actor's resources also keeps Ray from fusing decoding into the actor,
+# where it would run serially with the model instead of beside it.
+_DECODE_CPUS = 0.5
+
+
+class RunSummary(BaseModel):
+    run_id: str
+    input: str
+    input_format: str
+    output: str
+    model: str
+    model_sha256: str
+    device: str
+    images: int
+    ok: int
+    errors: int
+    errors_by_kind: dict[str, int]
+    started_at: datetime
+    finished_at: datetime
+    listing_seconds: float
+    seconds: float
+    images_per_second: float
+    config: dict[str, Any]
+
+
+def _blocks(table: pa.Table, rows: int) -> list[pa.Table]:
+    """Split a listing into blocks so that Ray spreads its rows over many tasks."""
+    return [table.slice(start, rows) for start in range(0, table.num_rows, rows)] or [table]
+
+
+def _source(config: RunConfig, kind: str, listing: pa.Table) -> ray.data.Dataset:
+    """`(key, data, error)` rows, one per input image."""
+    read = {
+        "fn_kwargs": {"storage_options": config.storage_options},
+        "batch_format": "pyarrow",
+        "num_cpus": _DECODE_CPUS,
+    }
+    if kind == "files":
+        located = ray.data.from_arrow(_blocks(locate_files(listing), config.read_batch_size))
+        return located.map_batches(read_objects, batch_size=config.read_batch_size, **read)
+    containers = ray.data.from_arrow(_blocks(listing, 1))
+    if kind == "webdataset":
+        return containers.map_batches(read_shards, batch_size=1, **read)
+    rows = containers.map_batches(
+        read_tables, batch_size=1, batch_format="pyarrow", fn_kwargs={"config": config}
+    )
+    if config.uri_column:
+        return rows.map_batches(read_objects, batch_size=config.read_batch_size, **read)
+    return rows
+
+
+def _actors(config: RunConfig) -> tuple[str, int, int, int]:
+    """device, GPUs per actor, min and max pool size: GPU actors only where GPUs exist (or are asked for,
+    for autoscaling clusters), so that a CPU-only cluster never waits for a GPU that will not come."""
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if config.device == "cuda" or (config.device == "auto" and gpus > 0):
+        device, num_gpus, default_max = "cuda", 1, max(gpus, 1)
+    else:
+        device, num_gpus, default_max = "cpu", 0, 1
+    max_size = config.max_actors or default_max
+    return device, num_gpus, min(config.min_actors, max_size), max_size
+
+
+def _connect(address: str | None) -> bool:
+    """Join the configured or ambient Ray cluster, else start a local one. True when this call started it."""
+    if ray.is_initialized():
+        return False
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, logging_level="WARNING")
+        return False
+    ray.init(include_dashboard=False, logging_level="WARNING")
+    return True
+
+
+def run(config: RunConfig | Mapping[str, Any]) -> RunSummary:
+    """Run the pipeline once; raises ConfigError or ModelLoadError before any data is read."""
+    if not isinstance(config, RunConfig):
+        config = RunConfig.model_validate(config)
+    started_at = datetime.now(UTC)
+    run_id = config.run_id or f"{started_at:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+    # the driver loads the model once so that a missing, corrupt or mis-shaped checkpoint fails here
+    model = load_model(config.model, device="cpu", storage_options=config.storage_options)
+    preprocessing = model.preprocessing
+    if not preprocessing.do_resize:
+        raise ConfigError(
+            f"{config.model}: its preprocessor does not resize; batched inference needs one size"
+        )
+    model_sha256 = model.weights_sha256
+    del model
+    started_ray = _connect(config.ray_address)
+    try:
+        output = Output(config.output, config.storage_options)
+        t0 = time.monotonic()
+        listing = list_objects(config.input, config.storage_options)
+        kind, listing = choose_kind(config, listing)
+        if kind == "parquet":
+            check_table(listing.column("uri")[0].as_py(), config)
+        listed = time.monotonic()
+        output.prepare(config.overwrite)
+        device, num_gpus, min_actors, max_actors = _actors(config)
+        decoded = _source(config, kind, listing).map_batches(
+            decode_batch,
+            batch_size=_DECODE_BATCH,
+            batch_format="numpy",
+            num_cpus=_DECODE_CPUS,
+            fn_kwargs={"config": preprocessing, "max_pixels": config.max_pixels},
+        )
+        predicted = decoded.map_batches(
+            Predictor,
+            fn_constructor_kwargs={
+                "model": config.model,
+                "run_id": run_id,
+                "top_k": config.top_k,
+                "device": device,
+                "dtype": config.dtype,
+                "cpu_threads": config.cpu_threads,
+                "storage_options": config.storage_options,
+            },
+            compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
+            batch_size=config.batch_size,
+            batch_format="numpy",
+            num_gpus=num_gpus,
+        )
+        path, filesystem = output.ray_target()
+        predicted.write_parquet(path, filesystem=filesystem, min_rows_per_file=config.rows_per_file)
+        finished = time.monotonic()
+        ok, errors, errors_by_kind = output.counts()
+        summary = RunSummary(
+            run_id=run_id,
+            input=config.input,
+            input_format=kind,
+            output=config.output,
+            model=config.model,
+            model_sha256=model_sha256,
+            device=device,
+            images=ok + errors,
+            ok=ok,
+            errors=errors,
+            errors_by_kind=errors_by_kind,
+            started_at=started_at,
+            finished_at=datetime.now(UTC),
+            listing_seconds=round(listed - t0, 3),
+            seconds=round(finished - t0, 3),
+            images_per_second=round((ok + errors) / max(finished - listed, 1e-9), 2),
+            config=config.redacted(),
+        )
+        output.commit(summary.model_dump(mode="json"))
+        return summary
+    finally:
+        if started_ray:
+            ray.shutdown()

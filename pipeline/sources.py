@@ -1,0 +1,292 @@
+"""Inputs -> a Ray dataset of `(key, data, error)` rows: one row per input image, never fewer.
+
+Three input kinds, any fsspec URI (s3://, local paths, ...):
+- image files under a prefix or matching a glob;
+- WebDataset `.tar` shards (one row per image member, keyed `shard_uri#sample_key`);
+- Parquet tables with a column of image bytes (keyed `table_uri#row_index`) or of image URIs.
+
+A source that cannot be read becomes a row with `error` set instead of failing the run. Listing walks the
+top-level folders of a prefix in parallel Ray tasks rather than one object at a time on the driver.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from pipeline.config import IMAGE_EXTENSIONS, ConfigError, RunConfig
+
+ROWS = pa.schema([("key", pa.string()), ("data", pa.binary()), ("error", pa.string())])
+LOCATED = pa.schema([("key", pa.string()), ("uri", pa.string()), ("error", pa.string())])
+LISTING = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("version", pa.string())])
+_KIND_EXTENSIONS = {"files": IMAGE_EXTENSIONS, "webdataset": (".tar",), "parquet": (".parquet",)}
+_GLOB_CHARS = "*?["
+_ROWS_PER_BLOCK = 1024  # rows emitted at a time while expanding shards and tables
+
+
+def _error(kind: str, message: str) -> str:
+    return f"{kind}: {message}"
+
+
+def _rows(keys: list[str], data: list[bytes | None], errors: list[str | None]) -> pa.Table:
+    return pa.table(
+        [pa.array(keys, pa.string()), pa.array(data, pa.binary()), pa.array(errors, pa.string())], schema=ROWS
+    )
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _hidden(path: str) -> bool:
+    # _SUCCESS, _runs/, .ready and the like are bookkeeping, not data (the Hive/Spark convention)
+    return any(part.startswith(("_", ".")) for part in PurePosixPath(path).parts[-1:])
+
+
+@dataclass(frozen=True)
+class Location:
+    """How to turn fsspec's protocol-less paths back into the URIs users gave (s3://b/k, or a plain path)."""
+
+    protocol: str | None
+
+    @classmethod
+    def of(cls, uri: str) -> Location:
+        return cls(uri.split("://", 1)[0] if "://" in uri else None)
+
+    def uri(self, path: str) -> str:
+        return f"{self.protocol}://{path}" if self.protocol else path
+
+
+def _version(info: dict[str, Any]) -> str:
+    """What changes when the object's content changes: the ETag on object stores, else the mtime."""
+    for field in ("ETag", "etag", "md5Hash", "LastModified", "mtime", "last_modified", "created"):
+        if info.get(field) is not None:
+            return str(info[field]).strip('"')
+    return ""
+
+
+def _listing(infos: list[dict[str, Any]], where: Location) -> pa.Table:
+    infos = [i for i in infos if i.get("type", "file") == "file" and not _hidden(i["name"])]
+    return pa.table(
+        {
+            "uri": [where.uri(i["name"]) for i in infos],
+            "size": [int(i.get("size") or 0) for i in infos],
+            "version": [_version(i) for i in infos],
+        },
+        schema=LISTING,
+    )
+
+
+@ray.remote(num_cpus=0.25)
+def _find(uri: str, storage_options: dict[str, Any]) -> pa.Table:
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+    return _listing(list(fs.find(path, detail=True).values()), Location.of(uri))
+
+
+def list_objects(uri: str, storage_options: dict[str, Any]) -> pa.Table:
+    """Every object under a prefix, matching a glob, or the one file named: `uri`, `size`, `version`."""
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+    where = Location.of(uri)
+    if any(c in path for c in _GLOB_CHARS):
+        return _listing(list(fs.glob(path, detail=True).values()), where)
+    if fs.isfile(path):
+        return _listing([fs.info(path)], where)
+    if not fs.isdir(path):
+        raise ConfigError(f"input {uri!r} does not exist (no object or prefix of that name); check the URI")
+    top = fs.ls(path, detail=True)
+    folders = [i["name"] for i in top if i["type"] == "directory" and not _hidden(i["name"])]
+    tables = [_listing(top, where)]
+    tables += ray.get([_find.remote(where.uri(folder), storage_options) for folder in folders])
+    return pa.concat_tables(tables).sort_by("uri")
+
+
+def choose_kind(config: RunConfig, listing: pa.Table) -> tuple[str, pa.Table]:
+    """The input kind (configured, or guessed from the extensions found) and the listing rows it reads."""
+    names = listing.column("uri").to_pylist()
+    counts = {kind: sum(n.lower().endswith(ext) for n in names) for kind, ext in _KIND_EXTENSIONS.items()}
+    kind = config.input_format
+    if kind == "auto":
+        kind = next((k for k, count in counts.items() if count), None)
+        if kind is None:
+            raise ConfigError(
+                f"found {len(names)} objects under {config.input!r} and none is an image "
+                f"({', '.join(IMAGE_EXTENSIONS)}), a .tar shard or a .parquet table; check --input"
+            )
+    ext = _KIND_EXTENSIONS[kind]
+    keep = pa.array([n.lower().endswith(ext) for n in names], pa.bool_())
+    chosen = listing.filter(keep)
+    if chosen.num_rows == 0:
+        raise ConfigError(
+            f"input_format is {kind!r} but no {'/'.join(ext)} objects are under {config.input!r}"
+        )
+    return kind, chosen
+
+
+def _fetch(
+    uri: str | None, error: str | None, storage_options: dict[str, Any]
+) -> tuple[bytes | None, str | None]:
+    if error is not None:
+        return None, error
+    if uri is None:
+        return None, _error("MissingImage", "the row has no image URI (null)")
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+        return fs.cat_file(path), None
+    except Exception as err:  # any failure to read is this image's row, not the run's end
+        return None, _error("ReadError", f"could not read {uri}: {type(err).__name__}: {err}")
+
+
+def read_objects(batch: pa.Table, storage_options: dict[str, Any], threads: int = 16) -> pa.Table:
+    """`(key, uri, error)` rows -> `(key, data, error)`: fetched concurrently, each failure one error row."""
+    uris = batch.column("uri").to_pylist()
+    errors = batch.column("error").to_pylist()
+    with ThreadPoolExecutor(min(threads, max(1, len(uris)))) as pool:
+        fetched = list(pool.map(lambda u, e: _fetch(u, e, storage_options), uris, errors))
+    return _rows(batch.column("key").to_pylist(), [f[0] for f in fetched], [f[1] for f in fetched])
+
+
+def locate_files(listing: pa.Table) -> pa.Table:
+    """Listed image files as read_objects input: each keyed by its own URI."""
+    uris = listing.column("uri")
+    return pa.table([uris, uris, pa.nulls(len(uris), pa.string())], schema=LOCATED)
+
+
+def _sample_key(member_name: str) -> tuple[str, str]:
+    """WebDataset convention: `dir/0001.seg.png` is sample `dir/0001`, field `seg.png`."""
+    folder, _, base = member_name.rpartition("/")
+    stem, dot, field = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), field if dot else ""
+
+
+Row = tuple[str, bytes | None, str | None]
+
+
+def _sample_rows(shard: str, sample: str, members: list[tuple[str, bytes]]) -> Iterator[Row]:
+    """One row per image member of a sample (keyed by the sample, or sample.field when it has several);
+    one error row for a sample without any image."""
+    images = [(field, data) for field, data in members if is_image_name("." + field)]
+    if not images:
+        fields = ", ".join(field or "(no extension)" for field, _ in members)
+        yield (
+            f"{shard}#{sample}",
+            None,
+            _error("NoImage", f"the sample has no image member (fields: {fields})"),
+        )
+    for field, data in images:
+        yield (f"{shard}#{sample}" if len(images) == 1 else f"{shard}#{sample}.{field}"), data, None
+
+
+def _tar_rows(shard: str, storage_options: dict[str, Any]) -> Iterator[Row]:
+    """Rows of one shard in stream order. Member names are data, never paths: nothing is extracted to disk.
+    A shard that breaks off gives rows for what was read and one error row for the rest."""
+    sample, members, last = None, [], None
+    try:
+        with fsspec.open(shard, "rb", **storage_options) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, field = _sample_key(member.name)
+                if key != sample and members:
+                    yield from _sample_rows(shard, sample, members)
+                    members = []
+                sample = key
+                members.append((field, tar.extractfile(member).read()))
+                last = member.name
+    except (tarfile.TarError, OSError, EOFError) as err:
+        if members:
+            yield from _sample_rows(shard, sample, members)
+        where = f"after member {last}" if last else "from its start"
+        yield (
+            f"{shard}#<unreadable {where}>",
+            None,
+            _error("ShardError", f"the shard cannot be read {where}: {type(err).__name__}: {err}"),
+        )
+        return
+    if members:
+        yield from _sample_rows(shard, sample, members)
+
+
+def read_shards(batch: pa.Table, storage_options: dict[str, Any]) -> Iterator[pa.Table]:
+    for shard in batch.column("uri").to_pylist():
+        yield from _chunked(_tar_rows(shard, storage_options))
+
+
+def _chunked(rows: Iterator[Row]) -> Iterator[pa.Table]:
+    chunk: list[Row] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == _ROWS_PER_BLOCK:
+            yield _rows(*map(list, zip(*chunk, strict=True)))
+            chunk = []
+    if chunk:
+        yield _rows(*map(list, zip(*chunk, strict=True)))
+
+
+def _image_bytes(column: pa.Array, name: str) -> list[bytes | None]:
+    if pa.types.is_struct(column.type) and column.type.get_field_index("bytes") >= 0:
+        # the Hugging Face datasets Image feature: struct<bytes: binary, path: string>
+        column = pc.struct_field(column, "bytes")
+    if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+        raise ConfigError(
+            f"column {name!r} has type {column.type}, not image bytes; for a column of URIs set uri_column"
+        )
+    return column.to_pylist()
+
+
+def check_column(table_uri: str, names: list[str], config: RunConfig) -> None:
+    column = config.uri_column or config.image_column
+    if column not in names:
+        setting = "uri_column" if config.uri_column else "image_column"
+        raise ConfigError(f"{table_uri} has no column {column!r} (it has {', '.join(names)}); set {setting}")
+
+
+def check_table(table_uri: str, config: RunConfig) -> None:
+    """Fail before the run when the (first) table lacks the configured column."""
+    fs, path = fsspec.core.url_to_fs(table_uri, **config.storage_options)
+    check_column(table_uri, pq.read_schema(path, filesystem=fs).names, config)
+
+
+def _table_rows(table_uri: str, config: RunConfig) -> Iterator[pa.Table]:
+    column = config.uri_column or config.image_column
+    fs, path = fsspec.core.url_to_fs(table_uri, **config.storage_options)
+    with fs.open(path, "rb") as f:
+        parquet = pq.ParquetFile(f)
+        check_column(table_uri, parquet.schema_arrow.names, config)
+        row = 0
+        for part in parquet.iter_batches(batch_size=_ROWS_PER_BLOCK, columns=[column]):
+            ids = [f"{table_uri}#{row + i}" for i in range(part.num_rows)]
+            row += part.num_rows
+            if config.uri_column:
+                uris = part.column(0).cast(pa.string()).to_pylist()
+                keys = [uri if uri is not None else row_id for uri, row_id in zip(uris, ids, strict=True)]
+                yield pa.table([keys, uris, pa.nulls(len(keys), pa.string())], schema=LOCATED)
+            else:
+                data = _image_bytes(part.column(0), column)
+                yield _rows(
+                    ids,
+                    data,
+                    [None if d is not None else _error("MissingImage", "the cell is null") for d in data],
+                )
+
+
+def read_tables(batch: pa.Table, config: RunConfig) -> Iterator[pa.Table]:
+    """Parquet files -> `(table#row, data)` rows for an image column, or `(uri, uri)` rows for a URI column
+    (fetched by read_objects next). A table that cannot be read is one error row keyed by the table."""
+    for table_uri in batch.column("uri").to_pylist():
+        try:
+            yield from _table_rows(table_uri, config)
+        except Exception as err:
+            message = str(err) if isinstance(err, ConfigError) else f"{type(err).__name__}: {err}"
+            error = _error("TableError", f"the table cannot be read: {message}")
+            schema = LOCATED if config.uri_column else ROWS
+            yield pa.table([[table_uri], pa.nulls(1, schema.field(1).type), [error]], schema=schema)

@@ -1,0 +1,221 @@
+"""The pipeline end to end on a real Ray and a real S3 server: every input kind, from s3:// and local
+paths, read back with pyarrow and DuckDB, and checked against the model runtime called directly."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.config import ConfigError
+from pipeline.model import ModelLoadError, load_model
+from pipeline.preprocess import preprocess
+from pipeline.run import run
+from pipeline.sink import output_schema
+from tests.data import MAX_PIXELS, TINY, broken_files, parquet_file, photo, photos, tar_shard
+
+
+@dataclass
+class Place:
+    """A folder on the local disk or a prefix in the S3 server, written and read through fsspec."""
+
+    root: str
+    storage_options: dict[str, Any]
+
+    def uri(self, name: str = "") -> str:
+        return f"{self.root}/{name}" if name else self.root
+
+    def put(self, files: dict[str, bytes], under: str) -> dict[str, bytes]:
+        """Write files; returns them keyed by the URI the pipeline will report."""
+        fs, _ = fsspec.core.url_to_fs(self.root, **self.storage_options)
+        written = {}
+        for name, data in files.items():
+            uri = self.uri(f"{under}/{name}")
+            fs.makedirs(fs._parent(fsspec.core.url_to_fs(uri, **self.storage_options)[1]), exist_ok=True)
+            with fsspec.open(uri, "wb", **self.storage_options) as f:
+                f.write(data)
+            written[uri] = data
+        return written
+
+    def read(self, name: str) -> pa.Table:
+        fs, path = fsspec.core.url_to_fs(self.uri(name), **self.storage_options)
+        fs.invalidate_cache()
+        return pq.read_table(path, filesystem=fs)
+
+    def manifest(self, name: str) -> dict:
+        with fsspec.open(self.uri(f"{name}/_SUCCESS"), "rb", **self.storage_options) as f:
+            return json.loads(f.read())
+
+
+@pytest.fixture(params=["local", "s3"])
+def place(request, tmp_path, object_store):
+    if request.param == "local":
+        return Place(str(tmp_path), {})
+    bucket = "pipeline-runs"
+    object_store.make_bucket(bucket)
+    return Place(
+        f"s3://{bucket}/{request.node.name.replace('[', '-').rstrip(']')}", object_store.storage_options
+    )
+
+
+def run_on(place: Place, tiny_model: Path, input: str, **config):
+    summary = run(
+        {
+            "input": place.uri(input),
+            "output": place.uri("out"),
+            "model": str(tiny_model),
+            "batch_size": 4,
+            "max_pixels": MAX_PIXELS,
+            "storage_options": place.storage_options,
+            **config,
+        }
+    )
+    return summary, place.read("out")
+
+
+def direct_predictions(tiny_model: Path, images: dict[str, bytes], top_k: int = 5) -> dict[str, tuple]:
+    """key -> (label ids, scores, embedding) from the runtime itself, one image at a time."""
+    model = load_model(str(tiny_model), device="cpu")
+    results = {}
+    for key, data in images.items():
+        pixels = torch.from_numpy(preprocess(data, model.preprocessing, MAX_PIXELS).pixel_values)[None]
+        with torch.inference_mode():
+            out = model(pixels)
+        scores, ids = out.logits.softmax(-1)[0].topk(top_k)
+        results[key] = (ids.tolist(), scores.numpy(), out.embeddings[0].numpy())
+    return results
+
+
+def check_table(table: pa.Table, good: dict[str, bytes], errors: dict[str, str], tiny_model: Path, top_k=5):
+    """Exactly one row per input, the schema to the letter, predictions equal to the runtime's."""
+    assert table.schema.remove_metadata() == output_schema(TINY.num_features)
+    keys = table.column("key").to_pylist()
+    assert len(keys) == len(set(keys)) == len(good) + len(errors)
+    assert set(keys) == set(good) | set(errors)
+    rows = {row["key"]: row for row in table.to_pylist()}
+    for key, kind in errors.items():
+        row = rows[key]
+        assert row["status"] == "error" and row["error"].startswith(kind), row["error"]
+        assert row["embedding"] is None and row["labels"] is None and row["width"] is None
+    expected = direct_predictions(tiny_model, good, top_k)
+    for key, (ids, scores, embedding) in expected.items():
+        row = rows[key]
+        assert row["status"] == "ok" and row["error"] is None
+        assert row["label_ids"] == ids
+        assert row["labels"] == [TINY.id2label[i] for i in ids]
+        np.testing.assert_allclose(row["scores"], scores, atol=1e-5)
+        np.testing.assert_allclose(row["embedding"], embedding, atol=1e-4)
+        assert row["width"] > 0 and row["height"] > 0
+    assert {row["model_sha256"] for row in rows.values()} == {load_model(str(tiny_model)).weights_sha256}
+
+
+def test_image_files_with_broken_ones(place, tiny_model, ray_session):
+    good = place.put(photos(4), "images/a") | place.put(photos(3, start=4), "images/b")
+    good |= place.put({"UPPER.JPEG": photo(50)}, "images")
+    broken = broken_files()
+    errors = {
+        uri: broken[uri.rsplit("/", 1)[1]][1]
+        for uri in place.put({n: d for n, (d, _) in broken.items()}, "images")
+    }
+    place.put({"notes.txt": b"not an image extension: not an input", "_SUCCESS": b""}, "images")
+
+    summary, table = run_on(place, tiny_model, "images", top_k=5)
+
+    check_table(table, good, errors, tiny_model)
+    assert (summary.images, summary.ok, summary.errors) == (len(good) + len(errors), len(good), len(errors))
+    assert summary.input_format == "files" and summary.device == "cpu"
+    assert sum(summary.errors_by_kind.values()) == len(errors)
+    manifest = place.manifest("out")
+    assert manifest["run_id"] == summary.run_id and manifest["ok"] == len(good)
+    secret = place.storage_options.get("secret")
+    assert secret is None or secret not in json.dumps(manifest)
+    predictions = table  # noqa: F841 (DuckDB finds the Arrow table by its variable name)
+    counts = duckdb.sql("SELECT status, count(*) FROM predictions GROUP BY status ORDER BY status").fetchall()
+    assert counts == [("error", len(errors)), ("ok", len(good))]
+
+
+def test_glob_selects_matching_files_only(place, tiny_model, ray_session):
+    files = place.put(photos(4), "images")
+    pngs = {uri: data for uri, data in files.items() if uri.endswith(".png")}
+    _, table = run_on(place, tiny_model, "images/*.png", top_k=3)
+    check_table(table, pngs, {}, tiny_model, top_k=3)
+
+
+def test_webdataset_shards(place, tiny_model, ray_session):
+    first = tar_shard(
+        [
+            ("0001.jpg", photo(1)),
+            ("0001.json", b"{}"),
+            ("0002.png", photo(2, "PNG")),
+            ("0002.cls", b"3"),
+            ("0003.json", b"{}"),
+            ("deep/0004.jpg", photo(4)),
+            ("../escape.jpg", photo(5)),
+        ]
+    )
+    second = tar_shard([("0006.jpg", b"corrupt"), ("0007.jpg", photo(7)), ("0007.webp", photo(8, "WEBP"))])
+    cut = tar_shard([("0008.jpg", photo(9)), ("0009.jpg", photo(10, size=(200, 200)))])
+    cut = cut[: 1024 + len(photo(9)) // 512 * 512 + 512 + 512 + 300]  # ends inside 0009.jpg's data
+    shards = place.put({"s-0.tar": first, "s-1.tar": second, "s-2.tar": cut}, "shards")
+    s0, s1, s2 = (uri for uri in shards)
+    good = {
+        f"{s0}#0001": photo(1),
+        f"{s0}#0002": photo(2, "PNG"),
+        f"{s0}#deep/0004": photo(4),
+        f"{s0}#../escape": photo(5),
+        f"{s1}#0007.jpg": photo(7),
+        f"{s1}#0007.webp": photo(8, "WEBP"),
+        f"{s2}#0008": photo(9),
+    }
+    errors = {
+        f"{s0}#0003": "NoImage",
+        f"{s1}#0006": "ImageDecodeError(undecodable)",
+        f"{s2}#<unreadable after member 0008.jpg>": "ShardError",
+    }
+    summary, table = run_on(place, tiny_model, "shards")
+    assert summary.input_format == "webdataset"
+    check_table(table, good, errors, tiny_model)
+
+
+def test_parquet_bytes_and_uris(place, tiny_model, ray_session):
+    images = [photo(20), photo(21, "PNG"), None, b""]
+    plain = pa.table({"id": [1, 2, 3, 4], "image": pa.array(images, pa.binary())})
+    hf = pa.table({"image": pa.array([{"bytes": photo(22), "path": "x.jpg"}])})
+    tables = place.put({"part-0.parquet": parquet_file(plain), "part-1.parquet": parquet_file(hf)}, "table")
+    t0, t1 = tables
+    good = {f"{t0}#0": photo(20), f"{t0}#1": photo(21, "PNG"), f"{t1}#0": photo(22)}
+    errors = {f"{t0}#2": "MissingImage", f"{t0}#3": "ImageDecodeError(empty)"}
+    summary, table = run_on(place, tiny_model, "table")
+    assert summary.input_format == "parquet"
+    check_table(table, good, errors, tiny_model)
+
+    files = place.put(photos(3), "listed")
+    missing = place.uri("listed/missing.jpg")
+    uris = pa.table({"uri": [*files, missing, None]})
+    (index,) = place.put({"index.parquet": parquet_file(uris)}, "index")
+    summary, table = run_on(place, tiny_model, "index", uri_column="uri", overwrite=True)
+    check_table(table, files, {missing: "ReadError", f"{index}#4": "MissingImage"}, tiny_model)
+
+
+def test_refusals_before_any_work(place, tiny_model, ray_session):
+    place.put(photos(1), "images")
+    with pytest.raises(ValueError, match="lies inside the input"):
+        run_on(place, tiny_model, "images", output=place.uri("images/out"))
+    with pytest.raises(ModelLoadError):
+        run_on(place, tiny_model, "images", model=place.uri("no-such-model"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        run_on(place, tiny_model, "nothing-here")
+    fs, out = fsspec.core.url_to_fs(place.uri("out"), **place.storage_options)
+    assert not fs.exists(out)
+    run_on(place, tiny_model, "images")
+    with pytest.raises(ConfigError, match="already exists"):
+        run_on(place, tiny_model, "images")

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Batch inference for DiNAT image models.")
+from pipeline.config import DEFAULT_MODEL
 
-DEFAULT_MODEL = "shi-labs/dinat-mini-in1k-224"
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Batch inference for DiNAT image models.")
 
 
 def _storage_options(raw: str | None) -> dict[str, Any]:
@@ -96,63 +95,84 @@ def predict(
         raise typer.Exit(1)
 
 
-def _demo_model(workdir: Path):
-    """The real dinat-mini when the hub (or its cache) has it; otherwise random weights, said plainly."""
-    from pipeline.model import ModelLoadError, load_model
-    from pipeline.model.export import random_model, save_checkpoint
+@app.command("run")
+def run_command(
+    input: Annotated[
+        str | None, typer.Option(help="images: prefix, glob, .tar shards or Parquet (any fsspec URI)")
+    ] = None,
+    output: Annotated[
+        str | None, typer.Option(help="directory for the Parquet output (any fsspec URI)")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help=f"hub id, folder or fsspec URI (default: {DEFAULT_MODEL})")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="job config file (YAML or JSON); flags override it")
+    ] = None,
+    top: Annotated[int | None, typer.Option("--top-k", help="labels per image (default: 5)")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="images per inference call (default: 32)")] = None,
+    storage_options: Annotated[str | None, typer.Option(help="JSON fsspec options (endpoint, keys)")] = None,
+    input_format: Annotated[str | None, typer.Option(help="auto, files, webdataset or parquet")] = None,
+    image_column: Annotated[str | None, typer.Option(help="Parquet input: column of image bytes")] = None,
+    uri_column: Annotated[str | None, typer.Option(help="Parquet input: column of image URIs")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16")] = None,
+    min_actors: Annotated[int | None, typer.Option(help="smallest inference actor pool")] = None,
+    max_actors: Annotated[int | None, typer.Option(help="largest inference actor pool")] = None,
+    overwrite: Annotated[
+        bool | None, typer.Option("--overwrite/--no-overwrite", help="replace an existing output")
+    ] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster to join (default: RAY_ADDRESS, else local)")
+    ] = None,
+) -> None:
+    """Run the pipeline: images in, one Parquet row per image out, `_SUCCESS` written last."""
+    from pipeline.config import ConfigError, load_config
+    from pipeline.model import ModelLoadError
+    from pipeline.run import run
 
     try:
-        return load_model(DEFAULT_MODEL), DEFAULT_MODEL
-    except ModelLoadError as err:
-        typer.secho(
-            f"note: {DEFAULT_MODEL} is not reachable ({str(err).split('. Pass')[0]}).\n"
-            "      Continuing with a RANDOMLY INITIALISED dinat-mini: its labels below are meaningless.",
-            fg=typer.colors.YELLOW,
+        job = load_config(
+            config,
+            input=input,
+            output=output,
+            model=model,
+            top_k=top,
+            batch_size=batch_size,
+            storage_options=_storage_options(storage_options) or None,
+            input_format=input_format,
+            image_column=image_column,
+            uri_column=uri_column,
+            device=device,
+            dtype=dtype,
+            min_actors=min_actors,
+            max_actors=max_actors,
+            overwrite=overwrite,
+            ray_address=ray_address,
         )
-        folder = save_checkpoint(random_model("dinat-mini-in1k-224"), workdir / "dinat-mini-random")
-        model = load_model(str(folder))
-        return model, "dinat-mini (random weights)"
-
-
-def demo_images() -> dict[str, bytes]:
-    """A small generated image set plus broken files; nothing is downloaded."""
-    import io
-
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    rng = np.random.default_rng(0)
-    images: dict[str, bytes] = {}
-    for n in range(4):
-        image = Image.new("RGB", (320 + 40 * n, 240), tuple(int(c) for c in rng.integers(0, 256, 3)))
-        draw = ImageDraw.Draw(image)
-        for _ in range(12):
-            x, y = (int(v) for v in rng.integers(0, 300, 2))
-            draw.ellipse((x, y, x + 60, y + 40), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
-        buf = io.BytesIO()
-        image.save(buf, format="JPEG" if n % 2 == 0 else "PNG")
-        images[f"photo-{n}.{'jpg' if n % 2 == 0 else 'png'}"] = buf.getvalue()
-    images["empty.jpg"] = b""
-    images["text-pretending.jpg"] = b"this is not an image"
-    images["truncated.jpg"] = images["photo-0.jpg"][:700]
-    return images
+        summary = run(job)
+    except (ConfigError, ModelLoadError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    except Exception as err:
+        typer.echo(
+            f"error: the run failed: {type(err).__name__}: {err}\n"
+            "The output has no _SUCCESS marker, so readers ignore it; rerun with --overwrite.",
+            err=True,
+        )
+        raise typer.Exit(1) from err
+    kinds = ", ".join(f"{kind}: {count}" for kind, count in summary.errors_by_kind.items())
+    typer.echo(
+        f"run {summary.run_id} finished: {summary.images} images, {summary.ok} ok, {summary.errors} errors"
+        + (f" ({kinds})" if kinds else "")
+        + f"\n{summary.seconds:.1f} s, {summary.images_per_second:.1f} images/s on {summary.device}"
+        + f"\noutput: {summary.output} (committed: _SUCCESS written)"
+    )
 
 
 @app.command()
 def demo() -> None:
-    """Start a local S3 server, upload sample images, and classify them from s3:// with dinat-mini."""
-    from infra.object_store import LocalObjectStore
+    """Start a local S3 server and Ray, upload sample images, run the pipeline, query the output."""
+    from pipeline.demo import run_demo
 
-    with tempfile.TemporaryDirectory(prefix="dinat-demo-") as tmp, LocalObjectStore() as store:
-        typer.echo(f"local S3 (SeaweedFS) on {store.endpoint}")
-        store.make_bucket("demo")
-        fs = store.filesystem()
-        uris = []
-        for name, data in demo_images().items():
-            fs.pipe(f"demo/images/{name}", data)
-            uris.append(f"s3://demo/images/{name}")
-        typer.echo(f"uploaded {len(uris)} images (3 of them broken on purpose) to s3://demo/images/")
-        model, label = _demo_model(Path(tmp))
-        typer.echo(f"model: {label}, weights sha256 {model.weights_sha256[:16]}...\n")
-        failures = _print_top_k(top_k(model, uris, 5, store.storage_options))
-        typer.echo(f"\n{len(uris) - failures} images classified, {failures} readable errors, nothing lost")
+    run_demo(typer.echo)

@@ -1,8 +1,14 @@
 """`dinat-batch predict` as a user runs it, on a checkpoint folder and local images."""
 
 import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from typer.testing import CliRunner
@@ -11,6 +17,7 @@ from pipeline.cli import app
 from pipeline.model import load_model
 from pipeline.model.export import random_model, save_checkpoint
 from pipeline.preprocess import PreprocessConfig, preprocess
+from tests.data import photos
 from tests.model.test_dinat import shortened
 
 
@@ -47,3 +54,60 @@ def test_predict_refuses_bad_options_and_models(tmp_path):
     assert result.exit_code == 2 and "not valid JSON" in result.output
     result = runner.invoke(app, ["predict", "x.jpg", "--model", str(tmp_path)])
     assert result.exit_code == 2 and "no config.json" in result.output
+
+
+def test_run_from_a_config_file_with_flag_overrides(tmp_path, tiny_model, ray_session):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name, data in photos(3).items():
+        (images / name).write_bytes(data)
+    (images / "broken.jpg").write_bytes(b"")
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        f"input: {images}\noutput: {tmp_path / 'out'}\nmodel: {tiny_model}\ntop_k: 5\nbatch_size: 2\n"
+    )
+
+    result = CliRunner().invoke(app, ["run", "--config", str(job), "--top-k", "2"])
+
+    assert result.exit_code == 0, result.output
+    assert "4 images, 3 ok, 1 errors (ImageDecodeError(empty): 1)" in result.output
+    assert f"output: {tmp_path / 'out'} (committed" in result.output
+    table = pq.read_table(tmp_path / "out")
+    assert table.num_rows == 4
+    assert {len(labels) for labels in table.column("labels").to_pylist() if labels} == {2}
+    assert json.loads((tmp_path / "out" / "_SUCCESS").read_text())["config"]["top_k"] == 2
+
+    again = CliRunner().invoke(app, ["run", "--config", str(job)])
+    assert again.exit_code == 2 and "already exists" in again.output
+
+
+def test_run_names_the_invalid_field_before_any_work(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("input: s3://bucket/images\noutput: s3://bucket/out\nbatchsize: 8\n")
+    result = CliRunner().invoke(app, ["run", "--config", str(job), "--top-k", "0"])
+    assert result.exit_code == 2
+    assert "top_k (--top-k)" in result.output and "batchsize" in result.output
+    result = CliRunner().invoke(app, ["run", "--output", "out"])
+    assert result.exit_code == 2 and "input (--input): Field required" in result.output
+
+
+def test_demo_runs_end_to_end_and_stops_everything():
+    """The README's first command, offline: a random dinat-mini, said so, and nothing left running."""
+
+    def weed_servers() -> set[str]:
+        found = subprocess.run(["pgrep", "-f", "weed server"], capture_output=True, text=True)
+        return set(found.stdout.split())
+
+    before = weed_servers()  # the test session's own store may be running
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "dinat-batch"), "demo"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=os.environ | {"HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "RANDOMLY INITIALISED" in done.stdout
+    assert "27 images, 24 ok, 3 errors" in done.stdout
+    assert "│ error   │      3 │" in done.stdout
+    assert weed_servers() <= before

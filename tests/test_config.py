@@ -1,0 +1,57 @@
+"""The job config: files, flags on top, errors that name the field, credentials never shown."""
+
+import json
+
+import pytest
+
+from pipeline.config import ConfigError, RunConfig, load_config
+
+
+def test_yaml_and_json_files_with_overrides(tmp_path):
+    (tmp_path / "job.yaml").write_text("input: s3://b/images/\noutput: s3://b/out\ntop_k: 3\n")
+    (tmp_path / "job.json").write_text(json.dumps({"input": "/data/in", "output": "/data/out"}))
+    config = load_config(tmp_path / "job.yaml", top_k=None, batch_size=64)
+    assert (config.input, config.top_k, config.batch_size) == ("s3://b/images/", 3, 64)
+    assert load_config(tmp_path / "job.json", model="./ckpt").model == "./ckpt"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("input: a\noutput: b\nbatch_size: -1\n", "batch_size (--batch-size): Input should be greater"),
+        ("input: a\noutput: b\ndevcie: cuda\n", "devcie (--devcie): Extra inputs are not permitted"),
+        ("input: a\noutput: b\ndevice: tpu\n", "device (--device): Input should be 'auto', 'cpu' or 'cuda'"),
+        ("- just\n- a list\n", "must hold a mapping"),
+        ("input: [unclosed\n", "is not valid YAML"),
+        ("input: s3://b/images\noutput: s3://b/images/out\n", "lies inside the input"),
+        ("input: s3://b/images/*.jpg\noutput: s3://b/images\n", "lies inside the input"),
+    ],
+)
+def test_invalid_configs_name_the_problem(tmp_path, text, message):
+    (tmp_path / "job.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(tmp_path / "job.yaml")
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read the config file"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_output_beside_the_input_is_fine():
+    assert RunConfig(input="s3://b/images", output="s3://b/images-out").output == "s3://b/images-out"
+
+
+def test_redacted_hides_credentials_only():
+    config = RunConfig(
+        input="s3://b/i",
+        output="s3://b/o",
+        storage_options={
+            "key": "AKIA123",
+            "secret": "s3cr3t",
+            "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000", "aws_session_token": "tok"},
+        },
+    )
+    shown = json.dumps(config.redacted())
+    assert "AKIA123" not in shown and "s3cr3t" not in shown and 'tok"' not in shown
+    assert "http://127.0.0.1:9000" in shown

@@ -28,6 +28,7 @@ demo: install
 bench: install
 	$(PY) benchmarks/kernels.py
 	$(PY) benchmarks/model.py
+	$(PY) benchmarks/pipeline.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

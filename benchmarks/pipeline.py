@@ -1,0 +1,127 @@
+"""The pipeline's efficiency: end-to-end images/s from the local object store to Parquet, against the bare
+model loop on already-decoded tensors, same model, batch size, dtype and machine, in one run.
+
+    .venv/bin/python benchmarks/pipeline.py [--images 1536] [--batch 16] [--dtype float32] [--record]
+
+dinat-mini with random weights (speed does not depend on them); generated 500 x 375 JPEGs (a typical
+photo size) in SeaweedFS on loopback. The bare loop runs first, alone on the machine; then the pipeline
+runs on a fresh local Ray with every core. `--record` appends the table to benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+if not __package__:
+    # as a script, make the repository root importable (the project need not be installed)
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from benchmarks.common import machine, record
+from pipeline.inference import DTYPES
+from pipeline.model import load_model
+from pipeline.model.export import random_model, save_checkpoint
+from pipeline.preprocess import decode, normalize, resized
+
+DISTINCT = 32  # distinct pictures; the set repeats them under other names
+
+
+def photos(count: int) -> list[bytes]:
+    rng = np.random.default_rng(0)
+    distinct = []
+    for _ in range(DISTINCT):
+        image = Image.new("RGB", (500, 375), tuple(int(c) for c in rng.integers(0, 256, 3)))
+        draw = ImageDraw.Draw(image)
+        for _ in range(40):
+            x, y = (int(v) for v in rng.integers(0, 460, 2))
+            draw.ellipse((x, y, x + 80, y + 50), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG", quality=90)
+        distinct.append(buf.getvalue())
+    return [distinct[i % DISTINCT] for i in range(count)]
+
+
+def bare_loop(folder: Path, data: list[bytes], batch: int, dtype: str) -> float:
+    """images/s of the model alone on tensors decoded beforehand (decoding not timed)."""
+    model = load_model(str(folder), device="cpu", dtype=DTYPES[dtype])
+    pixels = torch.from_numpy(np.stack([resized(decode(d), model.preprocessing) for d in data]))
+    with torch.inference_mode():
+        model(normalize(pixels[:batch], model.preprocessing, DTYPES[dtype]))  # warm-up
+        start = time.perf_counter()
+        for i in range(0, len(pixels), batch):
+            model(normalize(pixels[i : i + batch], model.preprocessing, DTYPES[dtype]))
+        return len(pixels) / (time.perf_counter() - start)
+
+
+def pipeline_run(folder: Path, data: list[bytes], batch: int, dtype: str) -> tuple[float, float]:
+    """(images/s over the whole run() call, images/s after listing as the run summary reports)."""
+    import ray
+
+    from infra.object_store import LocalObjectStore
+    from pipeline.run import run
+
+    with LocalObjectStore() as store:
+        store.make_bucket("bench")
+        fs = store.filesystem()
+        fs.pipe({f"bench/images/{i:06d}.jpg": d for i, d in enumerate(data)})
+        ray.init(include_dashboard=False, logging_level="ERROR", num_cpus=os.cpu_count())
+        try:
+            start = time.perf_counter()
+            summary = run(
+                {
+                    "input": "s3://bench/images/",
+                    "output": "s3://bench/out/",
+                    "model": str(folder),
+                    "batch_size": batch,
+                    "dtype": dtype,
+                    "storage_options": store.storage_options,
+                }
+            )
+            wall = time.perf_counter() - start
+        finally:
+            ray.shutdown()
+    assert summary.ok == len(data), summary
+    return len(data) / wall, summary.images_per_second
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=1536)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--record", action="store_true")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    data = photos(args.images)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_checkpoint(random_model("dinat-mini-in1k-224"), Path(tmp) / "dinat-mini")
+        bare = bare_loop(folder, data, args.batch, args.dtype)
+        print(f"bare model loop: {bare:.1f} images/s", flush=True)
+        whole, steady = pipeline_run(folder, data, args.batch, args.dtype)
+    lines = [
+        f"### pipeline, dinat-mini at 224, {args.images} JPEGs 500x375, batch {args.batch}, {args.dtype}, "
+        f"{machine(torch.device('cpu'))}, {os.cpu_count()} cores",
+        "",
+        "| measured | images/s | x bare model loop |",
+        "|---|---|---|",
+        f"| bare model loop on decoded tensors | {bare:.1f} | 1.00 |",
+        f"| pipeline, object store to Parquet, after listing (run summary) | {steady:.1f} | {steady / bare:.2f} |",
+        f"| pipeline, whole run() call incl. model check, listing, actor start | {whole:.1f} | {whole / bare:.2f} |",
+    ]
+    print("\n".join(lines))
+    if args.record:
+        record(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -95,6 +97,27 @@ def predict(
         raise typer.Exit(1)
 
 
+@contextmanager
+def _job_errors() -> Iterator[None]:
+    """Exit 2 with the message for a config or model that cannot run (nothing was done); exit 1 for a
+    run that failed on the way (nothing was committed)."""
+    from pipeline.config import ConfigError
+    from pipeline.model import ModelLoadError
+
+    try:
+        yield
+    except (ConfigError, ModelLoadError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    except Exception as err:
+        typer.echo(
+            f"error: the run failed: {type(err).__name__}: {err}\n"
+            "Nothing was committed (no _SUCCESS marker), so readers ignore its files; run it again.",
+            err=True,
+        )
+        raise typer.Exit(1) from err
+
+
 @app.command("run")
 def run_command(
     input: Annotated[
@@ -127,11 +150,10 @@ def run_command(
     ] = None,
 ) -> None:
     """Run the pipeline: images in, one Parquet row per image out, `_SUCCESS` written last."""
-    from pipeline.config import ConfigError, load_config
-    from pipeline.model import ModelLoadError
+    from pipeline.config import load_config
     from pipeline.run import run
 
-    try:
+    with _job_errors():
         job = load_config(
             config,
             input=input,
@@ -151,16 +173,6 @@ def run_command(
             ray_address=ray_address,
         )
         summary = run(job)
-    except (ConfigError, ModelLoadError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
-    except Exception as err:
-        typer.echo(
-            f"error: the run failed: {type(err).__name__}: {err}\n"
-            "The output has no _SUCCESS marker, so readers ignore it; rerun with --overwrite.",
-            err=True,
-        )
-        raise typer.Exit(1) from err
     kinds = ", ".join(f"{kind}: {count}" for kind, count in summary.errors_by_kind.items())
     typer.echo(
         f"run {summary.run_id} finished: {summary.images} images, {summary.ok} ok, {summary.errors} errors"
@@ -170,9 +182,107 @@ def run_command(
     )
 
 
+@app.command("nightly")
+def nightly_command(
+    config: Annotated[Path, typer.Option(help="job config file (YAML or JSON); output is the table's root")],
+    date: Annotated[str | None, typer.Option(help="YYYY-MM-DD (default: today, UTC)")] = None,
+    storage_options: Annotated[str | None, typer.Option(help="JSON fsspec options (endpoint, keys)")] = None,
+) -> None:
+    """Process what is new or changed since the last committed date into OUTPUT/run_date=DATE/."""
+    import datetime as dt
+
+    from jobs.nightly import nightly
+    from pipeline.config import load_config
+
+    try:
+        day = dt.date.fromisoformat(date) if date else None
+    except ValueError as err:
+        raise typer.BadParameter(f"{date!r} is not a date like 2026-11-28", param_hint="--date") from err
+    with _job_errors():
+        summary = nightly(load_config(config, storage_options=_storage_options(storage_options) or None), day)
+    typer.echo(
+        f"{summary.date}: {summary.listed} inputs listed, {summary.new_or_changed} new or changed; "
+        f"{summary.run.images} rows ({summary.run.ok} ok, {summary.run.errors} errors)\n"
+        f"committed: {summary.partition}"
+    )
+
+
 @app.command()
 def demo() -> None:
     """Start a local S3 server and Ray, upload sample images, run the pipeline, query the output."""
     from pipeline.demo import run_demo
 
     run_demo(typer.echo)
+
+
+def _records(relation) -> list[dict[str, Any]]:
+    return [dict(zip(relation.columns, row, strict=True)) for row in relation.fetchall()]
+
+
+def _emit(relation, fmt: str, out: Path | None) -> None:
+    """A DuckDB result on the terminal (table, csv, json lines) or in a Parquet file."""
+    import csv
+    import sys
+
+    if fmt == "parquet":
+        if out is None:
+            raise typer.BadParameter("--format parquet writes a file: give --out PATH", param_hint="--out")
+        relation.write_parquet(str(out))
+        typer.echo(f"wrote {out}")
+        return
+    if fmt == "table":
+        typer.echo(str(relation))
+        return
+    if fmt == "json":
+        for record in _records(relation):
+            typer.echo(json.dumps(record, default=str))
+        return
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(relation.columns)
+    for row in relation.fetchall():
+        writer.writerow([json.dumps(v, default=str) if isinstance(v, list | dict) else v for v in row])
+
+
+@app.command()
+def query(
+    output: Annotated[str, typer.Argument(help="a run's output directory (local path or fsspec URI)")],
+    sql_text: Annotated[str | None, typer.Option("--sql", help="SQL over the table `predictions`")] = None,
+    summary: Annotated[
+        bool, typer.Option("--summary", help="rows per run, errors by kind, top labels")
+    ] = False,
+    similar_to: Annotated[
+        str | None, typer.Option("--similar", help="key of an image: its nearest neighbours")
+    ] = None,
+    k: Annotated[int, typer.Option("--k", min=1, help="neighbours for --similar")] = 10,
+    fmt: Annotated[str, typer.Option("--format", help="table, csv, json or parquet")] = "table",
+    out: Annotated[Path | None, typer.Option(help="file for --format parquet")] = None,
+    storage_options: Annotated[str | None, typer.Option(help="JSON fsspec options (endpoint, keys)")] = None,
+) -> None:
+    """Query a finished output with DuckDB: --sql, --summary or --similar KEY."""
+    import duckdb
+
+    from pipeline.query import OutputNotReady, read_output, similar, sql, summary_queries
+
+    if sum((sql_text is not None, summary, similar_to is not None)) != 1:
+        raise typer.BadParameter("give exactly one of --sql, --summary or --similar")
+    if fmt not in ("table", "csv", "json", "parquet"):
+        raise typer.BadParameter(f"{fmt!r} is not one of table, csv, json, parquet", param_hint="--format")
+    try:
+        table = read_output(output, _storage_options(storage_options))
+        if summary:
+            if fmt == "json":
+                sections = {
+                    title: _records(sql(table, text)) for title, text in summary_queries(table).items()
+                }
+                typer.echo(json.dumps(sections, default=str, indent=2))
+                return
+            if fmt != "table":
+                raise typer.BadParameter("--summary prints a table or json", param_hint="--format")
+            for title, text in summary_queries(table).items():
+                typer.echo(f"{title}:\n{sql(table, text)}")
+            return
+        _emit(similar(table, similar_to, k) if similar_to else sql(table, sql_text), fmt, out)
+    except (OutputNotReady, KeyError, FileNotFoundError, duckdb.Error) as err:
+        message = err.args[0] if isinstance(err, KeyError) else str(err)
+        typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(2) from err

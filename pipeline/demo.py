@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pipeline.config import DEFAULT_MODEL, RunConfig
+from pipeline.query import SUMMARY
 
 BUCKET = "demo"
 RANDOM_MODEL = f"s3://{BUCKET}/models/dinat-mini-RANDOM-WEIGHTS"
@@ -25,8 +26,7 @@ RANDOM_MODEL = f"s3://{BUCKET}/models/dinat-mini-RANDOM-WEIGHTS"
 _QUERIES = (
     "SELECT status, count(*) AS images FROM predictions GROUP BY status ORDER BY status",
     "SELECT key, error FROM predictions WHERE status = 'error' ORDER BY key",
-    "SELECT labels[1] AS top1, count(*) AS images, round(avg(scores[1]), 4) AS mean_score "
-    "FROM predictions WHERE status = 'ok' GROUP BY top1 ORDER BY images DESC, top1 LIMIT 5",
+    SUMMARY["top labels"],
 )
 
 

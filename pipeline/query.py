@@ -10,29 +10,86 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from pipeline.sink import Output
+from pipeline.sink import SUCCESS, Output, output_schema
+
+SUMMARY = {
+    "runs": (
+        "SELECT {by}, count(*) AS images, count(*) FILTER (status = 'ok') AS ok, "
+        "count(*) FILTER (status = 'error') AS errors, min(processed_at) AS started, "
+        "max(processed_at) AS finished FROM predictions GROUP BY {by} ORDER BY {by}"
+    ),
+    "errors by kind": (
+        "SELECT split_part(error, ': ', 1) AS kind, count(*) AS images FROM predictions "
+        "WHERE status = 'error' GROUP BY kind ORDER BY images DESC, kind"
+    ),
+    "top labels": (
+        "SELECT labels[1] AS top1, count(*) AS images, round(avg(scores[1]), 4) AS mean_score "
+        "FROM predictions WHERE status = 'ok' AND labels IS NOT NULL GROUP BY top1 "
+        "ORDER BY images DESC, top1 LIMIT 10"
+    ),
+}
+
+
+def summary_queries(table: pa.Table) -> dict[str, str]:
+    """SUMMARY for this table: rows per run date and run for a nightly table, per run otherwise."""
+    by = "run_date, run_id" if "run_date" in table.column_names else "run_id"
+    return {title: text.replace("{by}", by) for title, text in SUMMARY.items()}
 
 
 class OutputNotReady(RuntimeError):
     """The output has no `_SUCCESS`: the run is still going, or died before committing."""
 
 
-def read_output(
-    uri: str, storage_options: dict[str, Any] | None = None, columns: list[str] | None = None
-) -> pa.Table:
-    """The rows of a finished run; refuses an output without `_SUCCESS` rather than return partial rows."""
+def read_output(uri: str, storage_options: dict[str, Any] | None = None) -> pa.Table:
+    """The committed rows under `uri`: one run's output (with `_SUCCESS`), or the committed `run_date=`
+    partitions of a nightly table (with a `run_date` column). Rows without a marker are never returned."""
     output = Output(uri, storage_options or {})
-    if output.manifest() is None:
+    if output.manifest() is not None:
+        return pq.read_table(output.path, filesystem=output.fs)
+    partitions = [
+        path for path in output.fs.glob(f"{output.path}/run_date=*") if output.fs.exists(f"{path}/{SUCCESS}")
+    ]
+    if not partitions:
         raise OutputNotReady(
-            f"{uri} has no _SUCCESS marker: the run that writes it has not finished (or failed); rerun it"
+            f"{uri} has no _SUCCESS marker and no committed run_date= partition: the run that writes it has "
+            "not finished (or failed); rerun it"
         )
-    return pq.read_table(output.path, filesystem=output.fs, columns=columns)
+    files = [
+        path for partition in partitions for path in output.fs.find(partition) if path.endswith(".parquet")
+    ]
+    if not files:  # only runs that found nothing new
+        return output_schema(0).append(pa.field("run_date", pa.string())).empty_table()
+    dataset = ds.dataset(
+        files,
+        filesystem=output.fs,
+        format="parquet",
+        partitioning=ds.partitioning(pa.schema([("run_date", pa.string())]), flavor="hive"),
+        partition_base_dir=output.path,
+    )
+    return dataset.to_table()
 
 
-def sql(table: pa.Table, query: str) -> duckdb.DuckDBPyRelation:
-    """Run `query` with the table available as `predictions`."""
+def sql(table: pa.Table, query: str, params: dict[str, Any] | None = None) -> duckdb.DuckDBPyRelation:
+    """Run `query` (with `$name` parameters from `params`) with the table available as `predictions`."""
     connection = duckdb.connect()
     connection.register("predictions", table)
-    return connection.sql(query)
+    return connection.sql(query, params=params)
+
+
+def similar(table: pa.Table, key: str, k: int = 10) -> duckdb.DuckDBPyRelation:
+    """The k rows nearest to `key` by cosine similarity of their embeddings, most similar first."""
+    found = sql(
+        table, "SELECT count(*) FROM predictions WHERE key = $key AND embedding IS NOT NULL", {"key": key}
+    )
+    if found.fetchall()[0][0] == 0:
+        raise KeyError(f"no row with key {key!r} and an embedding (it is absent, or an error row)")
+    return sql(
+        table,
+        "SELECT key, round(array_cosine_similarity(embedding, "
+        "(SELECT embedding FROM predictions WHERE key = $key LIMIT 1)), 6) AS similarity, labels[1] AS top1 "
+        "FROM predictions WHERE key <> $key AND embedding IS NOT NULL ORDER BY similarity DESC, key LIMIT $k",
+        {"key": key, "k": k},
+    )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from pipeline.config import ConfigError, RunConfig
 from pipeline.inference import Predictor
 from pipeline.model import load_model
-from pipeline.preprocess import decode_batch
+from pipeline.preprocess import PreprocessConfig, decode_batch
 from pipeline.sink import Output
 from pipeline.sources import (
     check_table,
@@ -105,8 +105,14 @@ def _connect(address: str | None) -> bool:
     return True
 
 
-def run(config: RunConfig | Mapping[str, Any]) -> RunSummary:
-    """Run the pipeline once; raises ConfigError or ModelLoadError before any data is read."""
+def run(
+    config: RunConfig | Mapping[str, Any], select: Callable[[pa.Table], pa.Table] | None = None
+) -> RunSummary:
+    """Run the pipeline once; raises ConfigError or ModelLoadError before any data is read.
+
+    `select` narrows the listing (`uri`, `size`, `version` of each image file, shard or table) to what
+    this run processes; the nightly runs pass the objects that are new since the last one. A run left
+    with nothing to process commits an empty output."""
     if not isinstance(config, RunConfig):
         config = RunConfig.model_validate(config)
     started_at = datetime.now(UTC)
@@ -128,34 +134,13 @@ def run(config: RunConfig | Mapping[str, Any]) -> RunSummary:
         kind, listing = choose_kind(config, listing)
         if kind == "parquet":
             check_table(listing.column("uri")[0].as_py(), config)
+        if select is not None:
+            listing = select(listing)
         listed = time.monotonic()
         output.prepare(config.overwrite)
-        device, num_gpus, min_actors, max_actors = _actors(config)
-        decoded = _source(config, kind, listing).map_batches(
-            decode_batch,
-            batch_size=_DECODE_BATCH,
-            batch_format="numpy",
-            num_cpus=_DECODE_CPUS,
-            fn_kwargs={"config": preprocessing, "max_pixels": config.max_pixels},
-        )
-        predicted = decoded.map_batches(
-            Predictor,
-            fn_constructor_kwargs={
-                "model": config.model,
-                "run_id": run_id,
-                "top_k": config.top_k,
-                "device": device,
-                "dtype": config.dtype,
-                "cpu_threads": config.cpu_threads,
-                "storage_options": config.storage_options,
-            },
-            compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
-            batch_size=config.batch_size,
-            batch_format="numpy",
-            num_gpus=num_gpus,
-        )
-        path, filesystem = output.ray_target()
-        predicted.write_parquet(path, filesystem=filesystem, min_rows_per_file=config.rows_per_file)
+        device = _actors(config)[0]
+        if listing.num_rows:
+            _execute(config, kind, listing, preprocessing, run_id, output)
         finished = time.monotonic()
         ok, errors, errors_by_kind = output.counts()
         summary = RunSummary(
@@ -182,3 +167,40 @@ def run(config: RunConfig | Mapping[str, Any]) -> RunSummary:
     finally:
         if started_ray:
             ray.shutdown()
+
+
+def _execute(
+    config: RunConfig,
+    kind: str,
+    listing: pa.Table,
+    preprocessing: PreprocessConfig,
+    run_id: str,
+    output: Output,
+) -> None:
+    """The Ray Data plan: read and decode as CPU tasks, inference in an actor pool, Parquet files."""
+    device, num_gpus, min_actors, max_actors = _actors(config)
+    decoded = _source(config, kind, listing).map_batches(
+        decode_batch,
+        batch_size=_DECODE_BATCH,
+        batch_format="numpy",
+        num_cpus=_DECODE_CPUS,
+        fn_kwargs={"config": preprocessing, "max_pixels": config.max_pixels},
+    )
+    predicted = decoded.map_batches(
+        Predictor,
+        fn_constructor_kwargs={
+            "model": config.model,
+            "run_id": run_id,
+            "top_k": config.top_k,
+            "device": device,
+            "dtype": config.dtype,
+            "cpu_threads": config.cpu_threads,
+            "storage_options": config.storage_options,
+        },
+        compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
+        batch_size=config.batch_size,
+        batch_format="numpy",
+        num_gpus=num_gpus,
+    )
+    path, filesystem = output.ray_target()
+    predicted.write_parquet(path, filesystem=filesystem, min_rows_per_file=config.rows_per_file)

@@ -71,7 +71,10 @@ class Output:
     def counts(self) -> tuple[int, int, dict[str, int]]:
         """ok rows, error rows, and errors by kind (the error text before its first ': ')."""
         self.fs.invalidate_cache()
-        table = pq.read_table(self.path, filesystem=self.fs, columns=["status", "error"])
+        files = [path for path in self.fs.find(self.path) if path.endswith(".parquet")]
+        if not files:  # a run that had nothing to process
+            return 0, 0, {}
+        table = pq.read_table(files, filesystem=self.fs, columns=["status", "error"])
         ok = pc.sum(pc.equal(table["status"], "ok")).as_py() or 0
         errors = table.filter(pc.equal(table["status"], "error"))["error"].to_pylist()
         kinds: dict[str, int] = {}

@@ -1,0 +1,1 @@
+"""Ray job entrypoints, job submission and the nightly runs."""

@@ -17,7 +17,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,11 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from infra.ports import free_port
 
 
 def weed_binary() -> str:
@@ -97,13 +92,13 @@ class LocalObjectStore:
         }
         config = self.data_dir / "identities.json"
         config.write_text(json.dumps(identities))
-        self.port = _free_port()
+        self.port = free_port()
         args = [weed_binary(), "server", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
         args += ["-s3", f"-s3.port={self.port}", f"-s3.config={config}"]
         # gRPC ports default to port + 10000 (invalid above 55535, colliding between servers): pick them all
         for service in ("master", "volume", "filer"):
-            args += [f"-{service}.port={_free_port()}", f"-{service}.port.grpc={_free_port()}"]
-        args.append(f"-s3.port.grpc={_free_port()}")
+            args += [f"-{service}.port={free_port()}", f"-{service}.port.grpc={free_port()}"]
+        args.append(f"-s3.port.grpc={free_port()}")
         # every bucket gets volumes of its own; with the default 30 GB volumes and a disk-sized maximum,
         # the third bucket found no free volume and writes failed with InternalError
         args += ["-master.volumeSizeLimitMB=256", "-volume.max=200"]

@@ -207,6 +207,104 @@ def nightly_command(
     )
 
 
+Address = Annotated[
+    str | None,
+    typer.Option(
+        envvar="RAY_ADDRESS", help="the cluster's job server, e.g. http://head:8265 (or RAY_ADDRESS)"
+    ),
+]
+
+
+def _client(address: str | None):
+    from ray.job_submission import JobSubmissionClient
+
+    if not address:
+        raise typer.BadParameter("give --address http://HEAD:8265 or set RAY_ADDRESS", param_hint="--address")
+    try:
+        return JobSubmissionClient(address)
+    except (ConnectionError, RuntimeError) as err:
+        typer.echo(f"error: no Ray job server at {address}: {err}", err=True)
+        raise typer.Exit(2) from err
+
+
+@app.command()
+def submit(
+    config: Annotated[Path, typer.Option(help="job config file (YAML or JSON), without credentials")],
+    address: Address = None,
+    nightly: Annotated[
+        bool, typer.Option("--nightly", help="submit `dinat-batch nightly` for --date")
+    ] = False,
+    date: Annotated[str | None, typer.Option(help="nightly date YYYY-MM-DD (default: today, UTC)")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="follow logs and exit with the job's outcome")] = False,
+    env: Annotated[
+        list[str] | None, typer.Option(help="NAME=VALUE for the job (not for credentials)")
+    ] = None,
+    working_dir: Annotated[Path | None, typer.Option(help="folder shipped with the job")] = None,
+    image: Annotated[
+        str | None, typer.Option(help="container image for the job (runtime_env image_uri)")
+    ] = None,
+    entrypoint_num_cpus: Annotated[float, typer.Option(help="CPUs reserved for the job's driver")] = 1,
+) -> None:
+    """Submit the pipeline to a Ray cluster as a Ray job; a job already submitted is refused."""
+    import datetime as dt
+
+    from jobs.submit import SubmitError, follow
+    from jobs.submit import submit as submit_job
+    from pipeline.config import ConfigError, load_config
+
+    variables = dict(item.split("=", 1) for item in env or [] if "=" in item)
+    if len(variables) != len(env or []):
+        raise typer.BadParameter("write each as NAME=VALUE", param_hint="--env")
+    day = (dt.date.fromisoformat(date) if date else dt.datetime.now(dt.UTC).date()) if nightly else None
+    client = _client(address)
+    try:
+        job_id = submit_job(
+            client, load_config(config), day, variables, working_dir, image, entrypoint_num_cpus
+        )
+    except (ConfigError, SubmitError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    typer.echo(f"submitted {job_id}")
+    if wait:
+        status = follow(client, job_id, typer.echo)
+        typer.echo(f"{job_id}: {status.value}")
+        if status.value != "SUCCEEDED":
+            raise typer.Exit(1)
+
+
+@app.command()
+def status(job_id: Annotated[str, typer.Argument(help="submission id")], address: Address = None) -> None:
+    """A submitted job's status."""
+    info = _client(address).get_job_info(job_id)
+    typer.echo(f"{job_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
+    typer.echo(f"entrypoint: {info.entrypoint}")
+    for name, value in sorted((info.metadata or {}).items()):
+        typer.echo(f"{name}: {value}")
+
+
+@app.command()
+def logs(
+    job_id: Annotated[str, typer.Argument(help="submission id")],
+    address: Address = None,
+    follow: Annotated[bool, typer.Option("--follow", help="keep printing until the job ends")] = False,
+) -> None:
+    """A submitted job's logs."""
+    from jobs.submit import follow as follow_job
+
+    client = _client(address)
+    if follow:
+        follow_job(client, job_id, typer.echo)
+    else:
+        typer.echo(client.get_job_logs(job_id))
+
+
+@app.command()
+def stop(job_id: Annotated[str, typer.Argument(help="submission id")], address: Address = None) -> None:
+    """Stop a submitted job (its output stays uncommitted: no _SUCCESS)."""
+    stopped = _client(address).stop_job(job_id)
+    typer.echo(f"{job_id}: {'stop requested' if stopped else 'already ended'}")
+
+
 @app.command()
 def demo() -> None:
     """Start a local S3 server and Ray, upload sample images, run the pipeline, query the output."""

@@ -1,0 +1,118 @@
+"""A Ray head with its job server on loopback, for trying `dinat-batch submit` on one machine and for the
+tests: `ray start --head --block` on free ports with its own temp dir and token authentication, stopped
+by signalling its process group (never `ray stop`, which would stop every Ray on the machine). Clients
+need `env` (the token is generated per head), e.g. `env RAY_AUTH_MODE=token RAY_AUTH_TOKEN=... dinat-batch`.
+
+    with LocalRayHead(num_cpus=4) as head:
+        head.address          # http://127.0.0.1:PORT, for --address or RAY_ADDRESS
+        head.env              # RAY_AUTH_MODE and RAY_AUTH_TOKEN a client needs
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from infra.ports import free_port
+
+
+class LocalRayHead:
+    def __init__(self, num_cpus: int = 4, startup_timeout: float = 90.0):
+        self.num_cpus = num_cpus
+        self.startup_timeout = startup_timeout
+        self.token = secrets.token_hex(16)
+        self.dashboard_port = 0
+        self._temp_dir = ""
+        self._process: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
+
+    def start(self) -> LocalRayHead:
+        # short: Ray's unix socket paths under the temp dir must stay below ~107 characters
+        self._temp_dir = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")
+        self.dashboard_port = free_port()
+        bin_dir = Path(sys.executable).parent
+        args = [str(bin_dir / "ray"), "start", "--head", "--block", "--disable-usage-stats"]
+        args += ["--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--include-dashboard=true"]
+        args += [f"--num-cpus={self.num_cpus}", "--num-gpus=0", f"--temp-dir={self._temp_dir}"]
+        args += [f"--dashboard-port={self.dashboard_port}"]
+        for flag in (
+            "port",
+            "ray-client-server-port",
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "metrics-export-port",
+            "runtime-env-agent-port",
+            "object-manager-port",
+            "node-manager-port",
+        ):
+            args.append(f"--{flag}={free_port()}")
+        # the job's entrypoint (`dinat-batch ...`) must be on the head's PATH
+        env = os.environ | self.env | {"PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+        env.pop("RAY_ADDRESS", None)
+        self._process = subprocess.Popen(
+            args,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        """Ready when the job server answers HTTP at all (401 included: it is up, and wants the token)."""
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(
+                    f"ray start exited with {self._process.returncode}: {self._process.stderr.read()}"
+                )
+            try:
+                urllib.request.urlopen(f"{self.address}/api/version", timeout=2).close()
+                return
+            except urllib.error.HTTPError:
+                return
+            except OSError:
+                time.sleep(1)
+        raise RuntimeError(
+            f"the Ray head's job server did not answer on {self.address} in {self.startup_timeout} s"
+        )
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGINT: `ray start --block` stops its processes on it (it ignores SIGTERM); SIGKILL after."""
+        if self._process is not None and self._process.poll() is None:
+            os.killpg(self._process.pid, signal.SIGINT)
+            try:
+                self._process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._process.pid, signal.SIGKILL)
+                self._process.wait()
+        self._process = None
+        if self._temp_dir:
+            shutil.rmtree(self._temp_dir, ignore_errors=True)
+
+    def __enter__(self) -> LocalRayHead:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

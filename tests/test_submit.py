@@ -1,0 +1,75 @@
+"""`dinat-batch submit | status | logs | stop` as a user runs them, against a real Ray head with its job
+server and token authentication, started on loopback by the test."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from infra.local_ray import LocalRayHead
+from tests.data import photos
+
+CLI = str(Path(sys.executable).parent / "dinat-batch")
+
+
+@pytest.fixture(scope="module")
+def head():
+    with LocalRayHead(num_cpus=4) as started:
+        yield started
+
+
+def cli(head, *args, timeout=300):
+    return subprocess.run(
+        [CLI, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=os.environ | head.env | {"RAY_ADDRESS": head.address},
+    )
+
+
+def test_submit_wait_status_logs_and_refused_twice(head, tmp_path, tiny_model):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name, data in photos(3).items():
+        (images / name).write_bytes(data)
+    job = tmp_path / "job.json"
+    output = tmp_path / "out"
+    job.write_text(json.dumps({"input": str(images), "output": str(output), "model": str(tiny_model)}))
+
+    first = cli(head, "submit", "--config", str(job), "--wait")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    job_id = first.stdout.splitlines()[0].removeprefix("submitted ")
+    assert job_id.startswith("dinat-run-")
+    assert "3 images, 3 ok, 0 errors" in first.stdout and first.stdout.rstrip().endswith(
+        f"{job_id}: SUCCEEDED"
+    )
+    assert pq.read_table(output).num_rows == 3
+
+    again = cli(head, "submit", "--config", str(job))
+    assert again.returncode == 2 and f"already submitted as {job_id}" in again.stderr
+
+    status = cli(head, "status", job_id).stdout
+    assert status.startswith(f"{job_id}: SUCCEEDED")
+    assert f"model: {tiny_model}" in status and "dinat_batch_config_sha256: " in status
+    assert "entrypoint: dinat-batch run --config job.yaml" in status
+    assert "3 images, 3 ok" in cli(head, "logs", job_id).stdout
+    assert "already ended" in cli(head, "stop", job_id).stdout
+
+
+def test_submission_refuses_credentials(head, tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "input: s3://b/in\noutput: s3://b/out\nstorage_options: {key: AKIAEXAMPLE, secret: s3cr3t}\n"
+    )
+    refused = cli(head, "submit", "--config", str(job))
+    assert refused.returncode == 2 and "carries credentials" in refused.stderr
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("input: s3://b/in\noutput: s3://b/out\n")
+    refused = cli(head, "submit", "--config", str(plain), "--env", "AWS_SECRET_ACCESS_KEY=s3cr3t")
+    assert refused.returncode == 2 and "looks like a credential" in refused.stderr
+    assert "s3cr3t" not in refused.stdout + refused.stderr

@@ -22,10 +22,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from infra.ports import free_port
+from infra.processes import Service, free_port, stop_group
 
 
-class LocalRayHead:
+class LocalRayHead(Service):
     def __init__(self, num_cpus: int = 4, startup_timeout: float = 90.0):
         self.num_cpus = num_cpus
         self.startup_timeout = startup_timeout
@@ -100,19 +100,7 @@ class LocalRayHead:
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGINT: `ray start --block` stops its processes on it (it ignores SIGTERM); SIGKILL after."""
-        if self._process is not None and self._process.poll() is None:
-            os.killpg(self._process.pid, signal.SIGINT)
-            try:
-                self._process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self._process.pid, signal.SIGKILL)
-                self._process.wait()
+        stop_group(self._process, signal.SIGINT, timeout)
         self._process = None
         if self._temp_dir:
             shutil.rmtree(self._temp_dir, ignore_errors=True)
-
-    def __enter__(self) -> LocalRayHead:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

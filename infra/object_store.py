@@ -13,7 +13,6 @@ manager so nothing is left running:
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
 import signal
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from infra.ports import free_port
+from infra.processes import Service, free_port, stop_group
 
 
 def weed_binary() -> str:
@@ -36,7 +35,7 @@ def weed_binary() -> str:
     return found
 
 
-class LocalObjectStore:
+class LocalObjectStore(Service):
     def __init__(self, data_dir: str | Path | None = None, startup_timeout: float = 60.0):
         self._own_dir = data_dir is None
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="dinat-weed-"))
@@ -138,19 +137,7 @@ class LocalObjectStore:
         return (fatal or lines)[-1]
 
     def stop(self, timeout: float = 3.0) -> None:
-        if self._process is not None and self._process.poll() is None:
-            os.killpg(self._process.pid, signal.SIGTERM)
-            try:
-                self._process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self._process.pid, signal.SIGKILL)
-                self._process.wait()
+        stop_group(self._process, signal.SIGTERM, timeout)
         self._process = None
         if self._own_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
-
-    def __enter__(self) -> LocalObjectStore:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

@@ -3,10 +3,10 @@ CLI: one image everywhere, entrypoints that the CLI accepts, the mounted config 
 
 import re
 import shlex
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 import typer
 import yaml
 

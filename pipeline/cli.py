@@ -103,12 +103,16 @@ def _job_errors() -> Iterator[None]:
     run that failed on the way (nothing was committed)."""
     from pipeline.config import ConfigError
     from pipeline.model import ModelLoadError
+    from pipeline.run import ErrorRateExceeded
 
     try:
         yield
     except (ConfigError, ModelLoadError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err
+    except ErrorRateExceeded as err:
+        typer.echo(f"error: the run failed its error budget: {err}", err=True)
+        raise typer.Exit(1) from err
     except Exception as err:
         typer.echo(
             f"error: the run failed: {type(err).__name__}: {err}\n"
@@ -142,6 +146,10 @@ def run_command(
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16")] = None,
     min_actors: Annotated[int | None, typer.Option(help="smallest inference actor pool")] = None,
     max_actors: Annotated[int | None, typer.Option(help="largest inference actor pool")] = None,
+    max_error_rate: Annotated[
+        float | None,
+        typer.Option(help="fail (exit 1, no _SUCCESS) above this share of error rows, e.g. 0.01"),
+    ] = None,
     overwrite: Annotated[
         bool | None, typer.Option("--overwrite/--no-overwrite", help="replace an existing output")
     ] = None,
@@ -169,6 +177,7 @@ def run_command(
             dtype=dtype,
             min_actors=min_actors,
             max_actors=max_actors,
+            max_error_rate=max_error_rate,
             overwrite=overwrite,
             ray_address=ray_address,
         )

@@ -53,6 +53,12 @@ class RunConfig(BaseModel):
     max_pixels: int = Field(100_000_000, ge=1, description="larger declared images are decode errors")
     read_batch_size: int = Field(64, ge=1, description="objects fetched concurrently per read task")
     rows_per_file: int = Field(100_000, ge=1, description="target rows per output Parquet file")
+    max_error_rate: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="fail the run (rows written, no _SUCCESS) above this share of error rows",
+    )
     overwrite: bool = Field(False, description="replace an existing output instead of refusing")
     run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]+$", max_length=128)
     ray_address: str | None = Field(None, description="default: RAY_ADDRESS, else a local Ray")

@@ -36,6 +36,10 @@ _DECODE_BATCH = 16  # images per decode task call: small enough to spread over c
 _DECODE_CPUS = 0.5
 
 
+class ErrorRateExceeded(RuntimeError):
+    """More error rows than the config allows: the run wrote its rows and `_FAILURE`, not `_SUCCESS`."""
+
+
 class RunSummary(BaseModel):
     run_id: str
     input: str
@@ -162,6 +166,14 @@ def run(
             images_per_second=round((ok + errors) / max(finished - listed, 1e-9), 2),
             config=config.redacted(),
         )
+        rate = errors / max(ok + errors, 1)
+        if config.max_error_rate is not None and rate > config.max_error_rate:
+            reason = (
+                f"{errors} of {ok + errors} rows are errors ({rate:.1%}), above max_error_rate "
+                f"{config.max_error_rate:.1%}; the rows and this summary are in {config.output}"
+            )
+            output.fail(summary.model_dump(mode="json") | {"failed": reason})
+            raise ErrorRateExceeded(reason)
         output.commit(summary.model_dump(mode="json"))
         return summary
     finally:

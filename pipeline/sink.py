@@ -18,6 +18,7 @@ from fsspec.implementations.local import LocalFileSystem
 from pipeline.config import ConfigError
 
 SUCCESS = "_SUCCESS"
+FAILURE = "_FAILURE"
 
 
 def output_schema(embedding_dim: int) -> pa.Schema:
@@ -86,6 +87,10 @@ class Output:
     def commit(self, manifest: dict[str, Any]) -> None:
         """Write `_SUCCESS` last: the run is finished and its data files are complete."""
         self.fs.pipe_file(f"{self.path}/{SUCCESS}", json.dumps(manifest, indent=2, default=str).encode())
+
+    def fail(self, manifest: dict[str, Any]) -> None:
+        """Write `_FAILURE` instead: the rows are there to inspect, but the run did not pass its checks."""
+        self.fs.pipe_file(f"{self.path}/{FAILURE}", json.dumps(manifest, indent=2, default=str).encode())
 
     def manifest(self) -> dict[str, Any] | None:
         self.fs.invalidate_cache()

@@ -111,3 +111,23 @@ def test_demo_runs_end_to_end_and_stops_everything():
     assert "27 images, 24 ok, 3 errors" in done.stdout
     assert "│ error   │      3 │" in done.stdout
     assert weed_servers() <= before
+
+
+def test_max_error_rate_fails_the_run_after_writing_its_rows(tmp_path, tiny_model, ray_session):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name, data in photos(3).items():
+        (images / name).write_bytes(data)
+    (images / "broken.jpg").write_bytes(b"not a jpeg")
+    args = ["run", "--input", str(images), "--model", str(tiny_model), "--output"]
+
+    failed = CliRunner().invoke(app, [*args, str(tmp_path / "strict"), "--max-error-rate", "0.2"])
+    assert failed.exit_code == 1
+    assert "1 of 4 rows are errors (25.0%), above max_error_rate 20.0%" in failed.output
+    assert not (tmp_path / "strict" / "_SUCCESS").exists()
+    failure = json.loads((tmp_path / "strict" / "_FAILURE").read_text())
+    assert failure["errors_by_kind"] == {"ImageDecodeError(undecodable)": 1} and "above" in failure["failed"]
+    assert pq.read_table(tmp_path / "strict").num_rows == 4
+
+    passed = CliRunner().invoke(app, [*args, str(tmp_path / "lenient"), "--max-error-rate", "0.25"])
+    assert passed.exit_code == 0, passed.output

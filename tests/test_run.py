@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 
 from pipeline.config import ConfigError
@@ -95,6 +96,18 @@ def direct_predictions(tiny_model: Path, images: dict[str, bytes], top_k: int = 
     return results
 
 
+def assert_secret_nowhere(place: Place, table: pa.Table) -> None:
+    """The secret key is in no row, not in the manifest and not in any log of the Ray session."""
+    secret = place.storage_options.get("secret")
+    if secret is None:
+        return
+    assert secret not in json.dumps(table.drop_columns(["embedding"]).to_pylist(), default=str)
+    assert secret not in json.dumps(place.manifest("out"))
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    leaked = [path for path in logs.rglob("*") if path.is_file() and secret.encode() in path.read_bytes()]
+    assert leaked == []
+
+
 def check_table(table: pa.Table, good: dict[str, bytes], errors: dict[str, str], tiny_model: Path, top_k=5):
     """Exactly one row per input, the schema to the letter, predictions equal to the runtime's."""
     assert table.schema.remove_metadata() == output_schema(TINY.num_features)
@@ -136,8 +149,7 @@ def test_image_files_with_broken_ones(place, tiny_model, ray_session):
     assert sum(summary.errors_by_kind.values()) == len(errors)
     manifest = place.manifest("out")
     assert manifest["run_id"] == summary.run_id and manifest["ok"] == len(good)
-    secret = place.storage_options.get("secret")
-    assert secret is None or secret not in json.dumps(manifest)
+    assert_secret_nowhere(place, table)
     predictions = table  # noqa: F841 (DuckDB finds the Arrow table by its variable name)
     counts = duckdb.sql("SELECT status, count(*) FROM predictions GROUP BY status ORDER BY status").fetchall()
     assert counts == [("error", len(errors)), ("ok", len(good))]
@@ -204,6 +216,7 @@ def test_parquet_bytes_and_uris(place, tiny_model, ray_session):
     (index,) = place.put({"index.parquet": parquet_file(uris)}, "index")
     summary, table = run_on(place, tiny_model, "index", uri_column="uri", overwrite=True)
     check_table(table, files, {missing: "ReadError", f"{index}#4": "MissingImage"}, tiny_model)
+    assert_secret_nowhere(place, table)
 
 
 def test_refusals_before_any_work(place, tiny_model, ray_session):

@@ -49,6 +49,7 @@ class RunSummary(BaseModel):
     model_sha256: str
     device: str
     images: int
+    resumed: int  # rows kept from an earlier attempt that died before its marker
     ok: int
     errors: int
     errors_by_kind: dict[str, int]
@@ -65,23 +66,29 @@ def _blocks(table: pa.Table, rows: int) -> list[pa.Table]:
     return [table.slice(start, rows) for start in range(0, table.num_rows, rows)] or [table]
 
 
-def _source(config: RunConfig, kind: str, listing: pa.Table) -> ray.data.Dataset:
-    """`(key, data, error)` rows, one per input image."""
-    read = {
-        "fn_kwargs": {"storage_options": config.storage_options},
-        "batch_format": "pyarrow",
-        "num_cpus": _DECODE_CPUS,
-    }
+def _drop_keys(batch: pa.Table, done: set[str]) -> pa.Table:
+    keep = [key not in done for key in batch.column("key").to_pylist()]
+    return batch.filter(pa.array(keep, pa.bool_()))
+
+
+def _source(config: RunConfig, kind: str, listing: pa.Table, done: set[str]) -> ray.data.Dataset:
+    """`(key, data, error)` rows, one per input image not in `done` (written by an earlier attempt)."""
+    tasks = {"batch_format": "pyarrow", "num_cpus": _DECODE_CPUS}
+    read = tasks | {"fn_kwargs": {"storage_options": config.storage_options}}
     if kind == "files":
-        located = ray.data.from_arrow(_blocks(locate_files(listing), config.read_batch_size))
-        return located.map_batches(read_objects, batch_size=config.read_batch_size, **read)
+        located = _drop_keys(locate_files(listing), done)
+        blocks = ray.data.from_arrow(_blocks(located, config.read_batch_size))
+        return blocks.map_batches(read_objects, batch_size=config.read_batch_size, **read)
     containers = ray.data.from_arrow(_blocks(listing, 1))
     if kind == "webdataset":
-        return containers.map_batches(read_shards, batch_size=1, **read)
-    rows = containers.map_batches(
-        read_tables, batch_size=1, batch_format="pyarrow", fn_kwargs={"config": config}
-    )
-    if config.uri_column:
+        rows = containers.map_batches(read_shards, batch_size=1, **read)
+    else:
+        rows = containers.map_batches(
+            read_tables, batch_size=1, **(tasks | {"fn_kwargs": {"config": config}})
+        )
+    if done:
+        rows = rows.map_batches(_drop_keys, **(tasks | {"fn_kwargs": {"done": done}}))
+    if kind == "parquet" and config.uri_column:
         return rows.map_batches(read_objects, batch_size=config.read_batch_size, **read)
     return rows
 
@@ -141,10 +148,10 @@ def run(
         if select is not None:
             listing = select(listing)
         listed = time.monotonic()
-        output.prepare(config.overwrite)
+        done = output.prepare(config.overwrite, model_sha256)
         device = _actors(config)[0]
         if listing.num_rows:
-            _execute(config, kind, listing, preprocessing, run_id, output)
+            _execute(config, kind, listing, preprocessing, run_id, output, done)
         finished = time.monotonic()
         ok, errors, errors_by_kind = output.counts()
         summary = RunSummary(
@@ -156,6 +163,7 @@ def run(
             model_sha256=model_sha256,
             device=device,
             images=ok + errors,
+            resumed=len(done),
             ok=ok,
             errors=errors,
             errors_by_kind=errors_by_kind,
@@ -163,7 +171,7 @@ def run(
             finished_at=datetime.now(UTC),
             listing_seconds=round(listed - t0, 3),
             seconds=round(finished - t0, 3),
-            images_per_second=round((ok + errors) / max(finished - listed, 1e-9), 2),
+            images_per_second=round((ok + errors - len(done)) / max(finished - listed, 1e-9), 2),
             config=config.redacted(),
         )
         rate = errors / max(ok + errors, 1)
@@ -188,10 +196,11 @@ def _execute(
     preprocessing: PreprocessConfig,
     run_id: str,
     output: Output,
+    done: set[str],
 ) -> None:
     """The Ray Data plan: read and decode as CPU tasks, inference in an actor pool, Parquet files."""
     device, num_gpus, min_actors, max_actors = _actors(config)
-    decoded = _source(config, kind, listing).map_batches(
+    decoded = _source(config, kind, listing, done).map_batches(
         decode_batch,
         batch_size=_DECODE_BATCH,
         batch_format="numpy",

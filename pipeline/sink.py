@@ -56,18 +56,44 @@ class Output:
             return self.path, None
         return self.uri, self.fs
 
-    def prepare(self, overwrite: bool) -> None:
-        """An empty directory to write into. An existing output is replaced only when asked: a rerun
-        without --overwrite must not mix two runs' rows in one table."""
+    def prepare(self, overwrite: bool, model_sha256: str) -> set[str]:
+        """Make the output ready to write; returns the keys an earlier attempt already wrote.
+
+        A finished output (`_SUCCESS` or `_FAILURE`) is replaced only with `overwrite`. An output holding
+        only data files is an attempt that died before its marker: the same command resumes it, keeping
+        its complete files and deleting the one it was writing when it died."""
         self.fs.invalidate_cache()
-        if self.fs.exists(self.path) and (not self.fs.isdir(self.path) or self.fs.ls(self.path)):
-            if not overwrite:
-                raise ConfigError(
-                    f"output {self.uri!r} already exists and is not empty; pass --overwrite to replace it, "
-                    "or choose another output"
-                )
+        entries = self.fs.ls(self.path) if self.fs.isdir(self.path) else []
+        if overwrite and self.fs.exists(self.path):
             self.fs.rm(self.path, recursive=True)
+        elif entries or self.fs.isfile(self.path):
+            names = {entry.rsplit("/", 1)[1] for entry in entries}
+            if not names or not all(name.endswith(".parquet") for name in names):
+                state = "finished" if names & {SUCCESS, FAILURE} else "not a run's output"
+                raise ConfigError(
+                    f"output {self.uri!r} already exists ({state}); pass --overwrite to replace it, or choose "
+                    "another output"
+                )
+            return self._written_keys(entries, model_sha256)
         self.fs.makedirs(self.path, exist_ok=True)
+        return set()
+
+    def _written_keys(self, files: list[str], model_sha256: str) -> set[str]:
+        keys: set[str] = set()
+        for path in files:
+            try:
+                with self.fs.open(path, "rb") as f:
+                    table = pq.read_table(f, columns=["key", "model_sha256"])
+            except (OSError, pa.ArrowInvalid):  # cut off mid-write when the driver died
+                self.fs.rm(path)
+                continue
+            if set(table.column("model_sha256").to_pylist()) - {model_sha256}:
+                raise ConfigError(
+                    f"output {self.uri!r} holds an unfinished run of another model; pass --overwrite to start "
+                    "over with this one"
+                )
+            keys.update(table.column("key").to_pylist())
+        return keys
 
     def counts(self) -> tuple[int, int, dict[str, int]]:
         """ok rows, error rows, and errors by kind (the error text before its first ': ')."""

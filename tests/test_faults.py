@@ -1,0 +1,93 @@
+"""Faults during a run lose nothing: an inference actor killed mid-run, a driver killed mid-run and the
+same command run again (it resumes), on the session's real Ray."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import ray
+
+from pipeline.run import run
+from tests.data import photos
+
+CLI = str(Path(sys.executable).parent / "dinat-batch")
+COUNT = 96
+
+
+def images(folder: Path) -> Path:
+    folder.mkdir()
+    for name, data in photos(COUNT).items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def parquet_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.parquet")) if folder.exists() else []
+
+
+def wait_for(condition, timeout=300.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def exactly_once(output: Path, expected: set[str]) -> None:
+    keys = pq.read_table(output, columns=["key"]).column("key").to_pylist()
+    assert len(keys) == len(set(keys)) and set(keys) == expected
+
+
+def test_inference_actor_killed_mid_run(tmp_path, tiny_model, ray_session):
+    source = images(tmp_path / "images")
+    output = tmp_path / "out"
+    killed = []
+
+    def kill_the_actor_after_its_first_rows():
+        wait_for(lambda: parquet_files(output))
+        found = subprocess.run(["pgrep", "-f", r"MapBatches\(Predictor\)"], capture_output=True, text=True)
+        for pid in found.stdout.split():
+            os.kill(int(pid), signal.SIGKILL)
+            killed.append(int(pid))
+
+    killer = threading.Thread(target=kill_the_actor_after_its_first_rows)
+    killer.start()
+    config = {"input": str(source), "output": str(output), "model": str(tiny_model)}
+    summary = run(config | {"batch_size": 2, "read_batch_size": 8, "rows_per_file": 8})
+    killer.join()
+
+    assert killed, "the actor was not found running"
+    assert summary.ok == COUNT
+    exactly_once(output, {str(path) for path in source.iterdir()})
+
+
+def test_driver_killed_then_the_same_command_resumes(tmp_path, tiny_model, ray_session):
+    source = images(tmp_path / "images")
+    output = tmp_path / "out"
+    job = tmp_path / "job.json"
+    config = {"input": str(source), "output": str(output), "model": str(tiny_model)}
+    job.write_text(json.dumps(config | {"batch_size": 2, "read_batch_size": 8, "rows_per_file": 8}))
+    # the driver joins the session's cluster, so that killing it kills nothing else
+    env = os.environ | {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    driver = subprocess.Popen(
+        [CLI, "run", "--config", str(job)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    wait_for(lambda: len(parquet_files(output)) >= 2 or driver.poll() is not None)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    written_before = len(pq.read_table(parquet_files(output)[0]))
+    assert not (output / "_SUCCESS").exists()
+
+    again = subprocess.run(
+        [CLI, "run", "--config", str(job)], env=env, capture_output=True, text=True, timeout=600
+    )
+
+    assert again.returncode == 0, again.stderr[-3000:]
+    manifest = json.loads((output / "_SUCCESS").read_text())
+    assert manifest["ok"] == COUNT and written_before <= manifest["resumed"] < COUNT
+    exactly_once(output, {str(path) for path in source.iterdir()})

@@ -1,5 +1,6 @@
 """Faults during a run lose nothing: an inference actor killed mid-run, a driver killed mid-run and the
-same command run again (it resumes), on the session's real Ray."""
+same command run again (it resumes), an object store that fails transiently (retried) or for good (a
+clear error, nothing committed); on the session's real Ray and S3 server."""
 
 import json
 import os
@@ -11,10 +12,12 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 import ray
 
 from pipeline.run import run
 from tests.data import photos
+from tests.fault_proxy import FaultProxy
 
 CLI = str(Path(sys.executable).parent / "dinat-batch")
 COUNT = 96
@@ -91,3 +94,54 @@ def test_driver_killed_then_the_same_command_resumes(tmp_path, tiny_model, ray_s
     manifest = json.loads((output / "_SUCCESS").read_text())
     assert manifest["ok"] == COUNT and written_before <= manifest["resumed"] < COUNT
     exactly_once(output, {str(path) for path in source.iterdir()})
+
+
+def through(proxy: FaultProxy, object_store, **botocore) -> dict:
+    """The store's storage options with the proxy as endpoint and short timeouts, so that slow answers
+    are timeouts."""
+    options = object_store.storage_options
+    return options | {
+        "client_kwargs": options["client_kwargs"] | {"endpoint_url": proxy.endpoint},
+        "config_kwargs": {"read_timeout": 1.0, "connect_timeout": 1.0} | botocore,
+    }
+
+
+def test_transient_object_store_faults_are_retried(object_store, tiny_model, ray_session):
+    object_store.make_bucket("faults")  # new buckets take SeaweedFS seconds: both tests share one
+    fs = object_store.filesystem()
+    files = {f"faults/transient/images/{name}": data for name, data in photos(24).items()}
+    fs.pipe(files)
+    with FaultProxy(object_store.endpoint) as proxy:
+        summary = run(
+            {
+                "input": "s3://faults/transient/images",
+                "output": "s3://faults/transient/out",
+                "model": str(tiny_model),
+                "storage_options": through(proxy, object_store),
+            }
+        )
+    assert (summary.ok, summary.errors) == (24, 0), summary.errors_by_kind
+    assert set(proxy.injected) == {"slow_down", "reset", "slow"}, proxy.injected
+    fs.invalidate_cache()
+    keys = pq.read_table("faults/transient/out", filesystem=fs, columns=["key"]).column("key").to_pylist()
+    assert sorted(keys) == sorted(f"s3://{path}" for path in files)
+
+
+def test_a_store_down_for_good_ends_the_run_with_a_clear_error(object_store, tiny_model, ray_session):
+    object_store.make_bucket("faults")
+    fs = object_store.filesystem()
+    fs.pipe({f"faults/down/images/{name}": data for name, data in photos(2).items()})
+    with (
+        FaultProxy(object_store.endpoint, permanent=True) as proxy,
+        pytest.raises(OSError, match=r"SlowDown|reduce your request rate"),
+    ):
+        run(
+            {
+                "input": "s3://down/images",
+                "output": "s3://down/out",
+                "model": str(tiny_model),
+                "storage_options": through(proxy, object_store),
+            }
+        )
+    fs.invalidate_cache()
+    assert not fs.exists("faults/down/out/_SUCCESS")

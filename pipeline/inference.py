@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from datetime import UTC, datetime
 from typing import Any
@@ -15,6 +16,13 @@ from pipeline.preprocess import error_texts, normalize
 from pipeline.sink import output_schema
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# embeddings [n, D]; top-k scores and label ids [n, k], or None for a backbone-only model
+Outputs = tuple[np.ndarray, np.ndarray | None, np.ndarray | None]
+logger = logging.getLogger(__name__)
+
+
+def _concat(parts: list[Outputs]) -> Outputs:
+    return tuple(None if part[0] is None else np.concatenate(part) for part in zip(*parts, strict=True))
 
 
 class Predictor:
@@ -42,12 +50,35 @@ class Predictor:
         self.dtype = DTYPES[dtype]
         self.run_id = run_id
         self.top_k = top_k
+        self.max_batch = 1 << 30  # lowered on out-of-memory
         self.schema = output_schema(self.model.config.num_features)
         labels = self.model.config.id2label
         self.labels = [labels.get(i, str(i)) for i in range(max(labels, default=-1) + 1)]
 
+    def _infer(self, pixels: np.ndarray) -> Outputs:
+        """The model on a batch, in slices of at most `max_batch` images. On out-of-memory the slice is
+        halved and retried, and the smaller size kept for later batches: a batch size too large for the
+        accelerator slows the run down instead of failing it."""
+        if len(pixels) > self.max_batch:
+            parts = [
+                self._infer(pixels[i : i + self.max_batch]) for i in range(0, len(pixels), self.max_batch)
+            ]
+            return _concat(parts)
+        try:
+            return self._forward(pixels)
+        except torch.OutOfMemoryError:
+            if len(pixels) == 1:
+                raise
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.max_batch = len(pixels) // 2
+            logger.warning(
+                "out of memory at %d images per call; continuing with %d", len(pixels), self.max_batch
+            )
+            return self._infer(pixels)
+
     @torch.inference_mode()
-    def _infer(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    def _forward(self, pixels: np.ndarray) -> Outputs:
         inputs = torch.from_numpy(pixels).to(self.device, non_blocking=True)
         out = self.model(normalize(inputs, self.model.preprocessing, self.dtype))
         embeddings = out.embeddings.float().cpu().numpy()

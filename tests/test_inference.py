@@ -1,0 +1,85 @@
+"""The inference actor's callable on its own (no Ray): rows as the sink's schema says, error rows passed
+through, backbone-only models, and out-of-memory handled by smaller slices."""
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.inference import Predictor
+from pipeline.model import load_model
+from pipeline.model.export import random_model, save_checkpoint
+from pipeline.preprocess import decode_batch, preprocess
+from pipeline.sink import output_schema
+from tests.data import MAX_PIXELS, TINY, TINY_INPUT, photo
+
+
+def decoded(items: dict[str, bytes]) -> dict[str, np.ndarray]:
+    keys = list(items)
+    batch = {
+        "key": np.array(keys, dtype=object),
+        "data": np.array([items[k] for k in keys], dtype=object),
+        "error": np.array([None] * len(keys), dtype=object),
+    }
+    return decode_batch(batch, TINY_INPUT, MAX_PIXELS)
+
+
+def predictor(folder, top_k=3) -> Predictor:
+    return Predictor(model=str(folder), run_id="run-1", top_k=top_k, device="cpu")
+
+
+def test_rows_match_the_runtime_and_errors_pass_through(tiny_model):
+    items = {"a.jpg": photo(1), "broken.jpg": b"nope", "b.png": photo(2, "PNG")}
+    table = predictor(tiny_model)(decoded(items))
+    assert table.schema == output_schema(TINY.num_features)
+    rows = {row["key"]: row for row in table.to_pylist()}
+    assert rows["broken.jpg"]["status"] == "error" and rows["broken.jpg"]["embedding"] is None
+    model = load_model(str(tiny_model), device="cpu")
+    for key in ("a.jpg", "b.png"):
+        pixels = torch.from_numpy(preprocess(items[key], model.preprocessing).pixel_values)[None]
+        with torch.inference_mode():
+            out = model(pixels)
+        scores, ids = out.logits.softmax(-1)[0].topk(3)
+        assert rows[key]["label_ids"] == ids.tolist() and rows[key]["run_id"] == "run-1"
+        np.testing.assert_allclose(rows[key]["scores"], scores.numpy(), atol=1e-5)
+        np.testing.assert_allclose(rows[key]["embedding"], out.embeddings[0].numpy(), atol=1e-4)
+
+
+def test_a_batch_of_errors_only_never_calls_the_model(tiny_model):
+    actor = predictor(tiny_model)
+    actor.model.forward = None  # any call would fail
+    table = actor(decoded({"x.jpg": b"", "y.jpg": b"text"}))
+    assert table.column("status").to_pylist() == ["error", "error"]
+
+
+def test_backbone_only_models_give_embeddings_without_labels(tmp_path):
+    folder = save_checkpoint(
+        random_model(TINY), tmp_path / "backbone", backbone_only=True, preprocessing=TINY_INPUT
+    )
+    (row,) = predictor(folder)(decoded({"a.jpg": photo(3)})).to_pylist()
+    assert row["status"] == "ok" and row["labels"] is None and row["label_ids"] is None
+    assert len(row["embedding"]) == TINY.num_features
+
+
+def test_out_of_memory_halves_the_slice_and_keeps_it(tiny_model):
+    items = {f"{i}.jpg": photo(i) for i in range(5)}
+    expected = predictor(tiny_model)(decoded(items))
+    actor = predictor(tiny_model)
+    forward = actor.model.forward
+
+    def small_accelerator(pixels, *args, **kwargs):
+        if len(pixels) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(pixels, *args, **kwargs)
+
+    actor.model.forward = small_accelerator
+    table = actor(decoded(items))
+    assert actor.max_batch == 2
+    assert table.column("label_ids").to_pylist() == expected.column("label_ids").to_pylist()
+    np.testing.assert_allclose(
+        np.stack(table.column("embedding").to_pylist()),
+        np.stack(expected.column("embedding").to_pylist()),
+        atol=1e-5,
+    )
+    actor.model.forward = lambda pixels, *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("always"))
+    with pytest.raises(torch.OutOfMemoryError):
+        actor(decoded({"one.jpg": photo(9)}))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import tempfile
 from collections.abc import Callable
 
@@ -50,13 +51,18 @@ def demo_images(count: int = 24) -> dict[str, bytes]:
     return images
 
 
-def _model(store, echo: Callable[[str], None]) -> str:
+def _model(store, echo: Callable[[str], None], offline: bool) -> str:
     """The real dinat-mini when the hub (or its cache) has it; otherwise random weights, said plainly and
     named so in the output's `model` column."""
     from pipeline.model import ModelLoadError, load_model
     from pipeline.model.export import random_model, save_checkpoint
 
-    echo(f"looking for {DEFAULT_MODEL} on the Hugging Face hub ...")
+    where = (
+        "in the local cache (huggingface.co is not reachable from here)"
+        if offline
+        else "on the Hugging Face hub"
+    )
+    echo(f"looking for {DEFAULT_MODEL} {where} ...")
     try:
         load_model(DEFAULT_MODEL, device="cpu")
         return DEFAULT_MODEL
@@ -71,6 +77,14 @@ def _model(store, echo: Callable[[str], None]) -> str:
     return RANDOM_MODEL
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def run_demo(echo: Callable[[str], None] = print) -> None:
     import ray
 
@@ -78,6 +92,11 @@ def run_demo(echo: Callable[[str], None] = print) -> None:
     from pipeline.query import read_output, sql
     from pipeline.run import run
 
+    offline = not _hub_reachable()
+    if offline:
+        # huggingface_hub would retry for ~25 s per call, in the driver and again in every actor; offline
+        # it answers from its cache at once. Set before Ray starts so that its workers inherit it.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with LocalObjectStore() as store:
         echo(f"local S3 (SeaweedFS) on {store.endpoint}, loopback only, generated credentials")
         ray.init(include_dashboard=False, logging_level="ERROR", num_cpus=os.cpu_count())
@@ -91,7 +110,7 @@ def run_demo(echo: Callable[[str], None] = print) -> None:
             config = RunConfig(
                 input=f"s3://{BUCKET}/images/",
                 output=f"s3://{BUCKET}/predictions/",
-                model=_model(store, echo),
+                model=_model(store, echo, offline),
                 batch_size=8,
                 storage_options=store.storage_options,
             )

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo bench bench-gpu clean
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ bench: install
 	$(PY) benchmarks/kernels.py
 	$(PY) benchmarks/model.py
 	$(PY) benchmarks/pipeline.py
+
+# on a machine with a GPU: kernels, models, decode and the pipeline in one report (under 10 minutes)
+bench-gpu: install
+	$(PY) benchmarks/gpu.py --record
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -42,7 +42,7 @@ class LocalRayHead(Service):
     def env(self) -> dict[str, str]:
         return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
 
-    def start(self) -> LocalRayHead:
+    def _launch(self) -> None:
         # short: Ray's unix socket paths under the temp dir must stay below ~107 characters
         self._temp_dir = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")
         self.dashboard_port = free_port()
@@ -72,12 +72,6 @@ class LocalRayHead(Service):
             stderr=subprocess.PIPE,
             start_new_session=True,
         )
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
 
     def _wait_ready(self) -> None:
         """Ready when the job server answers HTTP at all (401 included: it is up, and wants the token)."""

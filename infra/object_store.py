@@ -79,7 +79,7 @@ class LocalObjectStore(Service):
                     raise
                 time.sleep(0.3)
 
-    def start(self) -> LocalObjectStore:
+    def _launch(self) -> None:
         identities = {
             "identities": [
                 {
@@ -107,12 +107,6 @@ class LocalObjectStore(Service):
             self._process = subprocess.Popen(
                 args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self._startup_timeout

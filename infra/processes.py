@@ -28,13 +28,26 @@ def stop_group(process: subprocess.Popen | None, first: signal.Signals, timeout:
 
 
 class Service:
-    """start() and stop() of a local service, as a context manager."""
+    """A local service: launched, waited for until it serves, stopped again (also when it never became
+    ready); usable as a context manager."""
 
-    def start(self):
+    def _launch(self) -> None:
+        raise NotImplementedError
+
+    def _wait_ready(self) -> None:
         raise NotImplementedError
 
     def stop(self) -> None:
         raise NotImplementedError
+
+    def start(self):
+        self._launch()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
 
     def __enter__(self):
         return self.start()

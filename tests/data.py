@@ -46,6 +46,14 @@ def photos(count: int, start: int = 0) -> dict[str, bytes]:
     }
 
 
+def image_folder(folder: Path, count: int, extra: dict[str, bytes] | None = None) -> Path:
+    """A local folder of `count` photos plus `extra` files; returns it."""
+    folder.mkdir()
+    for name, data in {**photos(count), **(extra or {})}.items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
 def broken_files() -> dict[str, tuple[bytes, str]]:
     """name -> (bytes, the error kind the row must carry)."""
     bomb = io.BytesIO()

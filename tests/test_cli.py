@@ -17,7 +17,7 @@ from pipeline.cli import app
 from pipeline.model import load_model
 from pipeline.model.export import random_model, save_checkpoint
 from pipeline.preprocess import PreprocessConfig, preprocess
-from tests.data import photos
+from tests.data import image_folder
 from tests.model.test_dinat import shortened
 
 
@@ -57,11 +57,7 @@ def test_predict_refuses_bad_options_and_models(tmp_path):
 
 
 def test_run_from_a_config_file_with_flag_overrides(tmp_path, tiny_model, ray_session):
-    images = tmp_path / "images"
-    images.mkdir()
-    for name, data in photos(3).items():
-        (images / name).write_bytes(data)
-    (images / "broken.jpg").write_bytes(b"")
+    images = image_folder(tmp_path / "images", 3, {"broken.jpg": b""})
     job = tmp_path / "job.yaml"
     job.write_text(
         f"input: {images}\noutput: {tmp_path / 'out'}\nmodel: {tiny_model}\ntop_k: 5\nbatch_size: 2\n"
@@ -114,11 +110,7 @@ def test_demo_runs_end_to_end_and_stops_everything():
 
 
 def test_max_error_rate_fails_the_run_after_writing_its_rows(tmp_path, tiny_model, ray_session):
-    images = tmp_path / "images"
-    images.mkdir()
-    for name, data in photos(3).items():
-        (images / name).write_bytes(data)
-    (images / "broken.jpg").write_bytes(b"not a jpeg")
+    images = image_folder(tmp_path / "images", 3, {"broken.jpg": b"not a jpeg"})
     args = ["run", "--input", str(images), "--model", str(tiny_model), "--output"]
 
     failed = CliRunner().invoke(app, [*args, str(tmp_path / "strict"), "--max-error-rate", "0.2"])

@@ -16,18 +16,11 @@ import pytest
 import ray
 
 from pipeline.run import run
-from tests.data import photos
+from tests.data import image_folder, photos
 from tests.fault_proxy import FaultProxy
 
 CLI = str(Path(sys.executable).parent / "dinat-batch")
 COUNT = 96
-
-
-def images(folder: Path) -> Path:
-    folder.mkdir()
-    for name, data in photos(COUNT).items():
-        (folder / name).write_bytes(data)
-    return folder
 
 
 def parquet_files(folder: Path) -> list[Path]:
@@ -47,7 +40,7 @@ def exactly_once(output: Path, expected: set[str]) -> None:
 
 
 def test_inference_actor_killed_mid_run(tmp_path, tiny_model, ray_session):
-    source = images(tmp_path / "images")
+    source = image_folder(tmp_path / "images", COUNT)
     output = tmp_path / "out"
     killed = []
 
@@ -70,7 +63,7 @@ def test_inference_actor_killed_mid_run(tmp_path, tiny_model, ray_session):
 
 
 def test_driver_killed_then_the_same_command_resumes(tmp_path, tiny_model, ray_session):
-    source = images(tmp_path / "images")
+    source = image_folder(tmp_path / "images", COUNT)
     output = tmp_path / "out"
     job = tmp_path / "job.json"
     config = {"input": str(source), "output": str(output), "model": str(tiny_model)}

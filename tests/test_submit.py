@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from infra.local_ray import LocalRayHead
-from tests.data import photos
+from tests.data import image_folder
 
 CLI = str(Path(sys.executable).parent / "dinat-batch")
 
@@ -33,10 +33,7 @@ def cli(head, *args, timeout=300):
 
 
 def test_submit_wait_status_logs_and_refused_twice(head, tmp_path, tiny_model):
-    images = tmp_path / "images"
-    images.mkdir()
-    for name, data in photos(3).items():
-        (images / name).write_bytes(data)
+    images = image_folder(tmp_path / "images", 3)
     job = tmp_path / "job.json"
     output = tmp_path / "out"
     job.write_text(json.dumps({"input": str(images), "output": str(output), "model": str(tiny_model)}))

@@ -48,9 +48,13 @@ def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _hidden(path: str) -> bool:
-    # _SUCCESS, _runs/, .ready and the like are bookkeeping, not data (the Hive/Spark convention)
-    return any(part.startswith(("_", ".")) for part in PurePosixPath(path).parts[-1:])
+def _hidden(path: str, root: str) -> bool:
+    """In a folder below `root` whose name starts with `_` or `.` (_staging/, _runs/, .git/: bookkeeping,
+    as Hive and Spark treat them). Files are never hidden by their own name: `_cat.jpg` is an image."""
+    relative = (
+        PurePosixPath(path).relative_to(root) if path != root and path.startswith(root) else PurePosixPath()
+    )
+    return any(part.startswith(("_", ".")) for part in relative.parts[:-1])
 
 
 @dataclass(frozen=True)
@@ -75,8 +79,8 @@ def _version(info: dict[str, Any]) -> str:
     return ""
 
 
-def _listing(infos: list[dict[str, Any]], where: Location) -> pa.Table:
-    infos = [i for i in infos if i.get("type", "file") == "file" and not _hidden(i["name"])]
+def _listing(infos: list[dict[str, Any]], where: Location, root: str) -> pa.Table:
+    infos = [i for i in infos if i.get("type", "file") == "file" and not _hidden(i["name"], root)]
     return pa.table(
         {
             "uri": [where.uri(i["name"]) for i in infos],
@@ -90,7 +94,15 @@ def _listing(infos: list[dict[str, Any]], where: Location) -> pa.Table:
 @ray.remote(num_cpus=0.25)
 def _find(uri: str, storage_options: dict[str, Any]) -> pa.Table:
     fs, path = fsspec.core.url_to_fs(uri, **storage_options)
-    return _listing(list(fs.find(path, detail=True).values()), Location.of(uri))
+    return _listing(list(fs.find(path, detail=True).values()), Location.of(uri), path)
+
+
+def _glob_root(pattern: str) -> str:
+    """The folder a glob pattern starts from: its path up to the first wildcard."""
+    head = pattern
+    for wildcard in _GLOB_CHARS:
+        head = head.split(wildcard)[0]
+    return head.rsplit("/", 1)[0]
 
 
 def list_objects(uri: str, storage_options: dict[str, Any]) -> pa.Table:
@@ -98,14 +110,14 @@ def list_objects(uri: str, storage_options: dict[str, Any]) -> pa.Table:
     fs, path = fsspec.core.url_to_fs(uri, **storage_options)
     where = Location.of(uri)
     if any(c in path for c in _GLOB_CHARS):
-        return _listing(list(fs.glob(path, detail=True).values()), where)
+        return _listing(list(fs.glob(path, detail=True).values()), where, _glob_root(path))
     if fs.isfile(path):
-        return _listing([fs.info(path)], where)
+        return _listing([fs.info(path)], where, path)
     if not fs.isdir(path):
         raise ConfigError(f"input {uri!r} does not exist (no object or prefix of that name); check the URI")
     top = fs.ls(path, detail=True)
-    folders = [i["name"] for i in top if i["type"] == "directory" and not _hidden(i["name"])]
-    tables = [_listing(top, where)]
+    folders = [i["name"] for i in top if i["type"] == "directory" and not _hidden(f"{i['name']}/x", path)]
+    tables = [_listing(top, where, path)]
     tables += ray.get([_find.remote(where.uri(folder), storage_options) for folder in folders])
     return pa.concat_tables(tables).sort_by("uri")
 

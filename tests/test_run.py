@@ -133,7 +133,10 @@ def check_table(table: pa.Table, good: dict[str, bytes], errors: dict[str, str],
 
 def test_image_files_with_broken_ones(place, tiny_model, ray_session):
     good = place.put(photos(4), "images/a") | place.put(photos(3, start=4), "images/b")
-    good |= place.put({"UPPER.JPEG": photo(50)}, "images")
+    good |= place.put(
+        {"UPPER.JPEG": photo(50), "_underscore.jpg": photo(51), ".dotted.png": photo(52, "PNG")}, "images"
+    )
+    place.put({"skipped.jpg": photo(53)}, "images/_staging")  # a bookkeeping folder, not input
     broken = broken_files()
     errors = {
         uri: broken[uri.rsplit("/", 1)[1]][1]

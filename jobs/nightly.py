@@ -5,9 +5,10 @@ table under the output root, which DuckDB, Polars, Spark and pyarrow read as a w
     OUTPUT/_runs/2026-11-27.arrow                     the ledger: (uri, version) of what that date read
     OUTPUT/_staging/2026-11-28-<run id>/              a run in progress; never read
 
-What a date processes: the listed objects whose (uri, version) appear in no ledger of an earlier date whose
-partition is committed. So a rerun of a date selects the same objects and replaces only its own partition,
-and a date that crashed before its marker is, for later dates, as if it never ran.
+What a date processes: the listed objects whose (uri, version) appear in the ledger of no other committed
+date. So a rerun of a date selects the same objects (less any that a later date has since taken) and
+replaces only its own partition, no object has rows in two dates, and a date that crashed before its
+marker is, for the other dates, as if it never ran.
 """
 
 from __future__ import annotations
@@ -55,13 +56,14 @@ class Table:
     def committed(self, date: dt.date) -> bool:
         return self.fs.exists(self.path(partition_name(date), SUCCESS))
 
-    def seen_before(self, date: dt.date) -> pa.Table:
-        """(uri, version) of every object read by a committed date before `date`."""
+    def seen_elsewhere(self, date: dt.date) -> pa.Table:
+        """(uri, version) of every object read by another committed date: before `date` they are old news,
+        after it (a rerun of an earlier date) they already have their row there."""
         self.fs.invalidate_cache()
         tables = []
         for ledger in sorted(self.fs.glob(self.path(LEDGERS, "*.arrow"))):
             day = dt.date.fromisoformat(ledger.rsplit("/", 1)[1].removesuffix(".arrow"))
-            if day < date and self.committed(day):
+            if day != date and self.committed(day):
                 with self.fs.open(ledger, "rb") as f:
                     tables.append(ipc.open_file(f).read_all().select(["uri", "version"]))
         if not tables:
@@ -99,7 +101,7 @@ def nightly(config: RunConfig, date: dt.date | None = None) -> NightlySummary:
     date = date or dt.datetime.now(dt.UTC).date()
     table = Table(config.output, config.storage_options)
     table.clear_staging(date)
-    seen = table.seen_before(date)
+    seen = table.seen_elsewhere(date)
     run_id = f"nightly-{date.isoformat()}-{uuid.uuid4().hex[:8]}"
     staging = f"{table.root.uri}/{STAGING}/{date.isoformat()}-{run_id}"
     chosen: dict[str, pa.Table] = {}

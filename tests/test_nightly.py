@@ -90,7 +90,7 @@ def test_days_reruns_and_crashes(store, tiny_model, ray_session, monkeypatch):
     table = read_output(config.output, options)
     assert DAY4.isoformat() not in set(table.column("run_date").to_pylist())
     assert table.num_rows == 3 + 2
-    assert Table(config.output, options).seen_before(dt.date(2026, 11, 28)).num_rows == 3 + 2
+    assert Table(config.output, options).seen_elsewhere(dt.date(2026, 11, 28)).num_rows == 3 + 2
 
     day4 = nightly(config, DAY4)
     assert day4.new_or_changed == 1
@@ -99,6 +99,12 @@ def test_days_reruns_and_crashes(store, tiny_model, ray_session, monkeypatch):
     predictions = table  # noqa: F841 (DuckDB finds the Arrow table by its variable name)
     per_date = duckdb.sql("SELECT run_date, count(*) FROM predictions GROUP BY run_date ORDER BY run_date")
     assert per_date.fetchall() == [(DAY1.isoformat(), 3), (DAY2.isoformat(), 2), (DAY4.isoformat(), 1)]
+
+    # a rerun of the first date after later ones: what they took since stays theirs; no key in two dates
+    rerun = nightly(config, DAY1)
+    assert rerun.new_or_changed == 2  # a.jpg and c.png; b.jpg's content is day 2's now, d and e later days'
+    keys = read_output(config.output, options).column("key").to_pylist()
+    assert len(keys) == len(set(keys)) == 5
 
 
 def test_cli_nightly_and_hive_readers(tmp_path, tiny_model, ray_session):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -191,6 +192,13 @@ def run_command(
     )
 
 
+def _date(text: str | None) -> dt.date | None:
+    try:
+        return dt.date.fromisoformat(text) if text else None
+    except ValueError as err:
+        raise typer.BadParameter(f"{text!r} is not a date like 2026-11-28", param_hint="--date") from err
+
+
 @app.command("nightly")
 def nightly_command(
     config: Annotated[Path, typer.Option(help="job config file (YAML or JSON); output is the table's root")],
@@ -198,15 +206,10 @@ def nightly_command(
     storage_options: Annotated[str | None, typer.Option(help="JSON fsspec options (endpoint, keys)")] = None,
 ) -> None:
     """Process what is new or changed since the last committed date into OUTPUT/run_date=DATE/."""
-    import datetime as dt
-
     from jobs.nightly import nightly
     from pipeline.config import load_config
 
-    try:
-        day = dt.date.fromisoformat(date) if date else None
-    except ValueError as err:
-        raise typer.BadParameter(f"{date!r} is not a date like 2026-11-28", param_hint="--date") from err
+    day = _date(date)
     with _job_errors():
         summary = nightly(load_config(config, storage_options=_storage_options(storage_options) or None), day)
     typer.echo(
@@ -255,8 +258,6 @@ def submit(
     entrypoint_num_cpus: Annotated[float, typer.Option(help="CPUs reserved for the job's driver")] = 1,
 ) -> None:
     """Submit the pipeline to a Ray cluster as a Ray job; a job already submitted is refused."""
-    import datetime as dt
-
     from jobs.submit import SubmitError, follow
     from jobs.submit import submit as submit_job
     from pipeline.config import ConfigError, load_config
@@ -264,7 +265,7 @@ def submit(
     variables = dict(item.split("=", 1) for item in env or [] if "=" in item)
     if len(variables) != len(env or []):
         raise typer.BadParameter("write each as NAME=VALUE", param_hint="--env")
-    day = (dt.date.fromisoformat(date) if date else dt.datetime.now(dt.UTC).date()) if nightly else None
+    day = (_date(date) or dt.datetime.now(dt.UTC).date()) if nightly else None
     client = _client(address)
     try:
         job_id = submit_job(

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_MODEL = "shi-labs/dinat-mini-in1k-224"
+GLOB_CHARS = "*?["
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 _SECRET_NAME = re.compile(r"key|secret|token|password|credential|session", re.IGNORECASE)
 _NOT_SECRET = {"endpoint_url", "region_name", "use_ssl", "anon", "client_kwargs", "config_kwargs"}
@@ -89,11 +90,20 @@ class RunConfig(BaseModel):
         return data
 
 
+def glob_prefix(pattern: str) -> str:
+    """The part of a path or glob before its first wildcard (all of it when it has none)."""
+    for wildcard in GLOB_CHARS:
+        pattern = pattern.split(wildcard)[0]
+    return pattern
+
+
 def _normalised(uri: str) -> str:
-    uri = uri.rstrip("/")
-    for wildcard in ("*", "?", "["):
-        uri = uri.split(wildcard)[0]
-    return uri.rstrip("/")
+    return glob_prefix(uri.rstrip("/")).rstrip("/")
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a setting or variable of this name holds a credential (key, secret, token, ...)."""
+    return bool(name) and name not in _NOT_SECRET and bool(_SECRET_NAME.search(name))
 
 
 def redact(value: Any, name: str = "") -> Any:
@@ -101,9 +111,7 @@ def redact(value: Any, name: str = "") -> Any:
         return {k: redact(v, str(k)) for k, v in value.items()}
     if isinstance(value, list):
         return [redact(v, name) for v in value]
-    if name and name not in _NOT_SECRET and _SECRET_NAME.search(name):
-        return "***"
-    return value
+    return "***" if is_secret_name(name) else value
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:

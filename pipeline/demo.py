@@ -54,8 +54,9 @@ def demo_images(count: int = 24) -> dict[str, bytes]:
 def _model(store, echo: Callable[[str], None], offline: bool) -> str:
     """The real dinat-mini when the hub (or its cache) has it; otherwise random weights, said plainly and
     named so in the output's `model` column."""
-    from pipeline.model import ModelLoadError, load_model
+    from pipeline.model import ModelLoadError
     from pipeline.model.export import random_model, save_checkpoint
+    from pipeline.model.files import resolve
 
     where = (
         "in the local cache (huggingface.co is not reachable from here)"
@@ -64,7 +65,7 @@ def _model(store, echo: Callable[[str], None], offline: bool) -> str:
     )
     echo(f"looking for {DEFAULT_MODEL} {where} ...")
     try:
-        load_model(DEFAULT_MODEL, device="cpu")
+        resolve(DEFAULT_MODEL)  # the files, into the hub cache; the run loads (and checks) the model itself
         return DEFAULT_MODEL
     except ModelLoadError as err:
         echo(

@@ -149,9 +149,9 @@ def run(
             listing = select(listing)
         listed = time.monotonic()
         done = output.prepare(config.overwrite, model_sha256)
-        device = _actors(config)[0]
+        actors = _actors(config)
         if listing.num_rows:
-            _execute(config, kind, listing, preprocessing, run_id, output, done)
+            _execute(config, kind, listing, preprocessing, run_id, output, done, actors)
         finished = time.monotonic()
         ok, errors, errors_by_kind = output.counts()
         summary = RunSummary(
@@ -161,7 +161,7 @@ def run(
             output=config.output,
             model=config.model,
             model_sha256=model_sha256,
-            device=device,
+            device=actors[0],
             images=ok + errors,
             resumed=len(done),
             ok=ok,
@@ -197,9 +197,10 @@ def _execute(
     run_id: str,
     output: Output,
     done: set[str],
+    actors: tuple[str, int, int, int],
 ) -> None:
     """The Ray Data plan: read and decode as CPU tasks, inference in an actor pool, Parquet files."""
-    device, num_gpus, min_actors, max_actors = _actors(config)
+    device, num_gpus, min_actors, max_actors = actors
     decoded = _source(config, kind, listing, done).map_batches(
         decode_batch,
         batch_size=_DECODE_BATCH,

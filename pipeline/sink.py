@@ -7,6 +7,7 @@ file: a directory without it is a run in progress or one that died.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Any
 
 import fsspec
@@ -104,19 +105,19 @@ class Output:
         table = pq.read_table(files, filesystem=self.fs, columns=["status", "error"])
         ok = pc.sum(pc.equal(table["status"], "ok")).as_py() or 0
         errors = table.filter(pc.equal(table["status"], "error"))["error"].to_pylist()
-        kinds: dict[str, int] = {}
-        for error in errors:
-            kind = error.split(": ", 1)[0]
-            kinds[kind] = kinds.get(kind, 0) + 1
-        return ok, len(errors), dict(sorted(kinds.items(), key=lambda item: -item[1]))
+        kinds = Counter(error.split(": ", 1)[0] for error in errors)
+        return ok, len(errors), dict(kinds.most_common())
+
+    def _mark(self, marker: str, manifest: dict[str, Any]) -> None:
+        self.fs.pipe_file(f"{self.path}/{marker}", json.dumps(manifest, indent=2, default=str).encode())
 
     def commit(self, manifest: dict[str, Any]) -> None:
         """Write `_SUCCESS` last: the run is finished and its data files are complete."""
-        self.fs.pipe_file(f"{self.path}/{SUCCESS}", json.dumps(manifest, indent=2, default=str).encode())
+        self._mark(SUCCESS, manifest)
 
     def fail(self, manifest: dict[str, Any]) -> None:
         """Write `_FAILURE` instead: the rows are there to inspect, but the run did not pass its checks."""
-        self.fs.pipe_file(f"{self.path}/{FAILURE}", json.dumps(manifest, indent=2, default=str).encode())
+        self._mark(FAILURE, manifest)
 
     def manifest(self) -> dict[str, Any] | None:
         self.fs.invalidate_cache()

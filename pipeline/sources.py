@@ -24,13 +24,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from pipeline.config import IMAGE_EXTENSIONS, ConfigError, RunConfig
+from pipeline.config import GLOB_CHARS, IMAGE_EXTENSIONS, ConfigError, RunConfig, glob_prefix
 
 ROWS = pa.schema([("key", pa.string()), ("data", pa.binary()), ("error", pa.string())])
 LOCATED = pa.schema([("key", pa.string()), ("uri", pa.string()), ("error", pa.string())])
 LISTING = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("version", pa.string())])
 _KIND_EXTENSIONS = {"files": IMAGE_EXTENSIONS, "webdataset": (".tar",), "parquet": (".parquet",)}
-_GLOB_CHARS = "*?["
 _ROWS_PER_BLOCK = 1024  # rows emitted at a time while expanding shards and tables
 
 
@@ -98,18 +97,15 @@ def _find(uri: str, storage_options: dict[str, Any]) -> pa.Table:
 
 
 def _glob_root(pattern: str) -> str:
-    """The folder a glob pattern starts from: its path up to the first wildcard."""
-    head = pattern
-    for wildcard in _GLOB_CHARS:
-        head = head.split(wildcard)[0]
-    return head.rsplit("/", 1)[0]
+    """The folder a glob pattern starts from."""
+    return glob_prefix(pattern).rsplit("/", 1)[0]
 
 
 def list_objects(uri: str, storage_options: dict[str, Any]) -> pa.Table:
     """Every object under a prefix, matching a glob, or the one file named: `uri`, `size`, `version`."""
     fs, path = fsspec.core.url_to_fs(uri, **storage_options)
     where = Location.of(uri)
-    if any(c in path for c in _GLOB_CHARS):
+    if any(c in path for c in GLOB_CHARS):
         return _listing(list(fs.glob(path, detail=True).values()), where, _glob_root(path))
     if fs.isfile(path):
         return _listing([fs.info(path)], where, path)

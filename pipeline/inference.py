@@ -1,4 +1,5 @@
-"""The inference actor: the model loaded once per actor, batches of uint8 pixels in, output rows out."""
+"""The inference actor: the model loaded once per actor, batches of uint8 pixels (or JPEG bytes to decode on
+the GPU) in, output rows out."""
 
 from __future__ import annotations
 
@@ -12,17 +13,13 @@ import pyarrow as pa
 import torch
 
 from pipeline.model import load_model
-from pipeline.preprocess import error_texts, normalize
+from pipeline.model.runtime import CompileMode, Runner
+from pipeline.preprocess import DEFAULT_MAX_PIXELS, error_texts
+from pipeline.preprocess_gpu import DeviceDecoder, nvjpeg, unsupported
 from pipeline.sink import output_schema
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# embeddings [n, D]; top-k scores and label ids [n, k], or None for a backbone-only model
-Outputs = tuple[np.ndarray, np.ndarray | None, np.ndarray | None]
 logger = logging.getLogger(__name__)
-
-
-def _concat(parts: list[Outputs]) -> Outputs:
-    return tuple(None if part[0] is None else np.concatenate(part) for part in zip(*parts, strict=True))
 
 
 class Predictor:
@@ -30,6 +27,8 @@ class Predictor:
 
     Rows whose `error` is set skip the model and come out as error rows; the others get top-k labels and
     scores and the pooled embedding. The model runs only on the valid rows, so one bad image costs nothing.
+    Rows that arrive with bytes in `data` (see `preprocess.decode_batch`) are decoded on the model's device
+    first; an image that fails there becomes an error row like any other.
     """
 
     def __init__(
@@ -39,67 +38,69 @@ class Predictor:
         top_k: int,
         device: str,
         dtype: str = "float32",
+        batch_size: int | None = None,
+        compile: CompileMode = "auto",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
         cpu_threads: int | None = None,
         storage_options: dict[str, Any] | None = None,
     ):
         if device == "cpu":
             # Ray pins OMP threads to the actor's num_cpus (1); inference should use the cores it was given
             torch.set_num_threads(cpu_threads or os.cpu_count() or 1)
-        self.model = load_model(model, device=device, dtype=DTYPES[dtype], storage_options=storage_options)
-        self.device = next(self.model.parameters()).device
-        self.dtype = DTYPES[dtype]
-        self.run_id = run_id
-        self.top_k = top_k
-        self.max_batch = 1 << 30  # lowered on out-of-memory
-        self.schema = output_schema(self.model.config.num_features)
-        labels = self.model.config.id2label
+        loaded = load_model(model, device=device, storage_options=storage_options)
+        self.source, self.weights_sha256 = loaded.source, loaded.weights_sha256
+        self.num_features = loaded.config.num_features
+        labels = loaded.config.id2label
         self.labels = [labels.get(i, str(i)) for i in range(max(labels, default=-1) + 1)]
-
-    def _infer(self, pixels: np.ndarray) -> Outputs:
-        """The model on a batch, in slices of at most `max_batch` images. On out-of-memory the slice is
-        halved and retried, and the smaller size kept for later batches: a batch size too large for the
-        accelerator slows the run down instead of failing it."""
-        if len(pixels) > self.max_batch:
-            parts = [
-                self._infer(pixels[i : i + self.max_batch]) for i in range(0, len(pixels), self.max_batch)
-            ]
-            return _concat(parts)
-        try:
-            return self._forward(pixels)
-        except torch.OutOfMemoryError:
-            if len(pixels) == 1:
-                raise
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            self.max_batch = len(pixels) // 2
-            logger.warning(
-                "out of memory at %d images per call; continuing with %d", len(pixels), self.max_batch
-            )
-            return self._infer(pixels)
-
-    @torch.inference_mode()
-    def _forward(self, pixels: np.ndarray) -> Outputs:
-        inputs = torch.from_numpy(pixels).to(self.device, non_blocking=True)
-        out = self.model(normalize(inputs, self.model.preprocessing, self.dtype))
-        embeddings = out.embeddings.float().cpu().numpy()
-        if out.logits is None:
-            return embeddings, None, None
-        scores, ids = out.logits.float().softmax(-1).topk(min(self.top_k, out.logits.shape[-1]), dim=-1)
-        return embeddings, scores.cpu().numpy(), ids.cpu().numpy().astype(np.int32)
+        self.runner = Runner(loaded, DTYPES[dtype], compile, batch_size, top_k)
+        self.run_id = run_id
+        self.schema = output_schema(self.num_features)
+        reason = unsupported(loaded.preprocessing, device)
+        if reason is not None and device == "cuda":
+            logger.warning("JPEGs sent for GPU decoding are decoded on this actor's CPU instead: %s", reason)
+        self.decoder = DeviceDecoder(
+            loaded.preprocessing, self.runner.device, max_pixels, jpeg=nvjpeg if reason is None else None
+        )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         errors = error_texts(batch["error"])
+        n = len(errors)
+        # Ray turns an all-null column into NaNs: bytes are what counts
+        passed = [
+            i for i, data in enumerate(batch.get("data", ())) if isinstance(data, bytes) and not errors[i]
+        ]
+        on_device = None
+        if passed:
+            on_device, late = self.decoder([batch["data"][i] for i in passed], batch["orientation"][passed])
+            for i, error in zip(passed, late, strict=True):
+                errors[i] = error
         ok = np.array([e is None for e in errors], dtype=bool)
-        n, dim = len(errors), self.model.config.num_features
-        embeddings = np.zeros((n, dim), dtype=np.float32)
+        embeddings = np.zeros((n, self.num_features), dtype=np.float32)
         scores = ids = None
         if ok.any():
-            embeddings[ok], ok_scores, ok_ids = self._infer(batch["pixels"][ok])
+            embeddings[ok], ok_scores, ok_ids = self.runner(
+                self._inputs(batch["pixels"], ok, passed, on_device)
+            )
             if ok_ids is not None:
                 scores = np.zeros((n, ok_ids.shape[1]), dtype=np.float32)
                 ids = np.zeros((n, ok_ids.shape[1]), dtype=np.int32)
                 scores[ok], ids[ok] = ok_scores, ok_ids
         return self._rows(batch, ok, errors, embeddings, scores, ids)
+
+    def _inputs(
+        self, pixels: np.ndarray, ok: np.ndarray, passed: list[int], on_device: torch.Tensor | None
+    ) -> np.ndarray | torch.Tensor:
+        """The valid rows' pixels: on the host when the CPU stage decoded them all, else gathered on the
+        device, where the GPU-decoded ones already are."""
+        if on_device is None:
+            return pixels[ok]
+        gathered = torch.zeros(pixels.shape, dtype=torch.uint8, device=self.runner.device)
+        from_host = ok.copy()
+        from_host[passed] = False
+        if from_host.any():
+            gathered[torch.from_numpy(from_host)] = torch.from_numpy(pixels[from_host]).to(self.runner.device)
+        gathered[passed] = on_device
+        return gathered[torch.from_numpy(ok)]
 
     def _rows(self, batch, ok, errors, embeddings, scores, ids) -> pa.Table:
         n = len(errors)
@@ -126,8 +127,8 @@ class Predictor:
             "embedding": embedding,
             "width": sizes["width"],
             "height": sizes["height"],
-            "model": pa.array([self.model.source] * n, pa.string()),
-            "model_sha256": pa.array([self.model.weights_sha256] * n, pa.string()),
+            "model": pa.array([self.source] * n, pa.string()),
+            "model_sha256": pa.array([self.weights_sha256] * n, pa.string()),
             "run_id": pa.array([self.run_id] * n, pa.string()),
             "processed_at": pa.array([datetime.now(UTC)] * n, pa.timestamp("us", tz="UTC")),
         }

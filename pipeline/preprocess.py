@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_MAX_PIXELS = 100_000_000  # ~10k x 10k; bigger declared sizes are treated as decompression bombs
 # greyscale modes PIL cannot bring to RGB sensibly, and the divisor that brings them to 0..255
+_EXIF_ORIENTATION = 0x0112
 _WIDE_GREY_DIVISOR = {"I;16": 257.0, "I;16B": 257.0, "I;16L": 257.0, "I;16N": 257.0, "I": 257.0, "F": 1.0}
 
 
@@ -153,10 +155,13 @@ def resized(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
 
 
 def normalize(
-    pixels: torch.Tensor, config: PreprocessConfig, dtype: torch.dtype = torch.float32
+    pixels: torch.Tensor,
+    config: PreprocessConfig,
+    dtype: torch.dtype = torch.float32,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> torch.Tensor:
     """uint8 [batch, height, width, 3] -> [batch, 3, height, width] rescaled and normalised in float32 (on
-    whatever device `pixels` is on), then cast to `dtype`."""
+    whatever device `pixels` is on), then cast to `dtype` and laid out in `memory_format`."""
     values = pixels.permute(0, 3, 1, 2).to(torch.float32)
     if config.do_rescale:
         values = values * config.rescale_factor
@@ -164,7 +169,7 @@ def normalize(
         mean = torch.tensor(config.image_mean, dtype=torch.float32, device=values.device).view(1, 3, 1, 1)
         std = torch.tensor(config.image_std, dtype=torch.float32, device=values.device).view(1, 3, 1, 1)
         values = (values - mean) / std
-    return values.to(dtype).contiguous()
+    return values.to(dtype).contiguous(memory_format=memory_format)
 
 
 def pixel_values(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
@@ -185,31 +190,81 @@ def error_texts(column: np.ndarray) -> list[str | None]:
     return [value if isinstance(value, str) else None for value in column]
 
 
+def cpu_pixels(data: bytes | None, config: PreprocessConfig, max_pixels: int) -> tuple[np.ndarray, int, int]:
+    """Bytes -> (uint8 pixels at the model's size, source width, source height); every failure, a decoder
+    bug included, is an ImageDecodeError, so that one file never ends a run."""
+    try:
+        image = decode(bytes(data) if data is not None else b"", max_pixels)
+        return resized(image, config), image.width, image.height
+    except ImageDecodeError:
+        raise
+    except Exception as err:
+        raise ImageDecodeError("undecodable", f"{type(err).__name__}: {err}") from err
+
+
+def error_text(err: ImageDecodeError) -> str:
+    """The `error` column's text for a file that did not decode; its kind is what error counts group by."""
+    return f"ImageDecodeError({err.kind}): {err}"
+
+
+class JpegHeader(NamedTuple):
+    width: int  # after EXIF orientation, as the CPU path reports it
+    height: int
+    orientation: int  # EXIF orientation, 1 (as stored) to 8
+
+
+def device_decodable(data: bytes, max_pixels: int) -> JpegHeader | None:
+    """The header of a JPEG that a GPU decoder takes (baseline or extended sequential, 8-bit, greyscale or
+    YCbCr/RGB, one frame), else None: progressive and CMYK JPEGs, other formats and anything that does not
+    open go the CPU path, which also gives broken files their error text. Reads the header only."""
+    try:
+        image = _open(data, max_pixels)
+        if image.format != "JPEG" or image.mode not in ("RGB", "L") or image.info.get("progressive"):
+            return None
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # a header PIL cannot read is for the CPU path to report
+        return None
+    if orientation not in range(1, 9):
+        orientation = 1  # PIL's exif_transpose ignores values outside the standard's eight, as here
+    width, height = image.size
+    if orientation >= 5:  # the orientations that turn the image by 90 degrees
+        width, height = height, width
+    return JpegHeader(width, height, orientation)
+
+
 def decode_batch(
-    batch: dict[str, np.ndarray], config: PreprocessConfig, max_pixels: int
+    batch: dict[str, np.ndarray], config: PreprocessConfig, max_pixels: int, jpegs_to_device: bool = False
 ) -> dict[str, np.ndarray]:
     """The pipeline's CPU stage: `(key, data, error)` rows -> `(key, pixels, width, height, error)`.
 
     Rows that fail keep their place with zero pixels, size 0 and the error text, so every image reaches
-    the output as exactly one row."""
+    the output as exactly one row. With `jpegs_to_device`, JPEGs that a GPU decoder takes are only looked
+    at: they keep their bytes in a `data` column (None for the others) and their EXIF orientation in an
+    `orientation` column, and are decoded next to the model."""
     keys, datas, errors = batch["key"], batch["data"], error_texts(batch["error"])
     pixels = np.zeros((len(keys), config.height, config.width, 3), dtype=np.uint8)
     sizes = np.zeros((len(keys), 2), dtype=np.int32)
+    passed = np.full(len(keys), None, dtype=object)
+    orientations = np.ones(len(keys), dtype=np.int8)
     for i, data in enumerate(datas):
         if errors[i] is not None:
             continue
+        header = device_decodable(bytes(data), max_pixels) if jpegs_to_device and data is not None else None
+        if header is not None:
+            passed[i] = bytes(data)
+            sizes[i] = header.width, header.height
+            orientations[i] = header.orientation
+            continue
         try:
-            image = decode(bytes(data) if data is not None else b"", max_pixels)
-            pixels[i] = resized(image, config)
-            sizes[i] = image.width, image.height
+            pixels[i], width, height = cpu_pixels(data, config, max_pixels)
+            sizes[i] = width, height
         except ImageDecodeError as err:
-            errors[i] = f"ImageDecodeError({err.kind}): {err}"
-        except Exception as err:  # a decoder bug on one file must not end the run
-            errors[i] = f"ImageDecodeError(undecodable): {type(err).__name__}: {err}"
-    return {
+            errors[i] = error_text(err)
+    decoded = {
         "key": keys,
         "pixels": pixels,
         "width": sizes[:, 0],
         "height": sizes[:, 1],
         "error": np.array(errors, dtype=object),
     }
+    return decoded | {"data": passed, "orientation": orientations} if jpegs_to_device else decoded

@@ -46,7 +46,7 @@ def test_rows_match_the_runtime_and_errors_pass_through(tiny_model):
 
 def test_a_batch_of_errors_only_never_calls_the_model(tiny_model):
     actor = predictor(tiny_model)
-    actor.model.forward = None  # any call would fail
+    actor.runner.model.forward = None  # any call would fail
     table = actor(decoded({"x.jpg": b"", "y.jpg": b"text"}))
     assert table.column("status").to_pylist() == ["error", "error"]
 
@@ -64,22 +64,24 @@ def test_out_of_memory_halves_the_slice_and_keeps_it(tiny_model):
     items = {f"{i}.jpg": photo(i) for i in range(5)}
     expected = predictor(tiny_model)(decoded(items))
     actor = predictor(tiny_model)
-    forward = actor.model.forward
+    forward = actor.runner.model.forward
 
     def small_accelerator(pixels, *args, **kwargs):
         if len(pixels) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return forward(pixels, *args, **kwargs)
 
-    actor.model.forward = small_accelerator
+    actor.runner.model.forward = small_accelerator
     table = actor(decoded(items))
-    assert actor.max_batch == 2
+    assert actor.runner.batch == 2
     assert table.column("label_ids").to_pylist() == expected.column("label_ids").to_pylist()
     np.testing.assert_allclose(
         np.stack(table.column("embedding").to_pylist()),
         np.stack(expected.column("embedding").to_pylist()),
         atol=1e-5,
     )
-    actor.model.forward = lambda pixels, *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("always"))
+    actor.runner.model.forward = lambda pixels, *a, **k: (_ for _ in ()).throw(
+        torch.OutOfMemoryError("always")
+    )
     with pytest.raises(torch.OutOfMemoryError):
         actor(decoded({"one.jpg": photo(9)}))

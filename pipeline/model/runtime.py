@@ -1,0 +1,212 @@
+"""`Runner`: a loaded DiNAT run on its device as fast as that device allows, uint8 pixels in, outputs out.
+
+On a GPU the weights stay float32 and bf16/fp16 autocast runs the matrix products (norms, softmax, pooling
+and accumulation stay float32); convolutions see channels-last tensors; the whole step (normalisation,
+model, softmax, top-k) is compiled for one fixed batch size, replayed as a CUDA graph in `graphs` mode,
+with a short last slice padded to that size; host pixels go through pinned buffers and are copied on a
+side stream while the previous slice computes; the batch size comes from free memory. On a CPU the model
+runs in the asked dtype, eager unless compiling is asked for.
+
+Every speed-up degrades instead of failing: a compile that fails falls back to eager with a warning, and
+out-of-memory halves the batch and keeps the smaller size.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import numpy as np
+import torch
+
+from pipeline.model.dinat import Dinat
+from pipeline.preprocess import normalize
+
+CompileMode = Literal["auto", "off", "on", "graphs"]
+# embeddings [n, D]; top-k scores and label ids [n, k], or None for a backbone-only model
+Outputs = tuple[np.ndarray, np.ndarray | None, np.ndarray | None]
+CPU_BATCH = 32  # images per call on a CPU when none is asked for: beyond it throughput stays flat
+MAX_AUTO_BATCH = 1024  # the most a GPU batch is sized to: launch overhead is long amortised by then
+MEMORY_SHARE = 0.75  # of the free GPU memory that activations may take; the rest covers what the probe misses
+_PROBE_BATCH = 8
+logger = logging.getLogger(__name__)
+
+
+def batch_for_memory(free_bytes: int, per_image_bytes: float, cap: int = MAX_AUTO_BATCH) -> int:
+    """The largest power of two up to `cap` whose activations fit in MEMORY_SHARE of the free memory;
+    at least 1 (out-of-memory backoff has the last word)."""
+    fits = min(int(free_bytes * MEMORY_SHARE / max(per_image_bytes, 1.0)), cap)
+    batch = 1
+    while batch * 2 <= fits:
+        batch *= 2
+    return batch
+
+
+def resolve_compile(mode: CompileMode, device: torch.device) -> Literal["off", "on", "graphs"]:
+    """`auto`: CUDA graphs on a GPU, where launch overhead dominates a small model; eager on a CPU, where
+    compiling costs seconds per shape and gains ~8% (benchmarks/RESULTS.md)."""
+    if mode != "auto":
+        return mode
+    return "graphs" if device.type == "cuda" else "off"
+
+
+def _concat(parts: list[Outputs]) -> Outputs:
+    return tuple(None if part[0] is None else np.concatenate(part) for part in zip(*parts, strict=True))
+
+
+class Runner:
+    """Callable: uint8 pixels [n, height, width, 3] (a numpy array on the host, or a tensor already on the
+    model's device) -> Outputs as numpy arrays, in slices of `batch` images."""
+
+    def __init__(
+        self,
+        model: Dinat,
+        dtype: torch.dtype = torch.float32,
+        compile: CompileMode = "auto",
+        batch_size: int | None = None,
+        top_k: int = 5,
+    ):
+        self.device = next(model.parameters()).device
+        self.cuda = self.device.type == "cuda"
+        if self.cuda:
+            model = model.float().to(memory_format=torch.channels_last)
+            self.autocast = dtype if dtype != torch.float32 else None
+            self.input_dtype = torch.float32  # autocast casts at each matrix product
+        else:
+            model = model.to(dtype)
+            self.autocast = None
+            self.input_dtype = dtype
+        self.model = model
+        self.top_k = top_k
+        self.size = (model.preprocessing.height, model.preprocessing.width)
+        self.batch = batch_size or (self._batch_from_memory() if self.cuda else CPU_BATCH)
+        self.mode = resolve_compile(compile, self.device)
+        self._pinned: list[torch.Tensor] = []
+        self._copied: list[torch.cuda.Event] = []
+        self._turn = 0
+        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.step = self._step
+        if self.mode != "off":
+            self._compile()
+
+    def _step(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What runs (compiled or not) per slice: uint8 pixels on the device -> embeddings[, scores, ids]."""
+        memory_format = torch.channels_last if self.cuda else torch.contiguous_format
+        values = normalize(pixels, self.model.preprocessing, self.input_dtype, memory_format)
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            out = self.model(values)
+        embeddings = out.embeddings.float()
+        if out.logits is None:
+            return (embeddings,)
+        scores, ids = out.logits.float().softmax(-1).topk(min(self.top_k, out.logits.shape[-1]), dim=-1)
+        return embeddings, scores, ids
+
+    def _zeros(self, n: int) -> torch.Tensor:
+        return torch.zeros(n, *self.size, 3, dtype=torch.uint8, device=self.device)
+
+    @torch.inference_mode()
+    def _batch_from_memory(self) -> int:
+        """Measure one small eager batch's peak activation memory and size the batch to the free memory."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._step(self._zeros(_PROBE_BATCH))
+        per_image = (torch.cuda.max_memory_allocated(self.device) - before) / _PROBE_BATCH
+        free, _ = torch.cuda.mem_get_info(self.device)
+        batch = batch_for_memory(free, per_image)
+        logger.info("batch %d: %.1f MiB per image, %.1f GiB free", batch, per_image / 2**20, free / 2**30)
+        return batch
+
+    def _compile(self) -> None:
+        """Compile the step for `batch` images and run it once; eager with a warning when that fails."""
+        step = torch.compile(
+            self._step, mode="reduce-overhead" if self.mode == "graphs" else None, dynamic=False
+        )
+        try:
+            with torch.inference_mode():
+                for _ in range(3 if self.mode == "graphs" else 1):  # CUDA graphs record on the third call
+                    self._call(step, self._zeros(self.batch))
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:
+            logger.warning("compiling the model (%s) failed; running it eager: %s", self.mode, err)
+            self.mode = "off"
+            return
+        self.step = step
+
+    def _call(self, step, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.mode == "graphs":
+            torch.compiler.cudagraph_mark_step_begin()  # the last call's outputs have been copied out
+        return step(pixels)
+
+    def __call__(self, pixels: np.ndarray | torch.Tensor) -> Outputs:
+        while True:
+            try:
+                return self._run(pixels)
+            except torch.OutOfMemoryError:
+                size = min(self.batch, len(pixels))
+                if size == 1:
+                    raise
+                if self.cuda:
+                    torch.cuda.empty_cache()
+                self.batch = size // 2
+                logger.warning("out of memory at %d images per call; continuing with %d", size, self.batch)
+
+    @torch.inference_mode()
+    def _run(self, pixels: np.ndarray | torch.Tensor) -> Outputs:
+        """Slice by slice: launch slice i, then stage slice i+1 while the device computes; outputs are
+        copied out before the next slice can overwrite a CUDA graph's output buffers."""
+        n = len(pixels)
+        parts = []
+        staged = self._stage(pixels, 0)
+        for start in range(0, n, self.batch):
+            rows = min(self.batch, n - start)
+            out = self._call(self.step, staged)
+            if start + self.batch < n:
+                staged = self._stage(pixels, start + self.batch)
+            parts.append(([t[:rows].to("cpu", non_blocking=True) for t in out], rows))
+        if self.cuda:
+            torch.cuda.current_stream(self.device).synchronize()
+        return _concat([self._numpy(out) for out, _ in parts])
+
+    @staticmethod
+    def _numpy(out: list[torch.Tensor]) -> Outputs:
+        if len(out) == 1:
+            return out[0].numpy(), None, None
+        embeddings, scores, ids = out
+        return embeddings.numpy(), scores.numpy(), ids.numpy().astype(np.int32)
+
+    def _stage(self, pixels: np.ndarray | torch.Tensor, start: int) -> torch.Tensor:
+        """Slice `start` on the device, padded to `batch` images when compiled (one static shape)."""
+        rows = min(self.batch, len(pixels) - start)
+        size = self.batch if self.mode != "off" else rows
+        if isinstance(pixels, torch.Tensor):
+            part = pixels[start : start + rows]
+        elif not self.cuda:
+            part = torch.from_numpy(pixels[start : start + rows])
+        else:
+            return self._copy_in(pixels[start : start + rows], size)
+        if rows < size:
+            part = torch.cat([part, self._zeros(size - rows)])
+        return part
+
+    def _copy_in(self, part: np.ndarray, size: int) -> torch.Tensor:
+        """Host rows -> the device through one of two pinned buffers, copied on the side stream. Rows past
+        `part` in the buffer are stale padding; their outputs are dropped."""
+        if not self._pinned or len(self._pinned[0]) < size:
+            self._pinned = [
+                torch.empty(size, *self.size, 3, dtype=torch.uint8).pin_memory() for _ in range(2)
+            ]
+            self._copied = [torch.cuda.Event() for _ in range(2)]
+        buffer, copied = self._pinned[self._turn], self._copied[self._turn]
+        self._turn ^= 1
+        copied.synchronize()  # the copy that last read this buffer has finished
+        buffer[: len(part)].copy_(torch.from_numpy(part))
+        with torch.cuda.stream(self.copy_stream):
+            staged = buffer[:size].to(self.device, non_blocking=True)
+            copied.record()
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_stream(self.copy_stream)
+        staged.record_stream(compute)
+        return staged

@@ -1,0 +1,124 @@
+"""Decoding next to the model: JPEGs decoded by nvJPEG on the GPU, oriented and resized there, so that their
+pixels never cross to the host and the CPU workers only read headers.
+
+The CPU stage (`preprocess.decode_batch(..., jpegs_to_device=True)`) sends on the bytes of the JPEGs that
+`preprocess.device_decodable` accepts; everything else arrives decoded. Whatever nvJPEG still rejects is
+decoded here by the CPU path, one image at a time, so one bad image never fails a batch. The pixels match
+the CPU path's within one level of 255 (nvJPEG's IDCT and torch's antialiased resize round differently from
+libjpeg's and PIL's), and go through the same `normalize`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pipeline.preprocess import ImageDecodeError, PreprocessConfig, cpu_pixels, error_text
+
+# PIL filters that torch's antialiased interpolation reproduces (within rounding); the others stay on the CPU
+RESAMPLE_MODES = {Image.Resampling.BILINEAR: "bilinear", Image.Resampling.BICUBIC: "bicubic"}
+# Encoded bytes (1-D uint8 CPU tensors) -> per image a uint8 [3, height, width] tensor on the device as
+# stored in the file (no EXIF orientation), or the exception that rejected it
+JpegDecoder = Callable[[list[torch.Tensor], torch.device], list[torch.Tensor | Exception]]
+
+
+def unsupported(config: PreprocessConfig, device: str) -> str | None:
+    """None when JPEGs can be decoded on `device` for this preprocessing, else why not."""
+    if device != "cuda":
+        return f"decoding on the GPU needs GPU inference actors (the actors run on {device})"
+    if not config.do_resize or config.resample not in RESAMPLE_MODES:
+        return (
+            f"the checkpoint's resample filter {Image.Resampling(config.resample).name} has no GPU "
+            "equivalent (bilinear and bicubic have)"
+        )
+    if importlib.util.find_spec("torchvision") is None:
+        return "torchvision (nvJPEG) is not installed: pip install 'dinat-batch[gpu]'"
+    return None
+
+
+def nvjpeg(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | Exception]:
+    """torchvision's batched nvJPEG decode; a batch it refuses is decoded image by image to find the
+    images it refuses."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        out: list[torch.Tensor | Exception] = []
+        for data in datas:
+            try:
+                out.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError as err:
+                out.append(err)
+        return out
+
+
+def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """[C, H, W] as stored -> as PIL's `exif_transpose` turns it for EXIF orientation 1-8."""
+    if orientation in (5, 6, 7, 8):  # the transposing ones: transpose, then flip as 2, 3 and 4 do
+        image = image.transpose(1, 2)
+        orientation = {5: 1, 6: 2, 7: 3, 8: 4}[orientation]
+    flips = {1: (), 2: (2,), 3: (1, 2), 4: (1,)}[orientation]
+    return image.flip(flips) if flips else image
+
+
+class DeviceDecoder:
+    """Encoded JPEGs -> uint8 [n, height, width, 3] on `device` at the model's input size, plus an error
+    text (or None) per image. With `jpeg=None` (no GPU decoder in this process) every image takes the
+    CPU fallback: slower, never wrong."""
+
+    def __init__(
+        self,
+        config: PreprocessConfig,
+        device: torch.device,
+        max_pixels: int,
+        jpeg: JpegDecoder | None = nvjpeg,
+    ):
+        self.config = config
+        self.device = device
+        self.max_pixels = max_pixels
+        self.mode = RESAMPLE_MODES[config.resample]
+        self.jpeg = jpeg
+        self.fallbacks = 0  # images the GPU decoder refused, decoded (or failed) on the CPU instead
+
+    def __call__(
+        self, datas: Sequence[bytes], orientations: Sequence[int]
+    ) -> tuple[torch.Tensor, list[str | None]]:
+        n, config = len(datas), self.config
+        out = torch.zeros(n, config.height, config.width, 3, dtype=torch.uint8, device=self.device)
+        errors: list[str | None] = [None] * n
+        if self.jpeg is None:
+            images = [None] * n
+        else:
+            images = self.jpeg(
+                [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas], self.device
+            )
+        by_size: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
+        for i, image in enumerate(images):
+            if isinstance(image, torch.Tensor) and image.dim() == 3 and image.shape[0] == 3:
+                image = orient(image, orientations[i])
+                by_size.setdefault(tuple(image.shape[1:]), []).append((i, image))
+                continue
+            self.fallbacks += 1
+            try:
+                pixels, _, _ = cpu_pixels(datas[i], config, self.max_pixels)
+                out[i] = torch.from_numpy(pixels).to(self.device)
+            except ImageDecodeError as err:
+                errors[i] = error_text(err)
+        for group in by_size.values():
+            # photos from one camera share a size: one interpolation call per size, not per image
+            index = torch.tensor([i for i, _ in group], device=self.device)
+            out[index] = self._resize(torch.stack([image for _, image in group]))
+        return out, errors
+
+    def _resize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [n, 3, h, w] -> uint8 [n, height, width, 3], rounded to 8 bits as PIL's resize is."""
+        size = (self.config.height, self.config.width)
+        if tuple(images.shape[2:]) != size:
+            values = F.interpolate(images.float(), size=size, mode=self.mode, antialias=True)
+            images = values.round_().clamp_(0, 255).to(torch.uint8)
+        return images.permute(0, 2, 3, 1)

@@ -1,0 +1,102 @@
+"""The model runner on a CPU: slicing and padding never change an output, compiling neither, a compile that
+fails falls back to eager, and batch sizing from free memory. The CUDA-only parts (autocast, CUDA graphs,
+pinned copies on a side stream) are measured by benchmarks/gpu.py."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.model import load_model
+from pipeline.model.export import random_model, save_checkpoint
+from pipeline.model.runtime import CPU_BATCH, Runner, batch_for_memory, resolve_compile
+from tests.data import TINY, TINY_INPUT
+
+PIXELS = np.random.default_rng(3).integers(0, 256, (7, 64, 64, 3), dtype=np.uint8)
+
+
+def reference(model, pixels: np.ndarray, top_k: int = 3):
+    runner = Runner(model, compile="off", batch_size=len(pixels), top_k=top_k)
+    return runner(pixels)
+
+
+def assert_same(got, expected):
+    np.testing.assert_allclose(got[0], expected[0], atol=1e-5)
+    if expected[1] is None:
+        assert got[1] is None and got[2] is None
+        return
+    np.testing.assert_allclose(got[1], expected[1], atol=1e-5)
+    np.testing.assert_array_equal(got[2], expected[2])
+
+
+@pytest.fixture
+def model(tiny_model):
+    return load_model(str(tiny_model), device="cpu")
+
+
+def test_slices_of_any_size_give_the_outputs_of_one_call(model):
+    expected = reference(model, PIXELS)
+    assert expected[0].shape == (7, TINY.num_features) and expected[2].shape == (7, 3)
+    assert expected[2].dtype == np.int32
+    for batch in (1, 3, 7, 64):
+        assert_same(Runner(model, compile="off", batch_size=batch, top_k=3)(PIXELS), expected)
+    assert_same(Runner(model, compile="off", batch_size=3, top_k=3)(torch.from_numpy(PIXELS)), expected)
+
+
+def test_compiled_with_a_padded_last_slice_gives_the_same_outputs(model):
+    expected = reference(model, PIXELS)
+    runner = Runner(model, compile="on", batch_size=4, top_k=3)
+    assert runner.mode == "on"
+    assert_same(runner(PIXELS), expected)  # 4 + 3 padded to 4
+
+
+def test_a_compile_that_fails_runs_eager_and_says_so(model, monkeypatch, caplog):
+    def broken(fn, **kwargs):
+        def call(*args):
+            raise RuntimeError("inductor could not lower an op (simulated)")
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with caplog.at_level(logging.WARNING):
+        runner = Runner(model, compile="on", batch_size=4, top_k=3)
+    assert runner.mode == "off" and "running it eager" in caplog.text
+    assert_same(runner(PIXELS), reference(model, PIXELS))
+
+
+def test_backbone_only_models_give_embeddings_only(tmp_path):
+    folder = save_checkpoint(random_model(TINY), tmp_path / "b", backbone_only=True, preprocessing=TINY_INPUT)
+    embeddings, scores, ids = Runner(load_model(str(folder), device="cpu"), compile="off")(PIXELS)
+    assert embeddings.shape == (7, TINY.num_features) and scores is None and ids is None
+
+
+def test_on_a_cpu_the_dtype_is_the_weights_dtype(model):
+    runner = Runner(model, dtype=torch.bfloat16, compile="auto")
+    assert runner.mode == "off" and runner.batch == CPU_BATCH and runner.autocast is None
+    assert next(runner.model.parameters()).dtype == torch.bfloat16
+    embeddings, _, _ = runner(PIXELS)
+    assert embeddings.dtype == np.float32
+
+
+def test_compile_auto_means_cuda_graphs_on_a_gpu_only():
+    assert resolve_compile("auto", torch.device("cuda")) == "graphs"
+    assert resolve_compile("auto", torch.device("cpu")) == "off"
+    assert resolve_compile("on", torch.device("cpu")) == "on"
+
+
+@pytest.mark.parametrize(
+    ("free_gib", "per_image_mib", "expected"),
+    [
+        (80, 20, 1024),  # dinat-mini on an empty H100: capped
+        (80, 300, 128),  # 60 GiB usable / 300 MiB = 204 -> 128
+        (10, 300, 16),  # 7.5 GiB / 300 MiB = 25 -> 16
+        (0.1, 300, 1),  # nothing fits: one image, out-of-memory backoff decides
+    ],
+)
+def test_batch_from_free_memory_is_a_power_of_two_that_fits(free_gib, per_image_mib, expected):
+    assert batch_for_memory(int(free_gib * 2**30), per_image_mib * 2**20) == expected
+
+
+def test_batch_from_free_memory_respects_a_cap():
+    assert batch_for_memory(80 * 2**30, 2**20, cap=100) == 64

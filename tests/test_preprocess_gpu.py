@@ -1,0 +1,167 @@
+"""Decoding next to the model, without a GPU: which images the CPU stage sends on as bytes, the device-side
+orientation and resize against the CPU path, the per-image fallback, and the actor's rows either way.
+
+nvJPEG itself needs a GPU; here a stand-in with its contract (bytes in, pixels as stored in the file out,
+or the exception for what it refuses) takes its place. benchmarks/gpu.py checks the real one."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from pipeline import preprocess_gpu
+from pipeline.inference import Predictor
+from pipeline.preprocess import PreprocessConfig, cpu_pixels, decode_batch, device_decodable
+from pipeline.preprocess_gpu import DeviceDecoder, orient, unsupported
+from tests.data import MAX_PIXELS, TINY_INPUT, photo
+
+RNG = np.random.default_rng(7)
+
+
+def smooth_rgb(width: int, height: int) -> Image.Image:
+    # a smooth picture, as photos are: JPEG round trips of noise differ too much to compare resizers
+    small = Image.fromarray(RNG.integers(0, 256, (6, 8, 3), dtype=np.uint8))
+    return small.resize((width, height), Image.Resampling.BICUBIC)
+
+
+def jpeg(image: Image.Image, orientation: int = 1, **kwargs) -> bytes:
+    exif = Image.Exif()
+    if orientation != 1:
+        exif[0x0112] = orientation
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", exif=exif, quality=95, **kwargs)
+    return buf.getvalue()
+
+
+def stand_in(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | Exception]:
+    """nvJPEG's contract on the CPU: RGB pixels [3, H, W] as stored (no EXIF orientation)."""
+    out = []
+    for data in datas:
+        try:
+            image = Image.open(io.BytesIO(data.numpy().tobytes()))
+            out.append(torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).to(device))
+        except Exception as err:
+            out.append(RuntimeError(f"nvjpeg refused the image: {err}"))
+    return out
+
+
+def rows(items: dict[str, bytes], to_device: bool) -> dict[str, np.ndarray]:
+    keys = list(items)
+    batch = {
+        "key": np.array(keys, dtype=object),
+        "data": np.array([items[k] for k in keys], dtype=object),
+        "error": np.array([None] * len(keys), dtype=object),
+    }
+    return decode_batch(batch, TINY_INPUT, MAX_PIXELS, jpegs_to_device=to_device)
+
+
+def test_only_jpegs_a_gpu_decoder_takes_are_sent_on():
+    rgb = smooth_rgb(40, 30)
+    header = device_decodable(jpeg(rgb), MAX_PIXELS)
+    assert header is not None and (header.width, header.height, header.orientation) == (40, 30, 1)
+    assert device_decodable(jpeg(rgb.convert("L")), MAX_PIXELS) is not None
+    rotated = device_decodable(jpeg(rgb, orientation=6), MAX_PIXELS)
+    assert (rotated.width, rotated.height, rotated.orientation) == (30, 40, 6)
+    refused = {
+        "progressive": jpeg(rgb, progressive=True),
+        "cmyk": jpeg(rgb.convert("CMYK")),
+        "png": photo(1, "PNG"),
+        "corrupt": b"\xff\xd8\xff\xe0 not really",
+        "empty": b"",
+        "over the pixel limit": jpeg(rgb),
+    }
+    for name, data in refused.items():
+        limit = 100 if name == "over the pixel limit" else MAX_PIXELS
+        assert device_decodable(data, limit) is None, name
+
+
+def test_the_cpu_stage_passes_jpeg_bytes_and_decodes_the_rest():
+    items = {"a.jpg": jpeg(smooth_rgb(40, 30), orientation=8), "b.png": photo(2, "PNG"), "c.jpg": b"nope"}
+    out = rows(items, to_device=True)
+    assert out["data"][0] == items["a.jpg"] and out["data"][1] is None and out["data"][2] is None
+    assert out["orientation"].tolist() == [8, 1, 1]
+    assert out["width"].tolist() == [30, 72, 0] and out["height"].tolist() == [40, 56, 0]
+    assert not out["pixels"][0].any() and out["pixels"][1].any()
+    assert out["error"][2].startswith("ImageDecodeError(undecodable)")
+    assert "data" not in rows(items, to_device=False)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orientation_matches_pil(orientation):
+    stored = Image.fromarray(RNG.integers(0, 256, (5, 7, 3), dtype=np.uint8))
+    stored.getexif()[0x0112] = orientation
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored.info["exif"] = exif.tobytes()
+    expected = np.array(ImageOps.exif_transpose(stored))
+    got = orient(torch.from_numpy(np.array(stored)).permute(2, 0, 1), orientation).permute(1, 2, 0)
+    np.testing.assert_array_equal(got.numpy(), expected)
+
+
+def test_device_pixels_match_the_cpu_path_within_one_level():
+    config = PreprocessConfig(size=64)
+    datas = [jpeg(smooth_rgb(90, 70), o) for o in (1, 6, 3)] + [jpeg(smooth_rgb(90, 70).convert("L"))]
+    pixels, errors = DeviceDecoder(config, torch.device("cpu"), MAX_PIXELS, jpeg=stand_in)(
+        datas, [1, 6, 3, 1]
+    )
+    assert errors == [None] * 4
+    for got, data in zip(pixels.numpy(), datas, strict=True):
+        expected, _, _ = cpu_pixels(data, config, MAX_PIXELS)
+        assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_what_the_gpu_decoder_refuses_takes_the_cpu_path_one_image_at_a_time():
+    config = PreprocessConfig(size=64)
+    good, odd, broken = jpeg(smooth_rgb(50, 40)), jpeg(smooth_rgb(60, 30)), b"\xff\xd8\xff broken"
+
+    def refuses_odd(datas, device):
+        decoded = stand_in(datas, device)
+        refused = [d.numel() == len(odd) for d in datas]
+        return [RuntimeError("unsupported") if r else x for r, x in zip(refused, decoded, strict=True)]
+
+    decoder = DeviceDecoder(config, torch.device("cpu"), MAX_PIXELS, jpeg=refuses_odd)
+    pixels, errors = decoder([good, odd, broken], [1, 1, 1])
+    assert decoder.fallbacks == 2
+    np.testing.assert_array_equal(pixels[1].numpy(), cpu_pixels(odd, config, MAX_PIXELS)[0])
+    assert errors[0] is None and errors[1] is None
+    assert errors[2].startswith("ImageDecodeError(") and not pixels[2].any()
+    no_gpu = DeviceDecoder(config, torch.device("cpu"), MAX_PIXELS, jpeg=None)
+    pixels, errors = no_gpu([good, broken], [1, 1])
+    np.testing.assert_array_equal(pixels[0].numpy(), cpu_pixels(good, config, MAX_PIXELS)[0])
+    assert errors[1] is not None
+
+
+def test_the_actor_gives_the_same_rows_for_bytes_decoded_next_to_the_model(tiny_model):
+    items = {
+        "a.jpg": jpeg(smooth_rgb(80, 60)),
+        "b.jpg": jpeg(smooth_rgb(80, 60), orientation=6),
+        "c.png": photo(3, "PNG"),
+        "d.jpg": b"\xff\xd8\xff broken",
+    }
+    actor = Predictor(model=str(tiny_model), run_id="r", top_k=3, device="cpu")
+    actor.decoder.jpeg = stand_in
+    on_device = actor(rows(items, to_device=True)).to_pylist()
+    on_cpu = actor(rows(items, to_device=False)).to_pylist()
+    for near, far in zip(on_device, on_cpu, strict=True):
+        assert (near["key"], near["status"], near["width"], near["height"]) == (
+            far["key"],
+            far["status"],
+            far["width"],
+            far["height"],
+        )
+        if near["status"] == "ok":
+            cosine = np.dot(near["embedding"], far["embedding"]) / (
+                np.linalg.norm(near["embedding"]) * np.linalg.norm(far["embedding"])
+            )
+            assert cosine > 0.999
+    assert on_device[3]["error"] == on_cpu[3]["error"]
+
+
+def test_gpu_decoding_says_why_it_cannot_run(monkeypatch):
+    assert "GPU inference actors" in unsupported(PreprocessConfig(), "cpu")
+    lanczos = PreprocessConfig(resample=Image.Resampling.LANCZOS)
+    assert "LANCZOS" in unsupported(lanczos, "cuda")
+    monkeypatch.setattr(preprocess_gpu.importlib.util, "find_spec", lambda name: None)
+    assert "pip install 'dinat-batch[gpu]'" in unsupported(PreprocessConfig(), "cuda")

@@ -138,13 +138,19 @@ def run_command(
         Path | None, typer.Option(help="job config file (YAML or JSON); flags override it")
     ] = None,
     top: Annotated[int | None, typer.Option("--top-k", help="labels per image (default: 5)")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="images per inference call (default: 32)")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="images per model call (default: 32 on CPU; GPU: what fits)")
+    ] = None,
     storage_options: Annotated[str | None, typer.Option(help="JSON fsspec options (endpoint, keys)")] = None,
     input_format: Annotated[str | None, typer.Option(help="auto, files, webdataset or parquet")] = None,
     image_column: Annotated[str | None, typer.Option(help="Parquet input: column of image bytes")] = None,
     uri_column: Annotated[str | None, typer.Option(help="Parquet input: column of image URIs")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16")] = None,
+    compile: Annotated[
+        str | None, typer.Option(help="auto, off, on or graphs (CUDA graphs); auto: graphs on a GPU")
+    ] = None,
+    decode: Annotated[str | None, typer.Option(help="where JPEGs decode: auto, cpu or gpu (nvJPEG)")] = None,
     min_actors: Annotated[int | None, typer.Option(help="smallest inference actor pool")] = None,
     max_actors: Annotated[int | None, typer.Option(help="largest inference actor pool")] = None,
     max_error_rate: Annotated[
@@ -176,6 +182,8 @@ def run_command(
             uri_column=uri_column,
             device=device,
             dtype=dtype,
+            compile=compile,
+            decode=decode,
             min_actors=min_actors,
             max_actors=max_actors,
             max_error_rate=max_error_rate,

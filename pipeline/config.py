@@ -40,7 +40,12 @@ class RunConfig(BaseModel):
     )
     uri_column: str | None = Field(None, description="Parquet input: column of image URIs instead of bytes")
     top_k: int = Field(5, ge=1, le=1000)
-    batch_size: int = Field(32, ge=1, le=4096, description="images per inference call")
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="images per model call; default: 32 on a CPU, on a GPU as many as fit its free memory",
+    )
     min_actors: int = Field(1, ge=1)
     max_actors: int | None = Field(
         None, ge=1, description="default: one per GPU in the cluster, or one on a CPU-only cluster"
@@ -49,7 +54,15 @@ class RunConfig(BaseModel):
         "auto",
         description="auto: GPU actors when the cluster has GPUs now; cuda: wait for them (autoscaling)",
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="on a GPU: autocast of the matrix products, weights and norms stay float32"
+    )
+    compile: Literal["auto", "off", "on", "graphs"] = Field(
+        "auto", description="torch.compile the model (graphs: with CUDA graphs); auto: graphs on a GPU only"
+    )
+    decode: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="where JPEGs are decoded; auto: on the GPU when the actors have one and nvJPEG"
+    )
     cpu_threads: int | None = Field(None, ge=1, description="torch threads per CPU actor; default: all cores")
     max_pixels: int = Field(100_000_000, ge=1, description="larger declared images are decode errors")
     read_batch_size: int = Field(64, ge=1, description="objects fetched concurrently per read task")

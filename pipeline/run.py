@@ -17,7 +17,9 @@ from pydantic import BaseModel
 from pipeline.config import ConfigError, RunConfig
 from pipeline.inference import Predictor
 from pipeline.model import load_model
+from pipeline.model.runtime import CPU_BATCH, MAX_AUTO_BATCH
 from pipeline.preprocess import PreprocessConfig, decode_batch
+from pipeline.preprocess_gpu import unsupported
 from pipeline.sink import Output
 from pipeline.sources import (
     check_table,
@@ -48,6 +50,7 @@ class RunSummary(BaseModel):
     model: str
     model_sha256: str
     device: str
+    decode: str  # where JPEGs were decoded: cpu or gpu
     images: int
     resumed: int  # rows kept from an earlier attempt that died before its marker
     ok: int
@@ -105,6 +108,14 @@ def _actors(config: RunConfig) -> tuple[str, int, int, int]:
     return device, num_gpus, min(config.min_actors, max_size), max_size
 
 
+def _decode_on_device(config: RunConfig, device: str, preprocessing: PreprocessConfig) -> bool:
+    """Whether the CPU stage sends JPEGs on to be decoded by the GPU actors."""
+    reason = unsupported(preprocessing, device)
+    if config.decode == "gpu" and reason is not None:
+        raise ConfigError(f"decode: gpu cannot run here: {reason}. Set decode to auto or cpu (--decode)")
+    return config.decode != "cpu" and reason is None
+
+
 def _connect(address: str | None) -> bool:
     """Join the configured or ambient Ray cluster, else start a local one. True when this call started it."""
     if ray.is_initialized():
@@ -139,6 +150,8 @@ def run(
     del model
     started_ray = _connect(config.ray_address)
     try:
+        actors = _actors(config)
+        jpegs_to_device = _decode_on_device(config, actors[0], preprocessing)
         output = Output(config.output, config.storage_options)
         t0 = time.monotonic()
         listing = list_objects(config.input, config.storage_options)
@@ -149,9 +162,8 @@ def run(
             listing = select(listing)
         listed = time.monotonic()
         done = output.prepare(config.overwrite, model_sha256)
-        actors = _actors(config)
         if listing.num_rows:
-            _execute(config, kind, listing, preprocessing, run_id, output, done, actors)
+            _execute(config, kind, listing, preprocessing, run_id, output, done, actors, jpegs_to_device)
         finished = time.monotonic()
         ok, errors, errors_by_kind = output.counts()
         summary = RunSummary(
@@ -162,6 +174,7 @@ def run(
             model=config.model,
             model_sha256=model_sha256,
             device=actors[0],
+            decode="gpu" if jpegs_to_device else "cpu",
             images=ok + errors,
             resumed=len(done),
             ok=ok,
@@ -198,6 +211,7 @@ def _execute(
     output: Output,
     done: set[str],
     actors: tuple[str, int, int, int],
+    jpegs_to_device: bool,
 ) -> None:
     """The Ray Data plan: read and decode as CPU tasks, inference in an actor pool, Parquet files."""
     device, num_gpus, min_actors, max_actors = actors
@@ -206,8 +220,14 @@ def _execute(
         batch_size=_DECODE_BATCH,
         batch_format="numpy",
         num_cpus=_DECODE_CPUS,
-        fn_kwargs={"config": preprocessing, "max_pixels": config.max_pixels},
+        fn_kwargs={
+            "config": preprocessing,
+            "max_pixels": config.max_pixels,
+            "jpegs_to_device": jpegs_to_device,
+        },
     )
+    # the actor sizes its model calls itself on a GPU (from free memory); a call brings it up to the most
+    call_batch = config.batch_size or (MAX_AUTO_BATCH if device == "cuda" else CPU_BATCH)
     predicted = decoded.map_batches(
         Predictor,
         fn_constructor_kwargs={
@@ -216,11 +236,14 @@ def _execute(
             "top_k": config.top_k,
             "device": device,
             "dtype": config.dtype,
+            "batch_size": config.batch_size,
+            "compile": config.compile,
+            "max_pixels": config.max_pixels,
             "cpu_threads": config.cpu_threads,
             "storage_options": config.storage_options,
         },
         compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
-        batch_size=config.batch_size,
+        batch_size=call_batch,
         batch_format="numpy",
         num_gpus=num_gpus,
     )

@@ -134,5 +134,7 @@ def test_dockerfile_matches_the_project_pins():
     natten = re.search(r"natten==([\d.]+)", DOCKERFILE).group(1)
     assert pins["natten"].endswith(f"=={natten}")
     assert "torch==2.13.0 --index-url" in DOCKERFILE and "NATTEN_CUDA_ARCH" in DOCKERFILE
+    (torchvision,) = project["project"]["optional-dependencies"]["gpu"]
+    assert f"torch==2.13.0 {torchvision} --index-url" in DOCKERFILE
     for package in ("kernels", "pipeline", "jobs", "infra"):
         assert f"COPY --chown=ray:users {package} /opt/dinat-batch/{package}" in DOCKERFILE

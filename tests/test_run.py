@@ -230,8 +230,26 @@ def test_refusals_before_any_work(place, tiny_model, ray_session):
         run_on(place, tiny_model, "images", model=place.uri("no-such-model"))
     with pytest.raises(ConfigError, match="does not exist"):
         run_on(place, tiny_model, "nothing-here")
+    with pytest.raises(ConfigError, match=r"decode: gpu cannot run here: .*GPU inference actors"):
+        run_on(place, tiny_model, "images", decode="gpu")
     fs, out = fsspec.core.url_to_fs(place.uri("out"), **place.storage_options)
     assert not fs.exists(out)
     run_on(place, tiny_model, "images")
     with pytest.raises(ConfigError, match="already exists"):
         run_on(place, tiny_model, "images")
+
+
+def test_jpeg_bytes_sent_on_to_the_actors_give_the_same_rows(tmp_path, tiny_model, ray_session, monkeypatch):
+    """The GPU decoding route through Ray on a CPU: the driver is told GPU decoding can run, so the CPU
+    stage sends JPEG bytes on; the CPU actor has no GPU decoder and decodes them itself, image by image."""
+    monkeypatch.setattr("pipeline.run.unsupported", lambda preprocessing, device: None)
+    place = Place(str(tmp_path), {})
+    good = place.put(photos(6), "images")
+    broken = broken_files()
+    errors = {
+        uri: broken[uri.rsplit("/", 1)[1]][1]
+        for uri in place.put({n: d for n, (d, _) in broken.items()}, "images")
+    }
+    summary, table = run_on(place, tiny_model, "images", decode="gpu")
+    assert summary.decode == "gpu" and summary.device == "cpu"
+    check_table(table, good, errors, tiny_model)

@@ -1,11 +1,12 @@
 """The GPU benchmark in one command (inside 10 minutes on one GPU): NA kernels per backend, model images/s
-per variant, dtype and execution mode, JPEG decode rates, and the pipeline end to end with the GPU's
-utilisation sampled during the run. Prints one report; `--record` appends it to benchmarks/RESULTS.md.
+per variant, dtype and execution mode, bf16-vs-fp32 agreement, JPEG decode rates on CPU workers and on the
+GPU, and the pipeline end to end with the GPU's utilisation sampled during the run. Prints one report;
+`--record` appends it to benchmarks/RESULTS.md.
 
     .venv/bin/python benchmarks/gpu.py [--record]          # on a machine with a GPU
     .venv/bin/python benchmarks/gpu.py --device cpu --quick  # the same code paths, small, on a CPU
 
-Random weights (speed does not depend on them). GPU decode is not built yet: its row says so.
+Random weights (speed does not depend on them) and generated photos; `--only` runs some sections.
 """
 
 from __future__ import annotations
@@ -28,52 +29,101 @@ if not __package__:
     # the `kernels` package)
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+import numpy as np
 import torch
 
 from benchmarks import kernels as kernel_bench
 from benchmarks.common import machine, record
-from benchmarks.model import measure
 from benchmarks.pipeline import bare_loop, photos, pipeline_run
 from pipeline.model.export import random_model, save_checkpoint
-from pipeline.preprocess import PreprocessConfig, decode, resized
+from pipeline.model.runtime import Runner
+from pipeline.preprocess import DEFAULT_MAX_PIXELS, PreprocessConfig, decode, device_decodable, resized
+from pipeline.preprocess_gpu import DeviceDecoder, unsupported
 
-# (variant, input size, dtype, mode); mode: eager, compiled (torch.compile), graphs (compiled with CUDA
-# graphs: mode="reduce-overhead")
+SECTIONS = ("kernels", "models", "accuracy", "decode", "pipeline")
+# (variant, input size, dtype, mode); modes as the `compile` config field: off (eager), on (torch.compile),
+# graphs (compiled and replayed as CUDA graphs). On a GPU, bf16 is autocast over float32 weights.
 MODEL_ROWS = [
-    ("dinat-mini-in1k-224", 224, torch.float32, "eager"),
-    ("dinat-mini-in1k-224", 224, torch.bfloat16, "eager"),
-    ("dinat-mini-in1k-224", 224, torch.bfloat16, "compiled"),
+    ("dinat-mini-in1k-224", 224, torch.float32, "off"),
+    ("dinat-mini-in1k-224", 224, torch.bfloat16, "off"),
+    ("dinat-mini-in1k-224", 224, torch.bfloat16, "on"),
     ("dinat-mini-in1k-224", 224, torch.bfloat16, "graphs"),
-    ("dinat-tiny-in1k-224", 224, torch.bfloat16, "eager"),
-    ("dinat-tiny-in1k-224", 224, torch.bfloat16, "compiled"),
-    ("dinat-base-in1k-224", 224, torch.float32, "eager"),
-    ("dinat-base-in1k-224", 224, torch.bfloat16, "eager"),
-    ("dinat-base-in1k-224", 224, torch.bfloat16, "compiled"),
-    ("dinat-large-in22k-in1k-384", 384, torch.bfloat16, "eager"),
+    ("dinat-tiny-in1k-224", 224, torch.bfloat16, "off"),
+    ("dinat-tiny-in1k-224", 224, torch.bfloat16, "graphs"),
+    ("dinat-base-in1k-224", 224, torch.float32, "off"),
+    ("dinat-base-in1k-224", 224, torch.bfloat16, "off"),
+    ("dinat-base-in1k-224", 224, torch.bfloat16, "graphs"),
+    ("dinat-large-in22k-in1k-384", 384, torch.bfloat16, "off"),
+    ("dinat-large-in22k-in1k-384", 384, torch.bfloat16, "graphs"),
 ]
-QUICK_ROWS = [("dinat-mini-in1k-224", 224, torch.float32, "eager")]
+QUICK_ROWS = [("dinat-mini-in1k-224", 224, torch.float32, "off")]
+
+
+def _model(variant: str, size: int, device: torch.device):
+    model = random_model(variant).to(device)
+    model.preprocessing = PreprocessConfig(size=size)
+    return model
 
 
 def model_table(device: torch.device, rows, batch: int, repeat: int) -> list[str]:
+    """Images/s of the runtime on uint8 pixels already on the device (normalisation included)."""
     lines = [
-        f"#### models, batch {batch}",
+        f"#### models, batch {batch}, uint8 pixels on the device",
         "",
-        "| variant | size | dtype | mode | images/s | first call s |",
+        "| variant | size | dtype | mode | images/s | setup s (load, compile, warm-up) |",
         "|---|---|---|---|---|---|",
     ]
     for variant, size, dtype, mode in rows:
-        model = random_model(variant).to(device=device, dtype=dtype)
-        if mode != "eager":
-            model = torch.compile(model, mode="reduce-overhead" if mode == "graphs" else None)
-        pixels = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
-        first, rate = measure(model, pixels, repeat)
-        lines.append(
-            f"| {variant} | {size} | {str(dtype).removeprefix('torch.')} | {mode} | {rate:.0f} | {first:.1f} |"
-        )
+        start = time.perf_counter()
+        runner = Runner(_model(variant, size, device), dtype, compile=mode, batch_size=batch)
+        pixels = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device=device)
+        runner(pixels)
+        setup = time.perf_counter() - start
+        samples = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            runner(pixels)
+            samples.append(time.perf_counter() - start)
+        rate = batch / statistics.median(samples)
+        name = str(dtype).removeprefix("torch.")
+        fell_back = " (fell back to eager)" if runner.mode != mode else ""
+        lines.append(f"| {variant} | {size} | {name} | {mode}{fell_back} | {rate:.0f} | {setup:.1f} |")
         print(lines[-1], flush=True)
-        del model
+        del runner
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    return lines
+
+
+def accuracy_table(device: torch.device, images: int) -> list[str]:
+    """bf16 runtimes against float32 eager on the same pixels: top-1 agreement and embedding cosine."""
+    model = _model("dinat-mini-in1k-224", 224, device)
+    config = model.preprocessing
+    pixels = np.stack([resized(decode(d), config) for d in photos(images)])
+    reference = Runner(model, torch.float32, compile="off", batch_size=64)(pixels)
+    lines = [
+        f"#### bf16 against float32 eager, dinat-mini, {images} generated photos, random weights",
+        "",
+        "| runtime | top-1 identical | embedding cosine: min | mean |",
+        "|---|---|---|---|",
+    ]
+    for dtype, mode in (
+        (torch.bfloat16, "off"),
+        (torch.bfloat16, "graphs" if device.type == "cuda" else "on"),
+    ):
+        # a fresh copy of the same weights (random_model is seeded): a Runner casts its model in place
+        embeddings, _, ids = Runner(_model("dinat-mini-in1k-224", 224, device), dtype, mode, 64)(pixels)
+        same = float(np.mean(ids[:, 0] == reference[2][:, 0]))
+        a, b = embeddings, reference[0]
+        cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        lines.append(
+            f"| {str(dtype).removeprefix('torch.')} {mode} | {same:.1%} | {cosine.min():.5f} | {cosine.mean():.5f} |"
+        )
+        print(lines[-1], flush=True)
+    lines += [
+        "",
+        "Random weights give near-uniform logits, so top-1 flips here more easily than with trained ones.",
+    ]
     return lines
 
 
@@ -81,20 +131,46 @@ def _decode_one(data: bytes) -> int:
     return resized(decode(data), PreprocessConfig()).shape[0]
 
 
-def decode_table(data: list[bytes], workers: int) -> list[str]:
+def _header_one(data: bytes) -> int:
+    return device_decodable(data, DEFAULT_MAX_PIXELS).width
+
+
+def _processes(fn, data: list[bytes], workers: int) -> float:
     with ProcessPoolExecutor(workers) as pool:
-        list(pool.map(_decode_one, data[:workers]))  # start the workers
+        list(pool.map(fn, data[:workers]))  # start the workers
         start = time.perf_counter()
-        list(pool.map(_decode_one, data, chunksize=16))
-        rate = len(data) / (time.perf_counter() - start)
-    return [
+        list(pool.map(fn, data, chunksize=16))
+        return len(data) / (time.perf_counter() - start)
+
+
+def decode_table(device: torch.device, data: list[bytes], workers: int) -> list[str]:
+    lines = [
         "#### decode and resize to 224 (500 x 375 JPEGs)",
         "",
-        "| where | images/s |",
-        "|---|---|",
-        f"| CPU, {workers} processes (PIL) | {rate:.0f} |",
-        "| GPU (nvJPEG) | not built yet |",
+        "| where | images/s | max difference from the CPU path (of 255) |",
+        "|---|---|---|",
+        f"| CPU, {workers} processes (PIL) | {_processes(_decode_one, data, workers):.0f} | 0 |",
+        f"| CPU, {workers} processes, header only (what the GPU route costs there) | "
+        f"{_processes(_header_one, data, workers):.0f} | - |",
     ]
+    reason = unsupported(PreprocessConfig(), device.type)
+    if reason is not None:
+        return [*lines, f"| GPU (nvJPEG) | not run: {reason} | - |"]
+    decoder = DeviceDecoder(PreprocessConfig(), device, DEFAULT_MAX_PIXELS)
+    batch = 256
+    decoder(data[:batch], [1] * batch)  # warm-up: nvJPEG's handles and buffers
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(0, len(data), batch):
+        pixels, errors = decoder(data[i : i + batch], [1] * len(data[i : i + batch]))
+    torch.cuda.synchronize()
+    rate = len(data) / (time.perf_counter() - start)
+    cpu = np.stack([resized(decode(d), PreprocessConfig()) for d in data[-len(pixels) :]])
+    worst = int(np.abs(pixels.cpu().numpy().astype(int) - cpu.astype(int)).max())
+    refused = f", {decoder.fallbacks} refused (CPU fallback)" if decoder.fallbacks else ""
+    lines.append(f"| GPU (nvJPEG + torch resize), batches of {batch}{refused} | {rate:.0f} | {worst} |")
+    assert errors == [None] * len(errors), errors
+    return lines
 
 
 class GpuSampler:
@@ -135,48 +211,67 @@ class GpuSampler:
         )
 
 
-def pipeline_table(images: int, batch: int, dtype: str) -> list[str]:
+def pipeline_table(device: torch.device, images: int, batch: int | None, dtype: str, store: str) -> list[str]:
     data = photos(images)
+    on_gpu = device.type == "cuda"
+    lines = [
+        f"#### pipeline end to end, dinat-mini, {images} JPEGs 500x375 from {store}, batch "
+        f"{batch or 'auto'}, {dtype}, {os.cpu_count()} CPU cores",
+        "",
+        "| measured | images/s | x bare runtime | GPU utilisation |",
+        "|---|---|---|---|",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_checkpoint(random_model("dinat-mini-in1k-224"), Path(tmp) / "dinat-mini")
-        bare = bare_loop(folder, data, batch, dtype)
-        with GpuSampler() as sampler:
-            whole, steady = pipeline_run(folder, data, batch, dtype)
-    return [
-        f"#### pipeline end to end, dinat-mini, {images} JPEGs 500x375, batch {batch}, {dtype}",
-        "",
-        "| measured | images/s | x bare model loop |",
-        "|---|---|---|",
-        f"| bare model loop on decoded tensors | {bare:.0f} | 1.00 |",
-        f"| pipeline after listing | {steady:.0f} | {steady / bare:.2f} |",
-        f"| pipeline, whole run() call | {whole:.0f} | {whole / bare:.2f} |",
-        "",
-        f"GPU utilisation during the pipeline run: {sampler.summary()}",
-    ]
+        bare = bare_loop(folder, data, batch or 256, dtype, device.type, compile="auto")
+        lines.append(f"| bare runtime on host pixels decoded beforehand | {bare:.0f} | 1.00 | - |")
+        print(lines[-1], flush=True)
+        for decode_where in ("cpu", "auto") if on_gpu else ("cpu",):
+            config = {"batch_size": batch, "dtype": dtype, "decode": decode_where}
+            with GpuSampler() as sampler:
+                whole, steady, decoded_on = pipeline_run(folder, data, store, **config)
+            for what, rate in (("after listing", steady), ("whole run() call", whole)):
+                lines.append(
+                    f"| pipeline, decode on {decoded_on}, {what} | {rate:.0f} | {rate / bare:.2f} | "
+                    f"{sampler.summary()} |"
+                )
+                print(lines[-1], flush=True)
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="one model row, small batches and image counts")
+    parser.add_argument(
+        "--only", default=",".join(SECTIONS), help=f"comma-separated of {', '.join(SECTIONS)}"
+    )
+    parser.add_argument(
+        "--store", default="s3" if shutil.which("weed") else "local", help="pipeline input: s3 or local"
+    )
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     device = torch.device(args.device)
-    quick = args.quick
+    quick, only = args.quick, set(args.only.split(","))
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     lines = [f"### GPU benchmark, {machine(device)}", ""]
-    lines += kernel_bench.run(
-        device, getattr(torch, dtype), batch=2 if quick else 8, repeat=2 if quick else 5
-    )
-    lines.append("")
-    lines += model_table(
-        device, QUICK_ROWS if quick else MODEL_ROWS, batch=4 if quick else 256, repeat=2 if quick else 5
-    )
-    lines.append("")
-    lines += decode_table(photos(64 if quick else 4096), workers=min(16, os.cpu_count() or 1))
-    lines.append("")
-    lines += pipeline_table(images=32 if quick else 10000, batch=4 if quick else 256, dtype=dtype)
+    if "kernels" in only:
+        batch, repeat = (2, 2) if quick else (8, 5)
+        lines += [*kernel_bench.run(device, getattr(torch, dtype), batch=batch, repeat=repeat), ""]
+    if "models" in only:
+        rows, batch, repeat = (QUICK_ROWS, 4, 2) if quick else (MODEL_ROWS, 256, 5)
+        lines += [*model_table(device, rows, batch=batch, repeat=repeat), ""]
+    if "accuracy" in only:
+        lines += [*accuracy_table(device, images=16 if quick else 1024), ""]
+    if "decode" in only:
+        lines += [
+            *decode_table(device, photos(64 if quick else 4096), workers=min(16, os.cpu_count() or 1)),
+            "",
+        ]
+    if "pipeline" in only:
+        images, batch = (32, 4) if quick else (20000, None)
+        lines += pipeline_table(device, images, batch, dtype, args.store)
     print("\n".join(lines))
     if args.record:
         record(lines)

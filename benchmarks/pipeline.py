@@ -11,6 +11,7 @@ runs on a fresh local Ray with every core. `--record` appends the table to bench
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import sys
@@ -31,7 +32,8 @@ from benchmarks.common import machine, record
 from pipeline.inference import DTYPES
 from pipeline.model import load_model
 from pipeline.model.export import random_model, save_checkpoint
-from pipeline.preprocess import decode, normalize, resized
+from pipeline.model.runtime import Runner
+from pipeline.preprocess import decode, resized
 
 DISTINCT = 32  # distinct pictures; the set repeats them under other names
 
@@ -51,47 +53,48 @@ def photos(count: int) -> list[bytes]:
     return [distinct[i % DISTINCT] for i in range(count)]
 
 
-def bare_loop(folder: Path, data: list[bytes], batch: int, dtype: str) -> float:
-    """images/s of the model alone on tensors decoded beforehand (decoding not timed)."""
-    model = load_model(str(folder), device="cpu", dtype=DTYPES[dtype])
-    pixels = torch.from_numpy(np.stack([resized(decode(d), model.preprocessing) for d in data]))
-    with torch.inference_mode():
-        model(normalize(pixels[:batch], model.preprocessing, DTYPES[dtype]))  # warm-up
-        start = time.perf_counter()
-        for i in range(0, len(pixels), batch):
-            model(normalize(pixels[i : i + batch], model.preprocessing, DTYPES[dtype]))
-        return len(pixels) / (time.perf_counter() - start)
+def bare_loop(
+    folder: Path, data: list[bytes], batch: int, dtype: str, device: str = "cpu", **runner
+) -> float:
+    """images/s of the model runtime alone on pixels decoded beforehand (decoding not timed): the same
+    `Runner` as the actors', fed host pixels."""
+    model = load_model(str(folder), device=device)
+    pixels = np.stack([resized(decode(d), model.preprocessing) for d in data])
+    run = Runner(model, DTYPES[dtype], batch_size=batch, **runner)
+    run(pixels[:batch])  # warm-up
+    start = time.perf_counter()
+    run(pixels)
+    return len(pixels) / (time.perf_counter() - start)
 
 
-def pipeline_run(folder: Path, data: list[bytes], batch: int, dtype: str) -> tuple[float, float]:
-    """(images/s over the whole run() call, images/s after listing as the run summary reports)."""
+def pipeline_run(folder: Path, data: list[bytes], store: str = "s3", **config) -> tuple[float, float, str]:
+    """(images/s over the whole run() call, images/s after listing as the run summary reports, where JPEGs
+    were decoded), reading from SeaweedFS (`s3`) or a local folder (`local`)."""
     import ray
 
     from infra.object_store import LocalObjectStore
     from pipeline.run import run
 
-    with LocalObjectStore() as store:
-        store.make_bucket("bench")
-        fs = store.filesystem()
-        fs.pipe({f"bench/images/{i:06d}.jpg": d for i, d in enumerate(data)})
+    with contextlib.ExitStack() as stack:
+        if store == "s3":
+            bucket = stack.enter_context(LocalObjectStore())
+            bucket.make_bucket("bench")
+            bucket.filesystem().pipe({f"bench/images/{i:06d}.jpg": d for i, d in enumerate(data)})
+            where = {"input": "s3://bench/images/", "output": "s3://bench/out/"}
+            where["storage_options"] = bucket.storage_options
+        else:
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            (root / "images").mkdir()
+            for i, d in enumerate(data):
+                (root / "images" / f"{i:06d}.jpg").write_bytes(d)
+            where = {"input": str(root / "images"), "output": str(root / "out")}
         ray.init(include_dashboard=False, logging_level="ERROR", num_cpus=os.cpu_count())
-        try:
-            start = time.perf_counter()
-            summary = run(
-                {
-                    "input": "s3://bench/images/",
-                    "output": "s3://bench/out/",
-                    "model": str(folder),
-                    "batch_size": batch,
-                    "dtype": dtype,
-                    "storage_options": store.storage_options,
-                }
-            )
-            wall = time.perf_counter() - start
-        finally:
-            ray.shutdown()
+        stack.callback(ray.shutdown)
+        start = time.perf_counter()
+        summary = run(where | {"model": str(folder)} | config)
+        wall = time.perf_counter() - start
     assert summary.ok == len(data), summary
-    return len(data) / wall, summary.images_per_second
+    return len(data) / wall, summary.images_per_second, summary.decode
 
 
 def main() -> None:
@@ -107,7 +110,7 @@ def main() -> None:
         folder = save_checkpoint(random_model("dinat-mini-in1k-224"), Path(tmp) / "dinat-mini")
         bare = bare_loop(folder, data, args.batch, args.dtype)
         print(f"bare model loop: {bare:.1f} images/s", flush=True)
-        whole, steady = pipeline_run(folder, data, args.batch, args.dtype)
+        whole, steady, _ = pipeline_run(folder, data, batch_size=args.batch, dtype=args.dtype)
     lines = [
         f"### pipeline, dinat-mini at 224, {args.images} JPEGs 500x375, batch {args.batch}, {args.dtype}, "
         f"{machine(torch.device('cpu'))}, {os.cpu_count()} cores",

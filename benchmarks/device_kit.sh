@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Packs what benchmarks/gpu.py and tests/test_gpu.py need beyond a CUDA PyTorch image that cannot reach
+# a package index (the device machines: Python 3.12, torch and torchvision with CUDA, numpy, pyarrow,
+# pandas, fsspec, pillow, safetensors and pytest already there) into .device/site.tar.xz: Ray and
+# pydantic with the dependencies such an image lacks, unpacked and pruned, since Ray's wheel alone is
+# over the 64 MiB a device run can carry. Pins come from constraints.txt. Use on the device:
+#   tar -xJf .device/site.tar.xz -C /tmp && PYTHONPATH=/tmp/site python3 benchmarks/gpu.py --store local
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PIP=".venv/bin/pip"
+PACKAGES=(ray pydantic pydantic_core annotated-types typing-inspection typing_extensions jsonschema
+    jsonschema-specifications referencing rpds-py)
+pins=()
+for name in "${PACKAGES[@]}"; do
+    pins+=("$(grep -i -E "^${name//[-_]/[-_]}==" constraints.txt)")
+done
+rm -rf .device && mkdir -p .device/wheels
+"$PIP" download -q --no-deps --only-binary=:all: --python-version "${DEVICE_PYTHON:-3.12}" \
+    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+    -d .device/wheels "${pins[@]}" 2> >(grep -v "is ignored: it is neither" >&2)
+# a wheel is a zip of its files: unpacked as they are, they form an importable folder
+for wheel in .device/wheels/*.whl; do
+    unzip -q -o "$wheel" -d .device/site
+done
+# Ray's Java jars, web dashboard build and libraries this project never imports
+rm -rf .device/site/ray/{jars,rllib,serve,dashboard/client} .device/site/bin
+tar -C .device -cJf .device/site.tar.xz site
+rm -rf .device/wheels .device/site
+du -h .device/site.tar.xz

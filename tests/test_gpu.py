@@ -1,0 +1,86 @@
+"""The GPU paths on a GPU: autocast and CUDA graphs against float32 eager, pinned copies against pixels
+already on the device, batch sizing from free memory, nvJPEG against the CPU decoder, and the actor's rows
+both ways. Skipped, with the reason shown, where there is no CUDA device; run them on the device machine:
+
+    tar -xJf .device/site.tar.xz -C /tmp && PYTHONPATH=/tmp/site python3 -m pytest tests/test_gpu.py
+"""
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.inference import Predictor
+from pipeline.model import load_model
+from pipeline.model.runtime import MAX_AUTO_BATCH, Runner
+from pipeline.preprocess import PreprocessConfig, cpu_pixels, decode_batch
+from pipeline.preprocess_gpu import DeviceDecoder
+from tests.data import MAX_PIXELS, photo
+from tests.test_preprocess_gpu import jpeg, smooth_rgb
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_nvjpeg = pytest.mark.skipif(importlib.util.find_spec("torchvision") is None, reason="needs torchvision")
+PIXELS = np.random.default_rng(5).integers(0, 256, (10, 64, 64, 3), dtype=np.uint8)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def test_bf16_cuda_graphs_agree_with_float32_eager(tiny_model):
+    reference = Runner(load_model(str(tiny_model), device="cuda"), compile="off", batch_size=4)(PIXELS)
+    fast = Runner(load_model(str(tiny_model), device="cuda"), torch.bfloat16, "graphs", batch_size=4)
+    assert fast.mode == "graphs" and fast.autocast == torch.bfloat16
+    assert next(fast.model.parameters()).dtype == torch.float32
+    embeddings, _, ids = fast(PIXELS)  # 4 + 4 + 2 padded to 4
+    assert cosine(embeddings, reference[0]).min() > 0.999
+    assert np.mean(ids[:, 0] == reference[2][:, 0]) >= 0.9
+
+
+def test_pinned_copies_give_what_pixels_on_the_device_give(tiny_model):
+    runner = Runner(load_model(str(tiny_model), device="cuda"), compile="off", batch_size=3)
+    from_host = runner(PIXELS)
+    on_device = runner(torch.from_numpy(PIXELS).cuda())
+    np.testing.assert_allclose(from_host[0], on_device[0], atol=1e-5)
+    np.testing.assert_array_equal(from_host[2], on_device[2])
+
+
+def test_batch_from_free_memory(tiny_model):
+    runner = Runner(load_model(str(tiny_model), device="cuda"), compile="off")
+    assert runner.batch & (runner.batch - 1) == 0 and 1 <= runner.batch <= MAX_AUTO_BATCH
+
+
+@needs_nvjpeg
+def test_nvjpeg_matches_the_cpu_path_and_falls_back_per_image():
+    config = PreprocessConfig(size=64)
+    datas = [jpeg(smooth_rgb(90, 70), o) for o in (1, 6, 8)] + [jpeg(smooth_rgb(90, 70).convert("L"))]
+    truncated = jpeg(smooth_rgb(90, 70))[:300]
+    decoder = DeviceDecoder(config, torch.device("cuda"), MAX_PIXELS)
+    pixels, errors = decoder([*datas, truncated], [1, 6, 8, 1, 1])
+    assert errors[:4] == [None] * 4 and errors[4] is not None
+    assert decoder.fallbacks == 1  # the truncated one only: nvJPEG took the rest
+    for got, data in zip(pixels[:4].cpu().numpy(), datas, strict=True):
+        difference = np.abs(got.astype(int) - cpu_pixels(data, config, MAX_PIXELS)[0].astype(int))
+        assert difference.mean() < 0.5 and difference.max() <= 4
+
+
+@needs_nvjpeg
+def test_the_actor_decodes_jpegs_on_the_gpu_with_the_same_rows(tiny_model):
+    items = {
+        "a.jpg": jpeg(smooth_rgb(80, 60)),
+        "b.jpg": jpeg(smooth_rgb(80, 60), 6),
+        "c.png": photo(3, "PNG"),
+    }
+    batch = {
+        "key": np.array(list(items), dtype=object),
+        "data": np.array(list(items.values()), dtype=object),
+        "error": np.array([None] * len(items), dtype=object),
+    }
+    actor = Predictor(model=str(tiny_model), run_id="r", top_k=3, device="cuda", compile="off")
+    config = PreprocessConfig(size=64)
+    on_gpu = actor(decode_batch(batch, config, MAX_PIXELS, jpegs_to_device=True)).to_pylist()
+    on_cpu = actor(decode_batch(batch, config, MAX_PIXELS)).to_pylist()
+    for near, far in zip(on_gpu, on_cpu, strict=True):
+        assert (near["status"], near["width"], near["height"]) == (far["status"], far["width"], far["height"])
+        assert cosine(np.array(near["embedding"]), np.array(far["embedding"])) > 0.99

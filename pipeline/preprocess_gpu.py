@@ -11,6 +11,7 @@ libjpeg's and PIL's), and go through the same `normalize`.
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Callable, Sequence
 
 import torch
@@ -24,6 +25,7 @@ RESAMPLE_MODES = {Image.Resampling.BILINEAR: "bilinear", Image.Resampling.BICUBI
 # Encoded bytes (1-D uint8 CPU tensors) -> per image a uint8 [3, height, width] tensor on the device as
 # stored in the file (no EXIF orientation), or the exception that rejected it
 JpegDecoder = Callable[[list[torch.Tensor], torch.device], list[torch.Tensor | Exception]]
+logger = logging.getLogger(__name__)
 
 
 def unsupported(config: PreprocessConfig, device: str) -> str | None:
@@ -84,6 +86,7 @@ class DeviceDecoder:
         self.mode = RESAMPLE_MODES[config.resample]
         self.jpeg = jpeg
         self.fallbacks = 0  # images the GPU decoder refused, decoded (or failed) on the CPU instead
+        self._warned = False
 
     def __call__(
         self, datas: Sequence[bytes], orientations: Sequence[int]
@@ -97,6 +100,13 @@ class DeviceDecoder:
             images = self.jpeg(
                 [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas], self.device
             )
+        refused = [image for image in images if not isinstance(image, torch.Tensor)]
+        if self.jpeg is not None and n > 1 and len(refused) == n and not self._warned:
+            # nvJPEG missing from this torchvision build, or the GPU out of decoder memory: slow, not wrong
+            logger.warning(
+                "the GPU decoder refused a whole batch of %d JPEGs (%s); the CPU decodes them", n, refused[0]
+            )
+            self._warned = True
         by_size: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
         for i, image in enumerate(images):
             if isinstance(image, torch.Tensor) and image.dim() == 3 and image.shape[0] == 3:

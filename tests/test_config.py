@@ -13,6 +13,10 @@ def test_yaml_and_json_files_with_overrides(tmp_path):
     config = load_config(tmp_path / "job.yaml", top_k=None, batch_size=64)
     assert (config.input, config.top_k, config.batch_size) == ("s3://b/images/", 3, 64)
     assert load_config(tmp_path / "job.json", model="./ckpt").model == "./ckpt"
+    defaults = load_config(tmp_path / "job.json")
+    assert (defaults.batch_size, defaults.compile, defaults.decode) == (None, "auto", "auto")
+    flags = load_config(tmp_path / "job.json", compile="graphs", decode="cpu")
+    assert (flags.compile, flags.decode) == ("graphs", "cpu")
 
 
 @pytest.mark.parametrize(
@@ -21,6 +25,11 @@ def test_yaml_and_json_files_with_overrides(tmp_path):
         ("input: a\noutput: b\nbatch_size: -1\n", "batch_size (--batch-size): Input should be greater"),
         ("input: a\noutput: b\ndevcie: cuda\n", "devcie (--devcie): Extra inputs are not permitted"),
         ("input: a\noutput: b\ndevice: tpu\n", "device (--device): Input should be 'auto', 'cpu' or 'cuda'"),
+        (
+            "input: a\noutput: b\ndecode: nvjpeg\n",
+            "decode (--decode): Input should be 'auto', 'cpu' or 'gpu'",
+        ),
+        ("input: a\noutput: b\ncompile: yes\n", "compile (--compile): Input should be 'auto', 'off', 'on'"),
         ("- just\n- a list\n", "must hold a mapping"),
         ("input: [unclosed\n", "is not valid YAML"),
         ("input: s3://b/images\noutput: s3://b/images/out\n", "lies inside the input"),

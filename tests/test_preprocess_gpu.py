@@ -5,6 +5,7 @@ nvJPEG itself needs a GPU; here a stand-in with its contract (bytes in, pixels a
 or the exception for what it refuses) takes its place. benchmarks/gpu.py checks the real one."""
 
 import io
+import logging
 
 import numpy as np
 import pytest
@@ -112,7 +113,7 @@ def test_device_pixels_match_the_cpu_path_within_one_level():
         assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
 
 
-def test_what_the_gpu_decoder_refuses_takes_the_cpu_path_one_image_at_a_time():
+def test_what_the_gpu_decoder_refuses_takes_the_cpu_path_one_image_at_a_time(caplog):
     config = PreprocessConfig(size=64)
     good, odd, broken = jpeg(smooth_rgb(50, 40)), jpeg(smooth_rgb(60, 30)), b"\xff\xd8\xff broken"
 
@@ -127,6 +128,12 @@ def test_what_the_gpu_decoder_refuses_takes_the_cpu_path_one_image_at_a_time():
     np.testing.assert_array_equal(pixels[1].numpy(), cpu_pixels(odd, config, MAX_PIXELS)[0])
     assert errors[0] is None and errors[1] is None
     assert errors[2].startswith("ImageDecodeError(") and not pixels[2].any()
+    refuses_all = DeviceDecoder(
+        config, torch.device("cpu"), MAX_PIXELS, jpeg=lambda d, _: [OSError("no")] * len(d)
+    )
+    with caplog.at_level(logging.WARNING):
+        pixels, errors = refuses_all([good, odd], [1, 1])
+    assert errors == [None, None] and "refused a whole batch of 2 JPEGs" in caplog.text
     no_gpu = DeviceDecoder(config, torch.device("cpu"), MAX_PIXELS, jpeg=None)
     pixels, errors = no_gpu([good, broken], [1, 1])
     np.testing.assert_array_equal(pixels[0].numpy(), cpu_pixels(good, config, MAX_PIXELS)[0])

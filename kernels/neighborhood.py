@@ -76,7 +76,10 @@ def axis_tiles(length: int, kernel: int, dilation: int, tile: int) -> AxisTiles:
             pos = torch.arange(first, first + tq)
             q_orig = pos * dilation + group
             q_start = start[q_orig]
-            halo_first = max(0, min(int(q_start[0]), glen - halo))
+            # the first query's window start, in plain ints: reading it off `q_start` would be a tensor-to-int
+            # conversion, which breaks torch.compile's graph at every layer that plans tiles
+            first_start = min(max(first - kernel // 2, 0), glen - kernel)
+            halo_first = max(0, min(first_start, glen - halo))
             halo_pos = torch.arange(halo_first, halo_first + halo)
             inside = (halo_pos[None, :] >= q_start[:, None]) & (halo_pos[None, :] < q_start[:, None] + kernel)
             inside &= halo_pos[None, :] < glen

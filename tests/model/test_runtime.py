@@ -100,3 +100,10 @@ def test_batch_from_free_memory_is_a_power_of_two_that_fits(free_gib, per_image_
 
 def test_batch_from_free_memory_respects_a_cap():
     assert batch_for_memory(80 * 2**30, 2**20, cap=100) == 64
+
+
+def test_the_model_traces_as_one_graph(model):
+    """No graph breaks: CUDA graphs then cover the whole forward instead of the pieces between breaks."""
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(model)(torch.randn(2, 3, 64, 64))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons

@@ -80,10 +80,13 @@ class DeviceDecoder:
         max_pixels: int,
         jpeg: JpegDecoder | None = nvjpeg,
     ):
+        if jpeg is not None and config.resample not in RESAMPLE_MODES:
+            raise ValueError(unsupported(config, "cuda"))
         self.config = config
         self.device = device
         self.max_pixels = max_pixels
-        self.mode = RESAMPLE_MODES[config.resample]
+        # None for filters torch has no match for: then no image reaches `_resize`, all take the CPU path
+        self.mode = RESAMPLE_MODES.get(config.resample)
         self.jpeg = jpeg
         self.fallbacks = 0  # images the GPU decoder refused, decoded (or failed) on the CPU instead
         self._warned = False

@@ -14,9 +14,10 @@ from PIL import Image, ImageOps
 
 from pipeline import preprocess_gpu
 from pipeline.inference import Predictor
+from pipeline.model.export import random_model, save_checkpoint
 from pipeline.preprocess import PreprocessConfig, cpu_pixels, decode_batch, device_decodable
 from pipeline.preprocess_gpu import DeviceDecoder, orient, unsupported
-from tests.data import MAX_PIXELS, TINY_INPUT, photo
+from tests.data import MAX_PIXELS, TINY, TINY_INPUT, photo
 
 RNG = np.random.default_rng(7)
 
@@ -48,14 +49,16 @@ def stand_in(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tens
     return out
 
 
-def rows(items: dict[str, bytes], to_device: bool) -> dict[str, np.ndarray]:
+def rows(
+    items: dict[str, bytes], to_device: bool, config: PreprocessConfig = TINY_INPUT
+) -> dict[str, np.ndarray]:
     keys = list(items)
     batch = {
         "key": np.array(keys, dtype=object),
         "data": np.array([items[k] for k in keys], dtype=object),
         "error": np.array([None] * len(keys), dtype=object),
     }
-    return decode_batch(batch, TINY_INPUT, MAX_PIXELS, jpegs_to_device=to_device)
+    return decode_batch(batch, config, MAX_PIXELS, jpegs_to_device=to_device)
 
 
 def test_only_jpegs_a_gpu_decoder_takes_are_sent_on():
@@ -172,3 +175,15 @@ def test_gpu_decoding_says_why_it_cannot_run(monkeypatch):
     assert "LANCZOS" in unsupported(lanczos, "cuda")
     monkeypatch.setattr(preprocess_gpu.importlib.util, "find_spec", lambda name: None)
     assert "pip install 'dinat-batch[gpu]'" in unsupported(PreprocessConfig(), "cuda")
+
+
+def test_a_filter_without_a_gpu_equivalent_keeps_the_cpu_path(tmp_path):
+    """Every actor holds a decoder for bytes it may be sent; a LANCZOS checkpoint must still load and run."""
+    lanczos = PreprocessConfig(size=64, resample=Image.Resampling.LANCZOS)
+    with pytest.raises(ValueError, match="LANCZOS"):
+        DeviceDecoder(lanczos, torch.device("cpu"), MAX_PIXELS, jpeg=stand_in)
+    folder = save_checkpoint(random_model(TINY), tmp_path / "lanczos", preprocessing=lanczos)
+    actor = Predictor(model=str(folder), run_id="r", top_k=3, device="cpu")
+    items = {"a.jpg": jpeg(smooth_rgb(80, 60)), "b.png": photo(3, "PNG")}
+    statuses = [row["status"] for row in actor(rows(items, to_device=True, config=lanczos)).to_pylist()]
+    assert statuses == ["ok", "ok"]

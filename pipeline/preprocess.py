@@ -190,11 +190,11 @@ def error_texts(column: np.ndarray) -> list[str | None]:
     return [value if isinstance(value, str) else None for value in column]
 
 
-def cpu_pixels(data: bytes | None, config: PreprocessConfig, max_pixels: int) -> tuple[np.ndarray, int, int]:
+def cpu_pixels(data: bytes, config: PreprocessConfig, max_pixels: int) -> tuple[np.ndarray, int, int]:
     """Bytes -> (uint8 pixels at the model's size, source width, source height); every failure, a decoder
     bug included, is an ImageDecodeError, so that one file never ends a run."""
     try:
-        image = decode(bytes(data) if data is not None else b"", max_pixels)
+        image = decode(data, max_pixels)
         return resized(image, config), image.width, image.height
     except ImageDecodeError:
         raise
@@ -249,9 +249,10 @@ def decode_batch(
     for i, data in enumerate(datas):
         if errors[i] is not None:
             continue
-        header = device_decodable(bytes(data), max_pixels) if jpegs_to_device and data is not None else None
+        data = bytes(data) if data is not None else b""
+        header = device_decodable(data, max_pixels) if jpegs_to_device else None
         if header is not None:
-            passed[i] = bytes(data)
+            passed[i] = data
             sizes[i] = header.width, header.height
             orientations[i] = header.orientation
             continue

@@ -44,7 +44,7 @@ def batch_for_memory(free_bytes: int, per_image_bytes: float, cap: int = MAX_AUT
 
 def resolve_compile(mode: CompileMode, device: torch.device) -> Literal["off", "on", "graphs"]:
     """`auto`: CUDA graphs on a GPU, where launch overhead dominates a small model; eager on a CPU, where
-    compiling costs seconds per shape and gains ~8% (benchmarks/RESULTS.md)."""
+    compiling dinat-mini takes ~60 s and gains ~5% (benchmarks/RESULTS.md)."""
     if mode != "auto":
         return mode
     return "graphs" if device.type == "cuda" else "off"
@@ -165,10 +165,10 @@ class Runner:
             out = self._call(self.step, staged)
             if start + self.batch < n:
                 staged = self._stage(pixels, start + self.batch)
-            parts.append(([t[:rows].to("cpu", non_blocking=True) for t in out], rows))
+            parts.append([t[:rows].to("cpu", non_blocking=True) for t in out])
         if self.cuda:
             torch.cuda.current_stream(self.device).synchronize()
-        return _concat([self._numpy(out) for out, _ in parts])
+        return _concat([self._numpy(out) for out in parts])
 
     @staticmethod
     def _numpy(out: list[torch.Tensor]) -> Outputs:

@@ -2,8 +2,9 @@
 table under the output root, which DuckDB, Polars, Spark and pyarrow read as a whole.
 
     OUTPUT/run_date=2026-11-27/*.parquet, _SUCCESS    committed partitions (the marker is written last)
+    OUTPUT/run_date=2026-11-28/_staging/RUN/          a run in progress (pipeline.output); never read
     OUTPUT/_runs/2026-11-27.arrow                     the ledger: (uri, version) of what that date read
-    OUTPUT/_staging/2026-11-28-<run id>/              a run in progress; never read
+    OUTPUT/_lease/                                    the live run's lease, one for the whole table
 
 What a date processes: the listed objects whose (uri, version) appear in the ledger of no other committed
 date. So a rerun of a date selects the same objects (less any that a later date has since taken) and
@@ -14,19 +15,23 @@ marker is, for the other dates, as if it never ran.
 from __future__ import annotations
 
 import datetime as dt
+import io
 import uuid
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 from pydantic import BaseModel
 
 from pipeline.config import RunConfig
-from pipeline.run import RunSummary, run
-from pipeline.sink import SUCCESS, Output
+from pipeline.faults import crash_point
+from pipeline.lease import LEASES
+from pipeline.output import SUCCESS, ForeignFiles, Output
+from pipeline.run import RunSummary, execute, finish, plan, ray_connection
+from pipeline.sink import put_file
 
 LEDGERS = "_runs"
-STAGING = "_staging"
 PARTITION = "run_date"
 
 
@@ -35,6 +40,7 @@ class NightlySummary(BaseModel):
     partition: str
     listed: int
     new_or_changed: int
+    retried_later: int  # inputs whose read failed: left out of the ledger, so a later run takes them again
     run: RunSummary
 
 
@@ -48,13 +54,31 @@ class Table:
     def __init__(self, uri: str, storage_options: dict[str, Any]):
         self.root = Output(uri, storage_options)
         self.fs = self.root.fs
-        self.storage_options = storage_options
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root.path, *parts])
 
+    def partition(self, date: dt.date) -> Output:
+        return self.root.child(partition_name(date))
+
     def committed(self, date: dt.date) -> bool:
         return self.fs.exists(self.path(partition_name(date), SUCCESS))
+
+    def check_root(self) -> None:
+        """The root holds partitions, ledgers and the lease only: anything else is someone else's."""
+        self.fs.invalidate_cache()
+        if not self.fs.isdir(self.root.path):
+            return
+        foreign = [
+            entry
+            for entry in self.fs.ls(self.root.path, detail=False)
+            if not entry.rsplit("/", 1)[1].startswith((f"{PARTITION}=", LEDGERS, LEASES))
+        ]
+        if foreign:
+            raise ForeignFiles(
+                f"the nightly table {self.root.uri!r} holds files dinat-batch did not write: "
+                f"{', '.join(foreign[:5])}. Choose an empty or new output, or move them away"
+            )
 
     def seen_elsewhere(self, date: dt.date) -> pa.Table:
         """(uri, version) of every object read by another committed date: before `date` they are old news,
@@ -70,56 +94,47 @@ class Table:
             return pa.table({"uri": pa.array([], pa.string()), "version": pa.array([], pa.string())})
         return pa.concat_tables(tables)
 
-    def commit(self, date: dt.date, staging: str, listing: pa.Table, manifest: dict[str, Any]) -> str:
-        """Replace the date's partition by the staged files; the ledger, then the marker, last."""
-        partition = self.path(partition_name(date))
-        if self.fs.exists(partition):
-            # un-commit first: from here until the new marker, readers skip this date
-            if self.fs.exists(f"{partition}/{SUCCESS}"):
-                self.fs.rm(f"{partition}/{SUCCESS}")
-            self.fs.rm(partition, recursive=True)
-        self.fs.makedirs(partition, exist_ok=True)
-        self.fs.makedirs(self.path(LEDGERS), exist_ok=True)
-        for staged in self.fs.find(staging):
-            if staged.endswith(".parquet"):
-                self.fs.copy(staged, f"{partition}/{staged.rsplit('/', 1)[1]}")
-        ledger = self.path(LEDGERS, f"{date.isoformat()}.arrow")
-        with self.fs.open(ledger, "wb") as f, ipc.new_file(f, listing.schema) as writer:
-            writer.write_table(listing)
-        Output(f"{self.root.uri}/{partition_name(date)}", self.storage_options).commit(manifest)
-        self.fs.rm(staging, recursive=True)
-        return partition
+    def write_ledger(self, date: dt.date, read: pa.Table) -> None:
+        buffer = io.BytesIO()
+        with ipc.new_file(buffer, read.schema) as writer:
+            writer.write_table(read)
+        put_file(self.fs, self.path(LEDGERS, f"{date.isoformat()}.arrow"), buffer.getvalue())
 
-    def clear_staging(self, date: dt.date) -> None:
-        """Staging left by earlier attempts at this date (a crashed driver)."""
-        for stale in self.fs.glob(self.path(STAGING, f"{date.isoformat()}-*")):
-            self.fs.rm(stale, recursive=True)
+
+def _read_in_full(selected: pa.Table, retryable_keys: list[str]) -> pa.Table:
+    """The selected objects less those whose read failed (the object itself, or a container from its
+    start): the ledger records only what was read."""
+    failed = {key.split("#<unreadable from its start>")[0] for key in retryable_keys}
+    return selected.filter(pc.invert(pc.is_in(selected.column("uri"), pa.array(sorted(failed), pa.string()))))
 
 
 def nightly(config: RunConfig, date: dt.date | None = None) -> NightlySummary:
-    """Process what is new or changed for `date` (default: today, UTC) into its partition."""
+    """Process what is new or changed for `date` (default: today, UTC) into its partition.
+
+    The whole table is leased, not the partition: two attempts at one date would otherwise both commit,
+    and attempts at two dates could both take the same new objects. A date whose partition is committed
+    is rerun (its marker removed first); one whose attempt died is resumed from that attempt's chunks."""
     date = date or dt.datetime.now(dt.UTC).date()
     table = Table(config.output, config.storage_options)
-    table.clear_staging(date)
-    seen = table.seen_elsewhere(date)
     run_id = f"nightly-{date.isoformat()}-{uuid.uuid4().hex[:8]}"
-    staging = f"{table.root.uri}/{STAGING}/{date.isoformat()}-{run_id}"
-    chosen: dict[str, pa.Table] = {}
-
-    def select(listing: pa.Table) -> pa.Table:
-        chosen["listed"] = listing
-        new = listing.join(seen, keys=["uri", "version"], join_type="left anti").sort_by("uri")
-        chosen["new"] = new
-        return new
-
-    summary = run(config.model_copy(update={"output": staging, "overwrite": True, "run_id": run_id}), select)
-    partition = f"{table.root.uri}/{partition_name(date)}"
-    result = NightlySummary(
-        date=date,
-        partition=partition,
-        listed=chosen["listed"].num_rows,
-        new_or_changed=chosen["new"].num_rows,
-        run=summary.model_copy(update={"output": partition}),
-    )
-    table.commit(date, table.fs._strip_protocol(staging), chosen["new"], result.model_dump(mode="json"))
+    with ray_connection(config.ray_address), table.root.lease(run_id, config.lease_timeout) as lease:
+        table.check_root()
+        partition = table.partition(date)
+        rerun = partition.marker() is not None
+        planned = plan(config.model_copy(update={"overwrite": rerun}), run_id)
+        seen = table.seen_elsewhere(date)
+        new = planned.listing.join(seen, keys=["uri", "version"], join_type="left anti").sort_by("uri")
+        summary, compacted = execute(planned, partition, lease, new)
+        read = _read_in_full(new, compacted.retryable_keys)
+        result = NightlySummary(
+            date=date,
+            partition=partition.uri,
+            listed=planned.listing.num_rows,
+            new_or_changed=new.num_rows,
+            retried_later=new.num_rows - read.num_rows,
+            run=summary,
+        )
+        table.write_ledger(date, read)
+        crash_point("ledger-written")
+        finish(partition, lease, summary, compacted, config.max_error_rate, result.model_dump(mode="json"))
     return result

@@ -12,11 +12,13 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import re
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -42,14 +44,40 @@ def submission_id(config: RunConfig, nightly_date: dt.date | None = None) -> str
     return f"dinat-nightly-{nightly_date.isoformat()}-{digest}" if nightly_date else f"dinat-run-{digest}"
 
 
+# credentials written into a value rather than a setting's name: URL user info, connection strings,
+# signed URLs, authorization headers
+_CREDENTIAL_TEXT = re.compile(
+    r"://[^/@\s:]+:[^/@\s]+@|AccountKey=|SharedAccessSignature=|[?&](sig|X-Amz-Signature|X-Amz-Credential)="
+    r"|\bBearer\s|\bBasic\s[A-Za-z0-9+/=]{8,}|password=",
+    re.IGNORECASE,
+)
+
+
+def _strings(value: Any, where: str) -> list[tuple[str, str]]:
+    if isinstance(value, dict):
+        return [item for k, v in value.items() for item in _strings(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(value, list):
+        return [item for i, v in enumerate(value) for item in _strings(v, f"{where}[{i}]")]
+    return [(where, value)] if isinstance(value, str) else []
+
+
 def _refuse_secrets(config: RunConfig, env: dict[str, str]) -> None:
-    if redact(config.storage_options) != config.storage_options:
+    """Refuse a submission that carries any credential: anything in storage_options beyond the settings
+    known to be safe, and any value anywhere that looks like one."""
+    data = config.model_dump(mode="json")
+    hidden = [
+        where
+        for where, value in _strings(redact(config.storage_options), "storage_options")
+        if value == "***"
+    ]
+    written = [where for where, value in _strings(data, "") if _CREDENTIAL_TEXT.search(value)]
+    if hidden or written:
         raise SubmitError(
-            "the config carries credentials in storage_options; a submitted config is visible to anyone who "
-            "can list the cluster's jobs. Remove them and give the cluster its own (instance role, "
-            "Kubernetes secret, AWS_* variables on the workers)"
+            f"the config carries credentials ({', '.join(sorted(set(hidden + written)))}); a submitted "
+            "config is visible to anyone who can list the cluster's jobs. Remove them and give the cluster "
+            "its own (instance role, Kubernetes secret, AWS_* variables on the workers)"
         )
-    leaking = [name for name in env if is_secret_name(name)]
+    leaking = [name for name, value in env.items() if is_secret_name(name) or _CREDENTIAL_TEXT.search(value)]
     if leaking:
         raise SubmitError(
             f"--env {', '.join(leaking)} looks like a credential; runtime_env variables are shown in plain "

@@ -15,11 +15,45 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.locations import resolve
+
 DEFAULT_MODEL = "shi-labs/dinat-mini-in1k-224"
-GLOB_CHARS = "*?["
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
-_SECRET_NAME = re.compile(r"key|secret|token|password|credential|session", re.IGNORECASE)
-_NOT_SECRET = {"endpoint_url", "region_name", "use_ssl", "anon", "client_kwargs", "config_kwargs"}
+_SECRET_NAME = re.compile(r"key|secret|token|password|credential|session|auth|sig", re.IGNORECASE)
+# storage_options settings shown as they are; every other value in storage_options is redacted, so a
+# credential under a name nobody foresaw (a header, a connection string) is never written or logged
+SAFE_STORAGE_OPTIONS = frozenset(
+    {
+        "client_kwargs",
+        "config_kwargs",
+        "s3",
+        "retries",
+        "endpoint_url",
+        "region_name",
+        "use_ssl",
+        "verify",
+        "anon",
+        "addressing_style",
+        "signature_version",
+        "connect_timeout",
+        "read_timeout",
+        "max_attempts",
+        "mode",
+        "max_pool_connections",
+        "requester_pays",
+        "version_aware",
+        "cache_regions",
+        "skip_instance_cache",
+        "use_listings_cache",
+        "listings_expiry_time",
+        "default_block_size",
+        "default_fill_cache",
+        "default_cache_type",
+        "max_concurrency",
+        "project",
+        "auto_mkdir",
+    }
+)
 
 
 class ConfigError(ValueError):
@@ -65,8 +99,26 @@ class RunConfig(BaseModel):
     )
     cpu_threads: int | None = Field(None, ge=1, description="torch threads per CPU actor; default: all cores")
     max_pixels: int = Field(100_000_000, ge=1, description="larger declared images are decode errors")
+    max_bytes_per_image: int = Field(
+        64 * 2**20, ge=1, description="larger objects and tar members are error rows, never read whole"
+    )
+    allowed_uri_prefixes: list[str] | None = Field(
+        None,
+        description="Parquet uri_column: where listed URIs may point; default: the input's own bucket",
+    )
     read_batch_size: int = Field(64, ge=1, description="objects fetched concurrently per read task")
-    rows_per_file: int = Field(100_000, ge=1, description="target rows per output Parquet file")
+    rows_per_file: int = Field(
+        100_000, ge=1, description="target rows per output Parquet file (small chunks are compacted)"
+    )
+    chunk_rows: int | None = Field(
+        None,
+        ge=1,
+        description="rows per chunk file written while running; default: each inference batch as it "
+        "comes, so a crash loses only the batches in flight",
+    )
+    lease_timeout: float = Field(
+        600.0, gt=0, description="seconds without a heartbeat after which another run takes the output over"
+    )
     max_error_rate: float | None = Field(
         None,
         ge=0,
@@ -86,13 +138,18 @@ class RunConfig(BaseModel):
         return value.strip()
 
     @model_validator(mode="after")
-    def _output_outside_input(self) -> RunConfig:
-        source = _normalised(self.input)
-        target = _normalised(self.output)
-        if target == source or target.startswith(source + "/"):
+    def _output_apart_from_input(self) -> RunConfig:
+        source, target = resolve(self.input), resolve(self.output)
+        if source.covers(target):
+            where = "is the input" if source == target else "lies inside the input"
             raise ValueError(
-                f"output {self.output!r} lies inside the input {self.input!r}: a rerun would read its own "
-                "output. Choose an output outside the input prefix"
+                f"output {self.output!r} {where} {self.input!r} (both resolve to {source} and {target}): "
+                "a run would read its own output. Choose an output outside the input"
+            )
+        if target.covers(source):
+            raise ValueError(
+                f"the input {self.input!r} lies inside the output {self.output!r} ({source} is under "
+                f"{target}): --overwrite would delete it. Choose an output beside the input, not above it"
             )
         return self
 
@@ -103,28 +160,20 @@ class RunConfig(BaseModel):
         return data
 
 
-def glob_prefix(pattern: str) -> str:
-    """The part of a path or glob before its first wildcard (all of it when it has none)."""
-    for wildcard in GLOB_CHARS:
-        pattern = pattern.split(wildcard)[0]
-    return pattern
-
-
-def _normalised(uri: str) -> str:
-    return glob_prefix(uri.rstrip("/")).rstrip("/")
-
-
 def is_secret_name(name: str) -> bool:
-    """Whether a setting or variable of this name holds a credential (key, secret, token, ...)."""
-    return bool(name) and name not in _NOT_SECRET and bool(_SECRET_NAME.search(name))
+    """Whether a variable of this name looks like it holds a credential (key, secret, token, ...)."""
+    return bool(name) and bool(_SECRET_NAME.search(name))
 
 
 def redact(value: Any, name: str = "") -> Any:
+    """storage_options with every value outside SAFE_STORAGE_OPTIONS replaced by '***'."""
+    if name and name not in SAFE_STORAGE_OPTIONS:
+        return "***"
     if isinstance(value, dict):
         return {k: redact(v, str(k)) for k, v in value.items()}
     if isinstance(value, list):
         return [redact(v, name) for v in value]
-    return "***" if is_secret_name(name) else value
+    return value
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:

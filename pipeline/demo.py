@@ -100,7 +100,7 @@ def run_demo(echo: Callable[[str], None] = print) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with LocalObjectStore() as store:
         echo(f"local S3 (SeaweedFS) on {store.endpoint}, loopback only, generated credentials")
-        ray.init(include_dashboard=False, logging_level="ERROR", num_cpus=os.cpu_count())
+        ray.init(address="local", include_dashboard=False, logging_level="ERROR", num_cpus=os.cpu_count())
         try:
             store.make_bucket(BUCKET)
             fs = store.filesystem()

@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from pipeline.sink import SUCCESS, Output, output_schema
+from pipeline.output import Output
+from pipeline.sink import output_schema
 
 SUMMARY = {
     "runs": (
@@ -44,22 +45,27 @@ class OutputNotReady(RuntimeError):
 
 
 def read_output(uri: str, storage_options: dict[str, Any] | None = None) -> pa.Table:
-    """The committed rows under `uri`: one run's output (with `_SUCCESS`), or the committed `run_date=`
-    partitions of a nightly table (with a `run_date` column). Rows without a marker are never returned."""
+    """The committed rows under `uri`: one run's output (the files its `_SUCCESS` lists), or the committed
+    `run_date=` partitions of a nightly table (with a `run_date` column). Rows no marker lists are never
+    returned."""
     output = Output(uri, storage_options or {})
-    if output.manifest() is not None:
-        return pq.read_table(output.path, filesystem=output.fs)
+    files = output.committed_files()
+    if files is not None:
+        if not files:  # a run that had nothing to process
+            return output_schema(0).empty_table()
+        return pq.read_table(files, filesystem=output.fs)
     partitions = [
-        path for path in output.fs.glob(f"{output.path}/run_date=*") if output.fs.exists(f"{path}/{SUCCESS}")
+        Output(f"{output.uri}/{_name(path)}", storage_options or {})
+        for path in output.fs.glob(f"{output.path}/run_date=*")
     ]
-    if not partitions:
+    listed = [(partition, partition.committed_files()) for partition in partitions]
+    committed = [(partition, files) for partition, files in listed if files is not None]
+    if not committed:
         raise OutputNotReady(
             f"{uri} has no _SUCCESS marker and no committed run_date= partition: the run that writes it has "
             "not finished (or failed); rerun it"
         )
-    files = [
-        path for partition in partitions for path in output.fs.find(partition) if path.endswith(".parquet")
-    ]
+    files = [path for _, paths in committed for path in paths]
     if not files:  # only runs that found nothing new
         return output_schema(0).append(pa.field("run_date", pa.string())).empty_table()
     dataset = ds.dataset(
@@ -70,6 +76,10 @@ def read_output(uri: str, storage_options: dict[str, Any] | None = None) -> pa.T
         partition_base_dir=output.path,
     )
     return dataset.to_table()
+
+
+def _name(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
 
 
 def sql(table: pa.Table, query: str, params: dict[str, Any] | None = None) -> duckdb.DuckDBPyRelation:

@@ -1,12 +1,18 @@
 """Assembles the Ray Data pipeline and runs it: list -> read -> decode (CPU tasks) -> infer (actor pool)
--> Parquet -> `_SUCCESS`. Returns the run summary, which is also the `_SUCCESS` manifest."""
+-> chunk files -> compaction -> `_SUCCESS`. Returns the run summary, which is also the marker's manifest.
+
+A run is planned (model checked, inputs listed), executed into an output it holds the lease of, and
+committed through `pipeline.output`; the nightly job uses the same three steps on a partition.
+"""
 
 from __future__ import annotations
 
 import os
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,12 +22,15 @@ from pydantic import BaseModel
 
 from pipeline.config import ConfigError, RunConfig
 from pipeline.inference import Predictor
+from pipeline.lease import Lease
 from pipeline.model import load_model
 from pipeline.model.runtime import CPU_BATCH, MAX_AUTO_BATCH
+from pipeline.output import FAILURE, SUCCESS, Compacted, Output, Resume, record_source
 from pipeline.preprocess import PreprocessConfig, decode_batch
 from pipeline.preprocess_gpu import unsupported
-from pipeline.sink import Output
+from pipeline.sink import ChunkSink, KeyDigest, Ownership, output_schema
 from pipeline.sources import (
+    ReadRules,
     check_table,
     choose_kind,
     list_objects,
@@ -52,16 +61,42 @@ class RunSummary(BaseModel):
     device: str
     decode: str  # where JPEGs were decoded: cpu or gpu
     images: int
-    resumed: int  # rows kept from an earlier attempt that died before its marker
+    resumed: int  # rows kept from earlier attempts that died before their marker
     ok: int
     errors: int
+    retryable_errors: (
+        int  # of `errors`: failed reads (the store, not the image), retried by a resume or rerun
+    )
     errors_by_kind: dict[str, int]
+    files: int  # table files committed
     started_at: datetime
     finished_at: datetime
     listing_seconds: float
     seconds: float
     images_per_second: float
     config: dict[str, Any]
+
+
+@dataclass
+class Plan:
+    """What a run will do, settled before any image is read: the model, the actors, the inputs."""
+
+    config: RunConfig
+    run_id: str
+    attempt: str  # this start of the run: the name of its staging folder
+    kind: str
+    listing: pa.Table  # uri, size, version of each image file, shard or table to read
+    preprocessing: PreprocessConfig
+    model_sha256: str
+    num_features: int
+    actors: tuple[str, int, int, int]
+    jpegs_to_device: bool
+    started_at: datetime
+    listing_seconds: float
+
+    @property
+    def ownership(self) -> Ownership:
+        return Ownership(self.run_id, self.model_sha256, self.attempt)
 
 
 def _blocks(table: pa.Table, rows: int) -> list[pa.Table]:
@@ -74,25 +109,45 @@ def _drop_keys(batch: pa.Table, done: set[str]) -> pa.Table:
     return batch.filter(pa.array(keep, pa.bool_()))
 
 
-def _source(config: RunConfig, kind: str, listing: pa.Table, done: set[str]) -> ray.data.Dataset:
+def _read_recorded(batch: pa.Table, read, output: str, storage_options: dict, attempt: str, **kwargs):
+    """`read` (shards or tables) one container at a time, recording the keys each gave (see
+    `record_source`): the commit compares the rows written with them."""
+    for i in range(batch.num_rows):
+        keys: list[str] = []
+        for rows in read(batch.slice(i, 1), **kwargs):
+            keys += rows.column("key").to_pylist()
+            yield rows
+        record_source(output, storage_options, attempt, batch.column("uri")[i].as_py(), keys)
+
+
+def _source(plan: Plan, listing: pa.Table, output: Output, done: set[str]) -> ray.data.Dataset:
     """`(key, data, error)` rows, one per input image not in `done` (written by an earlier attempt)."""
+    config = plan.config
     tasks = {"batch_format": "pyarrow", "num_cpus": _DECODE_CPUS}
-    read = tasks | {"fn_kwargs": {"storage_options": config.storage_options}}
-    if kind == "files":
+    rules = ReadRules.of(config)
+    if plan.kind == "files":
         located = _drop_keys(locate_files(listing), done)
         blocks = ray.data.from_arrow(_blocks(located, config.read_batch_size))
-        return blocks.map_batches(read_objects, batch_size=config.read_batch_size, **read)
-    containers = ray.data.from_arrow(_blocks(listing, 1))
-    if kind == "webdataset":
-        rows = containers.map_batches(read_shards, batch_size=1, **read)
-    else:
-        rows = containers.map_batches(
-            read_tables, batch_size=1, **(tasks | {"fn_kwargs": {"config": config}})
+        return blocks.map_batches(
+            read_objects, batch_size=config.read_batch_size, **tasks, fn_kwargs={"rules": rules}
         )
+    recorded = {
+        "output": output.uri,
+        "storage_options": config.storage_options,
+        "attempt": plan.attempt,
+        **({"read": read_shards, "rules": rules} if plan.kind == "webdataset" else {}),
+        **({"read": read_tables, "config": config} if plan.kind == "parquet" else {}),
+    }
+    rows = ray.data.from_arrow(_blocks(listing, 1)).map_batches(
+        _read_recorded, batch_size=1, **tasks, fn_kwargs=recorded
+    )
     if done:
         rows = rows.map_batches(_drop_keys, **(tasks | {"fn_kwargs": {"done": done}}))
-    if kind == "parquet" and config.uri_column:
-        return rows.map_batches(read_objects, batch_size=config.read_batch_size, **read)
+    if plan.kind == "parquet" and config.uri_column:
+        table_rules = ReadRules.of(config, from_table=True)
+        return rows.map_batches(
+            read_objects, batch_size=config.read_batch_size, **tasks, fn_kwargs={"rules": table_rules}
+        )
     return rows
 
 
@@ -116,29 +171,29 @@ def _decode_on_device(config: RunConfig, device: str, preprocessing: PreprocessC
     return config.decode != "cpu" and reason is None
 
 
-def _connect(address: str | None) -> bool:
-    """Join the configured or ambient Ray cluster, else start a local one. True when this call started it."""
-    if ray.is_initialized():
-        return False
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, logging_level="WARNING")
-        return False
-    ray.init(include_dashboard=False, logging_level="WARNING")
-    return True
+@contextmanager
+def ray_connection(address: str | None) -> Iterator[None]:
+    """Join the configured or ambient Ray cluster, else start a local one (and stop it afterwards).
+    `address="local"` for the latter: a bare init would follow a stale `ray_current_cluster` file left
+    by a dead `ray start` head and wait a minute for it."""
+    started = False
+    if not ray.is_initialized():
+        if address or os.environ.get("RAY_ADDRESS"):
+            ray.init(address=address, logging_level="WARNING")
+        else:
+            ray.init(address="local", include_dashboard=False, logging_level="WARNING")
+            started = True
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
 
 
-def run(
-    config: RunConfig | Mapping[str, Any], select: Callable[[pa.Table], pa.Table] | None = None
-) -> RunSummary:
-    """Run the pipeline once; raises ConfigError or ModelLoadError before any data is read.
-
-    `select` narrows the listing (`uri`, `size`, `version` of each image file, shard or table) to what
-    this run processes; the nightly runs pass the objects that are new since the last one. A run left
-    with nothing to process commits an empty output."""
-    if not isinstance(config, RunConfig):
-        config = RunConfig.model_validate(config)
+def plan(config: RunConfig, run_id: str) -> Plan:
+    """Check the model and list the inputs (on the connected Ray); raises ConfigError or ModelLoadError
+    before any image is read."""
     started_at = datetime.now(UTC)
-    run_id = config.run_id or f"{started_at:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
     # the driver loads the model once so that a missing, corrupt or mis-shaped checkpoint fails here
     model = load_model(config.model, device="cpu", storage_options=config.storage_options)
     preprocessing = model.preprocessing
@@ -146,84 +201,130 @@ def run(
         raise ConfigError(
             f"{config.model}: its preprocessor does not resize; batched inference needs one size"
         )
-    model_sha256 = model.weights_sha256
+    model_sha256, num_features = model.weights_sha256, model.config.num_features
     del model
-    started_ray = _connect(config.ray_address)
-    try:
-        actors = _actors(config)
-        jpegs_to_device = _decode_on_device(config, actors[0], preprocessing)
-        output = Output(config.output, config.storage_options)
-        t0 = time.monotonic()
-        listing = list_objects(config.input, config.storage_options)
-        kind, listing = choose_kind(config, listing)
-        if kind == "parquet":
-            check_table(listing.column("uri")[0].as_py(), config)
-        if select is not None:
-            listing = select(listing)
-        listed = time.monotonic()
-        done = output.prepare(config.overwrite, model_sha256)
+    actors = _actors(config)
+    jpegs_to_device = _decode_on_device(config, actors[0], preprocessing)
+    t0 = time.monotonic()
+    listing = list_objects(config.input, config.storage_options)
+    kind, listing = choose_kind(config, listing)
+    if kind == "parquet":
+        check_table(listing.column("uri")[0].as_py(), config)
+    return Plan(
+        config,
+        run_id,
+        f"{run_id}.{uuid.uuid4().hex[:8]}",
+        kind,
+        listing,
+        preprocessing,
+        model_sha256,
+        num_features,
+        actors,
+        jpegs_to_device,
+        started_at,
+        round(time.monotonic() - t0, 3),
+    )
+
+
+def execute(
+    plan: Plan, output: Output, lease: Lease, listing: pa.Table | None = None
+) -> tuple[RunSummary, Compacted]:
+    """Process `listing` (default: the plan's) into `output`, whose lease this process holds, and compact
+    and check its rows; `finish` then commits them."""
+    config = plan.config
+    listing = plan.listing if listing is None else listing
+    resume = output.prepare(config.overwrite, plan.ownership)
+    t0 = time.monotonic()
+    if plan.kind == "files":
+        uris = listing.column("uri").to_pylist()
+        listed = set(uris)
+        if not listed <= resume.done:
+            _execute(plan, listing, output, resume)
+        # rows an earlier attempt wrote for inputs deleted since stay: they were inputs of this run
+        expected = KeyDigest().add(uris).add(key for key in resume.done if key not in listed)
+    else:
         if listing.num_rows:
-            _execute(config, kind, listing, preprocessing, run_id, output, done, actors, jpegs_to_device)
-        finished = time.monotonic()
-        ok, errors, errors_by_kind = output.counts()
-        summary = RunSummary(
-            run_id=run_id,
-            input=config.input,
-            input_format=kind,
-            output=config.output,
-            model=config.model,
-            model_sha256=model_sha256,
-            device=actors[0],
-            decode="gpu" if jpegs_to_device else "cpu",
-            images=ok + errors,
-            resumed=len(done),
-            ok=ok,
-            errors=errors,
-            errors_by_kind=errors_by_kind,
-            started_at=started_at,
-            finished_at=datetime.now(UTC),
-            listing_seconds=round(listed - t0, 3),
-            seconds=round(finished - t0, 3),
-            images_per_second=round((ok + errors - len(done)) / max(finished - listed, 1e-9), 2),
-            config=config.redacted(),
-        )
-        rate = errors / max(ok + errors, 1)
-        if config.max_error_rate is not None and rate > config.max_error_rate:
-            reason = (
-                f"{errors} of {ok + errors} rows are errors ({rate:.1%}), above max_error_rate "
-                f"{config.max_error_rate:.1%}; the rows and this summary are in {config.output}"
-            )
-            output.fail(summary.model_dump(mode="json") | {"failed": reason})
-            raise ErrorRateExceeded(reason)
-        output.commit(summary.model_dump(mode="json"))
-        return summary
-    finally:
-        if started_ray:
-            ray.shutdown()
+            _execute(plan, listing, output, resume)
+        expected = output.source_digest(plan.attempt)
+    compacted = output.compact(plan.ownership, lease, expected, config.rows_per_file)
+    finished = time.monotonic()
+    images = compacted.ok + compacted.errors
+    summary = RunSummary(
+        run_id=plan.run_id,
+        input=config.input,
+        input_format=plan.kind,
+        output=output.uri,
+        model=config.model,
+        model_sha256=plan.model_sha256,
+        device=plan.actors[0],
+        decode="gpu" if plan.jpegs_to_device else "cpu",
+        images=images,
+        resumed=len(resume.done),
+        ok=compacted.ok,
+        errors=compacted.errors,
+        retryable_errors=len(compacted.retryable_keys),
+        errors_by_kind=compacted.errors_by_kind,
+        files=len(compacted.files),
+        started_at=plan.started_at,
+        finished_at=datetime.now(UTC),
+        listing_seconds=plan.listing_seconds,
+        seconds=round(finished - t0 + plan.listing_seconds, 3),
+        images_per_second=round((images - len(resume.done)) / max(finished - t0, 1e-9), 2),
+        config=config.redacted(),
+    )
+    return summary, compacted
 
 
-def _execute(
-    config: RunConfig,
-    kind: str,
-    listing: pa.Table,
-    preprocessing: PreprocessConfig,
-    run_id: str,
+def finish(
     output: Output,
-    done: set[str],
-    actors: tuple[str, int, int, int],
-    jpegs_to_device: bool,
+    lease: Lease,
+    summary: RunSummary,
+    compacted: Compacted,
+    max_error_rate: float | None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
-    """The Ray Data plan: read and decode as CPU tasks, inference in an actor pool, Parquet files."""
-    device, num_gpus, min_actors, max_actors = actors
-    decoded = _source(config, kind, listing, done).map_batches(
+    """Write the marker: `_SUCCESS`, or `_FAILURE` and ErrorRateExceeded above the error budget. The
+    manifest is the summary, `extra`, and the committed files."""
+    manifest = summary.model_dump(mode="json") | (extra or {}) | {"files": compacted.files}
+    rate = summary.errors / max(summary.images, 1)
+    if max_error_rate is not None and rate > max_error_rate:
+        reason = (
+            f"{summary.errors} of {summary.images} rows are errors ({rate:.1%}), above max_error_rate "
+            f"{max_error_rate:.1%}; the rows and this summary are in {output.uri}"
+        )
+        output.publish(lease, FAILURE, manifest | {"failed": reason})
+        raise ErrorRateExceeded(reason)
+    output.publish(lease, SUCCESS, manifest)
+
+
+def run(config: RunConfig | dict[str, Any]) -> RunSummary:
+    """Run the pipeline once; raises ConfigError or ModelLoadError before any data is read, LeaseHeld
+    when another run holds the output."""
+    if not isinstance(config, RunConfig):
+        config = RunConfig.model_validate(config)
+    run_id = config.run_id or f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+    output = Output(config.output, config.storage_options)
+    # the lease before anything else: a run refused for a live holder has listed nothing
+    with ray_connection(config.ray_address), output.lease(run_id, config.lease_timeout) as lease:
+        planned = plan(config, run_id)
+        summary, compacted = execute(planned, output, lease)
+        finish(output, lease, summary, compacted, config.max_error_rate)
+    return summary
+
+
+def _execute(plan: Plan, listing: pa.Table, output: Output, resume: Resume) -> None:
+    """The Ray Data plan: read and decode as CPU tasks, inference in an actor pool, chunk files."""
+    config = plan.config
+    device, num_gpus, min_actors, max_actors = plan.actors
+    decoded = _source(plan, listing, output, resume.done).map_batches(
         decode_batch,
         batch_size=_DECODE_BATCH,
         batch_format="numpy",
         num_cpus=_DECODE_CPUS,
         fn_kwargs={
-            "config": preprocessing,
+            "config": plan.preprocessing,
             "max_pixels": config.max_pixels,
-            "jpegs_to_device": jpegs_to_device,
+            "jpegs_to_device": plan.jpegs_to_device,
         },
     )
     # the actor sizes its model calls itself on a GPU (from free memory); a call brings it up to the most
@@ -232,7 +333,7 @@ def _execute(
         Predictor,
         fn_constructor_kwargs={
             "model": config.model,
-            "run_id": run_id,
+            "run_id": plan.run_id,
             "top_k": config.top_k,
             "device": device,
             "dtype": config.dtype,
@@ -247,5 +348,6 @@ def _execute(
         batch_format="numpy",
         num_gpus=num_gpus,
     )
-    path, filesystem = output.ray_target()
-    predicted.write_parquet(path, filesystem=filesystem, min_rows_per_file=config.rows_per_file)
+    folder, filesystem = output.ray_target(output.staging(plan.attempt))
+    schema = output_schema(plan.num_features)
+    predicted.write_datasink(ChunkSink(folder, filesystem, plan.ownership, schema, config.chunk_rows))

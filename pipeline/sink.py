@@ -1,25 +1,33 @@
-"""The output table: its schema, the output directory's life cycle and the `_SUCCESS` commit marker.
+"""The output table's schema and the writing of its files: every Parquet file the pipeline writes carries
+its writer's run id in the file's key-value metadata (so it can tell its own files from anyone else's)
+and appears whole or not at all (an S3 PUT; a local temp file renamed into place).
 
-Readers tell a finished run from an unfinished one by `_SUCCESS`, which is written only after every data
-file: a directory without it is a run in progress or one that died.
+While a run goes, the inference stage's batches land as small chunk files in the output's hidden staging
+folder (`_staging/RUN_ID/chunk-*.parquet`), each written as soon as Ray hands it over; the commit
+(`pipeline.output`) compacts them into the table's files.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
-from collections import Counter
+import os
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
+from ray.data import Datasink
 
-from pipeline.config import ConfigError
-
-SUCCESS = "_SUCCESS"
-FAILURE = "_FAILURE"
+WRITER = "dinat-batch"
+METADATA_KEY = b"dinat_batch"
+TEMP_PREFIX = ".tmp-"
+# error kinds that say the store failed, not the image: retried by the next resume or rerun
+RETRYABLE = frozenset({"ReadError", "ShardError", "TableError"})
 
 
 def output_schema(embedding_dim: int) -> pa.Schema:
@@ -42,86 +50,140 @@ def output_schema(embedding_dim: int) -> pa.Schema:
     )
 
 
-class Output:
-    """An output directory on any fsspec filesystem."""
+def error_kind(error: str) -> str:
+    return error.split(": ", 1)[0]
 
-    def __init__(self, uri: str, storage_options: dict[str, Any]):
-        self.uri = uri.rstrip("/")
-        self.fs, self.path = fsspec.core.url_to_fs(self.uri, **storage_options)
-        self.path = self.path.rstrip("/")
 
-    def ray_target(self) -> tuple[str, Any]:
-        """The path and filesystem to hand Ray's writer: local paths absolute (workers have their own
-        working directory), remote ones with this filesystem's credentials."""
-        if isinstance(self.fs, LocalFileSystem):
-            return self.path, None
-        return self.uri, self.fs
+def is_retryable(error: str | None) -> bool:
+    return error is not None and error_kind(error) in RETRYABLE
 
-    def prepare(self, overwrite: bool, model_sha256: str) -> set[str]:
-        """Make the output ready to write; returns the keys an earlier attempt already wrote.
 
-        A finished output (`_SUCCESS` or `_FAILURE`) is replaced only with `overwrite`. An output holding
-        only data files is an attempt that died before its marker: the same command resumes it, keeping
-        its complete files and deleting the one it was writing when it died."""
-        self.fs.invalidate_cache()
-        entries = self.fs.ls(self.path) if self.fs.isdir(self.path) else []
-        if overwrite and self.fs.exists(self.path):
-            self.fs.rm(self.path, recursive=True)
-        elif entries or self.fs.isfile(self.path):
-            names = {entry.rsplit("/", 1)[1] for entry in entries}
-            if not names or not all(name.endswith(".parquet") for name in names):
-                state = "finished" if names & {SUCCESS, FAILURE} else "not a run's output"
-                raise ConfigError(
-                    f"output {self.uri!r} already exists ({state}); pass --overwrite to replace it, or choose "
-                    "another output"
-                )
-            return self._written_keys(entries, model_sha256)
-        self.fs.makedirs(self.path, exist_ok=True)
-        return set()
+@dataclass(frozen=True)
+class Ownership:
+    """What the pipeline writes into each of its files' metadata: the run, its model, and the attempt
+    (unique to each start of the run, also when a user names the run: its staging folder)."""
 
-    def _written_keys(self, files: list[str], model_sha256: str) -> set[str]:
-        keys: set[str] = set()
-        for path in files:
-            try:
-                with self.fs.open(path, "rb") as f:
-                    table = pq.read_table(f, columns=["key", "model_sha256"])
-            except (OSError, pa.ArrowInvalid):  # cut off mid-write when the driver died
-                self.fs.rm(path)
-                continue
-            if set(table.column("model_sha256").to_pylist()) - {model_sha256}:
-                raise ConfigError(
-                    f"output {self.uri!r} holds an unfinished run of another model; pass --overwrite to start "
-                    "over with this one"
-                )
-            keys.update(table.column("key").to_pylist())
-        return keys
+    run_id: str
+    model_sha256: str
+    attempt: str
 
-    def counts(self) -> tuple[int, int, dict[str, int]]:
-        """ok rows, error rows, and errors by kind (the error text before its first ': ')."""
-        self.fs.invalidate_cache()
-        files = [path for path in self.fs.find(self.path) if path.endswith(".parquet")]
-        if not files:  # a run that had nothing to process
-            return 0, 0, {}
-        table = pq.read_table(files, filesystem=self.fs, columns=["status", "error"])
-        ok = pc.sum(pc.equal(table["status"], "ok")).as_py() or 0
-        errors = table.filter(pc.equal(table["status"], "error"))["error"].to_pylist()
-        kinds = Counter(error.split(": ", 1)[0] for error in errors)
-        return ok, len(errors), dict(kinds.most_common())
+    def metadata(self) -> dict[bytes, bytes]:
+        record = {
+            "writer": WRITER,
+            "run_id": self.run_id,
+            "model_sha256": self.model_sha256,
+            "attempt": self.attempt,
+        }
+        return {METADATA_KEY: json.dumps(record).encode()}
 
-    def _mark(self, marker: str, manifest: dict[str, Any]) -> None:
-        self.fs.pipe_file(f"{self.path}/{marker}", json.dumps(manifest, indent=2, default=str).encode())
 
-    def commit(self, manifest: dict[str, Any]) -> None:
-        """Write `_SUCCESS` last: the run is finished and its data files are complete."""
-        self._mark(SUCCESS, manifest)
-
-    def fail(self, manifest: dict[str, Any]) -> None:
-        """Write `_FAILURE` instead: the rows are there to inspect, but the run did not pass its checks."""
-        self._mark(FAILURE, manifest)
-
-    def manifest(self) -> dict[str, Any] | None:
-        self.fs.invalidate_cache()
+def owner_of(fs, path: str) -> Ownership | None:
+    """The run that wrote a Parquet file, or None when the pipeline did not write it (or it is not
+    Parquet). A read that fails (throttling, access denied, a timeout) raises: it proves nothing."""
+    with fs.open(path, "rb") as f:
         try:
-            return json.loads(self.fs.cat_file(f"{self.path}/{SUCCESS}"))
-        except FileNotFoundError:
+            metadata = pq.read_metadata(f).metadata or {}
+        except pa.ArrowInvalid:
             return None
+    try:
+        record = json.loads(metadata[METADATA_KEY])
+    except (KeyError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("writer") != WRITER:
+        return None
+    return Ownership(record["run_id"], record["model_sha256"], record.get("attempt", ""))
+
+
+def put_file(fs, path: str, data: bytes) -> None:
+    """Write a whole file so that no reader ever sees part of it."""
+    if isinstance(fs, LocalFileSystem):
+        folder, name = path.rsplit("/", 1)
+        os.makedirs(folder, exist_ok=True)
+        temp = f"{folder}/{TEMP_PREFIX}{uuid.uuid4().hex}-{name}"
+        with open(temp, "wb") as f:
+            f.write(data)
+        os.replace(temp, path)
+    else:  # object stores publish an object whole when its upload completes
+        fs.pipe_file(path, data)
+
+
+def write_table(fs, path: str, table: pa.Table, ownership: Ownership) -> int:
+    """Write `table` as one Parquet file owned by `ownership`; returns its size in bytes."""
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **ownership.metadata()})
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    put_file(fs, path, buffer.getvalue())
+    return buffer.tell()
+
+
+class KeyDigest:
+    """A multiset fingerprint of keys: a count and two 64-bit sums of a hash of each key. Two multisets
+    of keys with equal digests are equal but for a ~2**-64 chance, so comparing the rows written with the
+    inputs listed proves "one row per input" without holding the keys anywhere."""
+
+    _MASK = 2**64 - 1
+
+    def __init__(self, count: int = 0, low: int = 0, high: int = 0):
+        self.count, self.low, self.high = count, low, high
+
+    def add(self, keys: Iterable[str]) -> KeyDigest:
+        for key in keys:
+            digest = hashlib.blake2b(key.encode(), digest_size=16).digest()
+            self.low = (self.low + int.from_bytes(digest[:8], "little")) & self._MASK
+            self.high = (self.high + int.from_bytes(digest[8:], "little")) & self._MASK
+            self.count += 1
+        return self
+
+    def __iadd__(self, other: KeyDigest) -> KeyDigest:
+        self.count += other.count
+        self.low = (self.low + other.low) & self._MASK
+        self.high = (self.high + other.high) & self._MASK
+        return self
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, KeyDigest) and self.as_tuple() == other.as_tuple()
+
+    def as_tuple(self) -> tuple[int, int, int]:
+        return self.count, self.low, self.high
+
+    def to_json(self) -> dict[str, int | str]:
+        return {"count": self.count, "low": f"{self.low:016x}", "high": f"{self.high:016x}"}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> KeyDigest:
+        return cls(int(data["count"]), int(data["low"], 16), int(data["high"], 16))
+
+
+CHUNK_PREFIX = "chunk-"
+
+
+def chunk_rows(name: str) -> int:
+    """Rows of a chunk file, from its name (`chunk-TASK-ROWS.parquet`): grouping chunks into files needs
+    no read."""
+    return int(name.rsplit("/", 1)[-1].removesuffix(".parquet").rsplit("-", 1)[1])
+
+
+class ChunkSink(Datasink):
+    """Ray Data sink: each write task's rows as one chunk file in the attempt's staging folder, named by
+    the task's index so that a retried task replaces its own file instead of adding a second."""
+
+    def __init__(
+        self, folder: str, filesystem, ownership: Ownership, schema: pa.Schema, min_rows: int | None
+    ):
+        self.folder, self.filesystem, self.ownership = folder, filesystem, ownership
+        self.schema, self._min_rows = schema, min_rows
+
+    @property
+    def min_rows_per_write(self) -> int | None:
+        return self._min_rows
+
+    def write(self, blocks, ctx) -> str | None:
+        tables = [pa.table(block) if not isinstance(block, pa.Table) else block for block in blocks]
+        tables = [table for table in tables if table.num_rows]
+        if not tables:
+            return None
+        table = pa.concat_tables(tables).cast(self.schema)
+        name = f"{CHUNK_PREFIX}{ctx.task_idx:06d}-{table.num_rows}.parquet"
+        fs = self.filesystem or LocalFileSystem()
+        write_table(fs, f"{self.folder}/{name}", table, self.ownership)
+        return name

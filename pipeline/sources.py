@@ -12,6 +12,7 @@ top-level folders of a prefix in parallel Ray tasks rather than one object at a 
 from __future__ import annotations
 
 import tarfile
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,10 +25,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from pipeline.config import GLOB_CHARS, IMAGE_EXTENSIONS, ConfigError, RunConfig, glob_prefix
+from pipeline.config import IMAGE_EXTENSIONS, ConfigError, RunConfig
+from pipeline.locations import GLOB_CHARS, Location, glob_prefix, resolve
 
 ROWS = pa.schema([("key", pa.string()), ("data", pa.binary()), ("error", pa.string())])
-LOCATED = pa.schema([("key", pa.string()), ("uri", pa.string()), ("error", pa.string())])
+LOCATED = pa.schema(
+    [("key", pa.string()), ("uri", pa.string()), ("error", pa.string()), ("size", pa.int64())]
+)
 LISTING = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("version", pa.string())])
 _KIND_EXTENSIONS = {"files": IMAGE_EXTENSIONS, "webdataset": (".tar",), "parquet": (".parquet",)}
 _ROWS_PER_BLOCK = 1024  # rows emitted at a time while expanding shards and tables
@@ -57,13 +61,13 @@ def _hidden(path: str, root: str) -> bool:
 
 
 @dataclass(frozen=True)
-class Location:
+class Spelling:
     """How to turn fsspec's protocol-less paths back into the URIs users gave (s3://b/k, or a plain path)."""
 
     protocol: str | None
 
     @classmethod
-    def of(cls, uri: str) -> Location:
+    def of(cls, uri: str) -> Spelling:
         return cls(uri.split("://", 1)[0] if "://" in uri else None)
 
     def uri(self, path: str) -> str:
@@ -78,7 +82,7 @@ def _version(info: dict[str, Any]) -> str:
     return ""
 
 
-def _listing(infos: list[dict[str, Any]], where: Location, root: str) -> pa.Table:
+def _listing(infos: list[dict[str, Any]], where: Spelling, root: str) -> pa.Table:
     infos = [i for i in infos if i.get("type", "file") == "file" and not _hidden(i["name"], root)]
     return pa.table(
         {
@@ -93,7 +97,7 @@ def _listing(infos: list[dict[str, Any]], where: Location, root: str) -> pa.Tabl
 @ray.remote(num_cpus=0.25)
 def _find(uri: str, storage_options: dict[str, Any]) -> pa.Table:
     fs, path = fsspec.core.url_to_fs(uri, **storage_options)
-    return _listing(list(fs.find(path, detail=True).values()), Location.of(uri), path)
+    return _listing(list(fs.find(path, detail=True).values()), Spelling.of(uri), path)
 
 
 def _glob_root(pattern: str) -> str:
@@ -104,7 +108,7 @@ def _glob_root(pattern: str) -> str:
 def list_objects(uri: str, storage_options: dict[str, Any]) -> pa.Table:
     """Every object under a prefix, matching a glob, or the one file named: `uri`, `size`, `version`."""
     fs, path = fsspec.core.url_to_fs(uri, **storage_options)
-    where = Location.of(uri)
+    where = Spelling.of(uri)
     if any(c in path for c in GLOB_CHARS):
         return _listing(list(fs.glob(path, detail=True).values()), where, _glob_root(path))
     if fs.isfile(path):
@@ -140,33 +144,85 @@ def choose_kind(config: RunConfig, listing: pa.Table) -> tuple[str, pa.Table]:
     return kind, chosen
 
 
+def _too_large(size: int, limit: int) -> str:
+    return _error("TooLarge", f"{size} bytes or more, above max_bytes_per_image ({limit}); not read")
+
+
+@dataclass(frozen=True)
+class ReadRules:
+    """What a read task may fetch: at most `max_bytes` per object, and, for URIs taken from a table's
+    cells, only under `allowed` (None: anywhere, for objects the input listing itself found)."""
+
+    storage_options: dict[str, Any]
+    max_bytes: int
+    allowed: tuple[Location, ...] | None = None
+
+    @classmethod
+    def of(cls, config: RunConfig, from_table: bool = False) -> ReadRules:
+        allowed = None
+        if from_table:
+            prefixes = config.allowed_uri_prefixes
+            if prefixes is None:
+                # default: the input's own scheme and bucket; nothing local, no other bucket, no web
+                source = resolve(config.input)
+                prefixes = (
+                    [] if source.protocol == "file" else [f"{source.protocol}://{source.path.split('/')[0]}"]
+                )
+            allowed = tuple(resolve(prefix) for prefix in prefixes)
+        return cls(config.storage_options, config.max_bytes_per_image, allowed)
+
+    def refusal(self, uri: str) -> str | None:
+        if self.allowed is None or any(place.covers(resolve(uri)) for place in self.allowed):
+            return None
+        where = ", ".join(str(place) for place in self.allowed) or "nowhere (local input)"
+        return _error(
+            "ForbiddenURI",
+            f"the table points outside the places it may read ({where}); list the location in "
+            "allowed_uri_prefixes to read it",
+        )
+
+
 def _fetch(
-    uri: str | None, error: str | None, storage_options: dict[str, Any]
+    uri: str | None, error: str | None, size: int | None, rules: ReadRules
 ) -> tuple[bytes | None, str | None]:
     if error is not None:
         return None, error
     if uri is None:
         return None, _error("MissingImage", "the row has no image URI (null)")
+    refused = rules.refusal(uri)
+    if refused is not None:
+        return None, refused
+    if size is not None and size > rules.max_bytes:
+        return None, _too_large(size, rules.max_bytes)
     try:
-        fs, path = fsspec.core.url_to_fs(uri, **storage_options)
-        return fs.cat_file(path), None
+        fs, path = fsspec.core.url_to_fs(uri, **rules.storage_options)
+        if size is not None:  # listed: its size is known and within the limit
+            data = fs.cat_file(path)
+        else:  # one byte past the limit tells "too large" without reading the rest (/dev/zero ends)
+            with fs.open(path, "rb") as f:
+                data = f.read(rules.max_bytes + 1)
     except Exception as err:  # any failure to read is this image's row, not the run's end
         return None, _error("ReadError", f"could not read {uri}: {type(err).__name__}: {err}")
+    if len(data) > rules.max_bytes:
+        return None, _too_large(len(data), rules.max_bytes)
+    return data, None
 
 
-def read_objects(batch: pa.Table, storage_options: dict[str, Any], threads: int = 16) -> pa.Table:
-    """`(key, uri, error)` rows -> `(key, data, error)`: fetched concurrently, each failure one error row."""
+def read_objects(batch: pa.Table, rules: ReadRules, threads: int = 16) -> pa.Table:
+    """`(key, uri, error, size)` rows -> `(key, data, error)`: fetched concurrently, each failure one
+    error row."""
     uris = batch.column("uri").to_pylist()
     errors = batch.column("error").to_pylist()
+    sizes = batch.column("size").to_pylist()
     with ThreadPoolExecutor(min(threads, max(1, len(uris)))) as pool:
-        fetched = list(pool.map(lambda u, e: _fetch(u, e, storage_options), uris, errors))
+        fetched = list(pool.map(lambda u, e, n: _fetch(u, e, n, rules), uris, errors, sizes))
     return _rows(batch.column("key").to_pylist(), [f[0] for f in fetched], [f[1] for f in fetched])
 
 
 def locate_files(listing: pa.Table) -> pa.Table:
     """Listed image files as read_objects input: each keyed by its own URI."""
     uris = listing.column("uri")
-    return pa.table([uris, uris, pa.nulls(len(uris), pa.string())], schema=LOCATED)
+    return pa.table([uris, uris, pa.nulls(len(uris), pa.string()), listing.column("size")], schema=LOCATED)
 
 
 def _sample_key(member_name: str) -> tuple[str, str]:
@@ -177,42 +233,55 @@ def _sample_key(member_name: str) -> tuple[str, str]:
 
 
 Row = tuple[str, bytes | None, str | None]
+Member = tuple[str, bytes | None, str | None]  # field, data, error
 
 
-def _sample_rows(shard: str, sample: str, members: list[tuple[str, bytes]]) -> Iterator[Row]:
+def _sample_rows(shard: str, sample: str, members: list[Member]) -> Iterator[Row]:
     """One row per image member of a sample (keyed by the sample, or sample.field when it has several);
     one error row for a sample without any image."""
-    images = [(field, data) for field, data in members if is_image_name("." + field)]
+    images = [member for member in members if is_image_name("." + member[0])]
     if not images:
-        fields = ", ".join(field or "(no extension)" for field, _ in members)
+        fields = ", ".join(field or "(no extension)" for field, _, _ in members)
         yield (
             f"{shard}#{sample}",
             None,
             _error("NoImage", f"the sample has no image member (fields: {fields})"),
         )
-    for field, data in images:
-        yield (f"{shard}#{sample}" if len(images) == 1 else f"{shard}#{sample}.{field}"), data, None
+    for field, data, error in images:
+        yield (f"{shard}#{sample}" if len(images) == 1 else f"{shard}#{sample}.{field}"), data, error
 
 
-def _tar_rows(shard: str, storage_options: dict[str, Any]) -> Iterator[Row]:
+def _tar_rows(shard: str, rules: ReadRules) -> Iterator[Row]:
     """Rows of one shard in stream order. Member names are data, never paths: nothing is extracted to disk.
-    A shard that breaks off gives rows for what was read and one error row for the rest."""
-    sample, members, last = None, [], None
+    A shard that breaks off gives rows for what was read and one error row for the rest. A sample name
+    seen before in the shard (not next to its first members) is keyed `name~2`, `name~3`, ...: one key,
+    one row."""
+    sample, key, members, last = None, "", [], None
+    seen: Counter[str] = Counter()
     try:
-        with fsspec.open(shard, "rb", **storage_options) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        with (
+            fsspec.open(shard, "rb", **rules.storage_options) as f,
+            tarfile.open(fileobj=f, mode="r|") as tar,
+        ):
             for member in tar:
                 if not member.isfile():
                     continue
-                key, field = _sample_key(member.name)
-                if key != sample and members:
-                    yield from _sample_rows(shard, sample, members)
-                    members = []
-                sample = key
-                members.append((field, tar.extractfile(member).read()))
+                name, field = _sample_key(member.name)
+                if name != sample:
+                    if members:
+                        yield from _sample_rows(shard, key, members)
+                        members = []
+                    seen[name] += 1
+                    key = name if seen[name] == 1 else f"{name}~{seen[name]}"
+                sample = name
+                if member.size > rules.max_bytes:  # the stream skips the member's data unread
+                    members.append((field, None, _too_large(member.size, rules.max_bytes)))
+                else:
+                    members.append((field, tar.extractfile(member).read(), None))
                 last = member.name
     except (tarfile.TarError, OSError, EOFError) as err:
         if members:
-            yield from _sample_rows(shard, sample, members)
+            yield from _sample_rows(shard, key, members)
         where = f"after member {last}" if last else "from its start"
         yield (
             f"{shard}#<unreadable {where}>",
@@ -221,12 +290,12 @@ def _tar_rows(shard: str, storage_options: dict[str, Any]) -> Iterator[Row]:
         )
         return
     if members:
-        yield from _sample_rows(shard, sample, members)
+        yield from _sample_rows(shard, key, members)
 
 
-def read_shards(batch: pa.Table, storage_options: dict[str, Any]) -> Iterator[pa.Table]:
+def read_shards(batch: pa.Table, rules: ReadRules) -> Iterator[pa.Table]:
     for shard in batch.column("uri").to_pylist():
-        yield from _chunked(_tar_rows(shard, storage_options))
+        yield from _chunked(_tar_rows(shard, rules))
 
 
 def _chunked(rows: Iterator[Row]) -> Iterator[pa.Table]:
@@ -264,9 +333,18 @@ def check_table(table_uri: str, config: RunConfig) -> None:
     check_column(table_uri, pq.read_schema(path, filesystem=fs).names, config)
 
 
+def _cell_error(data: bytes | None, limit: int) -> str | None:
+    if data is None:
+        return _error("MissingImage", "the cell is null")
+    return _too_large(len(data), limit) if len(data) > limit else None
+
+
 def _table_rows(table_uri: str, config: RunConfig) -> Iterator[pa.Table]:
+    """A URI is keyed by itself the first time the table lists it, by its row after that (and when
+    null), so that a table listing one image twice still gives one row per key."""
     column = config.uri_column or config.image_column
     fs, path = fsspec.core.url_to_fs(table_uri, **config.storage_options)
+    seen: set[str] = set()
     with fs.open(path, "rb") as f:
         parquet = pq.ParquetFile(f)
         check_column(table_uri, parquet.schema_arrow.names, config)
@@ -276,14 +354,19 @@ def _table_rows(table_uri: str, config: RunConfig) -> Iterator[pa.Table]:
             row += part.num_rows
             if config.uri_column:
                 uris = part.column(0).cast(pa.string()).to_pylist()
-                keys = [uri if uri is not None else row_id for uri, row_id in zip(uris, ids, strict=True)]
-                yield pa.table([keys, uris, pa.nulls(len(keys), pa.string())], schema=LOCATED)
+                keys = []
+                for uri, row_id in zip(uris, ids, strict=True):
+                    keys.append(uri if uri is not None and uri not in seen else row_id)
+                    seen.add(uri)
+                yield pa.table(
+                    [keys, uris, pa.nulls(len(keys), pa.string()), pa.nulls(len(keys), pa.int64())],
+                    schema=LOCATED,
+                )
             else:
                 data = _image_bytes(part.column(0), column)
+                errors = [_cell_error(d, config.max_bytes_per_image) for d in data]
                 yield _rows(
-                    ids,
-                    data,
-                    [None if d is not None else _error("MissingImage", "the cell is null") for d in data],
+                    ids, [d if e is None else None for d, e in zip(data, errors, strict=True)], errors
                 )
 
 
@@ -297,4 +380,8 @@ def read_tables(batch: pa.Table, config: RunConfig) -> Iterator[pa.Table]:
             message = str(err) if isinstance(err, ConfigError) else f"{type(err).__name__}: {err}"
             error = _error("TableError", f"the table cannot be read: {message}")
             schema = LOCATED if config.uri_column else ROWS
-            yield pa.table([[table_uri], pa.nulls(1, schema.field(1).type), [error]], schema=schema)
+            yield pa.table(
+                [[table_uri], pa.nulls(1, schema.field(1).type), [error]]
+                + ([pa.nulls(1, pa.int64())] if config.uri_column else []),
+                schema=schema,
+            )

@@ -6,9 +6,10 @@ import struct
 import zlib
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
-from tests.data import photo
+from tests.data import parquet_file, photo, tar_shard
 from tests.test_run import Place, check_table, run_on
 
 RNG = np.random.default_rng(7)
@@ -77,3 +78,35 @@ def test_every_awkward_file_gives_exactly_one_row(tmp_path, tiny_model, ray_sess
     assert (rows["rotated-exif.jpg"]["width"], rows["rotated-exif.jpg"]["height"]) == (20, 60)
     assert (rows["strip-10000x10.png"]["width"], rows["strip-10000x10.png"]["height"]) == (10000, 10)
     assert summary.errors == len(errors) and sum(summary.errors_by_kind.values()) == len(errors)
+
+
+def test_objects_over_the_byte_limit_are_error_rows_never_read_whole(tmp_path, tiny_model, ray_session):
+    """max_bytes_per_image in every reader: a listed file (its size known before reading), a tar member
+    (its header), a table cell, and a URI in a table (read one byte past the limit, then stopped)."""
+    limit = 20_000
+    big = encode(Image.fromarray(pixels(120, 120)), "PNG")
+    assert len(big) > limit
+    place = Place(str(tmp_path), {})
+    files = place.put({"small.jpg": photo(1), "big.png": big}, "images")
+    small, large = files
+    _, table = run_on(place, tiny_model, "images", max_bytes_per_image=limit)
+    check_table(table, {small: photo(1)}, {large: "TooLarge"}, tiny_model)
+
+    (shard,) = place.put({"s.tar": tar_shard([("a.jpg", photo(2)), ("b.png", big)])}, "shards")
+    _, table = run_on(place, tiny_model, "shards", max_bytes_per_image=limit, overwrite=True)
+    check_table(table, {f"{shard}#a": photo(2)}, {f"{shard}#b": "TooLarge"}, tiny_model)
+
+    cells = pa.table({"image": pa.array([photo(3), big], pa.binary()), "uri": [small, large]})
+    (index,) = place.put({"t.parquet": parquet_file(cells)}, "table")
+    _, table = run_on(place, tiny_model, "table", max_bytes_per_image=limit, overwrite=True)
+    check_table(table, {f"{index}#0": photo(3)}, {f"{index}#1": "TooLarge"}, tiny_model)
+    _, table = run_on(
+        place,
+        tiny_model,
+        "table",
+        max_bytes_per_image=limit,
+        overwrite=True,
+        uri_column="uri",
+        allowed_uri_prefixes=[place.uri("images")],
+    )
+    check_table(table, {small: photo(1)}, {large: "TooLarge"}, tiny_model)

@@ -74,7 +74,7 @@ def test_run_from_a_config_file_with_flag_overrides(tmp_path, tiny_model, ray_se
     assert json.loads((tmp_path / "out" / "_SUCCESS").read_text())["config"]["top_k"] == 2
 
     again = CliRunner().invoke(app, ["run", "--config", str(job)])
-    assert again.exit_code == 2 and "already exists" in again.output
+    assert again.exit_code == 2 and "already holds a run that finished" in again.output
 
 
 def test_run_names_the_invalid_field_before_any_work(tmp_path):

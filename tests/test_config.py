@@ -33,7 +33,7 @@ def test_yaml_and_json_files_with_overrides(tmp_path):
         ("- just\n- a list\n", "must hold a mapping"),
         ("input: [unclosed\n", "is not valid YAML"),
         ("input: s3://b/images\noutput: s3://b/images/out\n", "lies inside the input"),
-        ("input: s3://b/images/*.jpg\noutput: s3://b/images\n", "lies inside the input"),
+        ("input: s3://b/images/*.jpg\noutput: s3://b/images\n", "is the input"),
     ],
 )
 def test_invalid_configs_name_the_problem(tmp_path, text, message):
@@ -51,6 +51,36 @@ def test_output_beside_the_input_is_fine():
     assert RunConfig(input="s3://b/images", output="s3://b/images-out").output == "s3://b/images-out"
 
 
+@pytest.mark.parametrize(
+    "input, output",
+    [
+        ("/data/x/in", "/data/x"),  # the input inside the output: --overwrite would delete it
+        ("/data/x/in", "/data/x/in"),
+        ("/data/x/in", "file:///data/x/in/"),
+        ("/data/x/in/", "/data/x/in/out"),
+        ("file:///data/x/in", "/data/x/in/../in/out"),
+        ("/data/x/in/*.jpg", "/data/x"),
+        ("s3://b/x/in", "s3a://b/x/"),
+        ("s3a://b/x/in/", "s3://b//x/in/out"),
+        ("s3://b/img*", "s3://b/img-out"),  # the glob would match the output's own files
+        ("s3://b/x/in/**/*.jpg", "s3://b/x/in/out"),
+    ],
+)
+def test_overlapping_input_and_output_are_refused_however_spelled(input, output):
+    with pytest.raises(ValueError, match=r"inside the|is the input"):
+        RunConfig(input=input, output=output)
+
+
+def test_relative_spellings_resolve_against_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x").mkdir()
+    with pytest.raises(ValueError, match="inside the output"):
+        RunConfig(input="./x/in", output=str(tmp_path / "x"))
+    with pytest.raises(ValueError, match="is the input"):
+        RunConfig(input="x/in", output=f"file://{tmp_path}/x/in/")
+    assert RunConfig(input="./x/in", output="./x/out").output == "./x/out"
+
+
 def test_redacted_hides_credentials_only():
     config = RunConfig(
         input="s3://b/i",
@@ -58,9 +88,18 @@ def test_redacted_hides_credentials_only():
         storage_options={
             "key": "AKIA123",
             "secret": "s3cr3t",
-            "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000", "aws_session_token": "tok"},
+            "client_kwargs": {
+                "endpoint_url": "http://127.0.0.1:9000",
+                "aws_session_token": "tok",
+                "headers": {"Authorization": "Bearer bearer-token"},
+            },
+            "config_kwargs": {"retries": {"max_attempts": 10, "mode": "adaptive"}, "read_timeout": 5},
+            "connection_string": "AccountName=a;AccountKey=conn-key",
+            "some_future_option": "unknown-value",
         },
     )
     shown = json.dumps(config.redacted())
-    assert "AKIA123" not in shown and "s3cr3t" not in shown and 'tok"' not in shown
-    assert "http://127.0.0.1:9000" in shown
+    for secret in ("AKIA123", "s3cr3t", 'tok"', "bearer-token", "conn-key", "unknown-value"):
+        assert secret not in shown
+    for safe in ("http://127.0.0.1:9000", '"adaptive"', '"read_timeout": 5'):
+        assert safe in shown

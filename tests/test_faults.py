@@ -23,8 +23,9 @@ CLI = str(Path(sys.executable).parent / "dinat-batch")
 COUNT = 96
 
 
-def parquet_files(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*.parquet")) if folder.exists() else []
+def chunk_files(output: Path) -> list[Path]:
+    """What a run has written so far: its chunk files in the output's staging folder."""
+    return sorted(output.glob("_staging/*/chunk-*.parquet"))
 
 
 def wait_for(condition, timeout=300.0):
@@ -45,7 +46,7 @@ def test_inference_actor_killed_mid_run(tmp_path, tiny_model, ray_session):
     killed = []
 
     def kill_the_actor_after_its_first_rows():
-        wait_for(lambda: parquet_files(output))
+        wait_for(lambda: chunk_files(output))
         found = subprocess.run(["pgrep", "-f", r"MapBatches\(Predictor\)"], capture_output=True, text=True)
         for pid in found.stdout.split():
             os.kill(int(pid), signal.SIGKILL)
@@ -54,7 +55,7 @@ def test_inference_actor_killed_mid_run(tmp_path, tiny_model, ray_session):
     killer = threading.Thread(target=kill_the_actor_after_its_first_rows)
     killer.start()
     config = {"input": str(source), "output": str(output), "model": str(tiny_model)}
-    summary = run(config | {"batch_size": 2, "read_batch_size": 8, "rows_per_file": 8})
+    summary = run(config | {"batch_size": 2, "read_batch_size": 8})
     killer.join()
 
     assert killed, "the actor was not found running"
@@ -63,29 +64,42 @@ def test_inference_actor_killed_mid_run(tmp_path, tiny_model, ray_session):
 
 
 def test_driver_killed_then_the_same_command_resumes(tmp_path, tiny_model, ray_session):
+    """With the default settings (no small rows_per_file), a killed driver has already committed its
+    first batches as chunk files; the same command is refused while the dead driver's lease is fresh,
+    then takes the output over and resumes: every key once, in files of rows_per_file rows."""
     source = image_folder(tmp_path / "images", COUNT)
     output = tmp_path / "out"
     job = tmp_path / "job.json"
     config = {"input": str(source), "output": str(output), "model": str(tiny_model)}
-    job.write_text(json.dumps(config | {"batch_size": 2, "read_batch_size": 8, "rows_per_file": 8}))
+    config |= {"batch_size": 2, "read_batch_size": 8}
+    job.write_text(json.dumps(config))
     # the driver joins the session's cluster, so that killing it kills nothing else
     env = os.environ | {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     driver = subprocess.Popen(
         [CLI, "run", "--config", str(job)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    wait_for(lambda: len(parquet_files(output)) >= 2 or driver.poll() is not None)
+    wait_for(lambda: len(chunk_files(output)) >= 2 or driver.poll() is not None)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    written_before = len(pq.read_table(parquet_files(output)[0]))
-    assert not (output / "_SUCCESS").exists()
+    written_before = sum(len(pq.read_table(path)) for path in chunk_files(output))
+    assert not (output / "_SUCCESS").exists() and written_before > 0
 
+    refused = subprocess.run([CLI, "run", "--config", str(job)], env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "another run holds this output: run " in refused.stderr
+    # the taker's own lease_timeout decides when a silent holder counts as dead
+    job.write_text(json.dumps(config | {"lease_timeout": 3}))
+    time.sleep(3)
     again = subprocess.run(
         [CLI, "run", "--config", str(job)], env=env, capture_output=True, text=True, timeout=600
     )
 
     assert again.returncode == 0, again.stderr[-3000:]
+    assert "took over the output's lease" in again.stderr
     manifest = json.loads((output / "_SUCCESS").read_text())
     assert manifest["ok"] == COUNT and written_before <= manifest["resumed"] < COUNT
+    assert [entry["name"] for entry in manifest["files"]] == [
+        path.name for path in sorted(output.glob("*.parquet"))
+    ]
     exactly_once(output, {str(path) for path in source.iterdir()})
 
 

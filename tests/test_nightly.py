@@ -13,9 +13,11 @@ from typer.testing import CliRunner
 from jobs.nightly import Table
 from pipeline.cli import app
 from pipeline.config import RunConfig
+from pipeline.faults import ENV, SimulatedCrash
+from pipeline.lease import LeaseHeld
+from pipeline.output import Output
 from pipeline.query import read_output
-from pipeline.sink import Output
-from tests.data import photo
+from tests.data import image_folder, photo
 
 DAY1, DAY2, DAY3, DAY4 = (dt.date(2026, 11, d) for d in (24, 25, 26, 27))
 
@@ -76,16 +78,9 @@ def test_days_reruns_and_crashes(store, tiny_model, ray_session, monkeypatch):
     assert Output(f"{config.output}/run_date={DAY3}", options).manifest()["new_or_changed"] == 0
 
     put("e.jpg", photo(50))
-    commit = Output.commit
-
-    def die_before_the_partition_marker(self, manifest):
-        if "run_date=" in self.uri:
-            raise RuntimeError("driver died before the marker")
-        commit(self, manifest)
-
     with monkeypatch.context() as patch:
-        patch.setattr(Output, "commit", die_before_the_partition_marker)
-        with pytest.raises(RuntimeError, match="before the marker"):
+        patch.setenv(ENV, "before-marker")
+        with pytest.raises(SimulatedCrash):
             nightly(config, DAY4)
     table = read_output(config.output, options)
     assert DAY4.isoformat() not in set(table.column("run_date").to_pylist())
@@ -134,3 +129,91 @@ def test_cli_nightly_and_hive_readers(tmp_path, tiny_model, ray_session):
 
     bad = CliRunner().invoke(app, ["nightly", "--config", str(job), "--date", "yesterday"])
     assert bad.exit_code == 2 and "not a date" in bad.output
+
+
+# in this order on one table: the first cut short mid-way through a date's first commit, the others
+# during reruns of the committed date, where the old partition is being replaced
+CRASH_POINTS = ["part-written", "unmarked", "old-files-removed", "ledger-written", "before-marker", "marked"]
+
+
+def plain_readers(root: str) -> dict[str, list[str]]:
+    """Keys per date as engines that know nothing of markers read the table: DuckDB's glob and pyarrow."""
+    duck = duckdb.sql(
+        f"SELECT run_date::VARCHAR, key FROM read_parquet('{root}/*/*.parquet', hive_partitioning = true)"
+    ).fetchall()
+    arrow = ds.dataset(root, format="parquet", partitioning="hive").to_table(columns=["run_date", "key"])
+    assert sorted(duck) == sorted(
+        zip(map(str, arrow["run_date"].to_pylist()), arrow["key"].to_pylist(), strict=True)
+    )
+    by_date: dict[str, list[str]] = {}
+    for date, key in duck:
+        by_date.setdefault(date, []).append(key)
+    return by_date
+
+
+def test_a_commit_cut_short_at_any_step_is_made_whole_by_the_next_run(
+    tmp_path, tiny_model, ray_session, monkeypatch
+):
+    """The driver dies at every step of a date's commit (a first run and a rerun): after the next run of
+    that date, plain globbing readers see every input exactly once, and the next date takes only what
+    is new."""
+    from jobs.nightly import nightly
+
+    incoming = image_folder(tmp_path / "incoming", 5)
+    root = tmp_path / "table"
+    config = RunConfig(
+        input=str(incoming), output=str(root), model=str(tiny_model), rows_per_file=2, batch_size=2
+    )
+    expected = sorted(str(path) for path in incoming.iterdir())
+    for point in CRASH_POINTS:
+        with monkeypatch.context() as patch:
+            patch.setenv(ENV, point)
+            with pytest.raises(SimulatedCrash):
+                nightly(config, DAY1)
+        summary = nightly(config, DAY1)
+        assert summary.new_or_changed == 5, point
+        assert sorted(plain_readers(root)[DAY1.isoformat()]) == expected, point
+        assert sorted(read_output(str(root)).column("key").to_pylist()) == expected
+    (incoming / "late.jpg").write_bytes(photo(77))
+    assert nightly(config, DAY2).new_or_changed == 1
+
+
+def test_one_nightly_run_per_table(store, tiny_model, ray_session):
+    """An attempt at the same date, or at another date, while a run holds the table is refused; a run
+    whose read of an input failed leaves that input out of its ledger, so the next date takes it."""
+    from jobs.nightly import Table, nightly
+
+    root, options, put = store
+    config = RunConfig(
+        input=f"{root}/incoming", output=f"{root}/table", model=str(tiny_model), storage_options=options
+    )
+    put("a.jpg", photo(1))
+    with Table(config.output, options).root.lease("nightly-2026-11-24-live", 600):
+        for date in (DAY1, DAY2):
+            with pytest.raises(LeaseHeld, match="run nightly-2026-11-24-live"):
+                nightly(config, date)
+
+    import jobs.nightly
+
+    planned = jobs.nightly.plan
+    fs, incoming = fsspec.core.url_to_fs(f"{root}/incoming", **options)
+    put("b.jpg", photo(2))
+
+    def listed_then_lost(*args, **kwargs):
+        found = planned(*args, **kwargs)
+        fs.rm_file(f"{incoming}/b.jpg")  # gone between listing and reading: a failed read
+        return found
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(jobs.nightly, "plan", listed_then_lost)
+        day1 = nightly(config, DAY1)
+    assert (day1.new_or_changed, day1.retried_later, day1.run.retryable_errors) == (2, 1, 1)
+    put("b.jpg", photo(2))  # back, unchanged: the same version the ledger would have recorded
+    day2 = nightly(config, DAY2)
+    assert day2.new_or_changed == 1 and day2.run.ok == 1
+    rows = read_output(config.output, options).to_pylist()
+    assert sorted((r["run_date"], r["key"].rsplit("/", 1)[1], r["status"]) for r in rows) == [
+        (DAY1.isoformat(), "a.jpg", "ok"),
+        (DAY1.isoformat(), "b.jpg", "error"),
+        (DAY2.isoformat(), "b.jpg", "ok"),
+    ]

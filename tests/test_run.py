@@ -20,7 +20,7 @@ import torch
 from pipeline.config import ConfigError
 from pipeline.model import ModelLoadError, load_model
 from pipeline.preprocess import preprocess
-from pipeline.run import run
+from pipeline.run import ray_connection, run
 from pipeline.sink import output_schema
 from tests.data import MAX_PIXELS, TINY, broken_files, parquet_file, photo, photos, tar_shard
 
@@ -215,10 +215,27 @@ def test_parquet_bytes_and_uris(place, tiny_model, ray_session):
 
     files = place.put(photos(3), "listed")
     missing = place.uri("listed/missing.jpg")
-    uris = pa.table({"uri": [*files, missing, None]})
+    forbidden = [
+        "file:///proc/self/environ",  # the job's credentials
+        "/dev/zero",  # reads until the worker dies
+        "http://169.254.169.254/latest/meta-data/",  # the cloud's instance credentials
+        "s3://another-bucket/x.jpg",
+        place.uri("listed/../../../elsewhere/x.jpg"),
+    ]
+    first = next(iter(files))
+    uris = pa.table({"uri": [*files, missing, None, *forbidden, first]})
     (index,) = place.put({"index.parquet": parquet_file(uris)}, "index")
-    summary, table = run_on(place, tiny_model, "index", uri_column="uri", overwrite=True)
-    check_table(table, files, {missing: "ReadError", f"{index}#4": "MissingImage"}, tiny_model)
+    # the local place has no bucket: it names where the table may point (an S3 table: its own bucket)
+    allowed = {"allowed_uri_prefixes": [place.uri("listed")]} if place.root.startswith("/") else {}
+    summary, table = run_on(place, tiny_model, "index", uri_column="uri", overwrite=True, **allowed)
+    refused = {uri: "ForbiddenURI" for uri in forbidden}
+    repeated = {f"{index}#{len(uris) - 1}": files[first]}  # listed twice: its second row keyed by row
+    check_table(
+        table, files | repeated, {missing: "ReadError", f"{index}#4": "MissingImage"} | refused, tiny_model
+    )
+    assert summary.retryable_errors == 1 and summary.errors_by_kind["ForbiddenURI"] == len(forbidden)
+    errors = " ".join(table.column("error").drop_null().to_pylist())
+    assert "AWS_" not in errors and "PATH=" not in errors  # nothing of /proc/self/environ
     assert_secret_nowhere(place, table)
 
 
@@ -226,6 +243,8 @@ def test_refusals_before_any_work(place, tiny_model, ray_session):
     place.put(photos(1), "images")
     with pytest.raises(ValueError, match="lies inside the input"):
         run_on(place, tiny_model, "images", output=place.uri("images/out"))
+    with pytest.raises(ValueError, match=r"lies inside the output .* --overwrite would delete it"):
+        run_on(place, tiny_model, "images", output=place.uri(""), overwrite=True)
     with pytest.raises(ModelLoadError):
         run_on(place, tiny_model, "images", model=place.uri("no-such-model"))
     with pytest.raises(ConfigError, match="does not exist"):
@@ -233,9 +252,10 @@ def test_refusals_before_any_work(place, tiny_model, ray_session):
     with pytest.raises(ConfigError, match=r"decode: gpu cannot run here: .*GPU inference actors"):
         run_on(place, tiny_model, "images", decode="gpu")
     fs, out = fsspec.core.url_to_fs(place.uri("out"), **place.storage_options)
-    assert not fs.exists(out)
+    files = fs.find(out, detail=True) if fs.exists(out) else {}
+    assert [path for path, info in files.items() if info["type"] == "file"] == []  # SeaweedFS keeps folders
     run_on(place, tiny_model, "images")
-    with pytest.raises(ConfigError, match="already exists"):
+    with pytest.raises(ConfigError, match="already holds a run that finished"):
         run_on(place, tiny_model, "images")
 
 
@@ -253,3 +273,18 @@ def test_jpeg_bytes_sent_on_to_the_actors_give_the_same_rows(tmp_path, tiny_mode
     summary, table = run_on(place, tiny_model, "images", decode="gpu")
     assert summary.decode == "gpu" and summary.device == "cpu"
     check_table(table, good, errors, tiny_model)
+
+
+def test_without_an_address_a_run_starts_its_own_ray(monkeypatch):
+    """Not whatever a stale `ray_current_cluster` file names: that waits a minute for a dead head."""
+    calls = []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
+    with ray_connection(None):
+        pass
+    assert calls[0]["address"] == "local" and calls[1] == "shutdown"
+    with ray_connection("ray://head:10001"):
+        pass
+    assert calls[2]["address"] == "ray://head:10001" and len(calls) == 3  # a cluster it joined stays up

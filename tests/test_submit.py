@@ -11,6 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from infra.local_ray import LocalRayHead
+from jobs.submit import SubmitError, submit
+from pipeline.config import RunConfig
 from tests.data import image_folder
 
 CLI = str(Path(sys.executable).parent / "dinat-batch")
@@ -70,3 +72,32 @@ def test_submission_refuses_credentials(head, tmp_path):
     refused = cli(head, "submit", "--config", str(plain), "--env", "AWS_SECRET_ACCESS_KEY=s3cr3t")
     assert refused.returncode == 2 and "looks like a credential" in refused.stderr
     assert "s3cr3t" not in refused.stdout + refused.stderr
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"storage_options": {"client_kwargs": {"headers": {"Authorization": "Bearer abc.def"}}}},
+        {"storage_options": {"config_kwargs": {"proxies": {"https": "http://u:pw@proxy:3128"}}}},
+        {"storage_options": {"connection_string": "DefaultEndpointsProtocol=https;AccountKey=abc=="}},
+        {"storage_options": {"token": "ya29.x"}},
+        {"input": "https://host/images.parquet?sv=2024&sig=abcdef"},
+        {"ray_address": "ray://admin:hunter2@head:10001"},
+    ],
+)
+def test_submission_refuses_credentials_anywhere(fields):
+    config = RunConfig(**({"input": "s3://b/in", "output": "s3://b/out"} | fields))
+    with pytest.raises(SubmitError, match="carries credentials") as refused:
+        submit(None, config)
+    assert "hunter2" not in str(refused.value) and "abc==" not in str(refused.value)
+
+
+def test_submission_accepts_safe_settings():
+    safe = {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000", "region_name": "eu-west-1"}}
+    config = RunConfig(
+        input="s3://b/in",
+        output="s3://b/out",
+        storage_options=safe | {"config_kwargs": {"retries": {"max_attempts": 10, "mode": "adaptive"}}},
+    )
+    with pytest.raises(AttributeError):  # past the checks: it reaches the (absent) client
+        submit(None, config)

@@ -1,0 +1,407 @@
+"""The output folder's protocol: what may be in it, what a run keeps, deletes and resumes, and the commit.
+
+    OUTPUT/part-RUN-00000.parquet ...    the table's files, listed by the marker
+    OUTPUT/_SUCCESS (or _FAILURE)        JSON: the run summary and `files` [{name, rows, bytes}]
+    OUTPUT/_lease/000001.json            the live run's lease (pipeline.lease)
+    OUTPUT/_staging/RUN/chunk-*.parquet  a run's rows as they come; hidden from Hive-style readers
+
+Rules, each for a loss seen in practice:
+- Only files the pipeline wrote are ever deleted: files carry their writer in their metadata, staging
+  folders are the pipeline's own. Anything else in the output stops the run before any work, named.
+  A read that fails proves nothing and deletes nothing: the run stops with the store's error.
+- The marker goes first and comes last: an overwrite or rerun removes `_SUCCESS` before any data, and
+  the commit writes it after every file it lists, so no crash leaves a marker beside partial data.
+- Chunks are deleted only after the marker that lists their compacted rows. So table files that no
+  marker lists are always redundant (an overwritten run's, or a commit cut short) and a later run
+  deletes them; a run that died mid-way is resumed from its chunks.
+- Before its marker, the commit checks that the rows written are exactly the inputs listed: same count,
+  same keys (a multiset fingerprint, `KeyDigest`), so no key is missing and none is there twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.config import ConfigError
+from pipeline.faults import crash_point
+from pipeline.lease import LEASES, Lease
+from pipeline.sink import (
+    CHUNK_PREFIX,
+    TEMP_PREFIX,
+    KeyDigest,
+    Ownership,
+    chunk_rows,
+    error_kind,
+    is_retryable,
+    owner_of,
+    put_file,
+    write_table,
+)
+
+SUCCESS = "_SUCCESS"
+FAILURE = "_FAILURE"
+STAGING = "_staging"
+SOURCES = "_sources"
+PART_PREFIX = "part-"
+_OURS = {SUCCESS, FAILURE, LEASES, STAGING}
+_THREADS = 16  # concurrent small reads (footers, key columns) against the store
+
+
+class ForeignFiles(ConfigError):
+    """The output holds files the pipeline did not write."""
+
+
+class VerificationFailed(RuntimeError):
+    """The rows written are not exactly one per input: no marker is written."""
+
+
+@dataclass
+class Survey:
+    """What an output folder holds, sorted by who wrote it."""
+
+    marker: str | None = None
+    parts: list[str] = field(default_factory=list)  # our table files at the top
+    chunks: dict[str, list[str]] = field(default_factory=dict)  # attempt run id -> its chunk files
+    temporary: list[str] = field(default_factory=list)  # our writes cut off before their rename
+    foreign: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Resume:
+    """What earlier attempts left that this run keeps: their finished keys and chunk files."""
+
+    done: set[str] = field(default_factory=set)
+    chunks: int = 0
+
+
+@dataclass
+class Compacted:
+    """The table's files as the commit made them, and what their rows count."""
+
+    files: list[dict[str, Any]]  # name, rows, bytes: what the marker lists
+    ok: int
+    retryable_keys: list[str]  # inputs whose read failed: not final
+    errors_by_kind: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def errors(self) -> int:
+        return sum(self.errors_by_kind.values())
+
+
+def _name(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+class Output:
+    """An output folder on any fsspec filesystem."""
+
+    def __init__(self, uri: str, storage_options: dict[str, Any]):
+        self.uri = uri.rstrip("/")
+        self.storage_options = storage_options
+        self.fs, path = fsspec.core.url_to_fs(self.uri, **storage_options)
+        self.path = path.rstrip("/")
+
+    def child(self, name: str) -> Output:
+        return Output(f"{self.uri}/{name}", self.storage_options)
+
+    def lease(self, run_id: str, timeout: float) -> Lease:
+        return Lease(self.fs, self.path, run_id, timeout)
+
+    def staging(self, attempt: str) -> str:
+        return f"{self.path}/{STAGING}/{attempt}"
+
+    def ray_target(self, path: str) -> tuple[str, Any]:
+        """A path of this output for Ray's workers: local paths as they are (absolute), remote ones with
+        this filesystem (its credentials)."""
+        return path, None if isinstance(self.fs, LocalFileSystem) else self.fs
+
+    def _entries(self, path: str) -> list[dict[str, Any]]:
+        """A folder's entries, once each; object stores' folder markers (`key/`) count as folders."""
+        try:
+            listed = self.fs.ls(path, detail=True)
+        except FileNotFoundError:
+            return []
+        entries: dict[str, dict[str, Any]] = {}
+        for entry in listed:
+            name = entry["name"].rstrip("/")
+            if name == path.rstrip("/"):
+                continue
+            folder = entry["type"] == "directory" or entry["name"].endswith("/")
+            if folder or name not in entries:
+                entries[name] = {"name": name, "type": "directory" if folder else "file"}
+        return list(entries.values())
+
+    def survey(self) -> Survey:
+        self.fs.invalidate_cache()
+        found = Survey()
+        top = self._entries(self.path) if self.fs.isdir(self.path) else []
+        if not top and self.fs.isfile(self.path):
+            found.foreign.append(self.path)
+        parquet = []
+        for entry in top:
+            name = _name(entry["name"])
+            if name in (SUCCESS, FAILURE):
+                found.marker = name
+            elif name.startswith(TEMP_PREFIX):
+                found.temporary.append(entry["name"])
+            elif name == STAGING and entry["type"] == "directory":
+                self._survey_staging(entry["name"], found)
+            elif name == LEASES:
+                continue
+            elif name.endswith(".parquet") and entry["type"] == "file":
+                parquet.append(entry["name"])
+            else:
+                found.foreign.append(entry["name"])
+        with ThreadPoolExecutor(_THREADS) as pool:
+            owners = list(pool.map(lambda path: owner_of(self.fs, path), parquet))
+        for path, owner in zip(parquet, owners, strict=True):
+            (found.parts if owner is not None else found.foreign).append(path)
+        return found
+
+    def _survey_staging(self, staging: str, found: Survey) -> None:
+        for attempt in self._entries(staging):
+            if attempt["type"] != "directory":
+                (found.temporary if _name(attempt["name"]).startswith(TEMP_PREFIX) else found.foreign).append(
+                    attempt["name"]
+                )
+                continue
+            chunks = found.chunks.setdefault(_name(attempt["name"]), [])
+            for entry in self._entries(attempt["name"]):
+                name = _name(entry["name"])
+                if name.startswith(TEMP_PREFIX):
+                    found.temporary.append(entry["name"])
+                elif name.startswith(CHUNK_PREFIX) and name.endswith(".parquet"):
+                    chunks.append(entry["name"])
+                elif name != SOURCES:
+                    found.foreign.append(entry["name"])
+
+    def _refuse_foreign(self, survey: Survey) -> None:
+        if survey.foreign:
+            shown = ", ".join(survey.foreign[:5]) + (" ..." if len(survey.foreign) > 5 else "")
+            raise ForeignFiles(
+                f"output {self.uri!r} holds {len(survey.foreign)} file(s) dinat-batch did not write: {shown}. "
+                "It never deletes or mixes with files it did not write, not even with --overwrite: choose "
+                "an empty or new output, or move them away"
+            )
+
+    def prepare(self, overwrite: bool, ownership: Ownership) -> Resume:
+        """Make the output ready for the run `ownership` names; returns what earlier attempts finished.
+
+        A finished output (`_SUCCESS` or `_FAILURE`) is replaced only with `overwrite`, its marker
+        removed first; one whose reads failed for some inputs is resumed instead, so that the same
+        command retries them. An output without a marker is resumed: complete chunks of earlier
+        attempts are kept (their failed reads are retried), writes cut off mid-way are removed."""
+        survey = self.survey()
+        self._refuse_foreign(survey)
+        if survey.marker is not None:
+            manifest = json.loads(self.fs.cat_file(f"{self.path}/{survey.marker}"))
+            retry = (
+                not overwrite
+                and survey.marker == SUCCESS
+                and manifest.get("retryable_errors", 0) > 0
+                and manifest.get("model_sha256") == ownership.model_sha256
+            )
+            if not overwrite and not retry:
+                state = "finished" if survey.marker == SUCCESS else "failed its checks"
+                raise ConfigError(
+                    f"output {self.uri!r} already holds a run that {state} ({survey.marker}); pass "
+                    "--overwrite to replace it, or choose another output"
+                )
+            if retry:  # its files become a kept attempt's chunks, copied while the marker still stands
+                kept = self.staging(f"{manifest['run_id']}-committed")
+                self.fs.makedirs(kept, exist_ok=True)
+                for i, entry in enumerate(manifest["files"]):
+                    self.fs.copy(
+                        f"{self.path}/{entry['name']}",
+                        f"{kept}/{CHUNK_PREFIX}{i:06d}-{entry['rows']}.parquet",
+                    )
+                survey = self.survey()
+            # un-commit first: from here on readers see no table, and the old files are redundant
+            self.fs.rm_file(f"{self.path}/{survey.marker}")
+            crash_point("unmarked")
+        for path in survey.temporary:
+            self.fs.rm(path, recursive=True)
+        kept = {run: chunks for run, chunks in survey.chunks.items() if run != ownership.attempt}
+        if overwrite:
+            for run in kept:
+                self.fs.rm(self.staging(run), recursive=True)
+            kept = {}
+        resume = Resume()
+        chunks = [path for paths in kept.values() for path in paths]
+        with ThreadPoolExecutor(_THREADS) as pool:
+            tables = list(pool.map(self._resumable_rows, chunks))
+        for path, table in zip(chunks, tables, strict=True):
+            if table is None:
+                raise ForeignFiles(
+                    f"output {self.uri!r} holds {path}, which dinat-batch did not write (no writer in its "
+                    "metadata); it never deletes or mixes with such files: move it away"
+                )
+            shas = set(table.column("model_sha256").to_pylist())
+            if shas - {ownership.model_sha256}:
+                raise ConfigError(
+                    f"output {self.uri!r} holds an unfinished run of another model ({path}); pass "
+                    "--overwrite to start over with this one"
+                )
+            resume.done.update(
+                key
+                for key, error in zip(
+                    table.column("key").to_pylist(), table.column("error").to_pylist(), strict=True
+                )
+                if not is_retryable(error)
+            )
+        resume.chunks = len(chunks)
+        self.fs.makedirs(self.path, exist_ok=True)
+        return resume
+
+    def _resumable_rows(self, path: str) -> pa.Table | None:
+        """A kept chunk's keys, errors and model; None if the pipeline did not write it."""
+        if owner_of(self.fs, path) is None:
+            return None
+        with self.fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=["key", "error", "model_sha256"])
+
+    def marker(self) -> tuple[str, dict[str, Any]] | None:
+        """The committed marker's name and manifest, or None."""
+        self.fs.invalidate_cache()
+        for name in (SUCCESS, FAILURE):
+            try:
+                return name, json.loads(self.fs.cat_file(f"{self.path}/{name}"))
+            except FileNotFoundError:
+                continue
+        return None
+
+    def manifest(self) -> dict[str, Any] | None:
+        """The `_SUCCESS` manifest, or None while the output is not committed."""
+        found = self.marker()
+        return found[1] if found and found[0] == SUCCESS else None
+
+    def committed_files(self) -> list[str] | None:
+        """Paths of the files `_SUCCESS` lists (exactly those), or None when not committed."""
+        manifest = self.manifest()
+        if manifest is None:
+            return None
+        if "files" not in manifest:  # written before markers listed their files: every file beside it
+            return sorted(path for path in self.fs.ls(self.path, detail=False) if path.endswith(".parquet"))
+        return [f"{self.path}/{entry['name']}" for entry in manifest["files"]]
+
+    def source_digest(self, attempt: str) -> KeyDigest:
+        """The keys this attempt's reading stage emitted, summed over its per-source records."""
+        total = KeyDigest()
+        folder = f"{self.staging(attempt)}/{SOURCES}"
+        self.fs.invalidate_cache()
+        paths = [entry["name"] for entry in self._entries(folder)]
+        with ThreadPoolExecutor(_THREADS) as pool:
+            for data in pool.map(self.fs.cat_file, paths):
+                total += KeyDigest.from_json(json.loads(data))
+        return total
+
+    def compact(
+        self, ownership: Ownership, lease: Lease, expected: KeyDigest, rows_per_file: int
+    ) -> Compacted:
+        """Compact every attempt's chunks into the table's files (in Ray tasks, about `rows_per_file`
+        rows each) and check them against the inputs; raises VerificationFailed, writing no marker."""
+        lease.check()
+        survey = self.survey()
+        self._refuse_foreign(survey)
+        for path in survey.parts:  # listed by no marker: redundant, see the module's rules
+            self.fs.rm_file(path)
+        crash_point("old-files-removed")
+        groups: list[list[str]] = []
+        rows = rows_per_file
+        for path in sorted(path for paths in survey.chunks.values() for path in paths):
+            if rows + chunk_rows(path) > rows_per_file and (not groups or groups[-1]):
+                groups.append([])
+                rows = 0
+            groups[-1].append(path)
+            rows += chunk_rows(path)
+        parts = [f"{self.path}/{PART_PREFIX}{ownership.run_id}-{i:05d}.parquet" for i in range(len(groups))]
+        fs = None if isinstance(self.fs, LocalFileSystem) else self.fs
+        pending = [
+            _compact.remote(fs, group, part, ownership, self.staging(ownership.attempt))
+            for group, part in zip(groups, parts, strict=True)
+        ]
+        if pending:
+            ray.wait(pending, num_returns=1)
+            crash_point("part-written")
+        results = ray.get(pending)
+        written = KeyDigest()
+        kinds: Counter[str] = Counter()
+        compacted = Compacted(files=[], ok=0, retryable_keys=[])
+        for part, result in zip(parts, results, strict=True):
+            written += KeyDigest.from_json(result["digest"])
+            compacted.ok += result["ok"]
+            kinds.update(result["errors_by_kind"])
+            compacted.retryable_keys += result["retryable_keys"]
+            compacted.files.append({"name": _name(part), "rows": result["rows"], "bytes": result["bytes"]})
+        if written != expected:
+            raise VerificationFailed(
+                f"the run wrote {written.count} rows for {expected.count} inputs, and not exactly one per "
+                f"input key: nothing was committed. Its rows stay in {self.uri}/{STAGING}/ for inspection; "
+                "rerun with --overwrite to start over"
+            )
+        compacted.errors_by_kind = dict(kinds.most_common())
+        return compacted
+
+    def publish(self, lease: Lease, marker: str, manifest: dict[str, Any]) -> None:
+        """Write the marker, listing the compacted files, then remove the chunks they were made from."""
+        lease.check()
+        crash_point("before-marker")
+        record = json.dumps(manifest, indent=2, default=str).encode()
+        put_file(self.fs, f"{self.path}/{marker}", record)
+        crash_point("marked")
+        if self.fs.exists(f"{self.path}/{STAGING}"):
+            self.fs.rm(f"{self.path}/{STAGING}", recursive=True)
+
+
+@ray.remote(num_cpus=0.5)
+def _compact(fs, chunks: list[str], part: str, ownership: Ownership, staging: str) -> dict[str, Any]:
+    """One table file from a group of chunks; failed reads in chunks of earlier attempts (outside this
+    attempt's `staging`) are dropped: this attempt read those inputs again. Returns the file's size and
+    the counts the commit checks and reports."""
+    fs = fs or LocalFileSystem()
+    tables = []
+    for path in chunks:
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f)
+        if not path.startswith(staging + "/"):
+            keep = [not is_retryable(error) for error in table.column("error").to_pylist()]
+            table = table.filter(pa.array(keep, pa.bool_()))
+        tables.append(table.replace_schema_metadata(None))
+    table = pa.concat_tables(tables)
+    size = write_table(fs, part, table, ownership)
+    errors = [e for e in table.column("error").to_pylist() if e is not None]
+    keys = table.column("key").to_pylist()
+    return {
+        "rows": table.num_rows,
+        "bytes": size,
+        "ok": table.num_rows - len(errors),
+        "errors_by_kind": dict(Counter(error_kind(e) for e in errors)),
+        "retryable_keys": [
+            k for k, e in zip(keys, table.column("error").to_pylist(), strict=True) if is_retryable(e)
+        ],
+        "digest": KeyDigest().add(keys).to_json(),
+    }
+
+
+def record_source(
+    output_uri: str, storage_options: dict[str, Any], attempt: str, source: str, keys: list[str]
+) -> None:
+    """The keys one source (a shard or a table) gave this attempt, for the commit's check."""
+    output = Output(output_uri, storage_options)
+    name = hashlib.sha256(source.encode()).hexdigest()[:32]
+    put_file(
+        output.fs,
+        f"{output.staging(attempt)}/{SOURCES}/{name}.json",
+        json.dumps(KeyDigest().add(keys).to_json()).encode(),
+    )

@@ -1,0 +1,255 @@
+"""The output protocol on its own and through whole runs, on local disk and the real S3 server: files the
+pipeline did not write are never touched, one writer holds an output at a time, the marker goes first
+and comes last, and what a marker lists is exactly one row per input."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import ConfigError
+from pipeline.faults import ENV, SimulatedCrash
+from pipeline.lease import Lease, LeaseHeld, LeaseLost
+from pipeline.output import SUCCESS, ForeignFiles, Output, VerificationFailed
+from pipeline.query import read_output
+from pipeline.run import run
+from pipeline.sink import KeyDigest, Ownership, output_schema, write_table
+from tests.data import TINY, image_folder
+
+
+@pytest.fixture(params=["local", "s3"])
+def where(request, tmp_path, object_store):
+    """(root URI, storage options) of an empty place on local disk or in the S3 server."""
+    if request.param == "local":
+        return str(tmp_path), {}
+    object_store.make_bucket("protocol")
+    return f"s3://protocol/{request.node.name.replace('[', '-').rstrip(']')}", object_store.storage_options
+
+
+def config(source: Path, output: str, model: Path, options: dict, **fields) -> dict:
+    return {
+        "input": str(source),
+        "output": output,
+        "model": str(model),
+        "storage_options": options,
+        "batch_size": 4,
+    } | fields
+
+
+def keys_of(output: str, options: dict) -> list[str]:
+    return read_output(output, options).column("key").to_pylist()
+
+
+def listing(output: str, options: dict) -> dict[str, bytes]:
+    fs, path = fsspec.core.url_to_fs(output, **options)
+    fs.invalidate_cache()
+    return {p.removeprefix(path): fs.cat_file(p) for p in fs.find(path)} if fs.exists(path) else {}
+
+
+def test_foreign_files_stop_the_run_and_survive(where, tmp_path, tiny_model, ray_session):
+    root, options = where
+    source = image_folder(tmp_path / "images", 3)
+    fs, _ = fsspec.core.url_to_fs(root, **options)
+    foreign = pa.table({"user_id": [1, 2, 3]})
+    fs.makedirs(fsspec.core.url_to_fs(f"{root}/out", **options)[1], exist_ok=True)
+    with fsspec.open(f"{root}/out/part-0.parquet", "wb", **options) as f:
+        pq.write_table(foreign, f)
+    fs.pipe_file(fsspec.core.url_to_fs(f"{root}/out/notes.txt", **options)[1], b"someone's notes")
+    before = listing(f"{root}/out", options)
+
+    for overwrite in (False, True):
+        with pytest.raises(ForeignFiles, match=r"did not write: .*(part-0.parquet|notes.txt)"):
+            run(config(source, f"{root}/out", tiny_model, options, overwrite=overwrite))
+    assert listing(f"{root}/out", options) == before  # not one byte changed, no lease left behind
+
+
+def test_a_failed_read_deletes_nothing(tmp_path, tiny_model, ray_session, monkeypatch):
+    """A dead attempt's files cannot be read (throttled, forbidden): the run stops with the store's error
+    and every file stays, instead of being taken for a write cut off mid-way."""
+    source = image_folder(tmp_path / "images", 4)
+    output = str(tmp_path / "out")
+    monkeypatch.setenv(ENV, "before-marker")
+    with pytest.raises(SimulatedCrash):
+        run(config(source, output, tiny_model, {}))
+    monkeypatch.delenv(ENV)
+    before = listing(output, {})
+    assert any("/_staging/" in name for name in before)
+
+    def throttled(*args, **kwargs):
+        raise OSError("SlowDown: reduce your request rate")
+
+    monkeypatch.setattr("pipeline.sink.pq.read_metadata", throttled)
+    with pytest.raises(OSError, match="SlowDown"):
+        run(config(source, output, tiny_model, {}))
+    assert listing(output, {}) == before
+
+
+def test_overwrite_unmarks_first_and_the_table_lists_its_files(where, tmp_path, tiny_model, ray_session):
+    root, options = where
+    source = image_folder(tmp_path / "images", 6)
+    output = f"{root}/out"
+    expected = sorted(str(path) for path in source.iterdir())
+    first = run(config(source, output, tiny_model, options, rows_per_file=4))
+    manifest = Output(output, options).manifest()
+    assert sum(entry["rows"] for entry in manifest["files"]) == 6 and first.files == len(manifest["files"])
+    assert not any("/_staging/" in name for name in listing(output, options))
+
+    # a crash right after --overwrite removed the marker: readers see no table, never a mix
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(ENV, "unmarked")
+        with pytest.raises(SimulatedCrash):
+            run(config(source, output, tiny_model, options, overwrite=True))
+    assert Output(output, options).manifest() is None
+    # the same command without --overwrite finishes it: the unlisted old files are not kept
+    run(config(source, output, tiny_model, options, rows_per_file=4))
+    assert sorted(keys_of(output, options)) == expected
+
+    # a stray copy of one of our files that no marker lists is not read
+    out = Output(output, options)
+    listed = out.committed_files()
+    out.fs.copy(listed[0], f"{out.path}/part-stray.parquet")
+    assert sorted(keys_of(output, options)) == expected
+
+
+def test_compaction_checks_one_row_per_input(tmp_path, ray_session):
+    out = Output(str(tmp_path / "out"), {})
+    owner = Ownership("run-1", "sha", "run-1")
+    schema = output_schema(TINY.num_features)
+
+    def chunk(name: str, keys: list[str]) -> None:
+        rows = [
+            {"key": k, "status": "ok", "model": "m", "model_sha256": "sha", "run_id": "run-1"}
+            | {"processed_at": 0}
+            for k in keys
+        ]
+        write_table(
+            out.fs,
+            f"{out.staging('run-1')}/chunk-{name}-{len(keys)}.parquet",
+            pa.Table.from_pylist(rows, schema),
+            owner,
+        )
+
+    chunk("000000", ["a", "b"])
+    chunk("000001", ["b"])  # a block written twice
+    lease = Lease(out.fs, out.path, "run-1", 60).acquire()
+    with pytest.raises(VerificationFailed, match="3 rows for 3 inputs"):
+        out.compact(owner, lease, KeyDigest().add(["a", "b", "c"]), 100)
+    assert out.marker() is None
+    out.fs.rm_file(f"{out.staging('run-1')}/chunk-000001-1.parquet")
+    with pytest.raises(VerificationFailed, match="2 rows for 3 inputs"):  # one lost
+        out.compact(owner, lease, KeyDigest().add(["a", "b", "c"]), 100)
+    compacted = out.compact(owner, lease, KeyDigest().add(["b", "a"]), 100)
+    assert compacted.ok == 2 and [f["rows"] for f in compacted.files] == [2]
+    lease.release()
+
+
+def test_one_writer_at_a_time(where, tmp_path, tiny_model, ray_session, caplog):
+    root, options = where
+    source = image_folder(tmp_path / "images", 3)
+    output = f"{root}/out"
+    out = Output(output, options)
+    with (
+        out.lease("first-run", 600),
+        pytest.raises(LeaseHeld, match=r"run first-run on .* heartbeat \d+ s ago"),
+    ):
+        run(config(source, output, tiny_model, options))
+    assert out.marker() is None
+
+    # a holder silent for longer than lease_timeout is taken over, and the takeover is logged
+    stale = out.lease("dead-run", 600).acquire()
+    stale._stop.set()  # its heartbeat stops: the driver died
+    time.sleep(1.5)
+    with caplog.at_level(logging.WARNING, logger="pipeline.lease"):
+        summary = run(config(source, output, tiny_model, options, lease_timeout=1))
+    assert summary.ok == 3
+    assert any("took over the output's lease from run dead-run" in r.message for r in caplog.records)
+    with pytest.raises(LeaseLost, match="took this output over"):
+        stale.check()
+
+
+def test_racing_runs_get_one_lease(where):
+    root, options = where
+    fs, path = fsspec.core.url_to_fs(f"{root}/raced", **options)
+    won, refused = [], []
+    barrier = threading.Barrier(4)
+
+    def contend(name: str) -> None:
+        barrier.wait()
+        try:
+            won.append(Lease(fs, path, name, 600, heartbeat=60).acquire())
+        except LeaseHeld as err:
+            refused.append(str(err))
+
+    threads = [threading.Thread(target=contend, args=(f"run-{i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(won) == 1 and len(refused) == 3
+    assert all(f"run {won[0].run_id} " in message for message in refused)
+    won[0].release()
+    assert Lease(fs, path, "next", 600, heartbeat=60).holders() == []
+
+
+def test_marker_lists_files_and_resume_reads_staging(tmp_path, tiny_model, ray_session, monkeypatch):
+    """A run cut off before its marker keeps its chunk files; the rerun keeps their rows (resumed) and
+    commits one row per input; the marker lists exactly the committed files with rows and bytes."""
+    source = image_folder(tmp_path / "images", 10)
+    output = str(tmp_path / "out")
+    monkeypatch.setenv(ENV, "part-written")
+    with pytest.raises(SimulatedCrash):
+        run(config(source, output, tiny_model, {}, rows_per_file=3))
+    monkeypatch.delenv(ENV)
+    summary = run(config(source, output, tiny_model, {}, rows_per_file=3))
+    assert summary.resumed == 10 and summary.ok == 10
+    manifest = json.loads((Path(output) / SUCCESS).read_text())
+    assert sum(entry["rows"] for entry in manifest["files"]) == 10
+    on_disk = {p.name: p.stat().st_size for p in Path(output).glob("*.parquet")}
+    assert on_disk == {entry["name"]: entry["bytes"] for entry in manifest["files"]}
+    with pytest.raises(ConfigError, match="already holds a run that finished"):
+        run(config(source, output, tiny_model, {}))
+
+
+def test_failed_reads_are_retried_by_the_same_command(where, tmp_path, tiny_model, ray_session, monkeypatch):
+    """An input whose read fails is an error row that is not final: the summary counts it apart, and the
+    same command on the finished output reads it again, keeping every other row as it was."""
+    import pipeline.run
+
+    root, options = where
+    source = image_folder(tmp_path / "images", 4)
+    output = f"{root}/out"
+    lost = source / "photo-001.png"
+    saved = lost.read_bytes()
+    planned = pipeline.run.plan
+
+    def listed_then_lost(*args, **kwargs):
+        found = planned(*args, **kwargs)
+        lost.unlink()  # gone between listing and reading
+        return found
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline.run, "plan", listed_then_lost)
+        first = run(config(source, output, tiny_model, options))
+    assert (first.ok, first.errors, first.retryable_errors) == (3, 1, 1)
+    assert first.errors_by_kind == {"ReadError": 1}
+    before = {r["key"]: r for r in read_output(output, options).to_pylist()}
+
+    lost.write_bytes(saved)
+    again = run(config(source, output, tiny_model, options))
+    assert (again.ok, again.errors, again.resumed) == (4, 0, 3)
+    after = {r["key"]: r for r in read_output(output, options).to_pylist()}
+    assert sorted(after) == sorted(str(path) for path in source.iterdir())
+    assert after[str(lost)]["status"] == "ok"
+    for key, row in before.items():
+        if key != str(lost):
+            assert after[key]["processed_at"] == row["processed_at"]  # kept, not recomputed
+    with pytest.raises(ConfigError, match="already holds a run that finished"):
+        run(config(source, output, tiny_model, options))

@@ -102,8 +102,9 @@ class Table:
 
 
 def _read_in_full(selected: pa.Table, retryable_keys: list[str]) -> pa.Table:
-    """The selected objects less those whose read failed (the object itself, or a container from its
-    start): the ledger records only what was read."""
+    """The selected objects less those whose read failed (an image file, or a shard or table from its
+    start): the ledger records only what was read. A shard that broke off part-way, or a table of URIs
+    some of which failed, counts as read: taking it again would give its good rows a second date."""
     failed = {key.split("#<unreadable from its start>")[0] for key in retryable_keys}
     return selected.filter(pc.invert(pc.is_in(selected.column("uri"), pa.array(sorted(failed), pa.string()))))
 
@@ -117,11 +118,11 @@ def nightly(config: RunConfig, date: dt.date | None = None) -> NightlySummary:
     date = date or dt.datetime.now(dt.UTC).date()
     table = Table(config.output, config.storage_options)
     run_id = f"nightly-{date.isoformat()}-{uuid.uuid4().hex[:8]}"
+    table.check_root()
     with ray_connection(config.ray_address), table.root.lease(run_id, config.lease_timeout) as lease:
-        table.check_root()
         partition = table.partition(date)
         rerun = partition.marker() is not None
-        planned = plan(config.model_copy(update={"overwrite": rerun}), run_id)
+        planned = plan(config.model_copy(update={"overwrite": rerun or config.overwrite}), run_id)
         seen = table.seen_elsewhere(date)
         new = planned.listing.join(seen, keys=["uri", "version"], join_type="left anti").sort_by("uri")
         summary, compacted = execute(planned, partition, lease, new)
@@ -134,6 +135,7 @@ def nightly(config: RunConfig, date: dt.date | None = None) -> NightlySummary:
             retried_later=new.num_rows - read.num_rows,
             run=summary,
         )
+        lease.check()
         table.write_ledger(date, read)
         crash_point("ledger-written")
         finish(partition, lease, summary, compacted, config.max_error_rate, result.model_dump(mode="json"))

@@ -195,6 +195,12 @@ def run_command(
     typer.echo(
         f"run {summary.run_id} finished: {summary.images} images, {summary.ok} ok, {summary.errors} errors"
         + (f" ({kinds})" if kinds else "")
+        + (
+            f"\n{summary.retryable_errors} of the errors are failed reads (the store, not the image): "
+            "the same command retries them"
+            if summary.retryable_errors
+            else ""
+        )
         + f"\n{summary.seconds:.1f} s, {summary.images_per_second:.1f} images/s on {summary.device}"
         + f"\noutput: {summary.output} (committed: _SUCCESS written)"
     )
@@ -223,7 +229,12 @@ def nightly_command(
     typer.echo(
         f"{summary.date}: {summary.listed} inputs listed, {summary.new_or_changed} new or changed; "
         f"{summary.run.images} rows ({summary.run.ok} ok, {summary.run.errors} errors)\n"
-        f"committed: {summary.partition}"
+        + (
+            f"{summary.retried_later} failed reads are left for the next run to take again\n"
+            if summary.retried_later
+            else ""
+        )
+        + f"committed: {summary.partition}"
     )
 
 

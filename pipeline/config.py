@@ -19,6 +19,7 @@ from pipeline.locations import resolve
 
 DEFAULT_MODEL = "shi-labs/dinat-mini-in1k-224"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+_USERINFO = re.compile(r"://[^/@\s]+@")  # http://user:password@host in a safe setting's value
 _SECRET_NAME = re.compile(r"key|secret|token|password|credential|session|auth|sig", re.IGNORECASE)
 # storage_options settings shown as they are; every other value in storage_options is redacted, so a
 # credential under a name nobody foresaw (a header, a connection string) is never written or logged
@@ -100,7 +101,9 @@ class RunConfig(BaseModel):
     cpu_threads: int | None = Field(None, ge=1, description="torch threads per CPU actor; default: all cores")
     max_pixels: int = Field(100_000_000, ge=1, description="larger declared images are decode errors")
     max_bytes_per_image: int = Field(
-        64 * 2**20, ge=1, description="larger objects and tar members are error rows, never read whole"
+        64 * 2**20,
+        ge=1,
+        description="larger images are TooLarge error rows; objects and tar members are not read past it",
     )
     allowed_uri_prefixes: list[str] | None = Field(
         None,
@@ -173,7 +176,7 @@ def redact(value: Any, name: str = "") -> Any:
         return {k: redact(v, str(k)) for k, v in value.items()}
     if isinstance(value, list):
         return [redact(v, name) for v in value]
-    return value
+    return _USERINFO.sub("://***@", value) if isinstance(value, str) else value
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:

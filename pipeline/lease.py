@@ -2,10 +2,15 @@
 its holder has been silent for longer than a timeout.
 
 Leases are numbered files `OUTPUT/_lease/000001.json`, `000002.json`, ...; the highest number is the
-current one. Taking a free output creates number 1, taking over a stale one creates the next number, and
-both use the store's exclusive create (S3 `If-None-Match: *`, `O_EXCL` on local and NFS-like disks), so
-of two runs racing for an output exactly one wins, whichever store they share. A holder that finds a
-higher number than its own has been taken over and stops before it writes anything more.
+current one, and numbers are never reused: a run that ends marks its file released rather than deleting
+it. Taking an output creates the next number after the current one (at once when that one is released,
+after `lease_timeout` of silence otherwise) with the store's exclusive create (S3 `If-None-Match: *`; a
+hard link of a finished temp file on local and NFS-like disks), so of two runs racing for an output
+exactly one wins, whichever store they share. A holder checks its lease before each step that changes
+the output's committed state and after each heartbeat; one that finds a higher number than its own has
+been taken over and raises LeaseLost. Its Ray tasks may still finish writing chunks into its own
+staging folder; they never touch the table or the marker. Staleness is judged by the clocks of the
+two hosts: keep them in sync (NTP), or raise lease_timeout well above any skew.
 
 Stores without an exclusive create (neither local nor S3 here) get a check-then-write lease: the run
 says so in a warning, and two runs started within the same second could both proceed.
@@ -26,6 +31,7 @@ from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.atomic import create_local, put_file
 from pipeline.config import ConfigError
 
 LEASES = "_lease"
@@ -48,6 +54,7 @@ class Holder:
     pid: int
     started_at: str
     heartbeat_at: float  # unix seconds
+    released: bool = False
 
     def age(self, now: float | None = None) -> float:
         return max(0.0, (now or time.time()) - self.heartbeat_at)
@@ -84,7 +91,7 @@ class Lease:
     def _path(self, number: int) -> str:
         return f"{self.folder}/{number:06d}.json"
 
-    def _record(self, number: int, started_at: str) -> bytes:
+    def _record(self, number: int, started_at: str, released: bool = False) -> bytes:
         return json.dumps(
             {
                 "number": number,
@@ -93,11 +100,13 @@ class Lease:
                 "pid": os.getpid(),
                 "started_at": started_at,
                 "heartbeat_at": time.time(),
+                "released": released,
             }
         ).encode()
 
     def holders(self) -> list[Holder]:
-        """Every lease file, lowest number first. A file that cannot be parsed is one being written."""
+        """Every lease file, lowest number first. Files are written whole, so one that cannot be parsed
+        was written by someone else: it counts as held, with the age of the file."""
         self.fs.invalidate_cache()
         found = []
         try:
@@ -113,7 +122,8 @@ class Lease:
             except FileNotFoundError:
                 continue
             except (ValueError, TypeError):
-                found.append(Holder(int(stem), "(being written)", "", 0, "", time.time()))
+                modified = self.fs.info(name).get("mtime") or time.time()
+                found.append(Holder(int(stem), "(unreadable lease file)", "", 0, "", float(modified)))
         return sorted(found, key=lambda holder: holder.number)
 
     def _create(self, number: int, data: bytes) -> bool:
@@ -121,14 +131,7 @@ class Lease:
         path = self._path(number)
         if self.kind == "local":
             self._made_output = not os.path.exists(self.folder.rsplit("/", 1)[0])
-            self.fs.makedirs(self.folder, exist_ok=True)
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            return True
+            return create_local(path, data)
         if self.kind == "s3":
             try:
                 self.fs.pipe_file(path, data, mode="create")
@@ -146,14 +149,27 @@ class Lease:
         started_at = datetime.now(UTC).isoformat()
         holders = self.holders()
         current = holders[-1] if holders else None
-        if current is not None and current.age() < self.timeout:
+        if current is not None and not current.released and current.age() < self.timeout:
             raise self._held(current)
         number = current.number + 1 if current else 1
-        if not self._create(number, self._record(number, started_at)):
-            winner = self.holders()[-1]
-            raise self._held(winner)
-        self.number, self.took_over = number, current
-        if current is not None:
+        record = self._record(number, started_at)
+        if not self._create(number, record):
+            winner = next((h for h in self.holders() if h.number == number), None)
+            # a retried conditional PUT whose first answer was lost finds its own lease
+            if winner is None or winner.run_id != self.run_id or winner.pid != os.getpid():
+                raise (
+                    self._held(winner)
+                    if winner
+                    else LeaseHeld(
+                        "another run is taking this output at this moment; try again, or choose another output"
+                    )
+                )
+        self.number = number
+        self.took_over = current if current is not None and not current.released else None
+        for older in holders:  # only the current number matters: keep the folder short
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(self._path(older.number))
+        if self.took_over is not None:
             logger.warning(
                 "took over the output's lease from run %s on %s (pid %s): its heartbeat is %.0f s old, "
                 "past lease_timeout %.0f s",
@@ -185,7 +201,8 @@ class Lease:
         while not self._stop.wait(self.interval):
             try:
                 self.check()
-                self.fs.pipe_file(self._path(self.number), self._record(self.number, self._started_at))
+                put_file(self.fs, self._path(self.number), self._record(self.number, self._started_at))
+                self.check()  # a beat delayed past a takeover must not pass for ours
             except LeaseLost as err:
                 self._lost = err
                 return
@@ -213,16 +230,27 @@ class Lease:
             self._thread.join()
         if self.number is None or self._lost is not None:
             return
-        for holder in self.holders():
-            if holder.number <= self.number:  # ours, and stale ones we took over
-                with contextlib.suppress(FileNotFoundError):
-                    self.fs.rm_file(self._path(holder.number))
+        if self._only_lease_left():  # a run refused before any work leaves nothing behind
+            self.fs.rm_file(self._path(self.number))
+            if self.kind == "local":
+                with contextlib.suppress(OSError):
+                    os.rmdir(self.folder)
+                    if self._made_output:
+                        os.rmdir(self.folder.rsplit("/", 1)[0])
+        else:  # released, not deleted: the next run takes the next number at once, and none is reused
+            put_file(
+                self.fs, self._path(self.number), self._record(self.number, self._started_at, released=True)
+            )
         self.number = None
-        if self.kind == "local":  # folders left empty: the lease's, and the output if the lease made it
-            with contextlib.suppress(OSError):
-                os.rmdir(self.folder)
-                if self._made_output:
-                    os.rmdir(self.folder.rsplit("/", 1)[0])
+
+    def _only_lease_left(self) -> bool:
+        self.fs.invalidate_cache()
+        try:
+            entries = [e.rstrip("/") for e in self.fs.ls(self.folder.rsplit("/", 1)[0], detail=False)]
+            leases = [e.rstrip("/") for e in self.fs.ls(self.folder, detail=False)]
+        except FileNotFoundError:
+            return False
+        return entries == [self.folder] and leases == [self._path(self.number)]
 
     def __enter__(self) -> Lease:
         return self.acquire()

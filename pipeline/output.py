@@ -6,9 +6,11 @@
     OUTPUT/_staging/RUN/chunk-*.parquet  a run's rows as they come; hidden from Hive-style readers
 
 Rules, each for a loss seen in practice:
-- Only files the pipeline wrote are ever deleted: files carry their writer in their metadata, staging
-  folders are the pipeline's own. Anything else in the output stops the run before any work, named.
-  A read that fails proves nothing and deletes nothing: the run stops with the store's error.
+- Only files the pipeline wrote for this output are ever deleted: Parquet files carry their writer and
+  their output in their metadata, the other files it writes have names of a shape it alone uses. Anything
+  else in the output (also a dinat-batch file copied from another output) stops the run before any
+  work, named. A read that fails proves nothing and deletes nothing: the run stops with the store's
+  error.
 - The marker goes first and comes last: an overwrite or rerun removes `_SUCCESS` before any data, and
   the commit writes it after every file it lists, so no crash leaves a marker beside partial data.
 - Chunks are deleted only after the marker that lists their compacted rows. So table files that no
@@ -20,8 +22,11 @@ Rules, each for a loss seen in practice:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,19 +38,19 @@ import pyarrow.parquet as pq
 import ray
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.atomic import is_own_temp, put_file
 from pipeline.config import ConfigError
 from pipeline.faults import crash_point
-from pipeline.lease import LEASES, Lease
+from pipeline.lease import LEASES, Lease, LeaseLost
+from pipeline.locations import resolve
 from pipeline.sink import (
     CHUNK_PREFIX,
-    TEMP_PREFIX,
     KeyDigest,
     Ownership,
     chunk_rows,
     error_kind,
     is_retryable,
     owner_of,
-    put_file,
     write_table,
 )
 
@@ -56,6 +61,9 @@ SOURCES = "_sources"
 PART_PREFIX = "part-"
 _OURS = {SUCCESS, FAILURE, LEASES, STAGING}
 _THREADS = 16  # concurrent small reads (footers, key columns) against the store
+_SOURCE_RECORD = re.compile(r"^[0-9a-f]{32}\.json$")
+# the config fields that shape the rows: a finished output is topped up only by the same job
+SAME_JOB = ("input", "model", "input_format", "image_column", "uri_column", "top_k")
 
 
 class ForeignFiles(ConfigError):
@@ -71,8 +79,10 @@ class Survey:
     """What an output folder holds, sorted by who wrote it."""
 
     marker: str | None = None
+    manifest: dict[str, Any] = field(default_factory=dict)
     parts: list[str] = field(default_factory=list)  # our table files at the top
-    chunks: dict[str, list[str]] = field(default_factory=dict)  # attempt run id -> its chunk files
+    chunks: dict[str, list[str]] = field(default_factory=dict)  # attempt -> its chunk files
+    staged: list[str] = field(default_factory=list)  # every file of ours under _staging/, chunks too
     temporary: list[str] = field(default_factory=list)  # our writes cut off before their rename
     foreign: list[str] = field(default_factory=list)
 
@@ -111,6 +121,9 @@ class Output:
         self.storage_options = storage_options
         self.fs, path = fsspec.core.url_to_fs(self.uri, **storage_options)
         self.path = path.rstrip("/")
+        self.local = isinstance(self.fs, LocalFileSystem)
+        # what this output's files carry in their metadata: the same place however it is spelled
+        self.identity = str(resolve(self.uri))
 
     def child(self, name: str) -> Output:
         return Output(f"{self.uri}/{name}", self.storage_options)
@@ -121,10 +134,14 @@ class Output:
     def staging(self, attempt: str) -> str:
         return f"{self.path}/{STAGING}/{attempt}"
 
+    def sources(self, attempt: str) -> str:
+        """Where an attempt's reading tasks record the keys each source gave (`record_source`)."""
+        return f"{self.staging(attempt)}/{SOURCES}"
+
     def ray_target(self, path: str) -> tuple[str, Any]:
         """A path of this output for Ray's workers: local paths as they are (absolute), remote ones with
         this filesystem (its credentials)."""
-        return path, None if isinstance(self.fs, LocalFileSystem) else self.fs
+        return path, None if self.local else self.fs
 
     def _entries(self, path: str) -> list[dict[str, Any]]:
         """A folder's entries, once each; object stores' folder markers (`key/`) count as folders."""
@@ -142,6 +159,17 @@ class Output:
                 entries[name] = {"name": name, "type": "directory" if folder else "file"}
         return list(entries.values())
 
+    def _ours(self, paths: list[str]) -> list[bool]:
+        """Whether each Parquet file was written by the pipeline for this output (footers read in
+        parallel; a failed read raises)."""
+        with ThreadPoolExecutor(_THREADS) as pool:
+            owners = list(pool.map(lambda path: owner_of(self.fs, path), paths))
+        return [owner is not None and owner.output == self.identity for owner in owners]
+
+    def _temp(self, entry: dict[str, Any]) -> bool:
+        # only disks get temp files (object stores publish whole): elsewhere the name proves nothing
+        return self.local and entry["type"] == "file" and is_own_temp(_name(entry["name"]))
+
     def survey(self) -> Survey:
         self.fs.invalidate_cache()
         found = Survey()
@@ -151,66 +179,94 @@ class Output:
         parquet = []
         for entry in top:
             name = _name(entry["name"])
-            if name in (SUCCESS, FAILURE):
+            if name in (SUCCESS, FAILURE) and entry["type"] == "file":
                 found.marker = name
-            elif name.startswith(TEMP_PREFIX):
+                found.manifest = json.loads(self.fs.cat_file(entry["name"]))
+            elif self._temp(entry):
                 found.temporary.append(entry["name"])
             elif name == STAGING and entry["type"] == "directory":
                 self._survey_staging(entry["name"], found)
-            elif name == LEASES:
+            elif name == LEASES and entry["type"] == "directory":
                 continue
             elif name.endswith(".parquet") and entry["type"] == "file":
                 parquet.append(entry["name"])
             else:
                 found.foreign.append(entry["name"])
-        with ThreadPoolExecutor(_THREADS) as pool:
-            owners = list(pool.map(lambda path: owner_of(self.fs, path), parquet))
-        for path, owner in zip(parquet, owners, strict=True):
-            (found.parts if owner is not None else found.foreign).append(path)
+        for path, ours in zip(parquet, self._ours(parquet), strict=True):
+            (found.parts if ours else found.foreign).append(path)
         return found
 
     def _survey_staging(self, staging: str, found: Survey) -> None:
+        chunks = []
         for attempt in self._entries(staging):
             if attempt["type"] != "directory":
-                (found.temporary if _name(attempt["name"]).startswith(TEMP_PREFIX) else found.foreign).append(
-                    attempt["name"]
-                )
+                (found.temporary if self._temp(attempt) else found.foreign).append(attempt["name"])
                 continue
-            chunks = found.chunks.setdefault(_name(attempt["name"]), [])
             for entry in self._entries(attempt["name"]):
                 name = _name(entry["name"])
-                if name.startswith(TEMP_PREFIX):
+                if self._temp(entry):
                     found.temporary.append(entry["name"])
-                elif name.startswith(CHUNK_PREFIX) and name.endswith(".parquet"):
-                    chunks.append(entry["name"])
-                elif name != SOURCES:
+                elif entry["type"] == "file" and name.startswith(CHUNK_PREFIX) and name.endswith(".parquet"):
+                    chunks.append((_name(attempt["name"]), entry["name"]))
+                elif name == SOURCES and entry["type"] == "directory":
+                    for record in self._entries(entry["name"]):
+                        ours = record["type"] == "file" and _SOURCE_RECORD.match(_name(record["name"]))
+                        (found.staged if ours else found.foreign).append(record["name"])
+                else:
                     found.foreign.append(entry["name"])
+        for (attempt, path), ours in zip(chunks, self._ours([path for _, path in chunks]), strict=True):
+            if ours:
+                found.chunks.setdefault(attempt, []).append(path)
+                found.staged.append(path)
+            else:
+                found.foreign.append(path)
+
+    def refuse_foreign(self) -> None:
+        """Stop before writing anything, even a lease, into a folder that holds others' files."""
+        self._refuse_foreign(self.survey())
 
     def _refuse_foreign(self, survey: Survey) -> None:
         if survey.foreign:
             shown = ", ".join(survey.foreign[:5]) + (" ..." if len(survey.foreign) > 5 else "")
             raise ForeignFiles(
-                f"output {self.uri!r} holds {len(survey.foreign)} file(s) dinat-batch did not write: {shown}. "
-                "It never deletes or mixes with files it did not write, not even with --overwrite: choose "
-                "an empty or new output, or move them away"
+                f"output {self.uri!r} holds {len(survey.foreign)} file(s) dinat-batch did not write for it: "
+                f"{shown}. It never deletes or mixes with such files, not even with --overwrite: choose an "
+                "empty or new output, or move them away"
             )
 
-    def prepare(self, overwrite: bool, ownership: Ownership) -> Resume:
+    def _remove(self, paths: list[str]) -> None:
+        """Delete these files (each one the survey found to be ours), then any folder of ours they
+        leave empty on a disk."""
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(path)
+        if self.local:
+            for folder in sorted({os.path.dirname(path) for path in paths}, key=len, reverse=True):
+                while folder.startswith(f"{self.path}/{STAGING}"):
+                    with contextlib.suppress(OSError):
+                        os.rmdir(folder)
+                    folder = os.path.dirname(folder)
+
+    def prepare(self, overwrite: bool, ownership: Ownership, job: dict[str, Any]) -> Resume:
         """Make the output ready for the run `ownership` names; returns what earlier attempts finished.
 
         A finished output (`_SUCCESS` or `_FAILURE`) is replaced only with `overwrite`, its marker
-        removed first; one whose reads failed for some inputs is resumed instead, so that the same
-        command retries them. An output without a marker is resumed: complete chunks of earlier
-        attempts are kept (their failed reads are retried), writes cut off mid-way are removed."""
+        removed first. One whose reads failed for some inputs is resumed instead by the same `job`
+        (the fields of SAME_JOB), so that the same command retries them. An output without a marker
+        is resumed: complete chunks of earlier attempts are kept (their failed reads are retried),
+        writes cut off mid-way are removed."""
         survey = self.survey()
         self._refuse_foreign(survey)
+        self._remove(survey.temporary)
         if survey.marker is not None:
-            manifest = json.loads(self.fs.cat_file(f"{self.path}/{survey.marker}"))
+            committed = survey.manifest
+            same_job = all(committed.get("config", {}).get(name) == job.get(name) for name in SAME_JOB)
             retry = (
                 not overwrite
                 and survey.marker == SUCCESS
-                and manifest.get("retryable_errors", 0) > 0
-                and manifest.get("model_sha256") == ownership.model_sha256
+                and committed.get("retryable_errors", 0) > 0
+                and committed.get("model_sha256") == ownership.model_sha256
+                and same_job
             )
             if not overwrite and not retry:
                 state = "finished" if survey.marker == SUCCESS else "failed its checks"
@@ -218,56 +274,41 @@ class Output:
                     f"output {self.uri!r} already holds a run that {state} ({survey.marker}); pass "
                     "--overwrite to replace it, or choose another output"
                 )
+            # beside a marker, staged files are redundant: the marker's files hold their rows
+            self._remove(survey.staged)
             if retry:  # its files become a kept attempt's chunks, copied while the marker still stands
-                kept = self.staging(f"{manifest['run_id']}-committed")
+                kept = self.staging(f"{committed['run_id']}-committed")
                 self.fs.makedirs(kept, exist_ok=True)
-                for i, entry in enumerate(manifest["files"]):
-                    self.fs.copy(
-                        f"{self.path}/{entry['name']}",
-                        f"{kept}/{CHUNK_PREFIX}{i:06d}-{entry['rows']}.parquet",
-                    )
-                survey = self.survey()
+                for i, entry in enumerate(committed["files"]):
+                    target = f"{kept}/{CHUNK_PREFIX}{i:06d}-{entry['rows']}.parquet"
+                    self.fs.copy(f"{self.path}/{entry['name']}", target)
             # un-commit first: from here on readers see no table, and the old files are redundant
             self.fs.rm_file(f"{self.path}/{survey.marker}")
             crash_point("unmarked")
-        for path in survey.temporary:
-            self.fs.rm(path, recursive=True)
-        kept = {run: chunks for run, chunks in survey.chunks.items() if run != ownership.attempt}
-        if overwrite:
-            for run in kept:
-                self.fs.rm(self.staging(run), recursive=True)
-            kept = {}
-        resume = Resume()
-        chunks = [path for paths in kept.values() for path in paths]
+            survey = self.survey()
+        elif overwrite:  # the dead attempts of a run being replaced
+            self._remove(survey.staged)
+            survey = self.survey()
+        kept = [
+            path for attempt, paths in survey.chunks.items() if attempt != ownership.attempt for path in paths
+        ]
+        resume = Resume(chunks=len(kept))
         with ThreadPoolExecutor(_THREADS) as pool:
-            tables = list(pool.map(self._resumable_rows, chunks))
-        for path, table in zip(chunks, tables, strict=True):
-            if table is None:
-                raise ForeignFiles(
-                    f"output {self.uri!r} holds {path}, which dinat-batch did not write (no writer in its "
-                    "metadata); it never deletes or mixes with such files: move it away"
-                )
-            shas = set(table.column("model_sha256").to_pylist())
-            if shas - {ownership.model_sha256}:
+            tables = list(pool.map(self._resumable_rows, kept))
+        for path, table in zip(kept, tables, strict=True):
+            if set(table.column("model_sha256").to_pylist()) - {ownership.model_sha256}:
                 raise ConfigError(
                     f"output {self.uri!r} holds an unfinished run of another model ({path}); pass "
                     "--overwrite to start over with this one"
                 )
+            keys, errors = table.column("key").to_pylist(), table.column("error").to_pylist()
             resume.done.update(
-                key
-                for key, error in zip(
-                    table.column("key").to_pylist(), table.column("error").to_pylist(), strict=True
-                )
-                if not is_retryable(error)
+                key for key, error in zip(keys, errors, strict=True) if not is_retryable(error)
             )
-        resume.chunks = len(chunks)
         self.fs.makedirs(self.path, exist_ok=True)
         return resume
 
-    def _resumable_rows(self, path: str) -> pa.Table | None:
-        """A kept chunk's keys, errors and model; None if the pipeline did not write it."""
-        if owner_of(self.fs, path) is None:
-            return None
+    def _resumable_rows(self, path: str) -> pa.Table:
         with self.fs.open(path, "rb") as f:
             return pq.read_table(f, columns=["key", "error", "model_sha256"])
 
@@ -295,27 +336,34 @@ class Output:
             return sorted(path for path in self.fs.ls(self.path, detail=False) if path.endswith(".parquet"))
         return [f"{self.path}/{entry['name']}" for entry in manifest["files"]]
 
-    def source_digest(self, attempt: str) -> KeyDigest:
-        """The keys this attempt's reading stage emitted, summed over its per-source records."""
+    def source_digest(self, attempt: str) -> tuple[KeyDigest, int]:
+        """The keys this attempt's reading stage emitted, summed over its per-source records, and how
+        many sources recorded theirs."""
         total = KeyDigest()
-        folder = f"{self.staging(attempt)}/{SOURCES}"
         self.fs.invalidate_cache()
-        paths = [entry["name"] for entry in self._entries(folder)]
+        paths = [entry["name"] for entry in self._entries(self.sources(attempt))]
         with ThreadPoolExecutor(_THREADS) as pool:
             for data in pool.map(self.fs.cat_file, paths):
                 total += KeyDigest.from_json(json.loads(data))
-        return total
+        return total, len(paths)
 
     def compact(
-        self, ownership: Ownership, lease: Lease, expected: KeyDigest, rows_per_file: int
+        self,
+        ownership: Ownership,
+        lease: Lease,
+        expected: KeyDigest,
+        rows_per_file: int,
+        stale: set[str] | None = None,
     ) -> Compacted:
         """Compact every attempt's chunks into the table's files (in Ray tasks, about `rows_per_file`
-        rows each) and check them against the inputs; raises VerificationFailed, writing no marker."""
+        rows each) and check them against the inputs; raises VerificationFailed, writing no marker.
+        Rows of earlier attempts for `stale` keys (inputs no longer listed) are left out."""
         lease.check()
         survey = self.survey()
         self._refuse_foreign(survey)
-        for path in survey.parts:  # listed by no marker: redundant, see the module's rules
-            self.fs.rm_file(path)
+        if survey.marker is not None:  # committed by another run since this one prepared
+            raise LeaseLost(f"{self.uri} was committed by another run while this one ran; it stops here")
+        self._remove(survey.parts)  # listed by no marker: redundant, see the module's rules
         crash_point("old-files-removed")
         groups: list[list[str]] = []
         rows = rows_per_file
@@ -326,9 +374,9 @@ class Output:
             groups[-1].append(path)
             rows += chunk_rows(path)
         parts = [f"{self.path}/{PART_PREFIX}{ownership.run_id}-{i:05d}.parquet" for i in range(len(groups))]
-        fs = None if isinstance(self.fs, LocalFileSystem) else self.fs
+        fs = None if self.local else self.fs
         pending = [
-            _compact.remote(fs, group, part, ownership, self.staging(ownership.attempt))
+            _compact.remote(fs, group, part, ownership, self.staging(ownership.attempt), stale or set())
             for group, part in zip(groups, parts, strict=True)
         ]
         if pending:
@@ -348,7 +396,7 @@ class Output:
             raise VerificationFailed(
                 f"the run wrote {written.count} rows for {expected.count} inputs, and not exactly one per "
                 f"input key: nothing was committed. Its rows stay in {self.uri}/{STAGING}/ for inspection; "
-                "rerun with --overwrite to start over"
+                "rerun with --overwrite (overwrite: true) to start over"
             )
         compacted.errors_by_kind = dict(kinds.most_common())
         return compacted
@@ -357,51 +405,47 @@ class Output:
         """Write the marker, listing the compacted files, then remove the chunks they were made from."""
         lease.check()
         crash_point("before-marker")
-        record = json.dumps(manifest, indent=2, default=str).encode()
-        put_file(self.fs, f"{self.path}/{marker}", record)
+        put_file(self.fs, f"{self.path}/{marker}", json.dumps(manifest, indent=2, default=str).encode())
         crash_point("marked")
-        if self.fs.exists(f"{self.path}/{STAGING}"):
-            self.fs.rm(f"{self.path}/{STAGING}", recursive=True)
+        survey = self.survey()
+        self._remove(survey.staged + survey.temporary)
 
 
 @ray.remote(num_cpus=0.5)
-def _compact(fs, chunks: list[str], part: str, ownership: Ownership, staging: str) -> dict[str, Any]:
-    """One table file from a group of chunks; failed reads in chunks of earlier attempts (outside this
-    attempt's `staging`) are dropped: this attempt read those inputs again. Returns the file's size and
-    the counts the commit checks and reports."""
+def _compact(
+    fs, chunks: list[str], part: str, ownership: Ownership, staging: str, stale: set[str]
+) -> dict[str, Any]:
+    """One table file from a group of chunks. From chunks of earlier attempts (outside this attempt's
+    `staging`) failed reads are left out, as this attempt read those inputs again, and so are `stale`
+    keys. Returns the file's size and the counts the commit checks and reports."""
     fs = fs or LocalFileSystem()
     tables = []
     for path in chunks:
         with fs.open(path, "rb") as f:
             table = pq.read_table(f)
         if not path.startswith(staging + "/"):
-            keep = [not is_retryable(error) for error in table.column("error").to_pylist()]
+            keys, errors = table.column("key").to_pylist(), table.column("error").to_pylist()
+            keep = [not is_retryable(e) and k not in stale for k, e in zip(keys, errors, strict=True)]
             table = table.filter(pa.array(keep, pa.bool_()))
         tables.append(table.replace_schema_metadata(None))
     table = pa.concat_tables(tables)
     size = write_table(fs, part, table, ownership)
-    errors = [e for e in table.column("error").to_pylist() if e is not None]
-    keys = table.column("key").to_pylist()
+    keys, errors = table.column("key").to_pylist(), table.column("error").to_pylist()
+    failed = [e for e in errors if e is not None]
     return {
         "rows": table.num_rows,
         "bytes": size,
-        "ok": table.num_rows - len(errors),
-        "errors_by_kind": dict(Counter(error_kind(e) for e in errors)),
-        "retryable_keys": [
-            k for k, e in zip(keys, table.column("error").to_pylist(), strict=True) if is_retryable(e)
-        ],
+        "ok": table.num_rows - len(failed),
+        "errors_by_kind": dict(Counter(error_kind(e) for e in failed)),
+        "retryable_keys": [k for k, e in zip(keys, errors, strict=True) if is_retryable(e)],
         "digest": KeyDigest().add(keys).to_json(),
     }
 
 
-def record_source(
-    output_uri: str, storage_options: dict[str, Any], attempt: str, source: str, keys: list[str]
-) -> None:
-    """The keys one source (a shard or a table) gave this attempt, for the commit's check."""
-    output = Output(output_uri, storage_options)
+def record_source(fs, folder: str, source: str, keys: list[str]) -> None:
+    """In an attempt's sources `folder`: the keys one source (a shard or a table) gave, for the commit's
+    check. `fs` None means the local disk."""
     name = hashlib.sha256(source.encode()).hexdigest()[:32]
     put_file(
-        output.fs,
-        f"{output.staging(attempt)}/{SOURCES}/{name}.json",
-        json.dumps(KeyDigest().add(keys).to_json()).encode(),
+        fs or LocalFileSystem(), f"{folder}/{name}.json", json.dumps(KeyDigest().add(keys).to_json()).encode()
     )

@@ -25,7 +25,7 @@ from pipeline.inference import Predictor
 from pipeline.lease import Lease
 from pipeline.model import load_model
 from pipeline.model.runtime import CPU_BATCH, MAX_AUTO_BATCH
-from pipeline.output import FAILURE, SUCCESS, Compacted, Output, Resume, record_source
+from pipeline.output import FAILURE, SUCCESS, Compacted, Output, Resume, VerificationFailed, record_source
 from pipeline.preprocess import PreprocessConfig, decode_batch
 from pipeline.preprocess_gpu import unsupported
 from pipeline.sink import ChunkSink, KeyDigest, Ownership, output_schema
@@ -94,9 +94,8 @@ class Plan:
     started_at: datetime
     listing_seconds: float
 
-    @property
-    def ownership(self) -> Ownership:
-        return Ownership(self.run_id, self.model_sha256, self.attempt)
+    def owner(self, output: Output) -> Ownership:
+        return Ownership(self.run_id, self.model_sha256, self.attempt, output.identity)
 
 
 def _blocks(table: pa.Table, rows: int) -> list[pa.Table]:
@@ -109,15 +108,15 @@ def _drop_keys(batch: pa.Table, done: set[str]) -> pa.Table:
     return batch.filter(pa.array(keep, pa.bool_()))
 
 
-def _read_recorded(batch: pa.Table, read, output: str, storage_options: dict, attempt: str, **kwargs):
-    """`read` (shards or tables) one container at a time, recording the keys each gave (see
+def _read_recorded(batch: pa.Table, read, fs, folder: str, **kwargs):
+    """`read` (shards or tables) one container at a time, recording the keys each gave in `folder` (see
     `record_source`): the commit compares the rows written with them."""
     for i in range(batch.num_rows):
         keys: list[str] = []
         for rows in read(batch.slice(i, 1), **kwargs):
             keys += rows.column("key").to_pylist()
             yield rows
-        record_source(output, storage_options, attempt, batch.column("uri")[i].as_py(), keys)
+        record_source(fs, folder, batch.column("uri")[i].as_py(), keys)
 
 
 def _source(plan: Plan, listing: pa.Table, output: Output, done: set[str]) -> ray.data.Dataset:
@@ -131,10 +130,10 @@ def _source(plan: Plan, listing: pa.Table, output: Output, done: set[str]) -> ra
         return blocks.map_batches(
             read_objects, batch_size=config.read_batch_size, **tasks, fn_kwargs={"rules": rules}
         )
+    folder, fs = output.ray_target(output.sources(plan.attempt))
     recorded = {
-        "output": output.uri,
-        "storage_options": config.storage_options,
-        "attempt": plan.attempt,
+        "fs": fs,
+        "folder": folder,
         **({"read": read_shards, "rules": rules} if plan.kind == "webdataset" else {}),
         **({"read": read_tables, "config": config} if plan.kind == "parquet" else {}),
     }
@@ -233,20 +232,28 @@ def execute(
     and check its rows; `finish` then commits them."""
     config = plan.config
     listing = plan.listing if listing is None else listing
-    resume = output.prepare(config.overwrite, plan.ownership)
+    owner = plan.owner(output)
+    resume = output.prepare(config.overwrite, owner, config.model_dump(mode="json"))
     t0 = time.monotonic()
+    listed = set(listing.column("uri").to_pylist())
     if plan.kind == "files":
-        uris = listing.column("uri").to_pylist()
-        listed = set(uris)
         if not listed <= resume.done:
-            _execute(plan, listing, output, resume)
-        # rows an earlier attempt wrote for inputs deleted since stay: they were inputs of this run
-        expected = KeyDigest().add(uris).add(key for key in resume.done if key not in listed)
+            _execute(plan, listing, output, owner, resume)
+        expected = KeyDigest().add(listed)
     else:
         if listing.num_rows:
-            _execute(plan, listing, output, resume)
-        expected = output.source_digest(plan.attempt)
-    compacted = output.compact(plan.ownership, lease, expected, config.rows_per_file)
+            _execute(plan, listing, output, owner, resume)
+        expected, sources = output.source_digest(plan.attempt)
+        if sources != listing.num_rows:
+            raise VerificationFailed(
+                f"{sources} of {listing.num_rows} {plan.kind} sources were read to the end: nothing was "
+                "committed; run the same command again"
+            )
+    # rows earlier attempts wrote for inputs that are no longer listed (deleted since, or taken by
+    # another nightly date) are left out: the table holds one row per input listed now
+    compacted = output.compact(
+        owner, lease, expected, config.rows_per_file, _stale(resume.done, listed, plan)
+    )
     finished = time.monotonic()
     images = compacted.ok + compacted.errors
     summary = RunSummary(
@@ -304,7 +311,8 @@ def run(config: RunConfig | dict[str, Any]) -> RunSummary:
         config = RunConfig.model_validate(config)
     run_id = config.run_id or f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
     output = Output(config.output, config.storage_options)
-    # the lease before anything else: a run refused for a live holder has listed nothing
+    output.refuse_foreign()
+    # the lease before any other work: a run refused for a live holder has listed nothing
     with ray_connection(config.ray_address), output.lease(run_id, config.lease_timeout) as lease:
         planned = plan(config, run_id)
         summary, compacted = execute(planned, output, lease)
@@ -312,7 +320,18 @@ def run(config: RunConfig | dict[str, Any]) -> RunSummary:
     return summary
 
 
-def _execute(plan: Plan, listing: pa.Table, output: Output, resume: Resume) -> None:
+def _stale(done: set[str], listed: set[str], plan: Plan) -> set[str]:
+    """Keys earlier attempts wrote whose object is no longer listed: the file itself, or the shard or
+    table before `#`. A table's URI column keys rows by the images' own URIs, which name no table: none
+    are known stale there (such a resume fails its check if a table went away: rerun with overwrite)."""
+    if plan.config.uri_column:
+        return set()
+    if plan.kind == "files":
+        return {key for key in done if key not in listed}
+    return {key for key in done if key.split("#", 1)[0] not in listed}
+
+
+def _execute(plan: Plan, listing: pa.Table, output: Output, owner: Ownership, resume: Resume) -> None:
     """The Ray Data plan: read and decode as CPU tasks, inference in an actor pool, chunk files."""
     config = plan.config
     device, num_gpus, min_actors, max_actors = plan.actors
@@ -350,4 +369,4 @@ def _execute(plan: Plan, listing: pa.Table, output: Output, resume: Resume) -> N
     )
     folder, filesystem = output.ray_target(output.staging(plan.attempt))
     schema = output_schema(plan.num_features)
-    predicted.write_datasink(ChunkSink(folder, filesystem, plan.ownership, schema, config.chunk_rows))
+    predicted.write_datasink(ChunkSink(folder, filesystem, owner, schema, config.chunk_rows))

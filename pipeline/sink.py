@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -23,9 +21,10 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 from ray.data import Datasink
 
+from pipeline.atomic import put_file
+
 WRITER = "dinat-batch"
 METADATA_KEY = b"dinat_batch"
-TEMP_PREFIX = ".tmp-"
 # error kinds that say the store failed, not the image: retried by the next resume or rerun
 RETRYABLE = frozenset({"ReadError", "ShardError", "TableError"})
 
@@ -66,6 +65,7 @@ class Ownership:
     run_id: str
     model_sha256: str
     attempt: str
+    output: str  # the output's resolved location: a file copied elsewhere is not that output's own
 
     def metadata(self) -> dict[bytes, bytes]:
         record = {
@@ -73,6 +73,7 @@ class Ownership:
             "run_id": self.run_id,
             "model_sha256": self.model_sha256,
             "attempt": self.attempt,
+            "output": self.output,
         }
         return {METADATA_KEY: json.dumps(record).encode()}
 
@@ -91,20 +92,9 @@ def owner_of(fs, path: str) -> Ownership | None:
         return None
     if not isinstance(record, dict) or record.get("writer") != WRITER:
         return None
-    return Ownership(record["run_id"], record["model_sha256"], record.get("attempt", ""))
-
-
-def put_file(fs, path: str, data: bytes) -> None:
-    """Write a whole file so that no reader ever sees part of it."""
-    if isinstance(fs, LocalFileSystem):
-        folder, name = path.rsplit("/", 1)
-        os.makedirs(folder, exist_ok=True)
-        temp = f"{folder}/{TEMP_PREFIX}{uuid.uuid4().hex}-{name}"
-        with open(temp, "wb") as f:
-            f.write(data)
-        os.replace(temp, path)
-    else:  # object stores publish an object whole when its upload completes
-        fs.pipe_file(path, data)
+    return Ownership(
+        record["run_id"], record["model_sha256"], record.get("attempt", ""), record.get("output", "")
+    )
 
 
 def write_table(fs, path: str, table: pa.Table, ownership: Ownership) -> int:

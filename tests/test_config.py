@@ -95,11 +95,12 @@ def test_redacted_hides_credentials_only():
             },
             "config_kwargs": {"retries": {"max_attempts": 10, "mode": "adaptive"}, "read_timeout": 5},
             "connection_string": "AccountName=a;AccountKey=conn-key",
+            "endpoint_url": "http://ep-user:ep-pass@10.0.0.1:9000",  # a safe setting, a password in it
             "some_future_option": "unknown-value",
         },
     )
     shown = json.dumps(config.redacted())
-    for secret in ("AKIA123", "s3cr3t", 'tok"', "bearer-token", "conn-key", "unknown-value"):
+    for secret in ("AKIA123", "s3cr3t", 'tok"', "bearer-token", "conn-key", "unknown-value", "ep-pass"):
         assert secret not in shown
-    for safe in ("http://127.0.0.1:9000", '"adaptive"', '"read_timeout": 5'):
+    for safe in ("http://127.0.0.1:9000", "http://***@10.0.0.1:9000", '"adaptive"', '"read_timeout": 5'):
         assert safe in shown

@@ -217,3 +217,25 @@ def test_one_nightly_run_per_table(store, tiny_model, ray_session):
         (DAY1.isoformat(), "b.jpg", "error"),
         (DAY2.isoformat(), "b.jpg", "ok"),
     ]
+
+
+def test_a_dead_date_resumed_after_a_later_date_took_its_inputs(
+    tmp_path, tiny_model, ray_session, monkeypatch
+):
+    """Date 1 dies after writing its rows; date 2 (date 1 being uncommitted) takes the same images; date
+    1's next run resumes with nothing of its own left to commit: no image has rows in two dates."""
+    from jobs.nightly import nightly
+
+    incoming = image_folder(tmp_path / "incoming", 3)
+    root = tmp_path / "table"
+    config = RunConfig(input=str(incoming), output=str(root), model=str(tiny_model))
+    with monkeypatch.context() as patch:
+        patch.setenv(ENV, "before-marker")
+        with pytest.raises(SimulatedCrash):
+            nightly(config, DAY1)
+    assert nightly(config, DAY2).new_or_changed == 3
+    day1 = nightly(config, DAY1)
+    assert (day1.new_or_changed, day1.run.images) == (0, 0)
+    by_date = plain_readers(root)
+    assert sorted(by_date) == [DAY2.isoformat()] and len(by_date[DAY2.isoformat()]) == 3
+    assert read_output(str(root)).num_rows == 3

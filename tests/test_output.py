@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.atomic import put_file
 from pipeline.config import ConfigError
 from pipeline.faults import ENV, SimulatedCrash
 from pipeline.lease import Lease, LeaseHeld, LeaseLost
@@ -62,11 +63,17 @@ def test_foreign_files_stop_the_run_and_survive(where, tmp_path, tiny_model, ray
     fs.makedirs(fsspec.core.url_to_fs(f"{root}/out", **options)[1], exist_ok=True)
     with fsspec.open(f"{root}/out/part-0.parquet", "wb", **options) as f:
         pq.write_table(foreign, f)
-    fs.pipe_file(fsspec.core.url_to_fs(f"{root}/out/notes.txt", **options)[1], b"someone's notes")
+    out = fsspec.core.url_to_fs(f"{root}/out", **options)[1]
+    fs.pipe_file(f"{out}/notes.txt", b"someone's notes")
+    fs.makedirs(f"{out}/.tmp-upload", exist_ok=True)
+    fs.pipe_file(f"{out}/.tmp-upload/precious.csv", b"a,b\n1,2\n")  # looks like a temp file: is not ours
+    run(config(source, f"{root}/other", tiny_model, options))
+    (part,) = Output(f"{root}/other", options).committed_files()
+    fs.copy(part, f"{out}/{part.rsplit('/', 1)[1]}")  # ours, but another output's
     before = listing(f"{root}/out", options)
 
     for overwrite in (False, True):
-        with pytest.raises(ForeignFiles, match=r"did not write: .*(part-0.parquet|notes.txt)"):
+        with pytest.raises(ForeignFiles, match=r"holds 4 file\(s\) dinat-batch did not write for it: "):
             run(config(source, f"{root}/out", tiny_model, options, overwrite=overwrite))
     assert listing(f"{root}/out", options) == before  # not one byte changed, no lease left behind
 
@@ -121,7 +128,7 @@ def test_overwrite_unmarks_first_and_the_table_lists_its_files(where, tmp_path, 
 
 def test_compaction_checks_one_row_per_input(tmp_path, ray_session):
     out = Output(str(tmp_path / "out"), {})
-    owner = Ownership("run-1", "sha", "run-1")
+    owner = Ownership("run-1", "sha", "run-1", out.identity)
     schema = output_schema(TINY.num_features)
 
     def chunk(name: str, keys: list[str]) -> None:
@@ -171,7 +178,10 @@ def test_one_writer_at_a_time(where, tmp_path, tiny_model, ray_session, caplog):
         summary = run(config(source, output, tiny_model, options, lease_timeout=1))
     assert summary.ok == 3
     assert any("took over the output's lease from run dead-run" in r.message for r in caplog.records)
-    with pytest.raises(LeaseLost, match="took this output over"):
+    # the stalled driver wakes up after the new run ended; even its delayed heartbeat landing now does
+    # not make the output its own again: lease numbers are never reused
+    put_file(stale.fs, stale._path(stale.number), stale._record(stale.number, "then"))
+    with pytest.raises(LeaseLost, match=r"run \S+ on .* took this output over"):
         stale.check()
 
 

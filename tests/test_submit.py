@@ -99,5 +99,5 @@ def test_submission_accepts_safe_settings():
         output="s3://b/out",
         storage_options=safe | {"config_kwargs": {"retries": {"max_attempts": 10, "mode": "adaptive"}}},
     )
-    with pytest.raises(AttributeError):  # past the checks: it reaches the (absent) client
-        submit(None, config)
+    with pytest.raises(AttributeError, match="'NoneType' object has no attribute 'submit_job'"):
+        submit(None, config)  # past the checks: it reaches the (absent) client

@@ -81,8 +81,8 @@ def test_every_awkward_file_gives_exactly_one_row(tmp_path, tiny_model, ray_sess
 
 
 def test_objects_over_the_byte_limit_are_error_rows_never_read_whole(tmp_path, tiny_model, ray_session):
-    """max_bytes_per_image in every reader: a listed file (its size known before reading), a tar member
-    (its header), a table cell, and a URI in a table (read one byte past the limit, then stopped)."""
+    """max_bytes_per_image in the readers: a listed file (its size known before reading), a tar member
+    (its header), and a URI in a table (read one byte past the limit, then stopped)."""
     limit = 20_000
     big = encode(Image.fromarray(pixels(120, 120)), "PNG")
     assert len(big) > limit
@@ -96,10 +96,8 @@ def test_objects_over_the_byte_limit_are_error_rows_never_read_whole(tmp_path, t
     _, table = run_on(place, tiny_model, "shards", max_bytes_per_image=limit, overwrite=True)
     check_table(table, {f"{shard}#a": photo(2)}, {f"{shard}#b": "TooLarge"}, tiny_model)
 
-    cells = pa.table({"image": pa.array([photo(3), big], pa.binary()), "uri": [small, large]})
-    (index,) = place.put({"t.parquet": parquet_file(cells)}, "table")
-    _, table = run_on(place, tiny_model, "table", max_bytes_per_image=limit, overwrite=True)
-    check_table(table, {f"{index}#0": photo(3)}, {f"{index}#1": "TooLarge"}, tiny_model)
+    cells = pa.table({"uri": [small, large]})
+    place.put({"t.parquet": parquet_file(cells)}, "table")
     _, table = run_on(
         place,
         tiny_model,
@@ -110,3 +108,16 @@ def test_objects_over_the_byte_limit_are_error_rows_never_read_whole(tmp_path, t
         allowed_uri_prefixes=[place.uri("images")],
     )
     check_table(table, {small: photo(1)}, {large: "TooLarge"}, tiny_model)
+
+
+def test_table_cells_over_the_byte_limit_are_error_rows(tmp_path):
+    from pipeline.config import RunConfig
+    from pipeline.sources import read_tables
+
+    big = encode(Image.fromarray(pixels(120, 120)), "PNG")
+    table = tmp_path / "t.parquet"
+    table.write_bytes(parquet_file(pa.table({"image": pa.array([photo(3), big], pa.binary())})))
+    config = RunConfig(input=str(tmp_path), output=str(tmp_path.parent / "out"), max_bytes_per_image=20_000)
+    (rows,) = read_tables(pa.table({"uri": [str(table)]}), config)
+    assert rows.column("data").to_pylist() == [photo(3), None]
+    assert rows.column("error")[1].as_py().startswith("TooLarge: ")

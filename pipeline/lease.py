@@ -83,7 +83,6 @@ class Lease:
         self.number: int | None = None
         self._made_output = False
         self.kind = exclusive_create_kind(fs)
-        self.took_over: Holder | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lost: LeaseLost | None = None
@@ -165,11 +164,10 @@ class Lease:
                     )
                 )
         self.number = number
-        self.took_over = current if current is not None and not current.released else None
         for older in holders:  # only the current number matters: keep the folder short
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm_file(self._path(older.number))
-        if self.took_over is not None:
+        if current is not None and not current.released:
             logger.warning(
                 "took over the output's lease from run %s on %s (pid %s): its heartbeat is %.0f s old, "
                 "past lease_timeout %.0f s",

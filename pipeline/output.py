@@ -59,7 +59,6 @@ FAILURE = "_FAILURE"
 STAGING = "_staging"
 SOURCES = "_sources"
 PART_PREFIX = "part-"
-_OURS = {SUCCESS, FAILURE, LEASES, STAGING}
 _THREADS = 16  # concurrent small reads (footers, key columns) against the store
 _SOURCE_RECORD = re.compile(r"^[0-9a-f]{32}\.json$")
 # the config fields that shape the rows: a finished output is topped up only by the same job
@@ -92,7 +91,6 @@ class Resume:
     """What earlier attempts left that this run keeps: their finished keys and chunk files."""
 
     done: set[str] = field(default_factory=set)
-    chunks: int = 0
 
 
 @dataclass
@@ -109,7 +107,8 @@ class Compacted:
         return sum(self.errors_by_kind.values())
 
 
-def _name(path: str) -> str:
+def leaf(path: str) -> str:
+    """The last name of a path, as fsspec lists it (folders may end in `/`)."""
     return path.rstrip("/").rsplit("/", 1)[-1]
 
 
@@ -138,10 +137,15 @@ class Output:
         """Where an attempt's reading tasks record the keys each source gave (`record_source`)."""
         return f"{self.staging(attempt)}/{SOURCES}"
 
+    @property
+    def ray_fs(self):
+        """The filesystem to hand Ray's workers: None for the local disk (their own), else this one with
+        its credentials."""
+        return None if self.local else self.fs
+
     def ray_target(self, path: str) -> tuple[str, Any]:
-        """A path of this output for Ray's workers: local paths as they are (absolute), remote ones with
-        this filesystem (its credentials)."""
-        return path, None if self.local else self.fs
+        """A path of this output and the filesystem for Ray's workers (local paths are absolute)."""
+        return path, self.ray_fs
 
     def _entries(self, path: str) -> list[dict[str, Any]]:
         """A folder's entries, once each; object stores' folder markers (`key/`) count as folders."""
@@ -168,7 +172,7 @@ class Output:
 
     def _temp(self, entry: dict[str, Any]) -> bool:
         # only disks get temp files (object stores publish whole): elsewhere the name proves nothing
-        return self.local and entry["type"] == "file" and is_own_temp(_name(entry["name"]))
+        return self.local and entry["type"] == "file" and is_own_temp(leaf(entry["name"]))
 
     def survey(self) -> Survey:
         self.fs.invalidate_cache()
@@ -178,7 +182,7 @@ class Output:
             found.foreign.append(self.path)
         parquet = []
         for entry in top:
-            name = _name(entry["name"])
+            name = leaf(entry["name"])
             if name in (SUCCESS, FAILURE) and entry["type"] == "file":
                 found.marker = name
                 found.manifest = json.loads(self.fs.cat_file(entry["name"]))
@@ -203,14 +207,14 @@ class Output:
                 (found.temporary if self._temp(attempt) else found.foreign).append(attempt["name"])
                 continue
             for entry in self._entries(attempt["name"]):
-                name = _name(entry["name"])
+                name = leaf(entry["name"])
                 if self._temp(entry):
                     found.temporary.append(entry["name"])
                 elif entry["type"] == "file" and name.startswith(CHUNK_PREFIX) and name.endswith(".parquet"):
-                    chunks.append((_name(attempt["name"]), entry["name"]))
+                    chunks.append((leaf(attempt["name"]), entry["name"]))
                 elif name == SOURCES and entry["type"] == "directory":
                     for record in self._entries(entry["name"]):
-                        ours = record["type"] == "file" and _SOURCE_RECORD.match(_name(record["name"]))
+                        ours = record["type"] == "file" and _SOURCE_RECORD.match(leaf(record["name"]))
                         (found.staged if ours else found.foreign).append(record["name"])
                 else:
                     found.foreign.append(entry["name"])
@@ -292,7 +296,7 @@ class Output:
         kept = [
             path for attempt, paths in survey.chunks.items() if attempt != ownership.attempt for path in paths
         ]
-        resume = Resume(chunks=len(kept))
+        resume = Resume()
         with ThreadPoolExecutor(_THREADS) as pool:
             tables = list(pool.map(self._resumable_rows, kept))
         for path, table in zip(kept, tables, strict=True):
@@ -374,9 +378,10 @@ class Output:
             groups[-1].append(path)
             rows += chunk_rows(path)
         parts = [f"{self.path}/{PART_PREFIX}{ownership.run_id}-{i:05d}.parquet" for i in range(len(groups))]
-        fs = None if self.local else self.fs
         pending = [
-            _compact.remote(fs, group, part, ownership, self.staging(ownership.attempt), stale or set())
+            _compact.remote(
+                self.ray_fs, group, part, ownership, self.staging(ownership.attempt), stale or set()
+            )
             for group, part in zip(groups, parts, strict=True)
         ]
         if pending:
@@ -391,7 +396,7 @@ class Output:
             compacted.ok += result["ok"]
             kinds.update(result["errors_by_kind"])
             compacted.retryable_keys += result["retryable_keys"]
-            compacted.files.append({"name": _name(part), "rows": result["rows"], "bytes": result["bytes"]})
+            compacted.files.append({"name": leaf(part), "rows": result["rows"], "bytes": result["bytes"]})
         if written != expected:
             raise VerificationFailed(
                 f"the run wrote {written.count} rows for {expected.count} inputs, and not exactly one per "

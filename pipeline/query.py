@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from pipeline.output import Output
+from pipeline.output import Output, leaf
 from pipeline.sink import output_schema
 
 SUMMARY = {
@@ -54,10 +54,7 @@ def read_output(uri: str, storage_options: dict[str, Any] | None = None) -> pa.T
         if not files:  # a run that had nothing to process
             return output_schema(0).empty_table()
         return pq.read_table(files, filesystem=output.fs)
-    partitions = [
-        Output(f"{output.uri}/{_name(path)}", storage_options or {})
-        for path in output.fs.glob(f"{output.path}/run_date=*")
-    ]
+    partitions = [output.child(leaf(path)) for path in output.fs.glob(f"{output.path}/run_date=*")]
     listed = [(partition, partition.committed_files()) for partition in partitions]
     committed = [(partition, files) for partition, files in listed if files is not None]
     if not committed:
@@ -76,10 +73,6 @@ def read_output(uri: str, storage_options: dict[str, Any] | None = None) -> pa.T
         partition_base_dir=output.path,
     )
     return dataset.to_table()
-
-
-def _name(path: str) -> str:
-    return path.rstrip("/").rsplit("/", 1)[-1]
 
 
 def sql(table: pa.Table, query: str, params: dict[str, Any] | None = None) -> duckdb.DuckDBPyRelation:

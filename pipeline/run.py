@@ -252,9 +252,9 @@ def execute(
             )
     # rows earlier attempts wrote for inputs that are no longer listed (deleted since, or taken by
     # another nightly date) are left out: the table holds one row per input listed now
-    compacted = output.compact(
-        owner, lease, expected, config.rows_per_file, _stale(resume.done, listed, plan)
-    )
+    stale = _stale(resume.done, listed, plan)
+    resumed = len(resume.done) - len(stale)
+    compacted = output.compact(owner, lease, expected, config.rows_per_file, stale)
     finished = time.monotonic()
     images = compacted.ok + compacted.errors
     summary = RunSummary(
@@ -267,7 +267,7 @@ def execute(
         device=plan.actors[0],
         decode="gpu" if plan.jpegs_to_device else "cpu",
         images=images,
-        resumed=len(resume.done),
+        resumed=resumed,
         ok=compacted.ok,
         errors=compacted.errors,
         retryable_errors=len(compacted.retryable_keys),
@@ -277,7 +277,7 @@ def execute(
         finished_at=datetime.now(UTC),
         listing_seconds=plan.listing_seconds,
         seconds=round(finished - t0 + plan.listing_seconds, 3),
-        images_per_second=round((images - len(resume.done)) / max(finished - t0, 1e-9), 2),
+        images_per_second=round((images - resumed) / max(finished - t0, 1e-9), 2),
         config=config.redacted(),
     )
     return summary, compacted

@@ -235,7 +235,7 @@ def test_a_dead_date_resumed_after_a_later_date_took_its_inputs(
             nightly(config, DAY1)
     assert nightly(config, DAY2).new_or_changed == 3
     day1 = nightly(config, DAY1)
-    assert (day1.new_or_changed, day1.run.images) == (0, 0)
+    assert (day1.new_or_changed, day1.run.images, day1.run.resumed) == (0, 0, 0)
     by_date = plain_readers(root)
     assert sorted(by_date) == [DAY2.isoformat()] and len(by_date[DAY2.isoformat()]) == 3
     assert read_output(str(root)).num_rows == 3

@@ -15,7 +15,7 @@ from pipeline.cli import app
 from pipeline.config import RunConfig
 from pipeline.faults import ENV, SimulatedCrash
 from pipeline.lease import LeaseHeld
-from pipeline.output import Output
+from pipeline.output import ForeignFiles, Output
 from pipeline.query import read_output
 from tests.data import image_folder, photo
 
@@ -239,3 +239,16 @@ def test_a_dead_date_resumed_after_a_later_date_took_its_inputs(
     by_date = plain_readers(root)
     assert sorted(by_date) == [DAY2.isoformat()] and len(by_date[DAY2.isoformat()]) == 3
     assert read_output(str(root)).num_rows == 3
+
+
+def test_a_table_root_holding_others_files_is_refused_untouched(tmp_path, tiny_model):
+    from jobs.nightly import nightly
+
+    incoming = image_folder(tmp_path / "incoming", 1)
+    root = tmp_path / "table"
+    root.mkdir()
+    (root / "report.csv").write_text("someone's numbers\n")
+    config = RunConfig(input=str(incoming), output=str(root), model=str(tiny_model))
+    with pytest.raises(ForeignFiles, match=r"did not write: .*report\.csv"):
+        nightly(config, DAY1)
+    assert sorted(path.name for path in root.iterdir()) == ["report.csv"]  # no lease, no partition

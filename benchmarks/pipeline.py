@@ -29,11 +29,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from benchmarks.common import machine, record
-from pipeline.inference import DTYPES
+from pipeline.images import decode, resized
 from pipeline.model import load_model
 from pipeline.model.export import random_model, save_checkpoint
-from pipeline.model.runtime import Runner
-from pipeline.preprocess import decode, resized
+from pipeline.model.runtime import DTYPES, Runner
 
 DISTINCT = 32  # distinct pictures; the set repeats them under other names
 

@@ -3,59 +3,58 @@
 from __future__ import annotations
 
 import datetime as dt
+import inspect
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin, get_type_hints
 
 import typer
+from pydantic.fields import FieldInfo
 
-from pipeline.config import DEFAULT_MODEL
+from pipeline.config import RunConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Batch inference for DiNAT image models.")
 
 
 def _storage_options(raw: str | None) -> dict[str, Any]:
-    if not raw:
-        return {}
-    try:
-        options = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise typer.BadParameter(f"not valid JSON: {err}", param_hint="--storage-options") from err
-    if not isinstance(options, dict):
-        raise typer.BadParameter("must be a JSON object", param_hint="--storage-options")
-    return options
+    return _json_object(raw, "--storage-options") if raw else {}
 
 
 def top_k(model, images: list[str], k: int, storage_options: dict[str, Any]) -> list[tuple[str, list | str]]:
-    """(image, [(score, label id, label), ...]) per image, or (image, error message)."""
+    """(image, [(score, label id, label), ...]) per image, or (image, error text as the output's `error`
+    column has it); the same decoding and model step as the pipeline's, one image at a time."""
     import fsspec
-    import torch
 
-    from pipeline.preprocess import ImageDecodeError, preprocess
+    from pipeline.config import DEFAULT_MAX_PIXELS
+    from pipeline.errors import read_error
+    from pipeline.images import ImageDecodeError, cpu_pixels
+    from pipeline.model.runtime import Runner, label_names
 
-    device = next(model.parameters()).device
+    runner = Runner(model, compile="off", batch_size=1, top_k=k)
+    names = label_names(model.config)
     results: list[tuple[str, list | str]] = []
     for uri in images:
         try:
             with fsspec.open(uri, "rb", **storage_options) as f:
-                prepared = preprocess(f.read(), model.preprocessing)
-        except (ImageDecodeError, OSError) as err:
-            results.append((uri, f"{type(err).__name__}: {err}"))
+                data = f.read()
+        except OSError as err:
+            results.append((uri, read_error(uri, err)))
             continue
-        with torch.inference_mode():
-            out = model(torch.from_numpy(prepared.pixel_values)[None].to(device))
-        if out.logits is None:
+        try:
+            pixels, _, _ = cpu_pixels(data, model.preprocessing, DEFAULT_MAX_PIXELS)
+        except ImageDecodeError as err:
+            results.append((uri, err.text()))
+            continue
+        _, scores, ids = runner(pixels[None])
+        if ids is None:
             results.append(
                 (uri, "the model is backbone-only (no classifier): it gives embeddings, not labels")
             )
             continue
-        scores, ids = out.logits.float().softmax(-1)[0].topk(min(k, out.logits.shape[-1]))
-        labels = model.config.id2label
-        results.append(
-            (uri, [(s, i, labels.get(i, str(i))) for s, i in zip(scores.tolist(), ids.tolist(), strict=True)])
-        )
+        results.append((uri, list(zip(scores[0].tolist(), ids[0].tolist(), names[ids[0]], strict=True))))
     return results
 
 
@@ -77,8 +76,10 @@ def predict(
     images: Annotated[list[str], typer.Argument(help="image files or fsspec URIs (s3://bucket/key.jpg)")],
     model: Annotated[
         str, typer.Option(help="hub id, local folder or fsspec URI of an HF checkpoint")
-    ] = DEFAULT_MODEL,
-    top: Annotated[int, typer.Option("--top-k", min=1, help="labels to print per image")] = 5,
+    ] = RunConfig.model_fields["model"].default,
+    top: Annotated[
+        int, typer.Option("--top-k", min=1, help="labels to print per image")
+    ] = RunConfig.model_fields["top_k"].default,
     storage_options: Annotated[
         str | None, typer.Option(help="JSON fsspec options for the images and the model, e.g. an endpoint")
     ] = None,
@@ -123,74 +124,81 @@ def _job_errors() -> Iterator[None]:
         raise typer.Exit(1) from err
 
 
+def _json_object(raw: str, flag: str) -> dict[str, Any]:
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise typer.BadParameter(f"not valid JSON: {err}", param_hint=flag) from err
+    if not isinstance(value, dict):
+        raise typer.BadParameter("must be a JSON object", param_hint=flag)
+    return value
+
+
+def _value_type(field: FieldInfo) -> Any:
+    """A field's type without its `| None`."""
+    kind = field.annotation
+    if get_origin(kind) in (Union, UnionType):
+        kind = next(arg for arg in get_args(kind) if arg is not type(None))
+    return kind
+
+
+def _flag(name: str, field: FieldInfo) -> inspect.Parameter:
+    """A RunConfig field as a command-line option: `--top-k` for `top_k`, its description as help, None
+    when not given (the config file or the field's default then decides). Mappings are JSON text."""
+    kind = _value_type(field)
+    flag = f"--{name.replace('_', '-')}"
+    if get_origin(kind) is dict:
+        kind = str
+    declared = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
+    default = field.get_default(call_default_factory=True)
+    shown = (
+        " (required)" if field.is_required() else "" if default in (None, {}) else f" (default: {default})"
+    )
+    option = typer.Option(*declared, help=f"{field.description}{shown}", show_default=False)
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind | None, option]
+    )
+
+
+def config_flags(command: Callable[..., None]) -> Callable[..., None]:
+    """Give `command(..., **fields)` one option per RunConfig field, so that every field has its flag and
+    its help from one place; the command receives them as `fields`, None for those not given."""
+    hints = get_type_hints(command, include_extras=True)
+    own = [
+        p.replace(annotation=hints[p.name])
+        for p in inspect.signature(command).parameters.values()
+        if p.kind != p.VAR_KEYWORD
+    ]
+    params = own + [_flag(name, field) for name, field in RunConfig.model_fields.items()]
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command
+
+
+def _given(fields: dict[str, Any]) -> dict[str, Any]:
+    """The flags given, as RunConfig values: JSON mappings parsed, empty repeated flags dropped."""
+    given = {name: value for name, value in fields.items() if value not in (None, [], ())}
+    for name, value in given.items():
+        if get_origin(_value_type(RunConfig.model_fields[name])) is dict:
+            given[name] = _json_object(value, f"--{name.replace('_', '-')}")
+    return given
+
+
 @app.command("run")
+@config_flags
 def run_command(
-    input: Annotated[
-        str | None, typer.Option(help="images: prefix, glob, .tar shards or Parquet (any fsspec URI)")
-    ] = None,
-    output: Annotated[
-        str | None, typer.Option(help="directory for the Parquet output (any fsspec URI)")
-    ] = None,
-    model: Annotated[
-        str | None, typer.Option(help=f"hub id, folder or fsspec URI (default: {DEFAULT_MODEL})")
-    ] = None,
     config: Annotated[
         Path | None, typer.Option(help="job config file (YAML or JSON); flags override it")
     ] = None,
-    top: Annotated[int | None, typer.Option("--top-k", help="labels per image (default: 5)")] = None,
-    batch_size: Annotated[
-        int | None, typer.Option(help="images per model call (default: 32 on CPU; GPU: what fits)")
-    ] = None,
-    storage_options: Annotated[str | None, typer.Option(help="JSON fsspec options (endpoint, keys)")] = None,
-    input_format: Annotated[str | None, typer.Option(help="auto, files, webdataset or parquet")] = None,
-    image_column: Annotated[str | None, typer.Option(help="Parquet input: column of image bytes")] = None,
-    uri_column: Annotated[str | None, typer.Option(help="Parquet input: column of image URIs")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
-    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16")] = None,
-    compile: Annotated[
-        str | None, typer.Option(help="auto, off, on or graphs (CUDA graphs); auto: graphs on a GPU")
-    ] = None,
-    decode: Annotated[str | None, typer.Option(help="where JPEGs decode: auto, cpu or gpu (nvJPEG)")] = None,
-    min_actors: Annotated[int | None, typer.Option(help="smallest inference actor pool")] = None,
-    max_actors: Annotated[int | None, typer.Option(help="largest inference actor pool")] = None,
-    max_error_rate: Annotated[
-        float | None,
-        typer.Option(help="fail (exit 1, no _SUCCESS) above this share of error rows, e.g. 0.01"),
-    ] = None,
-    overwrite: Annotated[
-        bool | None, typer.Option("--overwrite/--no-overwrite", help="replace an existing output")
-    ] = None,
-    ray_address: Annotated[
-        str | None, typer.Option(help="Ray cluster to join (default: RAY_ADDRESS, else local)")
-    ] = None,
+    **fields: Any,
 ) -> None:
     """Run the pipeline: images in, one Parquet row per image out, `_SUCCESS` written last."""
     from pipeline.config import load_config
     from pipeline.run import run
 
+    given = _given(fields)
     with _job_errors():
-        job = load_config(
-            config,
-            input=input,
-            output=output,
-            model=model,
-            top_k=top,
-            batch_size=batch_size,
-            storage_options=_storage_options(storage_options) or None,
-            input_format=input_format,
-            image_column=image_column,
-            uri_column=uri_column,
-            device=device,
-            dtype=dtype,
-            compile=compile,
-            decode=decode,
-            min_actors=min_actors,
-            max_actors=max_actors,
-            max_error_rate=max_error_rate,
-            overwrite=overwrite,
-            ray_address=ray_address,
-        )
-        summary = run(job)
+        summary = run(load_config(config, **given))
     kinds = ", ".join(f"{kind}: {count}" for kind, count in summary.errors_by_kind.items())
     typer.echo(
         f"run {summary.run_id} finished: {summary.images} images, {summary.ok} ok, {summary.errors} errors"
@@ -214,18 +222,21 @@ def _date(text: str | None) -> dt.date | None:
 
 
 @app.command("nightly")
+@config_flags
 def nightly_command(
-    config: Annotated[Path, typer.Option(help="job config file (YAML or JSON); output is the table's root")],
+    config: Annotated[
+        Path | None, typer.Option(help="job config file (YAML or JSON); output is the table's root")
+    ] = None,
     date: Annotated[str | None, typer.Option(help="YYYY-MM-DD (default: today, UTC)")] = None,
-    storage_options: Annotated[str | None, typer.Option(help="JSON fsspec options (endpoint, keys)")] = None,
+    **fields: Any,
 ) -> None:
     """Process what is new or changed since the last committed date into OUTPUT/run_date=DATE/."""
     from jobs.nightly import nightly
     from pipeline.config import load_config
 
-    day = _date(date)
+    day, given = _date(date), _given(fields)
     with _job_errors():
-        summary = nightly(load_config(config, storage_options=_storage_options(storage_options) or None), day)
+        summary = nightly(load_config(config, **given), day)
     typer.echo(
         f"{summary.date}: {summary.listed} inputs listed, {summary.new_or_changed} new or changed; "
         f"{summary.run.images} rows ({summary.run.ok} ok, {summary.run.errors} errors)\n"

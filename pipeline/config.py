@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline.locations import resolve
 
 DEFAULT_MODEL = "shi-labs/dinat-mini-in1k-224"
+DEFAULT_MAX_PIXELS = 100_000_000  # ~10k x 10k; bigger declared sizes are treated as decompression bombs
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 _USERINFO = re.compile(r"://[^/@\s]+@")  # http://user:password@host in a safe setting's value
 _SECRET_NAME = re.compile(r"key|secret|token|password|credential|session|auth|sig", re.IGNORECASE)
@@ -68,20 +69,22 @@ class RunConfig(BaseModel):
 
     input: str = Field(description="prefix, glob, file, .tar shards or Parquet table (any fsspec URI)")
     output: str = Field(description="directory for the Parquet dataset (any fsspec URI)")
-    model: str = DEFAULT_MODEL
-    input_format: Literal["auto", "files", "webdataset", "parquet"] = "auto"
+    model: str = Field(DEFAULT_MODEL, description="hub id, local folder or fsspec URI of an HF checkpoint")
+    input_format: Literal["auto", "files", "webdataset", "parquet"] = Field(
+        "auto", description="auto: from the extensions found under the input"
+    )
     image_column: str = Field(
         "image", description="Parquet input: column of image bytes (or a struct with a `bytes` field)"
     )
     uri_column: str | None = Field(None, description="Parquet input: column of image URIs instead of bytes")
-    top_k: int = Field(5, ge=1, le=1000)
+    top_k: int = Field(5, ge=1, le=1000, description="labels and scores kept per image")
     batch_size: int | None = Field(
         None,
         ge=1,
         le=4096,
         description="images per model call; default: 32 on a CPU, on a GPU as many as fit its free memory",
     )
-    min_actors: int = Field(1, ge=1)
+    min_actors: int = Field(1, ge=1, description="smallest inference actor pool")
     max_actors: int | None = Field(
         None, ge=1, description="default: one per GPU in the cluster, or one on a CPU-only cluster"
     )
@@ -99,7 +102,7 @@ class RunConfig(BaseModel):
         "auto", description="where JPEGs are decoded; auto: on the GPU when the actors have one and nvJPEG"
     )
     cpu_threads: int | None = Field(None, ge=1, description="torch threads per CPU actor; default: all cores")
-    max_pixels: int = Field(100_000_000, ge=1, description="larger declared images are decode errors")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="larger declared images are decode errors")
     max_bytes_per_image: int = Field(
         64 * 2**20,
         ge=1,
@@ -129,7 +132,12 @@ class RunConfig(BaseModel):
         description="fail the run (rows written, no _SUCCESS) above this share of error rows",
     )
     overwrite: bool = Field(False, description="replace an existing output instead of refusing")
-    run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]+$", max_length=128)
+    run_id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        max_length=128,
+        description="default: UTC time and a random suffix",
+    )
     ray_address: str | None = Field(None, description="default: RAY_ADDRESS, else a local Ray")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options, may hold keys")
 

@@ -40,19 +40,13 @@ from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.atomic import is_own_temp, put_file
 from pipeline.config import ConfigError
+from pipeline.digest import KeyDigest
+from pipeline.errors import error_kind, is_retryable
 from pipeline.faults import crash_point
 from pipeline.lease import LEASES, Lease, LeaseLost
 from pipeline.locations import resolve
-from pipeline.sink import (
-    CHUNK_PREFIX,
-    KeyDigest,
-    Ownership,
-    chunk_rows,
-    error_kind,
-    is_retryable,
-    owner_of,
-    write_table,
-)
+from pipeline.ownership import Ownership, owner_of, write_table
+from pipeline.stages.write import CHUNK_PREFIX, chunk_rows
 
 SUCCESS = "_SUCCESS"
 FAILURE = "_FAILURE"

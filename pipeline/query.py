@@ -14,7 +14,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pipeline.output import Output, leaf
-from pipeline.sink import output_schema
+from pipeline.stages.write import output_schema
 
 SUMMARY = {
     "runs": (

@@ -1,5 +1,5 @@
-"""Assembles the Ray Data pipeline and runs it: list -> read -> decode (CPU tasks) -> infer (actor pool)
--> chunk files -> compaction -> `_SUCCESS`. Returns the run summary, which is also the marker's manifest.
+"""Wires the stages (`pipeline.stages`) into one Ray Data plan and runs it: list -> read -> decode (CPU
+tasks) -> infer (actor pool) -> chunk files -> compaction -> `_SUCCESS`. Returns the run summary, which is also the marker's manifest.
 
 A run is planned (model checked, inputs listed), executed into an output it holds the lease of, and
 committed through `pipeline.output`; the nightly job uses the same three steps on a partition.
@@ -21,31 +21,15 @@ import ray
 from pydantic import BaseModel
 
 from pipeline.config import ConfigError, RunConfig
-from pipeline.inference import Predictor
+from pipeline.digest import KeyDigest
+from pipeline.gpu_decoding import unsupported
 from pipeline.lease import Lease
 from pipeline.model import load_model
-from pipeline.model.runtime import CPU_BATCH, MAX_AUTO_BATCH
-from pipeline.output import FAILURE, SUCCESS, Compacted, Output, Resume, VerificationFailed, record_source
-from pipeline.preprocess import PreprocessConfig, decode_batch
-from pipeline.preprocess_gpu import unsupported
-from pipeline.sink import ChunkSink, KeyDigest, Ownership, output_schema
-from pipeline.sources import (
-    ReadRules,
-    check_table,
-    choose_kind,
-    list_objects,
-    locate_files,
-    read_objects,
-    read_shards,
-    read_tables,
-)
-
-_DECODE_BATCH = 16  # images per decode task call: small enough to spread over cores, big enough to amortise
-# Read and decode tasks fuse into one; half a CPU each lets two overlap per core while one waits on storage.
-# The difference from the inference actor's resources also keeps Ray from fusing decoding into the actor,
-# where it would run serially with the model instead of beside it.
-_DECODE_CPUS = 0.5
-_WRITE_CPUS = 0.1
+from pipeline.model.preprocessing import PreprocessConfig
+from pipeline.output import FAILURE, SUCCESS, Compacted, Output, Resume, VerificationFailed
+from pipeline.ownership import Ownership
+from pipeline.stages import decode, infer, read, write
+from pipeline.stages.infer import ActorSettings
 
 
 class ErrorRateExceeded(RuntimeError):
@@ -97,58 +81,6 @@ class Plan:
 
     def owner(self, output: Output) -> Ownership:
         return Ownership(self.run_id, self.model_sha256, self.attempt, output.identity)
-
-
-def _blocks(table: pa.Table, rows: int) -> list[pa.Table]:
-    """Split a listing into blocks so that Ray spreads its rows over many tasks."""
-    return [table.slice(start, rows) for start in range(0, table.num_rows, rows)] or [table]
-
-
-def _drop_keys(batch: pa.Table, done: set[str]) -> pa.Table:
-    keep = [key not in done for key in batch.column("key").to_pylist()]
-    return batch.filter(pa.array(keep, pa.bool_()))
-
-
-def _read_recorded(batch: pa.Table, read, fs, folder: str, **kwargs):
-    """`read` (shards or tables) one container at a time, recording the keys each gave in `folder` (see
-    `record_source`): the commit compares the rows written with them."""
-    for i in range(batch.num_rows):
-        keys: list[str] = []
-        for rows in read(batch.slice(i, 1), **kwargs):
-            keys += rows.column("key").to_pylist()
-            yield rows
-        record_source(fs, folder, batch.column("uri")[i].as_py(), keys)
-
-
-def _source(plan: Plan, listing: pa.Table, output: Output, done: set[str]) -> ray.data.Dataset:
-    """`(key, data, error)` rows, one per input image not in `done` (written by an earlier attempt)."""
-    config = plan.config
-    tasks = {"batch_format": "pyarrow", "num_cpus": _DECODE_CPUS}
-    rules = ReadRules.of(config)
-    if plan.kind == "files":
-        located = _drop_keys(locate_files(listing), done)
-        blocks = ray.data.from_arrow(_blocks(located, config.read_batch_size))
-        return blocks.map_batches(
-            read_objects, batch_size=config.read_batch_size, **tasks, fn_kwargs={"rules": rules}
-        )
-    folder, fs = output.ray_target(output.sources(plan.attempt))
-    recorded = {
-        "fs": fs,
-        "folder": folder,
-        **({"read": read_shards, "rules": rules} if plan.kind == "webdataset" else {}),
-        **({"read": read_tables, "config": config} if plan.kind == "parquet" else {}),
-    }
-    rows = ray.data.from_arrow(_blocks(listing, 1)).map_batches(
-        _read_recorded, batch_size=1, **tasks, fn_kwargs=recorded
-    )
-    if done:
-        rows = rows.map_batches(_drop_keys, **(tasks | {"fn_kwargs": {"done": done}}))
-    if plan.kind == "parquet" and config.uri_column:
-        table_rules = ReadRules.of(config, from_table=True)
-        return rows.map_batches(
-            read_objects, batch_size=config.read_batch_size, **tasks, fn_kwargs={"rules": table_rules}
-        )
-    return rows
 
 
 def _actors(config: RunConfig) -> tuple[str, int, int, int]:
@@ -206,10 +138,10 @@ def plan(config: RunConfig, run_id: str) -> Plan:
     actors = _actors(config)
     jpegs_to_device = _decode_on_device(config, actors[0], preprocessing)
     t0 = time.monotonic()
-    listing = list_objects(config.input, config.storage_options)
-    kind, listing = choose_kind(config, listing)
+    listing = read.list_objects(config.input, config.storage_options)
+    kind, listing = read.choose_kind(config, listing)
     if kind == "parquet":
-        check_table(listing.column("uri")[0].as_py(), config)
+        read.check_table(listing.column("uri")[0].as_py(), config)
     return Plan(
         config,
         run_id,
@@ -333,47 +265,27 @@ def _stale(done: set[str], listed: set[str], plan: Plan) -> set[str]:
 
 
 def _execute(plan: Plan, listing: pa.Table, output: Output, owner: Ownership, resume: Resume) -> None:
-    """The Ray Data plan: read and decode as CPU tasks, inference in an actor pool, chunk files."""
+    """The Ray Data plan: read, decode, infer, write (pipeline.stages)."""
     config = plan.config
     device, num_gpus, min_actors, max_actors = plan.actors
-    decoded = _source(plan, listing, output, resume.done).map_batches(
-        decode_batch,
-        batch_size=_DECODE_BATCH,
-        batch_format="numpy",
-        num_cpus=_DECODE_CPUS,
-        fn_kwargs={
-            "config": plan.preprocessing,
-            "max_pixels": config.max_pixels,
-            "jpegs_to_device": plan.jpegs_to_device,
-        },
+    records = output.ray_target(output.sources(plan.attempt))
+    rows = read.dataset(plan.kind, listing, config, resume.done, records)
+    decoded = decode.apply(rows, plan.preprocessing, config.max_pixels, plan.jpegs_to_device)
+    settings = ActorSettings(
+        model=config.model,
+        run_id=plan.run_id,
+        top_k=config.top_k,
+        device=device,
+        dtype=config.dtype,
+        batch_size=config.batch_size,
+        compile=config.compile,
+        max_pixels=config.max_pixels,
+        cpu_threads=config.cpu_threads,
+        jpegs_to_device=plan.jpegs_to_device,
+        storage_options=config.storage_options,
     )
-    # the actor sizes its model calls itself on a GPU (from free memory); a call brings it up to the most
-    call_batch = config.batch_size or (MAX_AUTO_BATCH if device == "cuda" else CPU_BATCH)
-    predicted = decoded.map_batches(
-        Predictor,
-        fn_constructor_kwargs={
-            "model": config.model,
-            "run_id": plan.run_id,
-            "top_k": config.top_k,
-            "device": device,
-            "dtype": config.dtype,
-            "batch_size": config.batch_size,
-            "compile": config.compile,
-            "max_pixels": config.max_pixels,
-            "cpu_threads": config.cpu_threads,
-            "storage_options": config.storage_options,
-        },
-        compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
-        batch_size=call_batch,
-        batch_format="numpy",
-        num_gpus=num_gpus,
-    )
+    predicted = infer.apply(decoded, settings, num_gpus, min_actors, max_actors)
     folder, filesystem = output.ray_target(output.staging(plan.attempt))
-    schema = output_schema(plan.num_features)
-    # a chunk write is a small I/O task; at Ray's default of a whole CPU each would wait for a free core
-    # and then hold it from the decode tasks, starving the actor (measured: 0.64 of the bare loop, 0.87
-    # before chunked writes)
-    predicted.write_datasink(
-        ChunkSink(folder, filesystem, owner, schema, config.chunk_rows),
-        ray_remote_args={"num_cpus": _WRITE_CPUS},
+    write.apply(
+        predicted, folder, filesystem, owner, write.output_schema(plan.num_features), config.chunk_rows
     )

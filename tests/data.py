@@ -9,11 +9,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 from PIL import Image
 
+from pipeline.images import preprocess
+from pipeline.model import load_model
 from pipeline.model.dinat import DinatConfig
 from pipeline.model.export import random_model, save_checkpoint
-from pipeline.preprocess import PreprocessConfig
+from pipeline.model.preprocessing import PreprocessConfig
 
 # four stages of one layer each at 64 x 64 input: a full DiNAT forward in milliseconds
 TINY = DinatConfig(
@@ -80,3 +83,19 @@ def parquet_file(table: pa.Table) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf)
     return buf.getvalue()
+
+
+def direct_predictions(
+    model_folder: Path, images: dict[str, bytes], top_k: int = 5, max_pixels: int = MAX_PIXELS
+) -> dict[str, tuple]:
+    """key -> (label ids, scores, embedding) from the eager model on ViTImageProcessor's float pixels, one
+    image at a time: the plain reference the pipeline's batched, compiled and padded paths must match."""
+    model = load_model(str(model_folder), device="cpu")
+    results = {}
+    for key, data in images.items():
+        pixels = torch.from_numpy(preprocess(data, model.preprocessing, max_pixels).pixel_values)[None]
+        with torch.inference_mode():
+            out = model(pixels)
+        scores, ids = out.logits.softmax(-1)[0].topk(top_k)
+        results[key] = (ids.tolist(), scores.numpy(), out.embeddings[0].numpy())
+    return results

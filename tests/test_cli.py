@@ -9,15 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.model import load_model
+from pipeline.config import ConfigError, RunConfig
 from pipeline.model.export import random_model, save_checkpoint
-from pipeline.preprocess import PreprocessConfig, preprocess
-from tests.data import image_folder
+from tests.data import direct_predictions, image_folder
 from tests.model.test_dinat import shortened
 
 
@@ -36,15 +34,10 @@ def test_predict_prints_top_k_and_flags_broken_images(tmp_path):
     assert result.exit_code == 1, result.output
     lines = result.output.splitlines()
     assert lines[0] == str(image) and lines[4] == str(broken)
-    assert "ImageDecodeError: not a recognised image format" in lines[5]
+    assert "error: ImageDecodeError(undecodable): not a recognised image format" in lines[5]
 
-    model = load_model(str(folder), device="cpu")
-    with torch.inference_mode():
-        logits = model(
-            torch.from_numpy(preprocess(image.read_bytes(), PreprocessConfig()).pixel_values)[None]
-        ).logits
-    scores, ids = logits.softmax(-1)[0].topk(3)
-    for line, score, label_id in zip(lines[1:4], scores.tolist(), ids.tolist(), strict=True):
+    ids, scores, _ = direct_predictions(folder, {"photo": image.read_bytes()}, top_k=3)["photo"]
+    for line, score, label_id in zip(lines[1:4], scores.tolist(), ids, strict=True):
         assert line.split() == [f"{score:.4f}", f"LABEL_{label_id}", f"({label_id})"]
 
 
@@ -123,3 +116,50 @@ def test_max_error_rate_fails_the_run_after_writing_its_rows(tmp_path, tiny_mode
 
     passed = CliRunner().invoke(app, [*args, str(tmp_path / "lenient"), "--max-error-rate", "0.25"])
     assert passed.exit_code == 0, passed.output
+
+
+def test_every_config_field_has_its_flag_and_help():
+    runner = CliRunner()
+    for command in ("run", "nightly"):
+        text = runner.invoke(app, [command, "--help"], env={"COLUMNS": "300", "TERM": "dumb"}).output
+        for name, field in RunConfig.model_fields.items():
+            flag = f"--{name.replace('_', '-')}"
+            assert flag in text, (command, flag)
+            assert field.description[:40] in " ".join(text.split()), (command, name)
+
+
+def test_flags_of_every_type_reach_the_config(monkeypatch):
+    seen = {}
+
+    def capture(config):
+        seen["config"] = config
+        raise ConfigError("captured, not run")
+
+    monkeypatch.setattr("pipeline.run.run", capture)
+    flags = {
+        "--input": "s3://in/images",
+        "--output": "s3://out/table",
+        "--top-k": "3",
+        "--max-error-rate": "0.5",
+        "--compile": "graphs",
+        "--rows-per-file": "1000",
+        "--chunk-rows": "64",
+        "--lease-timeout": "30",
+        "--max-bytes-per-image": "1024",
+        "--storage-options": '{"endpoint_url": "http://127.0.0.1:9000"}',
+    }
+    args = [part for pair in flags.items() for part in pair]
+    args += ["--allowed-uri-prefixes", "s3://in", "--allowed-uri-prefixes", "s3://more", "--overwrite"]
+    assert "captured, not run" in CliRunner().invoke(app, ["run", *args]).output
+    config = seen["config"]
+    assert (config.top_k, config.max_error_rate, config.compile) == (3, 0.5, "graphs")
+    assert (config.rows_per_file, config.chunk_rows, config.lease_timeout) == (1000, 64, 30.0)
+    assert config.max_bytes_per_image == 1024 and config.overwrite is True
+    assert config.allowed_uri_prefixes == ["s3://in", "s3://more"]
+    assert config.storage_options == {"endpoint_url": "http://127.0.0.1:9000"}
+    assert config.batch_size is None and config.uri_column is None  # not given: the defaults
+
+    refused = CliRunner().invoke(app, ["run", *args[:4], "--compile", "fast"])
+    assert refused.exit_code == 2 and "fast" in refused.output
+    refused = CliRunner().invoke(app, ["run", *args[:4], "--storage-options", "[1]"])
+    assert refused.exit_code == 2 and "must be a JSON object" in refused.output

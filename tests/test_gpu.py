@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.inference import Predictor
+from pipeline.gpu_decoding import DeviceDecoder
+from pipeline.images import cpu_pixels
 from pipeline.model import load_model
+from pipeline.model.preprocessing import PreprocessConfig
 from pipeline.model.runtime import MAX_AUTO_BATCH, Runner
-from pipeline.preprocess import PreprocessConfig, cpu_pixels, decode_batch
-from pipeline.preprocess_gpu import DeviceDecoder
+from pipeline.stages.decode import decode_batch
+from pipeline.stages.infer import ActorSettings, Predictor
 from tests.data import MAX_PIXELS, photo
 from tests.test_preprocess_gpu import jpeg, smooth_rgb
 
@@ -77,7 +79,11 @@ def test_the_actor_decodes_jpegs_on_the_gpu_with_the_same_rows(tiny_model):
         "data": np.array(list(items.values()), dtype=object),
         "error": np.array([None] * len(items), dtype=object),
     }
-    actor = Predictor(model=str(tiny_model), run_id="r", top_k=3, device="cuda", compile="off")
+    actor = Predictor(
+        ActorSettings(
+            model=str(tiny_model), run_id="r", top_k=3, device="cuda", compile="off", jpegs_to_device=True
+        )
+    )
     config = PreprocessConfig(size=64)
     on_gpu = actor(decode_batch(batch, config, MAX_PIXELS, jpegs_to_device=True)).to_pylist()
     on_cpu = actor(decode_batch(batch, config, MAX_PIXELS)).to_pylist()

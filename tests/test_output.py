@@ -17,12 +17,14 @@ import pytest
 
 from pipeline.atomic import put_file
 from pipeline.config import ConfigError
+from pipeline.digest import KeyDigest
 from pipeline.faults import ENV, SimulatedCrash
 from pipeline.lease import Lease, LeaseHeld, LeaseLost
 from pipeline.output import SUCCESS, ForeignFiles, Output, VerificationFailed
+from pipeline.ownership import Ownership, write_table
 from pipeline.query import read_output
 from pipeline.run import run
-from pipeline.sink import KeyDigest, Ownership, output_schema, write_table
+from pipeline.stages.write import output_schema
 from tests.data import TINY, image_folder
 
 
@@ -95,7 +97,7 @@ def test_a_failed_read_deletes_nothing(tmp_path, tiny_model, ray_session, monkey
     def throttled(*args, **kwargs):
         raise OSError("SlowDown: reduce your request rate")
 
-    monkeypatch.setattr("pipeline.sink.pq.read_metadata", throttled)
+    monkeypatch.setattr("pipeline.ownership.pq.read_metadata", throttled)
     with pytest.raises(OSError, match="SlowDown"):
         run(config(source, output, tiny_model, {}))
     assert listing(output, {}) == before

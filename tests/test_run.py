@@ -15,14 +15,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
-import torch
 
 from pipeline.config import ConfigError
 from pipeline.model import ModelLoadError, load_model
-from pipeline.preprocess import preprocess
 from pipeline.run import ray_connection, run
-from pipeline.sink import output_schema
-from tests.data import MAX_PIXELS, TINY, broken_files, parquet_file, photo, photos, tar_shard
+from pipeline.stages.write import output_schema
+from tests.data import (
+    MAX_PIXELS,
+    TINY,
+    broken_files,
+    direct_predictions,
+    parquet_file,
+    photo,
+    photos,
+    tar_shard,
+)
 
 
 @dataclass
@@ -81,19 +88,6 @@ def run_on(place: Place, tiny_model: Path, input: str, **config):
         }
     )
     return summary, place.read("out")
-
-
-def direct_predictions(tiny_model: Path, images: dict[str, bytes], top_k: int = 5) -> dict[str, tuple]:
-    """key -> (label ids, scores, embedding) from the runtime itself, one image at a time."""
-    model = load_model(str(tiny_model), device="cpu")
-    results = {}
-    for key, data in images.items():
-        pixels = torch.from_numpy(preprocess(data, model.preprocessing, MAX_PIXELS).pixel_values)[None]
-        with torch.inference_mode():
-            out = model(pixels)
-        scores, ids = out.logits.softmax(-1)[0].topk(top_k)
-        results[key] = (ids.tolist(), scores.numpy(), out.embeddings[0].numpy())
-    return results
 
 
 def assert_secret_nowhere(place: Place, table: pa.Table) -> None:

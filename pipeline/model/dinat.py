@@ -18,7 +18,7 @@ from torch import nn
 from kernels import na2d
 
 if TYPE_CHECKING:
-    from pipeline.preprocess import PreprocessConfig
+    from pipeline.model.preprocessing import PreprocessConfig
 
 # The published variants, for random-weight demos and tests; real checkpoints are always built from their
 # own config.json.

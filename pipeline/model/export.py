@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from pipeline.model.dinat import VARIANTS, Dinat, DinatConfig
-from pipeline.preprocess import PreprocessConfig
+from pipeline.model.preprocessing import PreprocessConfig
 
 
 def save_checkpoint(

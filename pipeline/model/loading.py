@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from pipeline.model.dinat import Dinat, DinatConfig
 from pipeline.model.files import ModelLoadError, resolve
-from pipeline.preprocess import PreprocessConfig
+from pipeline.model.preprocessing import PreprocessConfig
 
 _BACKBONE_PREFIX = "dinat."
 _CLASSIFIER_PREFIX = "classifier."

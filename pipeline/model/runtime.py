@@ -19,10 +19,11 @@ from typing import Literal
 import numpy as np
 import torch
 
-from pipeline.model.dinat import Dinat
-from pipeline.preprocess import normalize
+from pipeline.model.dinat import Dinat, DinatConfig
+from pipeline.model.preprocessing import normalize
 
 CompileMode = Literal["auto", "off", "on", "graphs"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # embeddings [n, D]; top-k scores and label ids [n, k], or None for a backbone-only model
 Outputs = tuple[np.ndarray, np.ndarray | None, np.ndarray | None]
 CPU_BATCH = 32  # images per call on a CPU when none is asked for: beyond it throughput stays flat
@@ -48,6 +49,12 @@ def resolve_compile(mode: CompileMode, device: torch.device) -> Literal["off", "
     if mode != "auto":
         return mode
     return "graphs" if device.type == "cuda" else "off"
+
+
+def label_names(config: DinatConfig) -> np.ndarray:
+    """Label names indexed by label id (the id itself where the checkpoint names none)."""
+    labels = config.id2label
+    return np.asarray([labels.get(i, str(i)) for i in range(max(labels, default=-1) + 1)], dtype=object)
 
 
 def _concat(parts: list[Outputs]) -> Outputs:

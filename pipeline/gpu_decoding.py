@@ -1,8 +1,8 @@
 """Decoding next to the model: JPEGs decoded by nvJPEG on the GPU, oriented and resized there, so that their
 pixels never cross to the host and the CPU workers only read headers.
 
-The CPU stage (`preprocess.decode_batch(..., jpegs_to_device=True)`) sends on the bytes of the JPEGs that
-`preprocess.device_decodable` accepts; everything else arrives decoded. Whatever nvJPEG still rejects is
+The CPU stage (`pipeline.stages.decode`) only reads the headers of JPEGs (`device_decodable`) and sends on
+the bytes of those a GPU decoder takes; everything else arrives decoded. Whatever nvJPEG still rejects is
 decoded here by the CPU path, one image at a time, so one bad image never fails a batch. The pixels match
 the CPU path's within one level of 255 (nvJPEG's IDCT and torch's antialiased resize round differently from
 libjpeg's and PIL's), and go through the same `normalize`.
@@ -13,12 +13,14 @@ from __future__ import annotations
 import importlib.util
 import logging
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.preprocess import ImageDecodeError, PreprocessConfig, cpu_pixels, error_text
+from pipeline.images import ImageDecodeError, cpu_pixels, open_image
+from pipeline.model.preprocessing import PreprocessConfig
 
 # PIL filters that torch's antialiased interpolation reproduces (within rounding); the others stay on the CPU
 RESAMPLE_MODES = {Image.Resampling.BILINEAR: "bilinear", Image.Resampling.BICUBIC: "bicubic"}
@@ -26,6 +28,7 @@ RESAMPLE_MODES = {Image.Resampling.BILINEAR: "bilinear", Image.Resampling.BICUBI
 # stored in the file (no EXIF orientation), or the exception that rejected it
 JpegDecoder = Callable[[list[torch.Tensor], torch.device], list[torch.Tensor | Exception]]
 logger = logging.getLogger(__name__)
+_EXIF_ORIENTATION = 0x0112
 
 
 def unsupported(config: PreprocessConfig, device: str) -> str | None:
@@ -40,6 +43,31 @@ def unsupported(config: PreprocessConfig, device: str) -> str | None:
     if importlib.util.find_spec("torchvision") is None:
         return "torchvision (nvJPEG) is not installed: pip install 'dinat-batch[gpu]'"
     return None
+
+
+class JpegHeader(NamedTuple):
+    width: int  # after EXIF orientation, as the CPU path reports it
+    height: int
+    orientation: int  # EXIF orientation, 1 (as stored) to 8
+
+
+def device_decodable(data: bytes, max_pixels: int) -> JpegHeader | None:
+    """The header of a JPEG that a GPU decoder takes (baseline or extended sequential, 8-bit, greyscale or
+    YCbCr/RGB, one frame), else None: progressive and CMYK JPEGs, other formats and anything that does not
+    open go the CPU path, which also gives broken files their error text. Reads the header only."""
+    try:
+        image = open_image(data, max_pixels)
+        if image.format != "JPEG" or image.mode not in ("RGB", "L") or image.info.get("progressive"):
+            return None
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # a header PIL cannot read is for the CPU path to report
+        return None
+    if orientation not in range(1, 9):
+        orientation = 1  # PIL's exif_transpose ignores values outside the standard's eight, as here
+    width, height = image.size
+    if orientation >= 5:  # the orientations that turn the image by 90 degrees
+        width, height = height, width
+    return JpegHeader(width, height, orientation)
 
 
 def nvjpeg(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | Exception]:
@@ -121,7 +149,7 @@ class DeviceDecoder:
                 pixels, _, _ = cpu_pixels(datas[i], config, self.max_pixels)
                 out[i] = torch.from_numpy(pixels).to(self.device)
             except ImageDecodeError as err:
-                errors[i] = error_text(err)
+                errors[i] = err.text()
         for group in by_size.values():
             # photos from one camera share a size: one interpolation call per size, not per image
             index = torch.tensor([i for i, _ in group], device=self.device)

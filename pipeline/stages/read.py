@@ -1,4 +1,4 @@
-"""Inputs -> a Ray dataset of `(key, data, error)` rows: one row per input image, never fewer.
+"""The reading stage: inputs -> a Ray dataset of `(key, data, error)` rows, one per input image, never fewer.
 
 Three input kinds, any fsspec URI (s3://, local paths, ...):
 - image files under a prefix or matching a glob;
@@ -26,7 +26,10 @@ import pyarrow.parquet as pq
 import ray
 
 from pipeline.config import IMAGE_EXTENSIONS, ConfigError, RunConfig
+from pipeline.errors import error_text, read_error
 from pipeline.locations import GLOB_CHARS, Location, glob_prefix, resolve
+from pipeline.output import record_source
+from pipeline.stages import Stage
 
 ROWS = pa.schema([("key", pa.string()), ("data", pa.binary()), ("error", pa.string())])
 LOCATED = pa.schema(
@@ -35,10 +38,8 @@ LOCATED = pa.schema(
 LISTING = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("version", pa.string())])
 _KIND_EXTENSIONS = {"files": IMAGE_EXTENSIONS, "webdataset": (".tar",), "parquet": (".parquet",)}
 _ROWS_PER_BLOCK = 1024  # rows emitted at a time while expanding shards and tables
-
-
-def _error(kind: str, message: str) -> str:
-    return f"{kind}: {message}"
+# read tasks fuse with the decode tasks after them: the same half CPU (see pipeline.stages.decode)
+STAGE = Stage("read", consumes=tuple(LISTING.names), produces=tuple(ROWS.names), resources={"num_cpus": 0.5})
 
 
 def _rows(keys: list[str], data: list[bytes | None], errors: list[str | None]) -> pa.Table:
@@ -145,7 +146,7 @@ def choose_kind(config: RunConfig, listing: pa.Table) -> tuple[str, pa.Table]:
 
 
 def _too_large(size: int, limit: int) -> str:
-    return _error("TooLarge", f"{size} bytes or more, above max_bytes_per_image ({limit}); not read")
+    return error_text("TooLarge", f"{size} bytes or more, above max_bytes_per_image ({limit}); not read")
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,7 @@ class ReadRules:
         if self.allowed is None or any(place.covers(resolve(uri)) for place in self.allowed):
             return None
         where = ", ".join(str(place) for place in self.allowed) or "nowhere (local input)"
-        return _error(
+        return error_text(
             "ForbiddenURI",
             f"the table points outside the places it may read ({where}); list the location in "
             "allowed_uri_prefixes to read it",
@@ -188,7 +189,7 @@ def _fetch(
     if error is not None:
         return None, error
     if uri is None:
-        return None, _error("MissingImage", "the row has no image URI (null)")
+        return None, error_text("MissingImage", "the row has no image URI (null)")
     refused = rules.refusal(uri)
     if refused is not None:
         return None, refused
@@ -202,7 +203,7 @@ def _fetch(
             with fs.open(path, "rb") as f:
                 data = f.read(rules.max_bytes + 1)
     except Exception as err:  # any failure to read is this image's row, not the run's end
-        return None, _error("ReadError", f"could not read {uri}: {type(err).__name__}: {err}")
+        return None, read_error(uri, err)
     if len(data) > rules.max_bytes:
         return None, _too_large(len(data), rules.max_bytes)
     return data, None
@@ -245,7 +246,7 @@ def _sample_rows(shard: str, sample: str, members: list[Member]) -> Iterator[Row
         yield (
             f"{shard}#{sample}",
             None,
-            _error("NoImage", f"the sample has no image member (fields: {fields})"),
+            error_text("NoImage", f"the sample has no image member (fields: {fields})"),
         )
     for field, data, error in images:
         yield (f"{shard}#{sample}" if len(images) == 1 else f"{shard}#{sample}.{field}"), data, error
@@ -286,7 +287,7 @@ def _tar_rows(shard: str, rules: ReadRules) -> Iterator[Row]:
         yield (
             f"{shard}#<unreadable {where}>",
             None,
-            _error("ShardError", f"the shard cannot be read {where}: {type(err).__name__}: {err}"),
+            error_text("ShardError", f"the shard cannot be read {where}: {type(err).__name__}: {err}"),
         )
         return
     if members:
@@ -335,7 +336,7 @@ def check_table(table_uri: str, config: RunConfig) -> None:
 
 def _cell_error(data: bytes | None, limit: int) -> str | None:
     if data is None:
-        return _error("MissingImage", "the cell is null")
+        return error_text("MissingImage", "the cell is null")
     return _too_large(len(data), limit) if len(data) > limit else None
 
 
@@ -378,10 +379,64 @@ def read_tables(batch: pa.Table, config: RunConfig) -> Iterator[pa.Table]:
             yield from _table_rows(table_uri, config)
         except Exception as err:
             message = str(err) if isinstance(err, ConfigError) else f"{type(err).__name__}: {err}"
-            error = _error("TableError", f"the table cannot be read: {message}")
+            error = error_text("TableError", f"the table cannot be read: {message}")
             schema = LOCATED if config.uri_column else ROWS
             yield pa.table(
                 [[table_uri], pa.nulls(1, schema.field(1).type), [error]]
                 + ([pa.nulls(1, pa.int64())] if config.uri_column else []),
                 schema=schema,
             )
+
+
+def _blocks(table: pa.Table, rows: int) -> list[pa.Table]:
+    """Split a listing into blocks so that Ray spreads its rows over many tasks."""
+    return [table.slice(start, rows) for start in range(0, table.num_rows, rows)] or [table]
+
+
+def _drop_keys(batch: pa.Table, done: set[str]) -> pa.Table:
+    keep = [key not in done for key in batch.column("key").to_pylist()]
+    return batch.filter(pa.array(keep, pa.bool_()))
+
+
+def _read_recorded(batch: pa.Table, read, fs, folder: str, **kwargs):
+    """`read` (shards or tables) one container at a time, recording the keys each gave in `folder` (see
+    `pipeline.output.record_source`): the commit compares the rows written with them."""
+    for i in range(batch.num_rows):
+        keys: list[str] = []
+        for rows in read(batch.slice(i, 1), **kwargs):
+            keys += rows.column("key").to_pylist()
+            yield rows
+        record_source(fs, folder, batch.column("uri")[i].as_py(), keys)
+
+
+def dataset(
+    kind: str, listing: pa.Table, config: RunConfig, done: set[str], records: tuple[str, Any]
+) -> ray.data.Dataset:
+    """`(key, data, error)` rows, one per image of `listing` not in `done` (written by an earlier attempt).
+    Shards and tables record the keys each gave under `records` (folder, filesystem)."""
+    tasks = {"batch_format": "pyarrow", **STAGE.resources}
+    rules = ReadRules.of(config)
+    if kind == "files":
+        located = _drop_keys(locate_files(listing), done)
+        blocks = ray.data.from_arrow(_blocks(located, config.read_batch_size))
+        return blocks.map_batches(
+            read_objects, batch_size=config.read_batch_size, **tasks, fn_kwargs={"rules": rules}
+        )
+    folder, fs = records
+    recorded = {
+        "fs": fs,
+        "folder": folder,
+        **({"read": read_shards, "rules": rules} if kind == "webdataset" else {}),
+        **({"read": read_tables, "config": config} if kind == "parquet" else {}),
+    }
+    rows = ray.data.from_arrow(_blocks(listing, 1)).map_batches(
+        _read_recorded, batch_size=1, **tasks, fn_kwargs=recorded
+    )
+    if done:
+        rows = rows.map_batches(_drop_keys, **(tasks | {"fn_kwargs": {"done": done}}))
+    if kind == "parquet" and config.uri_column:
+        table_rules = ReadRules.of(config, from_table=True)
+        return rows.map_batches(
+            read_objects, batch_size=config.read_batch_size, **tasks, fn_kwargs={"rules": table_rules}
+        )
+    return rows

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.preprocess import ImageDecodeError, PreprocessConfig, preprocess
+from pipeline.images import ImageDecodeError, preprocess
+from pipeline.model.preprocessing import PreprocessConfig
 
 MEAN = np.array([0.485, 0.456, 0.406])
 STD = np.array([0.229, 0.224, 0.225])

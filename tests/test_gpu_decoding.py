@@ -12,11 +12,13 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from pipeline import preprocess_gpu
-from pipeline.inference import Predictor
+from pipeline import gpu_decoding as preprocess_gpu
+from pipeline.gpu_decoding import DeviceDecoder, device_decodable, orient, unsupported
+from pipeline.images import cpu_pixels
 from pipeline.model.export import random_model, save_checkpoint
-from pipeline.preprocess import PreprocessConfig, cpu_pixels, decode_batch, device_decodable
-from pipeline.preprocess_gpu import DeviceDecoder, orient, unsupported
+from pipeline.model.preprocessing import PreprocessConfig
+from pipeline.stages.decode import decode_batch
+from pipeline.stages.infer import ActorSettings, Predictor
 from tests.data import MAX_PIXELS, TINY, TINY_INPUT, photo
 
 RNG = np.random.default_rng(7)
@@ -150,7 +152,9 @@ def test_the_actor_gives_the_same_rows_for_bytes_decoded_next_to_the_model(tiny_
         "c.png": photo(3, "PNG"),
         "d.jpg": b"\xff\xd8\xff broken",
     }
-    actor = Predictor(model=str(tiny_model), run_id="r", top_k=3, device="cpu")
+    actor = Predictor(
+        ActorSettings(model=str(tiny_model), run_id="r", top_k=3, device="cpu", jpegs_to_device=True)
+    )
     actor.decoder.jpeg = stand_in
     on_device = actor(rows(items, to_device=True)).to_pylist()
     on_cpu = actor(rows(items, to_device=False)).to_pylist()
@@ -183,7 +187,9 @@ def test_a_filter_without_a_gpu_equivalent_keeps_the_cpu_path(tmp_path):
     with pytest.raises(ValueError, match="LANCZOS"):
         DeviceDecoder(lanczos, torch.device("cpu"), MAX_PIXELS, jpeg=stand_in)
     folder = save_checkpoint(random_model(TINY), tmp_path / "lanczos", preprocessing=lanczos)
-    actor = Predictor(model=str(folder), run_id="r", top_k=3, device="cpu")
+    actor = Predictor(
+        ActorSettings(model=str(folder), run_id="r", top_k=3, device="cpu", jpegs_to_device=True)
+    )
     items = {"a.jpg": jpeg(smooth_rgb(80, 60)), "b.png": photo(3, "PNG")}
     statuses = [row["status"] for row in actor(rows(items, to_device=True, config=lanczos)).to_pylist()]
     assert statuses == ["ok", "ok"]

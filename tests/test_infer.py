@@ -5,12 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.inference import Predictor
-from pipeline.model import load_model
 from pipeline.model.export import random_model, save_checkpoint
-from pipeline.preprocess import decode_batch, preprocess
-from pipeline.sink import output_schema
-from tests.data import MAX_PIXELS, TINY, TINY_INPUT, photo
+from pipeline.stages.decode import decode_batch
+from pipeline.stages.infer import ActorSettings, Predictor
+from pipeline.stages.write import output_schema
+from tests.data import MAX_PIXELS, TINY, TINY_INPUT, direct_predictions, photo
 
 
 def decoded(items: dict[str, bytes]) -> dict[str, np.ndarray]:
@@ -24,7 +23,7 @@ def decoded(items: dict[str, bytes]) -> dict[str, np.ndarray]:
 
 
 def predictor(folder, top_k=3) -> Predictor:
-    return Predictor(model=str(folder), run_id="run-1", top_k=top_k, device="cpu")
+    return Predictor(ActorSettings(model=str(folder), run_id="run-1", top_k=top_k, device="cpu"))
 
 
 def test_rows_match_the_runtime_and_errors_pass_through(tiny_model):
@@ -33,15 +32,11 @@ def test_rows_match_the_runtime_and_errors_pass_through(tiny_model):
     assert table.schema == output_schema(TINY.num_features)
     rows = {row["key"]: row for row in table.to_pylist()}
     assert rows["broken.jpg"]["status"] == "error" and rows["broken.jpg"]["embedding"] is None
-    model = load_model(str(tiny_model), device="cpu")
-    for key in ("a.jpg", "b.png"):
-        pixels = torch.from_numpy(preprocess(items[key], model.preprocessing).pixel_values)[None]
-        with torch.inference_mode():
-            out = model(pixels)
-        scores, ids = out.logits.softmax(-1)[0].topk(3)
-        assert rows[key]["label_ids"] == ids.tolist() and rows[key]["run_id"] == "run-1"
-        np.testing.assert_allclose(rows[key]["scores"], scores.numpy(), atol=1e-5)
-        np.testing.assert_allclose(rows[key]["embedding"], out.embeddings[0].numpy(), atol=1e-4)
+    direct = direct_predictions(tiny_model, {key: items[key] for key in ("a.jpg", "b.png")}, top_k=3)
+    for key, (ids, scores, embedding) in direct.items():
+        assert rows[key]["label_ids"] == ids and rows[key]["run_id"] == "run-1"
+        np.testing.assert_allclose(rows[key]["scores"], scores, atol=1e-5)
+        np.testing.assert_allclose(rows[key]["embedding"], embedding, atol=1e-4)
 
 
 def test_a_batch_of_errors_only_never_calls_the_model(tiny_model):

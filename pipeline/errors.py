@@ -1,0 +1,31 @@
+"""The text of the output's `error` column, `Kind: message`: the kind is what error counts group by and
+what tells a failed read (the store's fault, retried by the next run) from a bad image (final)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+# kinds that say the store failed, not the image: retried by the next resume or rerun
+RETRYABLE = frozenset({"ReadError", "ShardError", "TableError"})
+
+
+def error_text(kind: str, message: str) -> str:
+    return f"{kind}: {message}"
+
+
+def read_error(uri: str, err: Exception) -> str:
+    """The text for an image the store would not give."""
+    return error_text("ReadError", f"could not read {uri}: {type(err).__name__}: {err}")
+
+
+def error_kind(text: str) -> str:
+    return text.split(": ", 1)[0]
+
+
+def is_retryable(text: str | None) -> bool:
+    return text is not None and error_kind(text) in RETRYABLE
+
+
+def error_column(column: Iterable) -> list[str | None]:
+    """A batch's `error` column as text or None: Ray hands an all-null column over as float NaNs."""
+    return [value if isinstance(value, str) else None for value in column]

@@ -1,0 +1,78 @@
+"""The CPU decoding stage: encoded bytes -> uint8 pixels at the model's size, in Ray tasks beside the
+inference actors. Every row comes out, failed ones as error rows; with `jpegs_to_device` the JPEGs a GPU
+decoder takes are passed on as bytes for the actor to decode (`pipeline.gpu_decoding`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+
+from pipeline.errors import error_column
+from pipeline.gpu_decoding import device_decodable
+from pipeline.images import ImageDecodeError, cpu_pixels
+from pipeline.model.preprocessing import PreprocessConfig
+from pipeline.stages import Stage
+
+# Read and decode tasks fuse into one; half a CPU each lets two overlap per core while one waits on storage.
+# The difference from the inference actor's resources also keeps Ray from fusing decoding into the actor,
+# where it would run serially with the model instead of beside it.
+STAGE = Stage(
+    "decode",
+    consumes=("key", "data", "error"),
+    produces=("key", "pixels", "width", "height", "error"),
+    resources={"num_cpus": 0.5},
+    optional=("data", "orientation"),
+)
+BATCH = 16  # images per decode task call: small enough to spread over cores, big enough to amortise
+
+
+def decode_batch(
+    batch: dict[str, np.ndarray], config: PreprocessConfig, max_pixels: int, jpegs_to_device: bool = False
+) -> dict[str, np.ndarray]:
+    """`(key, data, error)` rows -> `(key, pixels, width, height, error)`.
+
+    Rows that fail keep their place with zero pixels, size 0 and the error text, so every image reaches
+    the output as exactly one row. With `jpegs_to_device`, JPEGs that a GPU decoder takes are only looked
+    at: they keep their bytes in a `data` column (None for the others) and their EXIF orientation in an
+    `orientation` column, and are decoded next to the model."""
+    keys, datas, errors = batch["key"], batch["data"], error_column(batch["error"])
+    pixels = np.zeros((len(keys), config.height, config.width, 3), dtype=np.uint8)
+    sizes = np.zeros((len(keys), 2), dtype=np.int32)
+    passed = np.full(len(keys), None, dtype=object)
+    orientations = np.ones(len(keys), dtype=np.int8)
+    for i, data in enumerate(datas):
+        if errors[i] is not None:
+            continue
+        data = bytes(data) if data is not None else b""
+        header = device_decodable(data, max_pixels) if jpegs_to_device else None
+        if header is not None:
+            passed[i] = data
+            sizes[i] = header.width, header.height
+            orientations[i] = header.orientation
+            continue
+        try:
+            pixels[i], width, height = cpu_pixels(data, config, max_pixels)
+            sizes[i] = width, height
+        except ImageDecodeError as err:
+            errors[i] = err.text()
+    decoded = {
+        "key": keys,
+        "pixels": pixels,
+        "width": sizes[:, 0],
+        "height": sizes[:, 1],
+        "error": np.array(errors, dtype=object),
+    }
+    return decoded | {"data": passed, "orientation": orientations} if jpegs_to_device else decoded
+
+
+def apply(
+    dataset: ray.data.Dataset, config: PreprocessConfig, max_pixels: int, jpegs_to_device: bool
+) -> ray.data.Dataset:
+    return dataset.map_batches(
+        decode_batch,
+        batch_size=BATCH,
+        batch_format="numpy",
+        **STAGE.resources,
+        fn_kwargs={"config": config, "max_pixels": max_pixels, "jpegs_to_device": jpegs_to_device},
+    )

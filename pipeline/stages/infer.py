@@ -1,0 +1,138 @@
+"""The inference stage: an actor pool, the model loaded once per actor; batches of uint8 pixels (or JPEG
+bytes to decode on the GPU) in, output rows out."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from pipeline.config import DEFAULT_MAX_PIXELS
+from pipeline.errors import error_column
+from pipeline.gpu_decoding import DeviceDecoder, nvjpeg, unsupported
+from pipeline.model import load_model
+from pipeline.model.runtime import CPU_BATCH, DTYPES, MAX_AUTO_BATCH, CompileMode, Runner, label_names
+from pipeline.stages import Stage
+from pipeline.stages.decode import STAGE as DECODED
+from pipeline.stages.write import COLUMNS, Provenance, output_rows, output_schema
+
+STAGE = Stage("infer", consumes=DECODED.produces, produces=COLUMNS, optional=DECODED.optional)
+logger = logging.getLogger(__name__)
+
+
+class ActorSettings(BaseModel):
+    """Everything an inference actor needs, sent to each actor as one object."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: str
+    run_id: str
+    top_k: int
+    device: str  # cpu or cuda
+    dtype: str = "float32"
+    batch_size: int | None = None
+    compile: CompileMode = "auto"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    cpu_threads: int | None = None
+    jpegs_to_device: bool = False  # the decode stage sends JPEGs on as bytes
+    storage_options: dict[str, Any] = {}
+
+
+class Predictor:
+    """Callable for `Dataset.map_batches(..., compute=ActorPoolStrategy(...))`.
+
+    Rows whose `error` is set skip the model and come out as error rows; the others get top-k labels and
+    scores and the pooled embedding. The model runs only on the valid rows, so one bad image costs nothing.
+    Rows that arrive with bytes in `data` (see `pipeline.stages.decode`) are decoded on the model's device
+    first; an image that fails there becomes an error row like any other.
+    """
+
+    def __init__(self, settings: ActorSettings):
+        if settings.device == "cpu":
+            # Ray pins OMP threads to the actor's num_cpus (1); inference should use the cores it was given
+            torch.set_num_threads(settings.cpu_threads or os.cpu_count() or 1)
+        loaded = load_model(settings.model, device=settings.device, storage_options=settings.storage_options)
+        self.provenance = Provenance(loaded.source, loaded.weights_sha256, settings.run_id)
+        self.num_features = loaded.config.num_features
+        self.labels = label_names(loaded.config)
+        self.runner = Runner(
+            loaded, DTYPES[settings.dtype], settings.compile, settings.batch_size, settings.top_k
+        )
+        self.schema = output_schema(self.num_features)
+        self.decoder = None
+        if settings.jpegs_to_device:
+            reason = unsupported(loaded.preprocessing, settings.device)
+            if reason is not None:
+                logger.warning(
+                    "JPEGs sent for GPU decoding are decoded on this actor's CPU instead: %s", reason
+                )
+            self.decoder = DeviceDecoder(
+                loaded.preprocessing,
+                self.runner.device,
+                settings.max_pixels,
+                jpeg=nvjpeg if reason is None else None,
+            )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        errors = error_column(batch["error"])
+        n = len(errors)
+        # Ray turns an all-null column into NaNs: bytes are what counts
+        passed = [
+            i for i, data in enumerate(batch.get("data", ())) if isinstance(data, bytes) and not errors[i]
+        ]
+        on_device = None
+        if passed:
+            on_device, late = self.decoder([batch["data"][i] for i in passed], batch["orientation"][passed])
+            for i, error in zip(passed, late, strict=True):
+                errors[i] = error
+        ok = np.array([e is None for e in errors], dtype=bool)
+        embeddings = np.zeros((n, self.num_features), dtype=np.float32)
+        top = None
+        if ok.any():
+            embeddings[ok], ok_scores, ok_ids = self.runner(
+                self._inputs(batch["pixels"], ok, passed, on_device)
+            )
+            if ok_ids is not None:
+                scores = np.zeros((n, ok_ids.shape[1]), dtype=np.float32)
+                ids = np.zeros((n, ok_ids.shape[1]), dtype=np.int32)
+                scores[ok], ids[ok] = ok_scores, ok_ids
+                top = scores, ids, self.labels[ids]
+        sizes = batch["width"], batch["height"]
+        return output_rows(batch["key"], errors, sizes, embeddings, top, self.provenance, self.schema)
+
+    def _inputs(
+        self, pixels: np.ndarray, ok: np.ndarray, passed: list[int], on_device: torch.Tensor | None
+    ) -> np.ndarray | torch.Tensor:
+        """The valid rows' pixels: on the host when the CPU stage decoded them all, else gathered on the
+        device, where the GPU-decoded ones already are."""
+        if on_device is None:
+            return pixels[ok]
+        gathered = torch.zeros(pixels.shape, dtype=torch.uint8, device=self.runner.device)
+        from_host = ok.copy()
+        from_host[passed] = False
+        if from_host.any():
+            gathered[torch.from_numpy(from_host)] = torch.from_numpy(pixels[from_host]).to(self.runner.device)
+        gathered[passed] = on_device
+        return gathered[torch.from_numpy(ok)]
+
+
+def apply(
+    dataset: ray.data.Dataset, settings: ActorSettings, num_gpus: int, min_actors: int, max_actors: int
+) -> ray.data.Dataset:
+    # the actor sizes its model calls itself on a GPU (from free memory); a call brings it up to the most
+    call_batch = settings.batch_size or (MAX_AUTO_BATCH if settings.device == "cuda" else CPU_BATCH)
+    return dataset.map_batches(
+        Predictor,
+        fn_constructor_kwargs={"settings": settings},
+        compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
+        batch_size=call_batch,
+        batch_format="numpy",
+        num_gpus=num_gpus,
+        **STAGE.resources,
+    )

@@ -1,0 +1,50 @@
+"""The stages' declared contracts against what they really give, and the chain they form."""
+
+import itertools
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.stages import decode, infer, read, write
+from pipeline.stages.decode import decode_batch
+from tests.data import MAX_PIXELS, TINY_INPUT, photo
+
+
+def raw_rows() -> dict[str, np.ndarray]:
+    table = read._rows(
+        ["a.jpg", "b.png", "gone.jpg"], [photo(1), photo(2, "PNG"), None], [None, None, "x: y"]
+    )
+    assert table.schema.names == list(read.STAGE.produces)
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.schema.names}
+
+
+def test_each_stage_finds_the_columns_it_reads_in_the_one_before():
+    chain = [read.STAGE, decode.STAGE, infer.STAGE, write.STAGE]
+    for before, after in itertools.pairwise(chain):
+        assert before.feeds(after), (before.name, after.name)
+    assert not write.STAGE.feeds(read.STAGE)
+
+
+def test_the_decode_stage_gives_what_it_declares():
+    rows = raw_rows()
+    on_cpu = decode_batch(rows, TINY_INPUT, MAX_PIXELS)
+    assert set(on_cpu) == set(decode.STAGE.produces)
+    routed = decode_batch(rows, TINY_INPUT, MAX_PIXELS, jpegs_to_device=True)
+    assert set(routed) == set(decode.STAGE.produces) | set(decode.STAGE.optional)
+    assert list(on_cpu["error"]) == [None, None, "x: y"]
+
+
+def test_the_output_columns_are_declared_once():
+    assert write.STAGE.consumes == infer.STAGE.produces == tuple(write.output_schema(4).names)
+    provenance = write.Provenance("m", "sha", "run")
+    keys, errors = ["a", "b"], [None, "ImageDecodeError(empty): the file is empty (0 bytes)"]
+    sizes = np.array([3, 0]), np.array([4, 0])
+    top = np.array([[0.9], [0.0]], np.float32), np.array([[2], [0]], np.int32), np.array([["two"], ["zero"]])
+    table = write.output_rows(
+        keys, errors, sizes, np.ones((2, 4), np.float32), top, provenance, write.output_schema(4)
+    )
+    rows = table.to_pylist()
+    assert rows[0]["labels"] == ["two"] and rows[0]["width"] == 3 and rows[0]["status"] == "ok"
+    assert rows[1]["labels"] is None and rows[1]["embedding"] is None and rows[1]["status"] == "error"
+    assert table.column("model_sha256").to_pylist() == ["sha", "sha"]
+    assert isinstance(table.column("processed_at").type, pa.TimestampType)

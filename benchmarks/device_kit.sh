@@ -4,7 +4,7 @@
 # pandas, fsspec, pillow, safetensors and pytest already there) into .device/site.tar.xz: Ray and
 # pydantic with the dependencies such an image lacks, unpacked and pruned, since Ray's wheel alone is
 # over the 64 MiB a device run can carry. Pins come from constraints.txt. Use on the device:
-#   tar -xJf .device/site.tar.xz -C /tmp && PYTHONPATH=/tmp/site python3 benchmarks/gpu.py --store local
+#   bash benchmarks/device_run.sh python3 benchmarks/gpu.py --store local
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP=".venv/bin/pip"

@@ -35,12 +35,12 @@ import torch
 from benchmarks import kernels as kernel_bench
 from benchmarks.common import machine, record
 from benchmarks.pipeline import bare_loop, photos, pipeline_run
-from pipeline.config import DEFAULT_MAX_PIXELS
-from pipeline.gpu_decoding import DeviceDecoder, device_decodable, unsupported
-from pipeline.images import decode, resized
-from pipeline.model.export import random_model, save_checkpoint
-from pipeline.model.preprocessing import PreprocessConfig
-from pipeline.model.runtime import Runner
+from dinat_batch.pipeline.config import DEFAULT_MAX_PIXELS
+from dinat_batch.pipeline.gpu_decoding import DeviceDecoder, device_decodable, unsupported
+from dinat_batch.pipeline.images import decode, resized
+from dinat_batch.pipeline.model.export import random_model, save_checkpoint
+from dinat_batch.pipeline.model.preprocessing import PreprocessConfig
+from dinat_batch.pipeline.model.runtime import Runner
 
 SECTIONS = ("kernels", "models", "accuracy", "decode", "pipeline")
 # (variant, input size, dtype, mode); modes as the `compile` config field: off (eager), on (torch.compile),

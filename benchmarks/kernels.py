@@ -27,7 +27,7 @@ if not __package__:
 import torch
 
 from benchmarks.common import machine, record
-from kernels import available_backends, na2d
+from dinat_batch.kernels import available_backends, na2d
 
 # (map size, kernel, dilation, heads) of every attention layer kind in dinat-mini at 224
 DINAT_MINI_224 = [

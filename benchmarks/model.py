@@ -23,7 +23,7 @@ if not __package__:
 import torch
 
 from benchmarks.common import machine, record
-from pipeline.model.export import random_model
+from dinat_batch.pipeline.model.export import random_model
 
 
 def measure(model, pixels: torch.Tensor, repeat: int) -> tuple[float, float]:

@@ -29,10 +29,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from benchmarks.common import machine, record
-from pipeline.images import decode, resized
-from pipeline.model import load_model
-from pipeline.model.export import random_model, save_checkpoint
-from pipeline.model.runtime import DTYPES, Runner
+from dinat_batch.pipeline.images import decode, resized
+from dinat_batch.pipeline.model import load_model
+from dinat_batch.pipeline.model.export import random_model, save_checkpoint
+from dinat_batch.pipeline.model.runtime import DTYPES, Runner
 
 DISTINCT = 32  # distinct pictures; the set repeats them under other names
 
@@ -71,8 +71,8 @@ def pipeline_run(folder: Path, data: list[bytes], store: str = "s3", **config) -
     were decoded), reading from SeaweedFS (`s3`) or a local folder (`local`)."""
     import ray
 
-    from infra.object_store import LocalObjectStore
-    from pipeline.run import run
+    from dinat_batch.infra.object_store import LocalObjectStore
+    from dinat_batch.pipeline.run import run
 
     with contextlib.ExitStack() as stack:
         if store == "s3":

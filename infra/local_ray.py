@@ -22,7 +22,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from infra.processes import Service, free_port, stop_group
+from dinat_batch.infra.processes import Service, free_port, stop_group
 
 
 class LocalRayHead(Service):

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from infra.processes import Service, free_port, stop_group
+from dinat_batch.infra.processes import Service, free_port, stop_group
 
 
 def weed_binary() -> str:

@@ -24,12 +24,12 @@ import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 from pydantic import BaseModel
 
-from pipeline.atomic import put_file
-from pipeline.config import RunConfig
-from pipeline.faults import crash_point
-from pipeline.lease import LEASES
-from pipeline.output import SUCCESS, ForeignFiles, Output
-from pipeline.run import RunSummary, execute, finish, plan, ray_connection
+from dinat_batch.pipeline.atomic import put_file
+from dinat_batch.pipeline.config import RunConfig
+from dinat_batch.pipeline.faults import crash_point
+from dinat_batch.pipeline.lease import LEASES
+from dinat_batch.pipeline.output import SUCCESS, ForeignFiles, Output
+from dinat_batch.pipeline.run import RunSummary, execute, finish, plan, ray_connection
 
 LEDGERS = "_runs"
 PARTITION = "run_date"

@@ -22,7 +22,7 @@ from typing import Any
 
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from pipeline.config import RunConfig, is_secret_name, redact
+from dinat_batch.pipeline.config import RunConfig, is_secret_name, redact
 
 TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
 CONFIG_NAME = "job.yaml"

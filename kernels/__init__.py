@@ -1,5 +1,5 @@
 """Neighborhood attention (NA) with relative positional bias, the operator DiNAT stands on."""
 
-from kernels.dispatch import BackendStatus, available_backends, na2d
+from dinat_batch.kernels.dispatch import BackendStatus, available_backends, na2d
 
 __all__ = ["BackendStatus", "available_backends", "na2d"]

@@ -18,13 +18,13 @@ from typing import NamedTuple
 
 import torch
 
-from kernels.backends.base import Backend
-from kernels.backends.dense import DenseBackend
-from kernels.backends.flex import FlexBackend
-from kernels.backends.natten_fused import NattenBackend
-from kernels.backends.reference import ReferenceBackend
-from kernels.backends.tiled import TiledBackend
-from kernels.problem import NAProblem, make_problem
+from dinat_batch.kernels.backends.base import Backend
+from dinat_batch.kernels.backends.dense import DenseBackend
+from dinat_batch.kernels.backends.flex import FlexBackend
+from dinat_batch.kernels.backends.natten_fused import NattenBackend
+from dinat_batch.kernels.backends.reference import ReferenceBackend
+from dinat_batch.kernels.backends.tiled import TiledBackend
+from dinat_batch.kernels.problem import NAProblem, make_problem
 
 BACKENDS: dict[str, Backend] = {
     b.name: b

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Union, get_args, get_origin, get_type_hints
 import typer
 from pydantic.fields import FieldInfo
 
-from pipeline.config import RunConfig
+from dinat_batch.pipeline.config import RunConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Batch inference for DiNAT image models.")
 
@@ -28,10 +28,10 @@ def top_k(model, images: list[str], k: int, storage_options: dict[str, Any]) -> 
     column has it); the same decoding and model step as the pipeline's, one image at a time."""
     import fsspec
 
-    from pipeline.config import DEFAULT_MAX_PIXELS
-    from pipeline.errors import read_error
-    from pipeline.images import ImageDecodeError, cpu_pixels
-    from pipeline.model.runtime import Runner, label_names
+    from dinat_batch.pipeline.config import DEFAULT_MAX_PIXELS
+    from dinat_batch.pipeline.errors import read_error
+    from dinat_batch.pipeline.images import ImageDecodeError, cpu_pixels
+    from dinat_batch.pipeline.model.runtime import Runner, label_names
 
     runner = Runner(model, compile="off", batch_size=1, top_k=k)
     names = label_names(model.config)
@@ -86,7 +86,7 @@ def predict(
     device: Annotated[str | None, typer.Option(help="cpu or cuda; default: cuda when available")] = None,
 ) -> None:
     """Print the top-k labels and scores of each image: the model card's snippet, working."""
-    from pipeline.model import ModelLoadError, load_model
+    from dinat_batch.pipeline.model import ModelLoadError, load_model
 
     options = _storage_options(storage_options)
     try:
@@ -103,9 +103,9 @@ def predict(
 def _job_errors() -> Iterator[None]:
     """Exit 2 with the message for a config or model that cannot run (nothing was done); exit 1 for a
     run that failed on the way (nothing was committed)."""
-    from pipeline.config import ConfigError
-    from pipeline.model import ModelLoadError
-    from pipeline.run import ErrorRateExceeded
+    from dinat_batch.pipeline.config import ConfigError
+    from dinat_batch.pipeline.model import ModelLoadError
+    from dinat_batch.pipeline.run import ErrorRateExceeded
 
     try:
         yield
@@ -193,8 +193,8 @@ def run_command(
     **fields: Any,
 ) -> None:
     """Run the pipeline: images in, one Parquet row per image out, `_SUCCESS` written last."""
-    from pipeline.config import load_config
-    from pipeline.run import run
+    from dinat_batch.pipeline.config import load_config
+    from dinat_batch.pipeline.run import run
 
     given = _given(fields)
     with _job_errors():
@@ -231,8 +231,8 @@ def nightly_command(
     **fields: Any,
 ) -> None:
     """Process what is new or changed since the last committed date into OUTPUT/run_date=DATE/."""
-    from jobs.nightly import nightly
-    from pipeline.config import load_config
+    from dinat_batch.jobs.nightly import nightly
+    from dinat_batch.pipeline.config import load_config
 
     day, given = _date(date), _given(fields)
     with _job_errors():
@@ -288,9 +288,9 @@ def submit(
     entrypoint_num_cpus: Annotated[float, typer.Option(help="CPUs reserved for the job's driver")] = 1,
 ) -> None:
     """Submit the pipeline to a Ray cluster as a Ray job; a job already submitted is refused."""
-    from jobs.submit import SubmitError, follow
-    from jobs.submit import submit as submit_job
-    from pipeline.config import ConfigError, load_config
+    from dinat_batch.jobs.submit import SubmitError, follow
+    from dinat_batch.jobs.submit import submit as submit_job
+    from dinat_batch.pipeline.config import ConfigError, load_config
 
     variables = dict(item.split("=", 1) for item in env or [] if "=" in item)
     if len(variables) != len(env or []):
@@ -329,7 +329,7 @@ def logs(
     follow: Annotated[bool, typer.Option("--follow", help="keep printing until the job ends")] = False,
 ) -> None:
     """A submitted job's logs."""
-    from jobs.submit import follow as follow_job
+    from dinat_batch.jobs.submit import follow as follow_job
 
     client = _client(address)
     if follow:
@@ -348,7 +348,7 @@ def stop(job_id: Annotated[str, typer.Argument(help="submission id")], address: 
 @app.command()
 def demo() -> None:
     """Start a local S3 server and Ray, upload sample images, run the pipeline, query the output."""
-    from pipeline.demo import run_demo
+    from dinat_batch.pipeline.demo import run_demo
 
     run_demo(typer.echo)
 
@@ -399,7 +399,7 @@ def query(
     """Query a finished output with DuckDB: --sql, --summary or --similar KEY."""
     import duckdb
 
-    from pipeline.query import OutputNotReady, read_output, similar, sql, summary_queries
+    from dinat_batch.pipeline.query import OutputNotReady, read_output, similar, sql, summary_queries
 
     if sum((sql_text is not None, summary, similar_to is not None)) != 1:
         raise typer.BadParameter("give exactly one of --sql, --summary or --similar")

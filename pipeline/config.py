@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.locations import resolve
+from dinat_batch.pipeline.locations import resolve
 
 DEFAULT_MODEL = "shi-labs/dinat-mini-in1k-224"
 DEFAULT_MAX_PIXELS = 100_000_000  # ~10k x 10k; bigger declared sizes are treated as decompression bombs

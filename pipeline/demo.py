@@ -17,8 +17,8 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.config import DEFAULT_MODEL, RunConfig
-from pipeline.query import SUMMARY
+from dinat_batch.pipeline.config import DEFAULT_MODEL, RunConfig
+from dinat_batch.pipeline.query import SUMMARY
 
 BUCKET = "demo"
 RANDOM_MODEL = f"s3://{BUCKET}/models/dinat-mini-RANDOM-WEIGHTS"
@@ -54,9 +54,9 @@ def demo_images(count: int = 24) -> dict[str, bytes]:
 def _model(store, echo: Callable[[str], None], offline: bool) -> str:
     """The real dinat-mini when the hub (or its cache) has it; otherwise random weights, said plainly and
     named so in the output's `model` column."""
-    from pipeline.model import ModelLoadError
-    from pipeline.model.export import random_model, save_checkpoint
-    from pipeline.model.files import resolve
+    from dinat_batch.pipeline.model import ModelLoadError
+    from dinat_batch.pipeline.model.export import random_model, save_checkpoint
+    from dinat_batch.pipeline.model.files import resolve
 
     where = (
         "in the local cache (huggingface.co is not reachable from here)"
@@ -89,9 +89,9 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 def run_demo(echo: Callable[[str], None] = print) -> None:
     import ray
 
-    from infra.object_store import LocalObjectStore
-    from pipeline.query import read_output, sql
-    from pipeline.run import run
+    from dinat_batch.infra.object_store import LocalObjectStore
+    from dinat_batch.pipeline.query import read_output, sql
+    from dinat_batch.pipeline.run import run
 
     offline = not _hub_reachable()
     if offline:

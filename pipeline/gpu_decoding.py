@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.images import ImageDecodeError, cpu_pixels, open_image
-from pipeline.model.preprocessing import PreprocessConfig
+from dinat_batch.pipeline.images import ImageDecodeError, cpu_pixels, open_image
+from dinat_batch.pipeline.model.preprocessing import PreprocessConfig
 
 # PIL filters that torch's antialiased interpolation reproduces (within rounding); the others stay on the CPU
 RESAMPLE_MODES = {Image.Resampling.BILINEAR: "bilinear", Image.Resampling.BICUBIC: "bicubic"}

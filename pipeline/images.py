@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.config import DEFAULT_MAX_PIXELS
-from pipeline.errors import error_text
-from pipeline.model.preprocessing import PreprocessConfig, normalize
+from dinat_batch.pipeline.config import DEFAULT_MAX_PIXELS
+from dinat_batch.pipeline.errors import error_text
+from dinat_batch.pipeline.model.preprocessing import PreprocessConfig, normalize
 
 # greyscale modes PIL cannot bring to RGB sensibly, and the divisor that brings them to 0..255
 _WIDE_GREY_DIVISOR = {"I;16": 257.0, "I;16B": 257.0, "I;16L": 257.0, "I;16N": 257.0, "I": 257.0, "F": 1.0}

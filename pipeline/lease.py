@@ -31,8 +31,8 @@ from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.atomic import create_local, put_file
-from pipeline.config import ConfigError
+from dinat_batch.pipeline.atomic import create_local, put_file
+from dinat_batch.pipeline.config import ConfigError
 
 LEASES = "_lease"
 logger = logging.getLogger(__name__)

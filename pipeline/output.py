@@ -38,15 +38,15 @@ import pyarrow.parquet as pq
 import ray
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.atomic import is_own_temp, put_file
-from pipeline.config import ConfigError
-from pipeline.digest import KeyDigest
-from pipeline.errors import error_kind, is_retryable
-from pipeline.faults import crash_point
-from pipeline.lease import LEASES, Lease, LeaseLost
-from pipeline.locations import resolve
-from pipeline.ownership import Ownership, owner_of, write_table
-from pipeline.stages.write import CHUNK_PREFIX, chunk_rows
+from dinat_batch.pipeline.atomic import is_own_temp, put_file
+from dinat_batch.pipeline.config import ConfigError
+from dinat_batch.pipeline.digest import KeyDigest
+from dinat_batch.pipeline.errors import error_kind, is_retryable
+from dinat_batch.pipeline.faults import crash_point
+from dinat_batch.pipeline.lease import LEASES, Lease, LeaseLost
+from dinat_batch.pipeline.locations import resolve
+from dinat_batch.pipeline.ownership import Ownership, owner_of, write_table
+from dinat_batch.pipeline.stages.write import CHUNK_PREFIX, chunk_rows
 
 SUCCESS = "_SUCCESS"
 FAILURE = "_FAILURE"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.atomic import put_file
+from dinat_batch.pipeline.atomic import put_file
 
 WRITER = "dinat-batch"
 METADATA_KEY = b"dinat_batch"

@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from pipeline.output import Output, leaf
-from pipeline.stages.write import output_schema
+from dinat_batch.pipeline.output import Output, leaf
+from dinat_batch.pipeline.stages.write import output_schema
 
 SUMMARY = {
     "runs": (

@@ -20,16 +20,16 @@ import pyarrow as pa
 import ray
 from pydantic import BaseModel
 
-from pipeline.config import ConfigError, RunConfig
-from pipeline.digest import KeyDigest
-from pipeline.gpu_decoding import unsupported
-from pipeline.lease import Lease
-from pipeline.model import load_model
-from pipeline.model.preprocessing import PreprocessConfig
-from pipeline.output import FAILURE, SUCCESS, Compacted, Output, Resume, VerificationFailed
-from pipeline.ownership import Ownership
-from pipeline.stages import decode, infer, read, write
-from pipeline.stages.infer import ActorSettings
+from dinat_batch.pipeline.config import ConfigError, RunConfig
+from dinat_batch.pipeline.digest import KeyDigest
+from dinat_batch.pipeline.gpu_decoding import unsupported
+from dinat_batch.pipeline.lease import Lease
+from dinat_batch.pipeline.model import load_model
+from dinat_batch.pipeline.model.preprocessing import PreprocessConfig
+from dinat_batch.pipeline.output import FAILURE, SUCCESS, Compacted, Output, Resume, VerificationFailed
+from dinat_batch.pipeline.ownership import Ownership
+from dinat_batch.pipeline.stages import decode, infer, read, write
+from dinat_batch.pipeline.stages.infer import ActorSettings
 
 
 class ErrorRateExceeded(RuntimeError):

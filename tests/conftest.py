@@ -4,7 +4,7 @@ test session, and a tiny DiNAT checkpoint for pipeline runs."""
 import pytest
 import ray
 
-from infra.object_store import LocalObjectStore
+from dinat_batch.infra.object_store import LocalObjectStore
 from tests.data import tiny_checkpoint
 
 

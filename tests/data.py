@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from pipeline.images import preprocess
-from pipeline.model import load_model
-from pipeline.model.dinat import DinatConfig
-from pipeline.model.export import random_model, save_checkpoint
-from pipeline.model.preprocessing import PreprocessConfig
+from dinat_batch.pipeline.images import preprocess
+from dinat_batch.pipeline.model import load_model
+from dinat_batch.pipeline.model.dinat import DinatConfig
+from dinat_batch.pipeline.model.export import random_model, save_checkpoint
+from dinat_batch.pipeline.model.preprocessing import PreprocessConfig
 
 # four stages of one layer each at 64 x 64 input: a full DiNAT forward in milliseconds
 TINY = DinatConfig(

@@ -11,7 +11,7 @@ from collections import Counter
 import aiohttp
 from aiohttp import web
 
-from infra.processes import free_port
+from dinat_batch.infra.processes import free_port
 
 SLOW_DOWN = (
     b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'

@@ -111,8 +111,8 @@ def test_objects_over_the_byte_limit_are_error_rows_never_read_whole(tmp_path, t
 
 
 def test_table_cells_over_the_byte_limit_are_error_rows(tmp_path):
-    from pipeline.config import RunConfig
-    from pipeline.stages.read import read_tables
+    from dinat_batch.pipeline.config import RunConfig
+    from dinat_batch.pipeline.stages.read import read_tables
 
     big = encode(Image.fromarray(pixels(120, 120)), "PNG")
     table = tmp_path / "t.parquet"

@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.config import ConfigError, RunConfig
-from pipeline.model.export import random_model, save_checkpoint
+from dinat_batch.pipeline.cli import app
+from dinat_batch.pipeline.config import ConfigError, RunConfig
+from dinat_batch.pipeline.model.export import random_model, save_checkpoint
 from tests.data import direct_predictions, image_folder
 from tests.model.test_dinat import shortened
 
@@ -135,7 +135,7 @@ def test_flags_of_every_type_reach_the_config(monkeypatch):
         seen["config"] = config
         raise ConfigError("captured, not run")
 
-    monkeypatch.setattr("pipeline.run.run", capture)
+    monkeypatch.setattr("dinat_batch.pipeline.run.run", capture)
     flags = {
         "--input": "s3://in/images",
         "--output": "s3://out/table",

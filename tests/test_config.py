@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pipeline.config import ConfigError, RunConfig, load_config
+from dinat_batch.pipeline.config import ConfigError, RunConfig, load_config
 
 
 def test_yaml_and_json_files_with_overrides(tmp_path):

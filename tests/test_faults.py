@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from pipeline.run import run
+from dinat_batch.pipeline.run import run
 from tests.data import image_folder, photos
 from tests.fault_proxy import FaultProxy
 

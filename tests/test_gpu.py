@@ -2,7 +2,7 @@
 already on the device, batch sizing from free memory, nvJPEG against the CPU decoder, and the actor's rows
 both ways. Skipped, with the reason shown, where there is no CUDA device; run them on the device machine:
 
-    tar -xJf .device/site.tar.xz -C /tmp && PYTHONPATH=/tmp/site python3 -m pytest tests/test_gpu.py
+    bash benchmarks/device_run.sh python3 -m pytest tests/test_gpu.py
 """
 
 import importlib.util
@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.gpu_decoding import DeviceDecoder
-from pipeline.images import cpu_pixels
-from pipeline.model import load_model
-from pipeline.model.preprocessing import PreprocessConfig
-from pipeline.model.runtime import MAX_AUTO_BATCH, Runner
-from pipeline.stages.decode import decode_batch
-from pipeline.stages.infer import ActorSettings, Predictor
+from dinat_batch.pipeline.gpu_decoding import DeviceDecoder
+from dinat_batch.pipeline.images import cpu_pixels
+from dinat_batch.pipeline.model import load_model
+from dinat_batch.pipeline.model.preprocessing import PreprocessConfig
+from dinat_batch.pipeline.model.runtime import MAX_AUTO_BATCH, Runner
+from dinat_batch.pipeline.stages.decode import decode_batch
+from dinat_batch.pipeline.stages.infer import ActorSettings, Predictor
 from tests.data import MAX_PIXELS, photo
 from tests.test_preprocess_gpu import jpeg, smooth_rgb
 

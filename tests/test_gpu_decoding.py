@@ -12,13 +12,13 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from pipeline import gpu_decoding as preprocess_gpu
-from pipeline.gpu_decoding import DeviceDecoder, device_decodable, orient, unsupported
-from pipeline.images import cpu_pixels
-from pipeline.model.export import random_model, save_checkpoint
-from pipeline.model.preprocessing import PreprocessConfig
-from pipeline.stages.decode import decode_batch
-from pipeline.stages.infer import ActorSettings, Predictor
+from dinat_batch.pipeline import gpu_decoding as preprocess_gpu
+from dinat_batch.pipeline.gpu_decoding import DeviceDecoder, device_decodable, orient, unsupported
+from dinat_batch.pipeline.images import cpu_pixels
+from dinat_batch.pipeline.model.export import random_model, save_checkpoint
+from dinat_batch.pipeline.model.preprocessing import PreprocessConfig
+from dinat_batch.pipeline.stages.decode import decode_batch
+from dinat_batch.pipeline.stages.infer import ActorSettings, Predictor
 from tests.data import MAX_PIXELS, TINY, TINY_INPUT, photo
 
 RNG = np.random.default_rng(7)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import ImageDecodeError, preprocess
-from pipeline.model.preprocessing import PreprocessConfig
+from dinat_batch.pipeline.images import ImageDecodeError, preprocess
+from dinat_batch.pipeline.model.preprocessing import PreprocessConfig
 
 MEAN = np.array([0.485, 0.456, 0.406])
 STD = np.array([0.229, 0.224, 0.225])

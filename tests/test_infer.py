@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.model.export import random_model, save_checkpoint
-from pipeline.stages.decode import decode_batch
-from pipeline.stages.infer import ActorSettings, Predictor
-from pipeline.stages.write import output_schema
+from dinat_batch.pipeline.model.export import random_model, save_checkpoint
+from dinat_batch.pipeline.stages.decode import decode_batch
+from dinat_batch.pipeline.stages.infer import ActorSettings, Predictor
+from dinat_batch.pipeline.stages.write import output_schema
 from tests.data import MAX_PIXELS, TINY, TINY_INPUT, direct_predictions, photo
 
 

@@ -10,8 +10,8 @@ import pytest
 import typer
 import yaml
 
-from pipeline.cli import app
-from pipeline.config import RunConfig, redact
+from dinat_batch.pipeline.cli import app
+from dinat_batch.pipeline.config import RunConfig, redact
 
 INFRA = Path(__file__).resolve().parents[1] / "infra"
 ROOT = INFRA.parent

@@ -10,13 +10,13 @@ import pyarrow.dataset as ds
 import pytest
 from typer.testing import CliRunner
 
-from jobs.nightly import Table
-from pipeline.cli import app
-from pipeline.config import RunConfig
-from pipeline.faults import ENV, SimulatedCrash
-from pipeline.lease import LeaseHeld
-from pipeline.output import ForeignFiles, Output
-from pipeline.query import read_output
+from dinat_batch.jobs.nightly import Table
+from dinat_batch.pipeline.cli import app
+from dinat_batch.pipeline.config import RunConfig
+from dinat_batch.pipeline.faults import ENV, SimulatedCrash
+from dinat_batch.pipeline.lease import LeaseHeld
+from dinat_batch.pipeline.output import ForeignFiles, Output
+from dinat_batch.pipeline.query import read_output
 from tests.data import image_folder, photo
 
 DAY1, DAY2, DAY3, DAY4 = (dt.date(2026, 11, d) for d in (24, 25, 26, 27))
@@ -41,7 +41,7 @@ def rows_of(table, date):
 
 
 def test_days_reruns_and_crashes(store, tiny_model, ray_session, monkeypatch):
-    from jobs.nightly import nightly
+    from dinat_batch.jobs.nightly import nightly
 
     root, options, put = store
     config = RunConfig(
@@ -157,7 +157,7 @@ def test_a_commit_cut_short_at_any_step_is_made_whole_by_the_next_run(
     """The driver dies at every step of a date's commit (a first run and a rerun): after the next run of
     that date, plain globbing readers see every input exactly once, and the next date takes only what
     is new."""
-    from jobs.nightly import nightly
+    from dinat_batch.jobs.nightly import nightly
 
     incoming = image_folder(tmp_path / "incoming", 5)
     root = tmp_path / "table"
@@ -181,7 +181,7 @@ def test_a_commit_cut_short_at_any_step_is_made_whole_by_the_next_run(
 def test_one_nightly_run_per_table(store, tiny_model, ray_session):
     """An attempt at the same date, or at another date, while a run holds the table is refused; a run
     whose read of an input failed leaves that input out of its ledger, so the next date takes it."""
-    from jobs.nightly import Table, nightly
+    from dinat_batch.jobs.nightly import Table, nightly
 
     root, options, put = store
     config = RunConfig(
@@ -193,9 +193,9 @@ def test_one_nightly_run_per_table(store, tiny_model, ray_session):
             with pytest.raises(LeaseHeld, match="run nightly-2026-11-24-live"):
                 nightly(config, date)
 
-    import jobs.nightly
+    import dinat_batch.jobs.nightly
 
-    planned = jobs.nightly.plan
+    planned = dinat_batch.jobs.nightly.plan
     fs, incoming = fsspec.core.url_to_fs(f"{root}/incoming", **options)
     put("b.jpg", photo(2))
 
@@ -205,7 +205,7 @@ def test_one_nightly_run_per_table(store, tiny_model, ray_session):
         return found
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(jobs.nightly, "plan", listed_then_lost)
+        patch.setattr(dinat_batch.jobs.nightly, "plan", listed_then_lost)
         day1 = nightly(config, DAY1)
     assert (day1.new_or_changed, day1.retried_later, day1.run.retryable_errors) == (2, 1, 1)
     put("b.jpg", photo(2))  # back, unchanged: the same version the ledger would have recorded
@@ -224,7 +224,7 @@ def test_a_dead_date_resumed_after_a_later_date_took_its_inputs(
 ):
     """Date 1 dies after writing its rows; date 2 (date 1 being uncommitted) takes the same images; date
     1's next run resumes with nothing of its own left to commit: no image has rows in two dates."""
-    from jobs.nightly import nightly
+    from dinat_batch.jobs.nightly import nightly
 
     incoming = image_folder(tmp_path / "incoming", 3)
     root = tmp_path / "table"
@@ -242,7 +242,7 @@ def test_a_dead_date_resumed_after_a_later_date_took_its_inputs(
 
 
 def test_a_table_root_holding_others_files_is_refused_untouched(tmp_path, tiny_model):
-    from jobs.nightly import nightly
+    from dinat_batch.jobs.nightly import nightly
 
     incoming = image_folder(tmp_path / "incoming", 1)
     root = tmp_path / "table"

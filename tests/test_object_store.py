@@ -5,7 +5,7 @@ import os
 import pytest
 import s3fs
 
-from infra.object_store import LocalObjectStore
+from dinat_batch.infra.object_store import LocalObjectStore
 
 
 def test_round_trip_and_wrong_credentials_refused(object_store):

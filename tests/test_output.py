@@ -15,16 +15,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.atomic import put_file
-from pipeline.config import ConfigError
-from pipeline.digest import KeyDigest
-from pipeline.faults import ENV, SimulatedCrash
-from pipeline.lease import Lease, LeaseHeld, LeaseLost
-from pipeline.output import SUCCESS, ForeignFiles, Output, VerificationFailed
-from pipeline.ownership import Ownership, write_table
-from pipeline.query import read_output
-from pipeline.run import run
-from pipeline.stages.write import output_schema
+from dinat_batch.pipeline.atomic import put_file
+from dinat_batch.pipeline.config import ConfigError
+from dinat_batch.pipeline.digest import KeyDigest
+from dinat_batch.pipeline.faults import ENV, SimulatedCrash
+from dinat_batch.pipeline.lease import Lease, LeaseHeld, LeaseLost
+from dinat_batch.pipeline.output import SUCCESS, ForeignFiles, Output, VerificationFailed
+from dinat_batch.pipeline.ownership import Ownership, write_table
+from dinat_batch.pipeline.query import read_output
+from dinat_batch.pipeline.run import run
+from dinat_batch.pipeline.stages.write import output_schema
 from tests.data import TINY, image_folder
 
 
@@ -97,7 +97,7 @@ def test_a_failed_read_deletes_nothing(tmp_path, tiny_model, ray_session, monkey
     def throttled(*args, **kwargs):
         raise OSError("SlowDown: reduce your request rate")
 
-    monkeypatch.setattr("pipeline.ownership.pq.read_metadata", throttled)
+    monkeypatch.setattr("dinat_batch.pipeline.ownership.pq.read_metadata", throttled)
     with pytest.raises(OSError, match="SlowDown"):
         run(config(source, output, tiny_model, {}))
     assert listing(output, {}) == before
@@ -182,7 +182,7 @@ def test_one_writer_at_a_time(where, tmp_path, tiny_model, ray_session, caplog):
     stale = out.lease("dead-run", 600).acquire()
     stale._stop.set()  # its heartbeat stops: the driver died
     time.sleep(1.5)
-    with caplog.at_level(logging.WARNING, logger="pipeline.lease"):
+    with caplog.at_level(logging.WARNING, logger="dinat_batch.pipeline.lease"):
         summary = run(config(source, output, tiny_model, options, lease_timeout=1))
     assert summary.ok == 3
     assert any("took over the output's lease from run dead-run" in r.message for r in caplog.records)
@@ -241,14 +241,14 @@ def test_marker_lists_files_and_resume_reads_staging(tmp_path, tiny_model, ray_s
 def test_failed_reads_are_retried_by_the_same_command(where, tmp_path, tiny_model, ray_session, monkeypatch):
     """An input whose read fails is an error row that is not final: the summary counts it apart, and the
     same command on the finished output reads it again, keeping every other row as it was."""
-    import pipeline.run
+    import dinat_batch.pipeline.run
 
     root, options = where
     source = image_folder(tmp_path / "images", 4)
     output = f"{root}/out"
     lost = source / "photo-001.png"
     saved = lost.read_bytes()
-    planned = pipeline.run.plan
+    planned = dinat_batch.pipeline.run.plan
 
     def listed_then_lost(*args, **kwargs):
         found = planned(*args, **kwargs)
@@ -256,7 +256,7 @@ def test_failed_reads_are_retried_by_the_same_command(where, tmp_path, tiny_mode
         return found
 
     with monkeypatch.context() as patch:
-        patch.setattr(pipeline.run, "plan", listed_then_lost)
+        patch.setattr(dinat_batch.pipeline.run, "plan", listed_then_lost)
         first = run(config(source, output, tiny_model, options))
     assert (first.ok, first.errors, first.retryable_errors) == (3, 1, 1)
     assert first.errors_by_kind == {"ReadError": 1}

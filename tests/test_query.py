@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.run import run
+from dinat_batch.pipeline.cli import app
+from dinat_batch.pipeline.run import run
 from tests.data import photos
 
 

@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from pipeline.config import ConfigError
-from pipeline.model import ModelLoadError, load_model
-from pipeline.run import ray_connection, run
-from pipeline.stages.write import output_schema
+from dinat_batch.pipeline.config import ConfigError
+from dinat_batch.pipeline.model import ModelLoadError, load_model
+from dinat_batch.pipeline.run import ray_connection, run
+from dinat_batch.pipeline.stages.write import output_schema
 from tests.data import (
     MAX_PIXELS,
     TINY,
@@ -256,7 +256,7 @@ def test_refusals_before_any_work(place, tiny_model, ray_session):
 def test_jpeg_bytes_sent_on_to_the_actors_give_the_same_rows(tmp_path, tiny_model, ray_session, monkeypatch):
     """The GPU decoding route through Ray on a CPU: the driver is told GPU decoding can run, so the CPU
     stage sends JPEG bytes on; the CPU actor has no GPU decoder and decodes them itself, image by image."""
-    monkeypatch.setattr("pipeline.run.unsupported", lambda preprocessing, device: None)
+    monkeypatch.setattr("dinat_batch.pipeline.run.unsupported", lambda preprocessing, device: None)
     place = Place(str(tmp_path), {})
     good = place.put(photos(6), "images")
     broken = broken_files()

@@ -5,8 +5,8 @@ import itertools
 import numpy as np
 import pyarrow as pa
 
-from pipeline.stages import decode, infer, read, write
-from pipeline.stages.decode import decode_batch
+from dinat_batch.pipeline.stages import decode, infer, read, write
+from dinat_batch.pipeline.stages.decode import decode_batch
 from tests.data import MAX_PIXELS, TINY_INPUT, photo
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from infra.local_ray import LocalRayHead
-from jobs.submit import SubmitError, submit
-from pipeline.config import RunConfig
+from dinat_batch.infra.local_ray import LocalRayHead
+from dinat_batch.jobs.submit import SubmitError, submit
+from dinat_batch.pipeline.config import RunConfig
 from tests.data import image_folder
 
 CLI = str(Path(sys.executable).parent / "dinat-batch")

@@ -6,7 +6,7 @@ from typing import Protocol
 
 import torch
 
-from kernels.problem import NAProblem
+from dinat_batch.kernels.problem import NAProblem
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 FAST_DTYPES = (torch.float32, *HALF_DTYPES)

@@ -13,7 +13,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from kernels.problem import NAProblem
+from dinat_batch.kernels.problem import NAProblem
 
 from .base import FAST_DTYPES, dtype_unsupported
 

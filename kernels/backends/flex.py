@@ -14,8 +14,8 @@ from functools import lru_cache
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from kernels.neighborhood import window_start
-from kernels.problem import NAProblem
+from dinat_batch.kernels.neighborhood import window_start
+from dinat_batch.kernels.problem import NAProblem
 
 from .base import FAST_DTYPES, dtype_unsupported
 

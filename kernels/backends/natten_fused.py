@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-from kernels.problem import NAProblem
+from dinat_batch.kernels.problem import NAProblem
 
 from .base import FAST_DTYPES, dtype_unsupported
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.neighborhood import neighbors
-from kernels.problem import NAProblem
+from dinat_batch.kernels.neighborhood import neighbors
+from dinat_batch.kernels.problem import NAProblem
 
 from .base import HALF_DTYPES
 

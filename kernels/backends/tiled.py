@@ -15,8 +15,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from kernels.neighborhood import axis_tiles
-from kernels.problem import NAProblem
+from dinat_batch.kernels.neighborhood import axis_tiles
+from dinat_batch.kernels.problem import NAProblem
 
 from .base import FAST_DTYPES, dtype_unsupported
 

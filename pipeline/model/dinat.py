@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
-from kernels import na2d
+from dinat_batch.kernels import na2d
 
 if TYPE_CHECKING:
-    from pipeline.model.preprocessing import PreprocessConfig
+    from dinat_batch.pipeline.model.preprocessing import PreprocessConfig
 
 # The published variants, for random-weight demos and tests; real checkpoints are always built from their
 # own config.json.

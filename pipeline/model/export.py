@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.model.dinat import VARIANTS, Dinat, DinatConfig
-from pipeline.model.preprocessing import PreprocessConfig
+from dinat_batch.pipeline.model.dinat import VARIANTS, Dinat, DinatConfig
+from dinat_batch.pipeline.model.preprocessing import PreprocessConfig
 
 
 def save_checkpoint(

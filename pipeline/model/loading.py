@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from pipeline.model.dinat import Dinat, DinatConfig
-from pipeline.model.files import ModelLoadError, resolve
-from pipeline.model.preprocessing import PreprocessConfig
+from dinat_batch.pipeline.model.dinat import Dinat, DinatConfig
+from dinat_batch.pipeline.model.files import ModelLoadError, resolve
+from dinat_batch.pipeline.model.preprocessing import PreprocessConfig
 
 _BACKBONE_PREFIX = "dinat."
 _CLASSIFIER_PREFIX = "classifier."

@@ -19,8 +19,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from pipeline.model.dinat import Dinat, DinatConfig
-from pipeline.model.preprocessing import normalize
+from dinat_batch.pipeline.model.dinat import Dinat, DinatConfig
+from dinat_batch.pipeline.model.preprocessing import normalize
 
 CompileMode = Literal["auto", "off", "on", "graphs"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

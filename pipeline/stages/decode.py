@@ -8,11 +8,11 @@ from __future__ import annotations
 import numpy as np
 import ray
 
-from pipeline.errors import error_column
-from pipeline.gpu_decoding import device_decodable
-from pipeline.images import ImageDecodeError, cpu_pixels
-from pipeline.model.preprocessing import PreprocessConfig
-from pipeline.stages import Stage
+from dinat_batch.pipeline.errors import error_column
+from dinat_batch.pipeline.gpu_decoding import device_decodable
+from dinat_batch.pipeline.images import ImageDecodeError, cpu_pixels
+from dinat_batch.pipeline.model.preprocessing import PreprocessConfig
+from dinat_batch.pipeline.stages import Stage
 
 # Read and decode tasks fuse into one; half a CPU each lets two overlap per core while one waits on storage.
 # The difference from the inference actor's resources also keeps Ray from fusing decoding into the actor,

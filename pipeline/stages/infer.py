@@ -13,14 +13,21 @@ import ray
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.config import DEFAULT_MAX_PIXELS
-from pipeline.errors import error_column
-from pipeline.gpu_decoding import DeviceDecoder, nvjpeg, unsupported
-from pipeline.model import load_model
-from pipeline.model.runtime import CPU_BATCH, DTYPES, MAX_AUTO_BATCH, CompileMode, Runner, label_names
-from pipeline.stages import Stage
-from pipeline.stages.decode import STAGE as DECODED
-from pipeline.stages.write import COLUMNS, Provenance, output_rows, output_schema
+from dinat_batch.pipeline.config import DEFAULT_MAX_PIXELS
+from dinat_batch.pipeline.errors import error_column
+from dinat_batch.pipeline.gpu_decoding import DeviceDecoder, nvjpeg, unsupported
+from dinat_batch.pipeline.model import load_model
+from dinat_batch.pipeline.model.runtime import (
+    CPU_BATCH,
+    DTYPES,
+    MAX_AUTO_BATCH,
+    CompileMode,
+    Runner,
+    label_names,
+)
+from dinat_batch.pipeline.stages import Stage
+from dinat_batch.pipeline.stages.decode import STAGE as DECODED
+from dinat_batch.pipeline.stages.write import COLUMNS, Provenance, output_rows, output_schema
 
 STAGE = Stage("infer", consumes=DECODED.produces, produces=COLUMNS, optional=DECODED.optional)
 logger = logging.getLogger(__name__)

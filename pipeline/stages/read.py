@@ -25,11 +25,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from pipeline.config import IMAGE_EXTENSIONS, ConfigError, RunConfig
-from pipeline.errors import error_text, read_error
-from pipeline.locations import GLOB_CHARS, Location, glob_prefix, resolve
-from pipeline.output import record_source
-from pipeline.stages import Stage
+from dinat_batch.pipeline.config import IMAGE_EXTENSIONS, ConfigError, RunConfig
+from dinat_batch.pipeline.errors import error_text, read_error
+from dinat_batch.pipeline.locations import GLOB_CHARS, Location, glob_prefix, resolve
+from dinat_batch.pipeline.output import record_source
+from dinat_batch.pipeline.stages import Stage
 
 ROWS = pa.schema([("key", pa.string()), ("data", pa.binary()), ("error", pa.string())])
 LOCATED = pa.schema(

@@ -16,8 +16,8 @@ import ray
 from fsspec.implementations.local import LocalFileSystem
 from ray.data import Datasink
 
-from pipeline.ownership import Ownership, write_table
-from pipeline.stages import Stage
+from dinat_batch.pipeline.ownership import Ownership, write_table
+from dinat_batch.pipeline.stages import Stage
 
 
 def output_schema(embedding_dim: int) -> pa.Schema:

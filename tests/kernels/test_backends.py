@@ -7,7 +7,7 @@ DiNAT-mini's shapes, the odd ones, and one grid case per kernel size); every oth
 import pytest
 import torch
 
-from kernels import available_backends, na2d
+from dinat_batch.kernels import available_backends, na2d
 
 
 def _case(height, width, kernel, dilation, heads, head_dim=16):

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from kernels import available_backends, na2d
-from kernels.dispatch import choose_backend
-from kernels.problem import make_problem
+from dinat_batch.kernels import available_backends, na2d
+from dinat_batch.kernels.dispatch import choose_backend
+from dinat_batch.kernels.problem import make_problem
 
 
 def qkv(shape=(1, 14, 14, 2, 16), dtype=torch.float32):

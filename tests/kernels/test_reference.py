@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kernels import na2d
-from kernels.neighborhood import axis_tiles, neighbors
+from dinat_batch.kernels import na2d
+from dinat_batch.kernels.neighborhood import axis_tiles, neighbors
 
 
 def literal_window(i: int, length: int, kernel: int, dilation: int) -> tuple[list[int], list[int]]:

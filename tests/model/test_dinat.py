@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from pipeline.model import VARIANTS, Dinat, DinatConfig
-from pipeline.model.export import random_model
+from dinat_batch.pipeline.model import VARIANTS, Dinat, DinatConfig
+from dinat_batch.pipeline.model.export import random_model
 from tests.model.upstream import upstream_forward
 
 # parameter counts published with the checkpoints (millions)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.images import preprocess
-from pipeline.model import load_model
+from dinat_batch.pipeline.images import preprocess
+from dinat_batch.pipeline.model import load_model
 
 WEIGHTS = os.environ.get("DINAT_MINI_WEIGHTS")
 IMAGE = os.environ.get("DINAT_CATS_IMAGE")

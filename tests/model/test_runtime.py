@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.model import load_model
-from pipeline.model.export import random_model, save_checkpoint
-from pipeline.model.runtime import CPU_BATCH, Runner, batch_for_memory, resolve_compile
+from dinat_batch.pipeline.model import load_model
+from dinat_batch.pipeline.model.export import random_model, save_checkpoint
+from dinat_batch.pipeline.model.runtime import CPU_BATCH, Runner, batch_for_memory, resolve_compile
 from tests.data import TINY, TINY_INPUT
 
 PIXELS = np.random.default_rng(3).integers(0, 256, (7, 64, 64, 3), dtype=np.uint8)

@@ -7,7 +7,7 @@ kernels' `reference` NA backend (itself checked against a literal loop).
 import torch
 import torch.nn.functional as F
 
-from kernels import na2d
+from dinat_batch.kernels import na2d
 
 
 def upstream_forward(state: dict, config: dict, pixel_values: torch.Tensor):

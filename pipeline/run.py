@@ -271,19 +271,7 @@ def _execute(plan: Plan, listing: pa.Table, output: Output, owner: Ownership, re
     records = output.ray_target(output.sources(plan.attempt))
     rows = read.dataset(plan.kind, listing, config, resume.done, records)
     decoded = decode.apply(rows, plan.preprocessing, config.max_pixels, plan.jpegs_to_device)
-    settings = ActorSettings(
-        model=config.model,
-        run_id=plan.run_id,
-        top_k=config.top_k,
-        device=device,
-        dtype=config.dtype,
-        batch_size=config.batch_size,
-        compile=config.compile,
-        max_pixels=config.max_pixels,
-        cpu_threads=config.cpu_threads,
-        jpegs_to_device=plan.jpegs_to_device,
-        storage_options=config.storage_options,
-    )
+    settings = ActorSettings.of(config, plan.run_id, device, plan.jpegs_to_device)
     predicted = infer.apply(decoded, settings, num_gpus, min_actors, max_actors)
     folder, filesystem = output.ray_target(output.staging(plan.attempt))
     write.apply(

@@ -19,7 +19,7 @@ from dinat_batch.pipeline.model.runtime import MAX_AUTO_BATCH, Runner
 from dinat_batch.pipeline.stages.decode import decode_batch
 from dinat_batch.pipeline.stages.infer import ActorSettings, Predictor
 from tests.data import MAX_PIXELS, photo
-from tests.test_preprocess_gpu import jpeg, smooth_rgb
+from tests.test_gpu_decoding import jpeg, smooth_rgb
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 needs_nvjpeg = pytest.mark.skipif(importlib.util.find_spec("torchvision") is None, reason="needs torchvision")

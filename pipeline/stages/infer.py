@@ -13,7 +13,7 @@ import ray
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from dinat_batch.pipeline.config import DEFAULT_MAX_PIXELS
+from dinat_batch.pipeline.config import DEFAULT_MAX_PIXELS, RunConfig
 from dinat_batch.pipeline.errors import error_column
 from dinat_batch.pipeline.gpu_decoding import DeviceDecoder, nvjpeg, unsupported
 from dinat_batch.pipeline.model import load_model
@@ -49,6 +49,17 @@ class ActorSettings(BaseModel):
     cpu_threads: int | None = None
     jpegs_to_device: bool = False  # the decode stage sends JPEGs on as bytes
     storage_options: dict[str, Any] = {}
+
+    @classmethod
+    def of(cls, config: RunConfig, run_id: str, device: str, jpegs_to_device: bool) -> ActorSettings:
+        """The actor's share of a run's config, with what the plan settled (run id, device, routing)."""
+        shared = (cls.model_fields.keys() & RunConfig.model_fields.keys()) - {"run_id", "device"}
+        return cls(
+            **config.model_dump(include=shared),
+            run_id=run_id,
+            device=device,
+            jpegs_to_device=jpegs_to_device,
+        )
 
 
 class Predictor:

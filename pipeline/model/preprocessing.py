@@ -51,19 +51,32 @@ class PreprocessConfig(BaseModel):
         return self.size["width"]
 
 
+Stats = tuple[torch.Tensor, torch.Tensor]
+
+
+def stats(config: PreprocessConfig, device: torch.device | str) -> Stats:
+    """The mean and std as [1, 3, 1, 1] float32 tensors on `device`: made once by whoever normalises
+    many batches, since on a GPU each is a blocking host-to-device copy."""
+    return tuple(
+        torch.tensor(values, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        for values in (config.image_mean, config.image_std)
+    )
+
+
 def normalize(
     pixels: torch.Tensor,
     config: PreprocessConfig,
     dtype: torch.dtype = torch.float32,
     memory_format: torch.memory_format = torch.contiguous_format,
+    mean_std: Stats | None = None,
 ) -> torch.Tensor:
     """uint8 [batch, height, width, 3] -> [batch, 3, height, width] rescaled and normalised in float32 (on
-    whatever device `pixels` is on), then cast to `dtype` and laid out in `memory_format`."""
+    whatever device `pixels` is on), then cast to `dtype` and laid out in `memory_format`. `mean_std`:
+    `stats(config, pixels.device)`, made once (default: made here)."""
     values = pixels.permute(0, 3, 1, 2).to(torch.float32)
     if config.do_rescale:
         values = values * config.rescale_factor
     if config.do_normalize:
-        mean = torch.tensor(config.image_mean, dtype=torch.float32, device=values.device).view(1, 3, 1, 1)
-        std = torch.tensor(config.image_std, dtype=torch.float32, device=values.device).view(1, 3, 1, 1)
+        mean, std = mean_std or stats(config, values.device)
         values = (values - mean) / std
     return values.to(dtype).contiguous(memory_format=memory_format)

@@ -7,20 +7,27 @@ with a short last slice padded to that size; host pixels go through pinned buffe
 side stream while the previous slice computes; the batch size comes from free memory. On a CPU the model
 runs in the asked dtype, eager unless compiling is asked for.
 
-Every speed-up degrades instead of failing: a compile that fails falls back to eager with a warning, and
-out-of-memory halves the batch and keeps the smaller size.
+Compiling and recording happen on the first call, on the thread that calls: Ray Data builds an actor on
+one thread and calls it on another, and torch keeps CUDA graphs per thread (graphs recorded at
+construction would be recorded again on the first call, into a second memory pool).
+
+Every speed-up degrades instead of failing: a compile that fails falls back to eager with a warning;
+out-of-memory halves the batch and keeps the smaller size, releasing the graphs and memory pools recorded
+for the old size and compiling for the new one; a compile that keeps running out of memory gives way to
+eager with a warning.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Literal
 
 import numpy as np
 import torch
 
 from dinat_batch.pipeline.model.dinat import Dinat, DinatConfig
-from dinat_batch.pipeline.model.preprocessing import normalize
+from dinat_batch.pipeline.model.preprocessing import normalize, stats
 
 CompileMode = Literal["auto", "off", "on", "graphs"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -30,6 +37,7 @@ CPU_BATCH = 32  # images per call on a CPU when none is asked for: beyond it thr
 MAX_AUTO_BATCH = 1024  # the most a GPU batch is sized to: launch overhead is long amortised by then
 MEMORY_SHARE = 0.75  # of the free GPU memory that activations may take; the rest covers what the probe misses
 _PROBE_BATCH = 8
+MAX_COMPILE_FAILURES = 3  # compiles (or CUDA graph recordings) that ran out of memory before going eager
 logger = logging.getLogger(__name__)
 
 
@@ -72,7 +80,10 @@ class Runner:
         compile: CompileMode = "auto",
         batch_size: int | None = None,
         top_k: int = 5,
+        reserved_bytes: int = 0,
     ):
+        """`reserved_bytes`: GPU memory that something else on the device will take (a decoder), left out
+        of what the batch is sized to."""
         self.device = next(model.parameters()).device
         self.cuda = self.device.type == "cuda"
         if self.cuda:
@@ -86,6 +97,8 @@ class Runner:
         self.model = model
         self.top_k = top_k
         self.size = (model.preprocessing.height, model.preprocessing.width)
+        self.mean_std = stats(model.preprocessing, self.device)
+        self.reserved_bytes = reserved_bytes
         self.batch = batch_size or (self._batch_from_memory() if self.cuda else CPU_BATCH)
         self.mode = resolve_compile(compile, self.device)
         self._pinned: list[torch.Tensor] = []
@@ -93,13 +106,14 @@ class Runner:
         self._turn = 0
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.step = self._step
-        if self.mode != "off":
-            self._compile()
+        self.compiled_on: int | None = None  # the thread the step was compiled (and recorded) on
+        self.compile_failures = 0
+        self._traced = False
 
     def _step(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """What runs (compiled or not) per slice: uint8 pixels on the device -> embeddings[, scores, ids]."""
         memory_format = torch.channels_last if self.cuda else torch.contiguous_format
-        values = normalize(pixels, self.model.preprocessing, self.input_dtype, memory_format)
+        values = normalize(pixels, self.model.preprocessing, self.input_dtype, memory_format, self.mean_std)
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             out = self.model(values)
         embeddings = out.embeddings.float()
@@ -121,15 +135,46 @@ class Runner:
         self._step(self._zeros(_PROBE_BATCH))
         per_image = (torch.cuda.max_memory_allocated(self.device) - before) / _PROBE_BATCH
         free, _ = torch.cuda.mem_get_info(self.device)
-        batch = batch_for_memory(free, per_image)
+        batch = batch_for_memory(max(free - self.reserved_bytes, 0), per_image)
         logger.info("batch %d: %.1f MiB per image, %.1f GiB free", batch, per_image / 2**20, free / 2**30)
         return batch
 
+    def _compiled(self) -> bool:
+        """Whether the step is compiled for this thread: once for `on`; per thread for `graphs`, whose CUDA
+        graphs torch keeps per thread."""
+        if self.compiled_on is None:
+            return False
+        return self.mode != "graphs" or self.compiled_on == threading.get_ident()
+
+    def _ensure_compiled(self) -> None:
+        """Compile (and record) for `batch` images on this thread; out of memory halves the batch and tries
+        again, up to MAX_COMPILE_FAILURES times, then runs eager."""
+        while self.mode != "off" and not self._compiled():
+            self._release()
+            try:
+                self._compile()
+            except torch.OutOfMemoryError:
+                self.compile_failures += 1
+                self._release()
+                if self.compile_failures >= MAX_COMPILE_FAILURES or self.batch == 1:
+                    logger.warning(
+                        "out of memory compiling the model (%s) %d times; running it eager at %d images per call",
+                        self.mode,
+                        self.compile_failures,
+                        self.batch,
+                    )
+                    self.mode = "off"
+                    return
+                self.batch //= 2
+                logger.warning("out of memory compiling the model; trying %d images per call", self.batch)
+
     def _compile(self) -> None:
-        """Compile the step for `batch` images and run it once; eager with a warning when that fails."""
+        """Compile the step for `batch` images and run it once; eager with a warning when that fails for any
+        reason but memory."""
         step = torch.compile(
             self._step, mode="reduce-overhead" if self.mode == "graphs" else None, dynamic=False
         )
+        self._traced = True  # from here on, also when it fails, there may be graphs and pools to release
         try:
             with torch.inference_mode():
                 for _ in range(3 if self.mode == "graphs" else 1):  # CUDA graphs record on the third call
@@ -141,6 +186,19 @@ class Runner:
             self.mode = "off"
             return
         self.step = step
+        self.compiled_on = threading.get_ident()
+
+    def _release(self) -> None:
+        """Forget the compiled step, its CUDA graphs and their memory pools (torch's compile caches are
+        per process: an actor holds one model)."""
+        self.step = self._step
+        self.compiled_on = None
+        if not self._traced:
+            return
+        self._traced = False
+        torch.compiler.reset()
+        if self.cuda:
+            torch.cuda.empty_cache()
 
     def _call(self, step, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.mode == "graphs":
@@ -149,12 +207,14 @@ class Runner:
 
     def __call__(self, pixels: np.ndarray | torch.Tensor) -> Outputs:
         while True:
+            self._ensure_compiled()
             try:
                 return self._run(pixels)
             except torch.OutOfMemoryError:
                 size = min(self.batch, len(pixels))
                 if size == 1:
                     raise
+                self._release()  # graphs recorded for the old size would hold their pools
                 if self.cuda:
                     torch.cuda.empty_cache()
                 self.batch = size // 2

@@ -3,6 +3,8 @@ fails falls back to eager, and batch sizing from free memory. The CUDA-only part
 pinned copies on a side stream) are measured by benchmarks/gpu.py."""
 
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -59,10 +61,11 @@ def test_a_compile_that_fails_runs_eager_and_says_so(model, monkeypatch, caplog)
         return call
 
     monkeypatch.setattr(torch, "compile", broken)
+    runner = Runner(model, compile="on", batch_size=4, top_k=3)
     with caplog.at_level(logging.WARNING):
-        runner = Runner(model, compile="on", batch_size=4, top_k=3)
+        outputs = runner(PIXELS)
     assert runner.mode == "off" and "running it eager" in caplog.text
-    assert_same(runner(PIXELS), reference(model, PIXELS))
+    assert_same(outputs, reference(model, PIXELS))
 
 
 def test_backbone_only_models_give_embeddings_only(tmp_path):
@@ -107,3 +110,138 @@ def test_the_model_traces_as_one_graph(model):
     with torch.inference_mode():
         explained = torch._dynamo.explain(model)(torch.randn(2, 3, 64, 64))
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+class Compiles:
+    """Stands in for torch.compile: Dynamo with a counting backend (no Inductor, so fast), optionally out of
+    memory when a step of more than `fits` images runs on real pixels (`on_zeros`: also on the warm-up's
+    zero pixels, i.e. while compiling)."""
+
+    def __init__(self, fits: int | None = None, on_zeros: bool = False):
+        self.counter = torch._dynamo.testing.CompileCounter()
+        self.fits, self.on_zeros, self.threads, self.resets = fits, on_zeros, [], 0
+        self.compile = torch.compile
+
+    def __call__(self, fn, mode=None, dynamic=None):
+        self.threads.append(threading.get_ident())
+        compiled = self.compile(fn, backend=self.counter, dynamic=dynamic)
+
+        def step(pixels):
+            real = bool(pixels.any())
+            if self.fits is not None and len(pixels) > self.fits and (real or self.on_zeros):
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return compiled(pixels)
+
+        return step
+
+    def reset(self):
+        self.resets += 1
+        torch._dynamo.reset()
+
+
+@pytest.fixture
+def compiles(monkeypatch):
+    def make(**kwargs) -> Compiles:
+        stand_in = Compiles(**kwargs)
+        monkeypatch.setattr(torch, "compile", stand_in)
+        monkeypatch.setattr(torch.compiler, "reset", stand_in.reset)
+        torch._dynamo.reset()
+        return stand_in
+
+    return make
+
+
+def test_compiled_once_on_the_thread_that_calls(model, compiles):
+    """Ray Data builds an actor on one thread and calls it on another: the step is compiled (and its CUDA
+    graphs recorded) on the calling thread, once."""
+    stand_in = compiles()
+    runner = Runner(model, compile="on", batch_size=4, top_k=3)
+    assert stand_in.threads == []  # nothing compiled while constructing
+    with ThreadPoolExecutor(1) as pool:
+        caller = pool.submit(threading.get_ident).result()
+        first, second = pool.submit(runner, PIXELS).result(), pool.submit(runner, PIXELS).result()
+    assert stand_in.threads == [caller] and runner.compiled_on == caller
+    assert stand_in.counter.frame_count == 1
+    assert_same(first, reference(model, PIXELS)) and assert_same(second, first)
+
+
+def test_cuda_graphs_are_recorded_again_on_another_thread_only(model, compiles):
+    stand_in = compiles()
+    runner = Runner(model, compile="graphs", batch_size=4, top_k=3)
+    runner(PIXELS)
+    runner(PIXELS)
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(runner, PIXELS).result()
+    assert len(stand_in.threads) == 2 and stand_in.threads[0] != stand_in.threads[1]
+
+
+def test_out_of_memory_while_recording_halves_and_tries_again(model, compiles):
+    stand_in = compiles(fits=2, on_zeros=True)
+    runner = Runner(model, compile="graphs", batch_size=8, top_k=3)
+    assert_same(runner(PIXELS), reference(model, PIXELS))
+    assert (runner.mode, runner.batch, runner.compile_failures) == ("graphs", 2, 2)
+    assert len(stand_in.threads) == 3 and stand_in.resets >= 2  # 8 and 4 failed, each released
+
+
+def test_out_of_memory_while_running_releases_the_graphs_and_records_smaller(model, compiles, caplog):
+    stand_in = compiles(fits=2)
+    runner = Runner(model, compile="graphs", batch_size=4, top_k=3)
+    with caplog.at_level(logging.WARNING):
+        outputs = runner(PIXELS)
+    assert_same(outputs, reference(model, PIXELS))
+    assert (runner.mode, runner.batch) == ("graphs", 2) and "continuing with 2" in caplog.text
+    assert len(stand_in.threads) == 2 and stand_in.resets >= 1
+
+
+def test_a_compile_that_keeps_running_out_of_memory_gives_way_to_eager(model, compiles, caplog):
+    compiles(fits=0, on_zeros=True)
+    runner = Runner(model, compile="graphs", batch_size=16, top_k=3)
+    with caplog.at_level(logging.WARNING):
+        outputs = runner(PIXELS)
+    assert runner.mode == "off" and runner.compile_failures == 3 and "running it eager" in caplog.text
+    assert runner.batch == 4
+    assert_same(outputs, reference(model, PIXELS))
+
+
+class CompilingActor:
+    """A Ray Data actor holding a compiling Runner, reporting the threads it was built, called and compiled
+    on, and how many compilations ran."""
+
+    def __init__(self, folder: str):
+        self.compiles = Compiles()
+        torch.compile = self.compiles  # this actor's own process
+        self.runner = Runner(load_model(folder, device="cpu"), compile="on", batch_size=4, top_k=3)
+        self.built_on = threading.get_ident()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.runner(batch["pixels"])
+        n = len(batch["pixels"])
+        facts = (
+            self.built_on,
+            threading.get_ident(),
+            self.runner.compiled_on,
+            self.compiles.counter.frame_count,
+        )
+        return {
+            name: np.full(n, value)
+            for name, value in zip(("built", "called", "compiled", "count"), facts, strict=True)
+        }
+
+
+def test_a_ray_data_actor_compiles_once_on_its_calling_thread(tiny_model, ray_session):
+    import ray
+
+    rows = (
+        ray.data.from_items([{"pixels": p} for p in PIXELS])
+        .map_batches(
+            CompilingActor,
+            fn_constructor_kwargs={"folder": str(tiny_model)},
+            compute=ray.data.ActorPoolStrategy(size=1),
+            batch_size=4,
+            batch_format="numpy",
+        )
+        .take_all()
+    )
+    assert len(rows) == len(PIXELS)
+    assert all(row["compiled"] == row["called"] for row in rows)
+    assert {row["count"] for row in rows} == {1}  # two batches, one compilation

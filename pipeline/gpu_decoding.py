@@ -11,6 +11,7 @@ libjpeg's and PIL's), and go through the same `normalize`.
 from __future__ import annotations
 
 import importlib.util
+import io
 import logging
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -29,10 +30,13 @@ RESAMPLE_MODES = {Image.Resampling.BILINEAR: "bilinear", Image.Resampling.BICUBI
 JpegDecoder = Callable[[list[torch.Tensor], torch.device], list[torch.Tensor | Exception]]
 logger = logging.getLogger(__name__)
 _EXIF_ORIENTATION = 0x0112
+# decoded bytes per GPU decoding chunk: a full 1024-image batch of 12 MP photos would be ~37 GB at once
+DECODE_BUDGET = 2**30
 
 
 def unsupported(config: PreprocessConfig, device: str) -> str | None:
-    """None when JPEGs can be decoded on `device` for this preprocessing, else why not."""
+    """None when JPEGs of this preprocessing can be decoded by actors on `device`, else why not. Whether
+    the actors' environment has nvJPEG is for them to find out (`probe`)."""
     if device != "cuda":
         return f"decoding on the GPU needs GPU inference actors (the actors run on {device})"
     if not config.do_resize or config.resample not in RESAMPLE_MODES:
@@ -40,8 +44,6 @@ def unsupported(config: PreprocessConfig, device: str) -> str | None:
             f"the checkpoint's resample filter {Image.Resampling(config.resample).name} has no GPU "
             "equivalent (bilinear and bicubic have)"
         )
-    if importlib.util.find_spec("torchvision") is None:
-        return "torchvision (nvJPEG) is not installed: pip install 'dinat-batch[gpu]'"
     return None
 
 
@@ -55,6 +57,10 @@ def device_decodable(data: bytes, max_pixels: int) -> JpegHeader | None:
     """The header of a JPEG that a GPU decoder takes (baseline or extended sequential, 8-bit, greyscale or
     YCbCr/RGB, one frame), else None: progressive and CMYK JPEGs, other formats and anything that does not
     open go the CPU path, which also gives broken files their error text. Reads the header only."""
+    if data[-64:].rstrip(b"\x00")[-2:] != b"\xff\xd9":
+        # no end-of-image marker: cut short (nvJPEG may decode a damaged scan without complaint), or data
+        # after the image; the CPU path tells which and gives a cut-short file its error row
+        return None
     try:
         image = open_image(data, max_pixels)
         if image.format != "JPEG" or image.mode not in ("RGB", "L") or image.info.get("progressive"):
@@ -70,21 +76,39 @@ def device_decodable(data: bytes, max_pixels: int) -> JpegHeader | None:
     return JpegHeader(width, height, orientation)
 
 
+def bisected(decode_many: Callable[[list], list], items: list) -> list:
+    """`decode_many(items)`, splitting a batch it refuses (a bad image, or out of memory) in halves down to
+    the images it refuses, which come back as their exceptions: one bad image among n costs about
+    2 log2(n) calls, not n."""
+    try:
+        return list(decode_many(items))
+    except RuntimeError as err:  # torch.OutOfMemoryError is one too
+        if len(items) == 1:
+            return [err]
+        half = len(items) // 2
+        return bisected(decode_many, items[:half]) + bisected(decode_many, items[half:])
+
+
 def nvjpeg(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | Exception]:
-    """torchvision's batched nvJPEG decode; a batch it refuses is decoded image by image to find the
-    images it refuses."""
+    """torchvision's batched nvJPEG decode, bisecting batches it refuses."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    try:
-        return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:
-        out: list[torch.Tensor | Exception] = []
-        for data in datas:
-            try:
-                out.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
-            except RuntimeError as err:
-                out.append(err)
-        return out
+    return bisected(lambda part: decode_jpeg(part, mode=ImageReadMode.RGB, device=device), datas)
+
+
+def probe(device: torch.device) -> str | None:
+    """None when nvJPEG decodes on `device` in this process (the actor's, where it will run), else why
+    not: the driver's environment says nothing about the workers'."""
+    if importlib.util.find_spec("torchvision") is None:
+        return (
+            "torchvision (nvJPEG) is not installed on the inference workers: pip install 'dinat-batch[gpu]'"
+        )
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 90)).save(buffer, "JPEG")
+    result = nvjpeg([torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)], device)[0]
+    if not isinstance(result, torch.Tensor):
+        return f"nvJPEG does not decode on {device}: {result}"
+    return None
 
 
 def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
@@ -99,7 +123,11 @@ def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
 class DeviceDecoder:
     """Encoded JPEGs -> uint8 [n, height, width, 3] on `device` at the model's input size, plus an error
     text (or None) per image. With `jpeg=None` (no GPU decoder in this process) every image takes the
-    CPU fallback: slower, never wrong."""
+    CPU fallback: slower, never wrong.
+
+    Images are decoded in chunks of at most `budget` decoded bytes (3 x width x height each, known from
+    the headers the CPU stage read), so that a batch of large photos never needs its full-resolution
+    pixels on the device at once; a chunk that runs out of memory is split."""
 
     def __init__(
         self,
@@ -107,6 +135,7 @@ class DeviceDecoder:
         device: torch.device,
         max_pixels: int,
         jpeg: JpegDecoder | None = nvjpeg,
+        budget: int = DECODE_BUDGET,
     ):
         if jpeg is not None and config.resample not in RESAMPLE_MODES:
             raise ValueError(unsupported(config, "cuda"))
@@ -116,45 +145,71 @@ class DeviceDecoder:
         # None for filters torch has no match for: then no image reaches `_resize`, all take the CPU path
         self.mode = RESAMPLE_MODES.get(config.resample)
         self.jpeg = jpeg
+        self.budget = budget
         self.fallbacks = 0  # images the GPU decoder refused, decoded (or failed) on the CPU instead
+        self.chunks = 0
         self._warned = False
 
     def __call__(
-        self, datas: Sequence[bytes], orientations: Sequence[int]
+        self, datas: Sequence[bytes], orientations: Sequence[int], areas: Sequence[int] | None = None
     ) -> tuple[torch.Tensor, list[str | None]]:
+        """`areas`: width x height of each image (default: read from the headers here)."""
         n, config = len(datas), self.config
         out = torch.zeros(n, config.height, config.width, 3, dtype=torch.uint8, device=self.device)
         errors: list[str | None] = [None] * n
-        if self.jpeg is None:
-            images = [None] * n
-        else:
-            images = self.jpeg(
-                [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas], self.device
-            )
-        refused = [image for image in images if not isinstance(image, torch.Tensor)]
-        if self.jpeg is not None and n > 1 and len(refused) == n and not self._warned:
+        if areas is None:
+            areas = [_area(data, self.max_pixels) for data in datas]
+        refused = 0
+        for chunk in _chunks([3 * int(area) for area in areas], self.budget):
+            refused += self._decode(chunk, datas, orientations, out, errors)
+        if self.jpeg is not None and n > 1 and refused == n and not self._warned:
             # nvJPEG missing from this torchvision build, or the GPU out of decoder memory: slow, not wrong
-            logger.warning(
-                "the GPU decoder refused a whole batch of %d JPEGs (%s); the CPU decodes them", n, refused[0]
-            )
+            logger.warning("the GPU decoder refused a whole batch of %d JPEGs; the CPU decodes them", n)
             self._warned = True
+        return out, errors
+
+    def _decode(self, chunk, datas, orientations, out: torch.Tensor, errors: list[str | None]) -> int:
+        """Decode the images `chunk` indexes into `out` (errors into `errors`); returns how many the GPU
+        decoder refused."""
+        self.chunks += 1
+        if self.jpeg is None:
+            images = [None] * len(chunk)
+        else:
+            encoded = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in chunk]
+            images = self.jpeg(encoded, self.device)
         by_size: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
-        for i, image in enumerate(images):
+        fallback = []
+        for i, image in zip(chunk, images, strict=True):
             if isinstance(image, torch.Tensor) and image.dim() == 3 and image.shape[0] == 3:
                 image = orient(image, orientations[i])
                 by_size.setdefault(tuple(image.shape[1:]), []).append((i, image))
-                continue
+            else:
+                fallback.append(i)
+        del images
+        for group in by_size.values():
+            # photos from one camera share a size: one interpolation call per size, not per image
+            fallback += self._resize_into(out, group)
+        for i in fallback:
             self.fallbacks += 1
             try:
-                pixels, _, _ = cpu_pixels(datas[i], config, self.max_pixels)
+                pixels, _, _ = cpu_pixels(datas[i], self.config, self.max_pixels)
                 out[i] = torch.from_numpy(pixels).to(self.device)
             except ImageDecodeError as err:
                 errors[i] = err.text()
-        for group in by_size.values():
-            # photos from one camera share a size: one interpolation call per size, not per image
+        return len(fallback)
+
+    def _resize_into(self, out: torch.Tensor, group: list[tuple[int, torch.Tensor]]) -> list[int]:
+        """Resize a group of same-size images into their rows of `out`, halving the group when that runs
+        out of memory; returns the images that did not fit even alone (for the CPU)."""
+        try:
             index = torch.tensor([i for i, _ in group], device=self.device)
             out[index] = self._resize(torch.stack([image for _, image in group]))
-        return out, errors
+            return []
+        except torch.OutOfMemoryError:
+            if len(group) == 1:
+                return [group[0][0]]
+            half = len(group) // 2
+            return self._resize_into(out, group[:half]) + self._resize_into(out, group[half:])
 
     def _resize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [n, 3, h, w] -> uint8 [n, height, width, 3], rounded to 8 bits as PIL's resize is."""
@@ -163,3 +218,24 @@ class DeviceDecoder:
             values = F.interpolate(images.float(), size=size, mode=self.mode, antialias=True)
             images = values.round_().clamp_(0, 255).to(torch.uint8)
         return images.permute(0, 2, 3, 1)
+
+
+def _area(data: bytes, max_pixels: int) -> int:
+    try:
+        width, height = open_image(data, max_pixels).size
+    except Exception:  # the decoder will refuse it, and the CPU path says why
+        return 0
+    return width * height
+
+
+def _chunks(sizes: Sequence[int], budget: int) -> list[list[int]]:
+    """Consecutive index runs whose sizes add up to at most `budget` (a larger one alone)."""
+    chunks: list[list[int]] = []
+    total = budget + 1
+    for i, size in enumerate(sizes):
+        if total + size > budget:
+            chunks.append([])
+            total = 0
+        chunks[-1].append(i)
+        total += size
+    return chunks

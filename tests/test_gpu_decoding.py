@@ -12,8 +12,15 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from dinat_batch.pipeline import gpu_decoding as preprocess_gpu
-from dinat_batch.pipeline.gpu_decoding import DeviceDecoder, device_decodable, orient, unsupported
+from dinat_batch.pipeline import gpu_decoding
+from dinat_batch.pipeline.gpu_decoding import (
+    DeviceDecoder,
+    bisected,
+    device_decodable,
+    orient,
+    probe,
+    unsupported,
+)
 from dinat_batch.pipeline.images import cpu_pixels
 from dinat_batch.pipeline.model.export import random_model, save_checkpoint
 from dinat_batch.pipeline.model.preprocessing import PreprocessConfig
@@ -177,8 +184,10 @@ def test_gpu_decoding_says_why_it_cannot_run(monkeypatch):
     assert "GPU inference actors" in unsupported(PreprocessConfig(), "cpu")
     lanczos = PreprocessConfig(resample=Image.Resampling.LANCZOS)
     assert "LANCZOS" in unsupported(lanczos, "cuda")
-    monkeypatch.setattr(preprocess_gpu.importlib.util, "find_spec", lambda name: None)
-    assert "pip install 'dinat-batch[gpu]'" in unsupported(PreprocessConfig(), "cuda")
+    # the driver does not need torchvision for actors that have it: the actor finds out where it runs
+    monkeypatch.setattr(gpu_decoding.importlib.util, "find_spec", lambda name: None)
+    assert unsupported(PreprocessConfig(), "cuda") is None
+    assert "pip install 'dinat-batch[gpu]'" in probe(torch.device("cpu"))
 
 
 def test_a_filter_without_a_gpu_equivalent_keeps_the_cpu_path(tmp_path):
@@ -193,3 +202,63 @@ def test_a_filter_without_a_gpu_equivalent_keeps_the_cpu_path(tmp_path):
     items = {"a.jpg": jpeg(smooth_rgb(80, 60)), "b.png": photo(3, "PNG")}
     statuses = [row["status"] for row in actor(rows(items, to_device=True, config=lanczos)).to_pylist()]
     assert statuses == ["ok", "ok"]
+
+
+def test_a_cut_short_jpeg_takes_the_cpu_path_and_its_error_row():
+    """nvJPEG may decode a damaged scan without complaint: a JPEG without its end marker is not sent on."""
+    whole = jpeg(smooth_rgb(80, 60))
+    cut = whole[: len(whole) * 2 // 3]
+    assert device_decodable(cut, MAX_PIXELS) is None
+    assert device_decodable(whole + b"\0" * 16, MAX_PIXELS) is not None  # padding after the end is fine
+    out = rows({"cut.jpg": cut}, to_device=True)
+    assert out["data"][0] is None and out["error"][0].startswith("ImageDecodeError(truncated)")
+
+
+def test_a_refused_batch_is_bisected_down_to_the_refused_images():
+    calls = []
+
+    def decode_many(items):
+        calls.append(len(items))
+        if "bad" in items:
+            raise RuntimeError("nvjpeg: bad image in batch")
+        return [item.upper() for item in items]
+
+    items = [f"img{i}" for i in range(16)]
+    items[11] = "bad"
+    out = bisected(decode_many, items)
+    assert [o for i, o in enumerate(out) if i != 11] == [f"IMG{i}" for i in range(16) if i != 11]
+    assert isinstance(out[11], RuntimeError)
+    assert len(calls) <= 2 * 4 + 1  # not one call per image
+
+
+def test_decoding_is_chunked_by_decoded_bytes_and_splits_what_runs_out_of_memory(monkeypatch):
+    config = PreprocessConfig(size=64)
+    datas = [jpeg(smooth_rgb(90, 70), o) for o in (1, 6, 3, 1, 8)]
+    seen = []
+
+    def recording(batch, device):
+        seen.append(len(batch))
+        return stand_in(batch, device)
+
+    whole, _ = DeviceDecoder(config, torch.device("cpu"), MAX_PIXELS, jpeg=stand_in)(datas, [1, 6, 3, 1, 8])
+    two_images = 2 * 3 * 90 * 70
+    chunked = DeviceDecoder(config, torch.device("cpu"), MAX_PIXELS, jpeg=recording, budget=two_images)
+    pixels, errors = chunked(datas, [1, 6, 3, 1, 8], [90 * 70] * 5)
+    assert seen == [2, 2, 1] and errors == [None] * 5
+    np.testing.assert_array_equal(pixels.numpy(), whole.numpy())
+    seen.clear()
+    chunked(datas, [1, 6, 3, 1, 8])  # sizes read from the headers when not given
+    assert seen == [2, 2, 1]
+
+    resize = DeviceDecoder._resize
+
+    def out_of_memory_above_one(self, images):
+        if len(images) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return resize(self, images)
+
+    monkeypatch.setattr(DeviceDecoder, "_resize", out_of_memory_above_one)
+    split = DeviceDecoder(config, torch.device("cpu"), MAX_PIXELS, jpeg=stand_in)
+    pixels, errors = split(datas, [1, 6, 3, 1, 8])
+    assert errors == [None] * 5 and split.fallbacks == 0
+    np.testing.assert_array_equal(pixels.numpy(), whole.numpy())

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from dinat_batch.pipeline.config import DEFAULT_MAX_PIXELS, RunConfig
 from dinat_batch.pipeline.errors import error_column
-from dinat_batch.pipeline.gpu_decoding import DeviceDecoder, nvjpeg, unsupported
+from dinat_batch.pipeline.gpu_decoding import DECODE_BUDGET, DeviceDecoder, nvjpeg, probe, unsupported
 from dinat_batch.pipeline.model import load_model
 from dinat_batch.pipeline.model.runtime import (
     CPU_BATCH,
@@ -79,23 +79,22 @@ class Predictor:
         self.provenance = Provenance(loaded.source, loaded.weights_sha256, settings.run_id)
         self.num_features = loaded.config.num_features
         self.labels = label_names(loaded.config)
+        # the GPU decoder's chunks share the device with the model: the batch is sized without them
+        reserved = DECODE_BUDGET if settings.jpegs_to_device and settings.device == "cuda" else 0
         self.runner = Runner(
-            loaded, DTYPES[settings.dtype], settings.compile, settings.batch_size, settings.top_k
+            loaded, DTYPES[settings.dtype], settings.compile, settings.batch_size, settings.top_k, reserved
         )
         self.schema = output_schema(self.num_features)
         self.decoder = None
         if settings.jpegs_to_device:
-            reason = unsupported(loaded.preprocessing, settings.device)
+            device = self.runner.device
+            reason = unsupported(loaded.preprocessing, device.type) or probe(device)
             if reason is not None:
                 logger.warning(
                     "JPEGs sent for GPU decoding are decoded on this actor's CPU instead: %s", reason
                 )
-            self.decoder = DeviceDecoder(
-                loaded.preprocessing,
-                self.runner.device,
-                settings.max_pixels,
-                jpeg=nvjpeg if reason is None else None,
-            )
+            jpeg = nvjpeg if reason is None else None
+            self.decoder = DeviceDecoder(loaded.preprocessing, device, settings.max_pixels, jpeg=jpeg)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         errors = error_column(batch["error"])
@@ -106,7 +105,9 @@ class Predictor:
         ]
         on_device = None
         if passed:
-            on_device, late = self.decoder([batch["data"][i] for i in passed], batch["orientation"][passed])
+            areas = batch["width"][passed].astype(np.int64) * batch["height"][passed]
+            datas = [batch["data"][i] for i in passed]
+            on_device, late = self.decoder(datas, batch["orientation"][passed], areas)
             for i, error in zip(passed, late, strict=True):
                 errors[i] = error
         ok = np.array([e is None for e in errors], dtype=bool)

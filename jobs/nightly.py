@@ -30,6 +30,7 @@ from dinat_batch.pipeline.faults import crash_point
 from dinat_batch.pipeline.lease import LEASES
 from dinat_batch.pipeline.output import SUCCESS, ForeignFiles, Output
 from dinat_batch.pipeline.run import RunSummary, execute, finish, plan, ray_connection
+from dinat_batch.pipeline.stages.read import UNREADABLE
 
 LEDGERS = "_runs"
 PARTITION = "run_date"
@@ -105,7 +106,7 @@ def _read_in_full(selected: pa.Table, retryable_keys: list[str]) -> pa.Table:
     """The selected objects less those whose read failed (an image file, or a shard or table from its
     start): the ledger records only what was read. A shard that broke off part-way, or a table of URIs
     some of which failed, counts as read: taking it again would give its good rows a second date."""
-    failed = {key.split("#<unreadable from its start>")[0] for key in retryable_keys}
+    failed = {key.split(f"#{UNREADABLE} from its start>")[0] for key in retryable_keys}
     return selected.filter(pc.invert(pc.is_in(selected.column("uri"), pa.array(sorted(failed), pa.string()))))
 
 

@@ -23,41 +23,6 @@ def _storage_options(raw: str | None) -> dict[str, Any]:
     return _json_object(raw, "--storage-options") if raw else {}
 
 
-def top_k(model, images: list[str], k: int, storage_options: dict[str, Any]) -> list[tuple[str, list | str]]:
-    """(image, [(score, label id, label), ...]) per image, or (image, error text as the output's `error`
-    column has it); the same decoding and model step as the pipeline's, one image at a time."""
-    import fsspec
-
-    from dinat_batch.pipeline.config import DEFAULT_MAX_PIXELS
-    from dinat_batch.pipeline.errors import read_error
-    from dinat_batch.pipeline.images import ImageDecodeError, cpu_pixels
-    from dinat_batch.pipeline.model.runtime import Runner, label_names
-
-    runner = Runner(model, compile="off", batch_size=1, top_k=k)
-    names = label_names(model.config)
-    results: list[tuple[str, list | str]] = []
-    for uri in images:
-        try:
-            with fsspec.open(uri, "rb", **storage_options) as f:
-                data = f.read()
-        except OSError as err:
-            results.append((uri, read_error(uri, err)))
-            continue
-        try:
-            pixels, _, _ = cpu_pixels(data, model.preprocessing, DEFAULT_MAX_PIXELS)
-        except ImageDecodeError as err:
-            results.append((uri, err.text()))
-            continue
-        _, scores, ids = runner(pixels[None])
-        if ids is None:
-            results.append(
-                (uri, "the model is backbone-only (no classifier): it gives embeddings, not labels")
-            )
-            continue
-        results.append((uri, list(zip(scores[0].tolist(), ids[0].tolist(), names[ids[0]], strict=True))))
-    return results
-
-
 def _print_top_k(results: list[tuple[str, list | str]]) -> int:
     failures = 0
     for uri, result in results:
@@ -87,6 +52,7 @@ def predict(
 ) -> None:
     """Print the top-k labels and scores of each image: the model card's snippet, working."""
     from dinat_batch.pipeline.model import ModelLoadError, load_model
+    from dinat_batch.pipeline.predict import top_k
 
     options = _storage_options(storage_options)
     try:
@@ -147,29 +113,41 @@ def _flag(name: str, field: FieldInfo) -> inspect.Parameter:
     when not given (the config file or the field's default then decides). Mappings are JSON text."""
     kind = _value_type(field)
     flag = f"--{name.replace('_', '-')}"
+    notes = []
     if get_origin(kind) is dict:
         kind = str
-    declared = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
+        notes.append("JSON")
+    if get_origin(kind) is list:
+        notes.append("repeat the flag for several")
     default = field.get_default(call_default_factory=True)
-    shown = (
-        " (required)" if field.is_required() else "" if default in (None, {}) else f" (default: {default})"
-    )
+    if field.is_required():
+        notes.append("required, here or in --config")
+    elif default not in (None, {}):
+        notes.append(f"default: {default}")
+    declared = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
+    shown = f" ({'; '.join(notes)})" if notes else ""
     option = typer.Option(*declared, help=f"{field.description}{shown}", show_default=False)
     return inspect.Parameter(
         name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind | None, option]
     )
 
 
-def config_flags(command: Callable[..., None]) -> Callable[..., None]:
-    """Give `command(..., **fields)` one option per RunConfig field, so that every field has its flag and
-    its help from one place; the command receives them as `fields`, None for those not given."""
+def config_flags(*skip: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Give `command(..., **fields)` one option per RunConfig field but `skip`, so that every field has its
+    flag and its help from one place; the command receives them as `fields`, None for those not given."""
+    return lambda command: _with_flags(command, [n for n in RunConfig.model_fields if n not in skip])
+
+
+def _with_flags(command: Callable[..., None], names: list[str]) -> Callable[..., None]:
     hints = get_type_hints(command, include_extras=True)
     own = [
         p.replace(annotation=hints[p.name])
         for p in inspect.signature(command).parameters.values()
         if p.kind != p.VAR_KEYWORD
     ]
-    params = own + [_flag(name, field) for name, field in RunConfig.model_fields.items()]
+    clash = {p.name for p in own} & set(names)
+    assert not clash, f"{command.__name__}'s own options {clash} are also RunConfig fields"
+    params = own + [_flag(name, RunConfig.model_fields[name]) for name in names]
     command.__signature__ = inspect.Signature(params)
     command.__annotations__ = {p.name: p.annotation for p in params}
     return command
@@ -185,7 +163,7 @@ def _given(fields: dict[str, Any]) -> dict[str, Any]:
 
 
 @app.command("run")
-@config_flags
+@config_flags()
 def run_command(
     config: Annotated[
         Path | None, typer.Option(help="job config file (YAML or JSON); flags override it")
@@ -222,7 +200,7 @@ def _date(text: str | None) -> dt.date | None:
 
 
 @app.command("nightly")
-@config_flags
+@config_flags("run_id")  # each date's run names itself
 def nightly_command(
     config: Annotated[
         Path | None, typer.Option(help="job config file (YAML or JSON); output is the table's root")

@@ -1,7 +1,7 @@
 """Decoding next to the model: JPEGs decoded by nvJPEG on the GPU, oriented and resized there, so that their
 pixels never cross to the host and the CPU workers only read headers.
 
-The CPU stage (`pipeline.stages.decode`) only reads the headers of JPEGs (`device_decodable`) and sends on
+The CPU stage (`pipeline/stages/decode.py`) only reads the headers of JPEGs (`device_decodable`) and sends on
 the bytes of those a GPU decoder takes; everything else arrives decoded. Whatever nvJPEG still rejects is
 decoded here by the CPU path, one image at a time, so one bad image never fails a batch. The pixels match
 the CPU path's within one level of 255 (nvJPEG's IDCT and torch's antialiased resize round differently from

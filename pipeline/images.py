@@ -1,5 +1,5 @@
 """Encoded image bytes -> pixels at the model's input size, exactly as the checkpoint's
-`preprocessor_config.json` says (the decoding library; the Ray stage that runs it is `pipeline.stages.decode`).
+`preprocessor_config.json` says (the decoding library; the Ray stage that runs it is `pipeline/stages/decode.py`).
 
 ViTImageProcessor semantics: EXIF orientation, first frame, RGB conversion, resize straight to
 height x width with the configured PIL filter (aspect ratio not kept, no crop), rescale, normalize.

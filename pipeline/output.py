@@ -46,7 +46,7 @@ from dinat_batch.pipeline.faults import crash_point
 from dinat_batch.pipeline.lease import LEASES, Lease, LeaseLost
 from dinat_batch.pipeline.locations import resolve
 from dinat_batch.pipeline.ownership import Ownership, owner_of, write_table
-from dinat_batch.pipeline.stages.write import CHUNK_PREFIX, chunk_rows
+from dinat_batch.pipeline.stages.write import CHUNK_PREFIX, chunk_name, chunk_rows
 
 SUCCESS = "_SUCCESS"
 FAILURE = "_FAILURE"
@@ -278,7 +278,7 @@ class Output:
                 kept = self.staging(f"{committed['run_id']}-committed")
                 self.fs.makedirs(kept, exist_ok=True)
                 for i, entry in enumerate(committed["files"]):
-                    target = f"{kept}/{CHUNK_PREFIX}{i:06d}-{entry['rows']}.parquet"
+                    target = f"{kept}/{chunk_name(i, entry['rows'])}"
                     self.fs.copy(f"{self.path}/{entry['name']}", target)
             # un-commit first: from here on readers see no table, and the old files are redundant
             self.fs.rm_file(f"{self.path}/{survey.marker}")

@@ -1,6 +1,6 @@
 """Whose a file is: every Parquet file the pipeline writes carries its writer, run, attempt and output in
 the file's key-value metadata, so that it can tell its own files from anyone else's, and appears whole or
-not at all (`pipeline.atomic`)."""
+not at all (`pipeline/atomic.py`)."""
 
 from __future__ import annotations
 

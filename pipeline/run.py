@@ -1,8 +1,8 @@
-"""Wires the stages (`pipeline.stages`) into one Ray Data plan and runs it: list -> read -> decode (CPU
+"""Wires the stages (`pipeline/stages/`) into one Ray Data plan and runs it: list -> read -> decode (CPU
 tasks) -> infer (actor pool) -> chunk files -> compaction -> `_SUCCESS`. Returns the run summary, which is also the marker's manifest.
 
 A run is planned (model checked, inputs listed), executed into an output it holds the lease of, and
-committed through `pipeline.output`; the nightly job uses the same three steps on a partition.
+committed through `pipeline/output.py`; the nightly job uses the same three steps on a partition.
 """
 
 from __future__ import annotations

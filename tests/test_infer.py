@@ -1,10 +1,11 @@
-"""The inference actor's callable on its own (no Ray): rows as the sink's schema says, error rows passed
+"""The inference actor's callable on its own (no Ray): rows as the output schema says, error rows passed
 through, backbone-only models, and out-of-memory handled by smaller slices."""
 
 import numpy as np
 import pytest
 import torch
 
+from dinat_batch.pipeline.config import RunConfig
 from dinat_batch.pipeline.model.export import random_model, save_checkpoint
 from dinat_batch.pipeline.stages.decode import decode_batch
 from dinat_batch.pipeline.stages.infer import ActorSettings, Predictor
@@ -80,3 +81,25 @@ def test_out_of_memory_halves_the_slice_and_keeps_it(tiny_model):
     )
     with pytest.raises(torch.OutOfMemoryError):
         actor(decoded({"one.jpg": photo(9)}))
+
+
+def test_the_actor_settings_are_the_run_config_s_by_name():
+    own = {"run_id", "device", "jpegs_to_device"}  # settled by the plan
+    assert ActorSettings.model_fields.keys() - own <= RunConfig.model_fields.keys()
+    config = RunConfig(
+        input="s3://in/x",
+        output="s3://out/y",
+        model="m",
+        top_k=7,
+        dtype="bfloat16",
+        batch_size=3,
+        compile="on",
+        max_pixels=99,
+        cpu_threads=2,
+        storage_options={"key": "secret"},
+    )
+    settings = ActorSettings.of(config, "run-9", "cpu", True)
+    shared = ActorSettings.model_fields.keys() - own
+    assert {name: getattr(settings, name) for name in shared} == config.model_dump(include=shared)
+    assert (settings.run_id, settings.device, settings.jpegs_to_device) == ("run-9", "cpu", True)
+    assert "secret" not in repr(settings)

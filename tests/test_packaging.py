@@ -6,6 +6,7 @@ import ast
 import subprocess
 import sys
 import sysconfig
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +47,18 @@ def test_the_model_package_imports_nothing_from_the_pipeline_stages():
         and not name.startswith(("dinat_batch.pipeline.model", "dinat_batch.kernels"))
     ]
     assert outside == []
+
+
+def test_the_wheel_lists_every_package_of_the_tree():
+    """The editable install finds any subfolder; a wheel (the container image) only the listed ones."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setuptools["package-dir"] == {f"dinat_batch.{folder}": folder for folder in FOLDERS}
+    on_disk = {
+        "dinat_batch." + ".".join(init.parent.relative_to(ROOT).parts)
+        for folder in FOLDERS
+        for init in (ROOT / folder).rglob("__init__.py")
+    }
+    assert set(setuptools["packages"]) == on_disk
 
 
 def test_hugging_face_kernels_installs_beside_the_project(tmp_path):

@@ -30,7 +30,7 @@ def test_the_decode_stage_gives_what_it_declares():
     on_cpu = decode_batch(rows, TINY_INPUT, MAX_PIXELS)
     assert set(on_cpu) == set(decode.STAGE.produces)
     routed = decode_batch(rows, TINY_INPUT, MAX_PIXELS, jpegs_to_device=True)
-    assert set(routed) == set(decode.STAGE.produces) | set(decode.STAGE.optional)
+    assert set(routed) == set(decode.STAGE.produces) | set(decode.STAGE.may_produce)
     assert list(on_cpu["error"]) == [None, None, "x: y"]
 
 

@@ -1,1 +1,1 @@
-"""NA backends. Each states what it supports (`unsupported(problem)`); `kernels.dispatch` picks one."""
+"""NA backends. Each states what it supports (`unsupported(problem)`); `kernels/dispatch.py` picks one."""

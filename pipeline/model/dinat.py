@@ -289,7 +289,7 @@ class DinatBackbone(nn.Module):
 class Dinat(nn.Module):
     """DiNAT for embeddings and, when the checkpoint has a classifier, ImageNet-style logits.
 
-    Attributes set by `pipeline.model.load_model`: `config`, `source`, `weights_sha256`, `preprocessing`.
+    Attributes set by `load_model`: `config`, `source`, `weights_sha256`, `preprocessing`.
     """
 
     def __init__(self, config: DinatConfig, with_classifier: bool = True):

@@ -1,6 +1,6 @@
 """The checkpoint's input spec: the fields of its `preprocessor_config.json` (ViTImageProcessor's) and the
 normalisation that runs where the model runs. Decoding and resizing bytes to this spec is
-`pipeline.images`; this module is what the model itself needs to know.
+`pipeline/images.py`; this module is what the model itself needs to know.
 """
 
 from __future__ import annotations

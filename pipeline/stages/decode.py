@@ -1,6 +1,6 @@
 """The CPU decoding stage: encoded bytes -> uint8 pixels at the model's size, in Ray tasks beside the
 inference actors. Every row comes out, failed ones as error rows; with `jpegs_to_device` the JPEGs a GPU
-decoder takes are passed on as bytes for the actor to decode (`pipeline.gpu_decoding`).
+decoder takes are passed on as bytes for the actor to decode (`pipeline/gpu_decoding.py`).
 """
 
 from __future__ import annotations
@@ -12,17 +12,14 @@ from dinat_batch.pipeline.errors import error_column
 from dinat_batch.pipeline.gpu_decoding import device_decodable
 from dinat_batch.pipeline.images import ImageDecodeError, cpu_pixels
 from dinat_batch.pipeline.model.preprocessing import PreprocessConfig
-from dinat_batch.pipeline.stages import Stage
+from dinat_batch.pipeline.stages import CPU_TASK, Stage
 
-# Read and decode tasks fuse into one; half a CPU each lets two overlap per core while one waits on storage.
-# The difference from the inference actor's resources also keeps Ray from fusing decoding into the actor,
-# where it would run serially with the model instead of beside it.
 STAGE = Stage(
     "decode",
     consumes=("key", "data", "error"),
     produces=("key", "pixels", "width", "height", "error"),
-    resources={"num_cpus": 0.5},
-    optional=("data", "orientation"),
+    resources=CPU_TASK,
+    may_produce=("data", "orientation"),  # with jpegs_to_device
 )
 BATCH = 16  # images per decode task call: small enough to spread over cores, big enough to amortise
 

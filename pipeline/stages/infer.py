@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from dinat_batch.pipeline.config import DEFAULT_MAX_PIXELS, RunConfig
 from dinat_batch.pipeline.errors import error_column
@@ -29,7 +29,8 @@ from dinat_batch.pipeline.stages import Stage
 from dinat_batch.pipeline.stages.decode import STAGE as DECODED
 from dinat_batch.pipeline.stages.write import COLUMNS, Provenance, output_rows, output_schema
 
-STAGE = Stage("infer", consumes=DECODED.produces, produces=COLUMNS, optional=DECODED.optional)
+# the plan adds num_gpus=1 per actor on a GPU cluster
+STAGE = Stage("infer", consumes=DECODED.produces, produces=COLUMNS, may_consume=DECODED.may_produce)
 logger = logging.getLogger(__name__)
 
 
@@ -48,7 +49,7 @@ class ActorSettings(BaseModel):
     max_pixels: int = DEFAULT_MAX_PIXELS
     cpu_threads: int | None = None
     jpegs_to_device: bool = False  # the decode stage sends JPEGs on as bytes
-    storage_options: dict[str, Any] = {}
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)  # may hold keys
 
     @classmethod
     def of(cls, config: RunConfig, run_id: str, device: str, jpegs_to_device: bool) -> ActorSettings:
@@ -67,7 +68,7 @@ class Predictor:
 
     Rows whose `error` is set skip the model and come out as error rows; the others get top-k labels and
     scores and the pooled embedding. The model runs only on the valid rows, so one bad image costs nothing.
-    Rows that arrive with bytes in `data` (see `pipeline.stages.decode`) are decoded on the model's device
+    Rows that arrive with bytes in `data` (see `pipeline/stages/decode.py`) are decoded on the model's device
     first; an image that fails there becomes an error row like any other.
     """
 
@@ -104,6 +105,11 @@ class Predictor:
             i for i, data in enumerate(batch.get("data", ())) if isinstance(data, bytes) and not errors[i]
         ]
         on_device = None
+        if passed and self.decoder is None:
+            raise RuntimeError(
+                "JPEG bytes reached an actor built without jpegs_to_device: the plan's decode stage and its "
+                "actors disagree on where JPEGs are decoded"
+            )
         if passed:
             areas = batch["width"][passed].astype(np.int64) * batch["height"][passed]
             datas = [batch["data"][i] for i in passed]

@@ -29,7 +29,7 @@ from dinat_batch.pipeline.config import IMAGE_EXTENSIONS, ConfigError, RunConfig
 from dinat_batch.pipeline.errors import error_text, read_error
 from dinat_batch.pipeline.locations import GLOB_CHARS, Location, glob_prefix, resolve
 from dinat_batch.pipeline.output import record_source
-from dinat_batch.pipeline.stages import Stage
+from dinat_batch.pipeline.stages import CPU_TASK, Stage
 
 ROWS = pa.schema([("key", pa.string()), ("data", pa.binary()), ("error", pa.string())])
 LOCATED = pa.schema(
@@ -37,9 +37,10 @@ LOCATED = pa.schema(
 )
 LISTING = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("version", pa.string())])
 _KIND_EXTENSIONS = {"files": IMAGE_EXTENSIONS, "webdataset": (".tar",), "parquet": (".parquet",)}
+UNREADABLE = "<unreadable"  # the key of a shard's error row: `SHARD#<unreadable from its start>`, ...
 _ROWS_PER_BLOCK = 1024  # rows emitted at a time while expanding shards and tables
-# read tasks fuse with the decode tasks after them: the same half CPU (see pipeline.stages.decode)
-STAGE = Stage("read", consumes=tuple(LISTING.names), produces=tuple(ROWS.names), resources={"num_cpus": 0.5})
+# read tasks fuse with the decode tasks after them, which needs the same resources
+STAGE = Stage("read", consumes=tuple(LISTING.names), produces=tuple(ROWS.names), resources=CPU_TASK)
 
 
 def _rows(keys: list[str], data: list[bytes | None], errors: list[str | None]) -> pa.Table:
@@ -285,7 +286,7 @@ def _tar_rows(shard: str, rules: ReadRules) -> Iterator[Row]:
             yield from _sample_rows(shard, key, members)
         where = f"after member {last}" if last else "from its start"
         yield (
-            f"{shard}#<unreadable {where}>",
+            f"{shard}#{UNREADABLE} {where}>",
             None,
             error_text("ShardError", f"the shard cannot be read {where}: {type(err).__name__}: {err}"),
         )
@@ -400,7 +401,7 @@ def _drop_keys(batch: pa.Table, done: set[str]) -> pa.Table:
 
 def _read_recorded(batch: pa.Table, read, fs, folder: str, **kwargs):
     """`read` (shards or tables) one container at a time, recording the keys each gave in `folder` (see
-    `pipeline.output.record_source`): the commit compares the rows written with them."""
+    `pipeline/output.py` (`record_source`)): the commit compares the rows written with them."""
     for i in range(batch.num_rows):
         keys: list[str] = []
         for rows in read(batch.slice(i, 1), **kwargs):

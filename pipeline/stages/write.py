@@ -1,7 +1,7 @@
 """The writing stage and the output table's columns: the schema, the function that fills a batch's rows
 from the model's arrays, and the Ray sink that lands each write task's rows as one chunk file in the
 attempt's hidden staging folder (`_staging/ATTEMPT/chunk-*.parquet`) as soon as Ray hands them over. The
-commit (`pipeline.output`) compacts the chunks into the table's files.
+commit (`pipeline/output.py`) compacts the chunks into the table's files.
 """
 
 from __future__ import annotations
@@ -102,9 +102,14 @@ def output_rows(
 CHUNK_PREFIX = "chunk-"
 
 
+def chunk_name(index: int, rows: int) -> str:
+    """`chunk-INDEX-ROWS.parquet`: the writing task's index, so that a retried task replaces its own file,
+    and its rows, so that grouping chunks into files needs no read."""
+    return f"{CHUNK_PREFIX}{index:06d}-{rows}.parquet"
+
+
 def chunk_rows(name: str) -> int:
-    """Rows of a chunk file, from its name (`chunk-TASK-ROWS.parquet`): grouping chunks into files needs
-    no read."""
+    """Rows of a chunk file, from its name (see `chunk_name`)."""
     return int(name.rsplit("/", 1)[-1].removesuffix(".parquet").rsplit("-", 1)[1])
 
 
@@ -128,7 +133,7 @@ class ChunkSink(Datasink):
         if not tables:
             return None
         table = pa.concat_tables(tables).cast(self.schema)
-        name = f"{CHUNK_PREFIX}{ctx.task_idx:06d}-{table.num_rows}.parquet"
+        name = chunk_name(ctx.task_idx, table.num_rows)
         fs = self.filesystem or LocalFileSystem()
         write_table(fs, f"{self.folder}/{name}", table, self.ownership)
         return name

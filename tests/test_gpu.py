@@ -1,6 +1,6 @@
 """The GPU paths on a GPU: autocast and CUDA graphs against float32 eager, pinned copies against pixels
-already on the device, batch sizing from free memory, nvJPEG against the CPU decoder, and the actor's rows
-both ways. Skipped, with the reason shown, where there is no CUDA device; run them on the device machine:
+already on the device, batch sizing against the memory a batch takes, nvJPEG against the CPU decoder, the
+actor's rows both ways, and the default path (graphs, nvJPEG) through a real Ray Data actor. Skipped, with the reason shown, where there is no CUDA device; run them on the device machine:
 
     bash benchmarks/device_run.sh python3 -m pytest tests/test_gpu.py
 """
@@ -8,6 +8,7 @@ both ways. Skipped, with the reason shown, where there is no CUDA device; run th
 import importlib.util
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -15,10 +16,10 @@ from dinat_batch.pipeline.gpu_decoding import DeviceDecoder
 from dinat_batch.pipeline.images import cpu_pixels
 from dinat_batch.pipeline.model import load_model
 from dinat_batch.pipeline.model.preprocessing import PreprocessConfig
-from dinat_batch.pipeline.model.runtime import MAX_AUTO_BATCH, Runner
+from dinat_batch.pipeline.model.runtime import MAX_AUTO_BATCH, MEMORY_SHARE, Runner
 from dinat_batch.pipeline.stages.decode import decode_batch
 from dinat_batch.pipeline.stages.infer import ActorSettings, Predictor
-from tests.data import MAX_PIXELS, photo
+from tests.data import MAX_PIXELS, direct_predictions, photo
 from tests.test_gpu_decoding import jpeg, smooth_rgb
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -48,9 +49,19 @@ def test_pinned_copies_give_what_pixels_on_the_device_give(tiny_model):
     np.testing.assert_array_equal(from_host[2], on_device[2])
 
 
-def test_batch_from_free_memory(tiny_model):
+def test_the_batch_sized_from_free_memory_fits_in_it(tiny_model):
+    """Against the memory one batch really takes: within the share of free memory, and not far below it
+    (twice the batch would not fit) unless the cap decided."""
     runner = Runner(load_model(str(tiny_model), device="cuda"), compile="off")
     assert runner.batch & (runner.batch - 1) == 0 and 1 <= runner.batch <= MAX_AUTO_BATCH
+    torch.cuda.synchronize()
+    free, _ = torch.cuda.mem_get_info()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    runner(np.zeros((runner.batch, 64, 64, 3), np.uint8))
+    used = torch.cuda.max_memory_allocated() - before
+    assert used <= free * MEMORY_SHARE
+    assert runner.batch == MAX_AUTO_BATCH or 2 * used > 0.5 * free * MEMORY_SHARE
 
 
 @needs_nvjpeg
@@ -90,3 +101,56 @@ def test_the_actor_decodes_jpegs_on_the_gpu_with_the_same_rows(tiny_model):
     for near, far in zip(on_gpu, on_cpu, strict=True):
         assert (near["status"], near["width"], near["height"]) == (far["status"], far["width"], far["height"])
         assert cosine(np.array(near["embedding"]), np.array(far["embedding"])) > 0.99
+
+
+class CountingPredictor(Predictor):
+    """The actor as Ray Data runs it, adding per batch: Dynamo's compilations so far in this process and
+    the GPU memory allocated after the batch."""
+
+    def __call__(self, batch):
+        table = super().__call__(batch)
+        compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        n = table.num_rows
+        return table.append_column("compiled", pa.array([compiled] * n)).append_column(
+            "allocated", pa.array([torch.cuda.memory_allocated()] * n)
+        )
+
+
+def test_the_default_gpu_path_through_a_ray_actor(tiny_model, ray_session):
+    """What users get by default on a GPU: CUDA graphs and nvJPEG decoding (when the actor has it) in a
+    real Ray Data actor, built on one thread and called on another; rows against float32 eager on the
+    CPU; one compilation per actor; memory flat over the batches."""
+    import ray
+
+    from dinat_batch.pipeline.stages import decode
+
+    good = {f"{i}.jpg": jpeg(smooth_rgb(80 + i, 60), 1 + i % 8) for i in range(40)}
+    good |= {f"{i}.png": photo(i, "PNG") for i in range(8)}
+    whole = jpeg(smooth_rgb(80, 60))
+    broken = {"cut.jpg": whole[: len(whole) * 2 // 3], "junk.jpg": b"not an image"}
+    items = good | broken
+    rows = ray.data.from_items([{"key": k, "data": v, "error": None} for k, v in items.items()])
+    settings = ActorSettings(
+        model=str(tiny_model), run_id="gpu", top_k=3, device="cuda", batch_size=8, jpegs_to_device=True
+    )
+    decoded = decode.apply(rows, PreprocessConfig(size=64), MAX_PIXELS, jpegs_to_device=True)
+    out = decoded.map_batches(
+        CountingPredictor,
+        fn_constructor_kwargs={"settings": settings},
+        compute=ray.data.ActorPoolStrategy(size=1),
+        batch_size=8,
+        batch_format="numpy",
+        num_gpus=1,
+    ).take_all()
+    by_key = {row["key"]: row for row in out}
+    assert by_key.keys() == items.keys()
+    assert {key for key, row in by_key.items() if row["status"] == "error"} == broken.keys()
+    assert by_key["cut.jpg"]["error"].startswith("ImageDecodeError(truncated)")
+    expected = direct_predictions(tiny_model, good, top_k=3)
+    for key, (ids, _, embedding) in expected.items():
+        row = by_key[key]
+        assert row["label_ids"][0] == ids[0], key
+        assert cosine(np.array(row["embedding"]), embedding) >= 0.999, key
+    assert {row["compiled"] for row in out} == {1}  # graphs recorded once, on the calling thread
+    allocated = [row["allocated"] for row in out]
+    assert max(allocated) <= min(allocated) * 1.05 + 2**20

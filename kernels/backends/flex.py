@@ -10,19 +10,30 @@ on torch 2.13), so this backend pays off on long runs of few shapes. Block masks
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import torch
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from dinat_batch.kernels.neighborhood import window_start
 from dinat_batch.kernels.problem import NAProblem
 
 from .base import FAST_DTYPES, dtype_unsupported
 
-_compiled_flex = torch.compile(flex_attention, dynamic=False)
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
+
 # One graph per (shape, kernel, dilation, with or without RPB): a model at a few resolutions exceeds
 # dynamo's default of 8 recompiles per function, after which it would silently run flex uncompiled.
 _RECOMPILE_LIMIT = 256
+
+
+@lru_cache(maxsize=1)
+def _compiled_flex():
+    """flex_attention, compiled. Imported on first use: importing it loads Dynamo (~2 s), which every
+    process that imports the model (each inference actor, each decode worker) would pay otherwise."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
 
 
 @lru_cache(maxsize=64)
@@ -47,6 +58,8 @@ def _block_mask(
         rows = _in_window(q_idx // width, kv_idx // width, start_h, kernel[0], dilation[0])
         cols = _in_window(q_idx % width, kv_idx % width, start_w, kernel[1], dilation[1])
         return rows & cols
+
+    from torch.nn.attention.flex_attention import create_block_mask
 
     tokens = height * width
     return create_block_mask(mask_mod, None, None, tokens, tokens, device=device)
@@ -78,7 +91,7 @@ class FlexBackend:
                 return score + rpb[head, rel_h, rel_w]
 
         with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-            out = _compiled_flex(
+            out = _compiled_flex()(
                 tokens(problem.query),
                 tokens(problem.key),
                 tokens(problem.value),

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 
 from dinat_batch.pipeline.stages import decode, infer, read, write
-from dinat_batch.pipeline.stages.decode import decode_batch
+from dinat_batch.pipeline.stages.decode import decode_batch, host_pixels
 from tests.data import MAX_PIXELS, TINY_INPUT, photo
 
 
@@ -48,3 +48,15 @@ def test_the_output_columns_are_declared_once():
     assert rows[1]["labels"] is None and rows[1]["embedding"] is None and rows[1]["status"] == "error"
     assert table.column("model_sha256").to_pylist() == ["sha", "sha"]
     assert isinstance(table.column("processed_at").type, pa.TimestampType)
+
+
+def test_rows_carry_either_their_jpeg_or_their_pixels():
+    rows = raw_rows()
+    on_cpu = decode_batch(rows, TINY_INPUT, MAX_PIXELS)
+    routed = decode_batch(rows, TINY_INPUT, MAX_PIXELS, jpegs_to_device=True)
+    assert routed["data"][0] is not None and routed["pixels"][0] == b""  # the JPEG goes on as bytes
+    assert routed["data"][1] is None  # the PNG as pixels, the same as on the CPU route
+    png = np.array([False, True, False])
+    size = (TINY_INPUT.height, TINY_INPUT.width)
+    np.testing.assert_array_equal(host_pixels(routed["pixels"], png, size), on_cpu["pixels"][png])
+    np.testing.assert_array_equal(host_pixels(on_cpu["pixels"], png, size), on_cpu["pixels"][png])

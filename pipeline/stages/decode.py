@@ -27,14 +27,18 @@ BATCH = 16  # images per decode task call: small enough to spread over cores, bi
 def decode_batch(
     batch: dict[str, np.ndarray], config: PreprocessConfig, max_pixels: int, jpegs_to_device: bool = False
 ) -> dict[str, np.ndarray]:
-    """`(key, data, error)` rows -> `(key, pixels, width, height, error)`.
+    """`(key, data, error)` rows -> `(key, pixels, width, height, error)`: `pixels` uint8 [n, height, width,
+    3] at the model's size.
 
     Rows that fail keep their place with zero pixels, size 0 and the error text, so every image reaches
     the output as exactly one row. With `jpegs_to_device`, JPEGs that a GPU decoder takes are only looked
     at: they keep their bytes in a `data` column (None for the others) and their EXIF orientation in an
-    `orientation` column, and are decoded next to the model."""
+    `orientation` column, and are decoded next to the model. Each row then carries either its JPEG or its
+    pixels, not both: `pixels` holds each row's pixel bytes (see `host_pixels`), empty for rows sent on as
+    JPEG and for errors, so that ~150 KB of zeros per JPEG do not travel through the object store."""
     keys, datas, errors = batch["key"], batch["data"], error_column(batch["error"])
     pixels = np.zeros((len(keys), config.height, config.width, 3), dtype=np.uint8)
+    decoded_rows = np.zeros(len(keys), dtype=bool)
     sizes = np.zeros((len(keys), 2), dtype=np.int32)
     passed = np.full(len(keys), None, dtype=object)
     orientations = np.ones(len(keys), dtype=np.int8)
@@ -51,8 +55,14 @@ def decode_batch(
         try:
             pixels[i], width, height = cpu_pixels(data, config, max_pixels)
             sizes[i] = width, height
+            decoded_rows[i] = True
         except ImageDecodeError as err:
             errors[i] = err.text()
+    if jpegs_to_device:
+        # an object array: numpy's fixed-width bytes would drop each row's trailing zero bytes
+        as_bytes = [p.tobytes() if row else b"" for p, row in zip(pixels, decoded_rows, strict=True)]
+        pixels = np.empty(len(keys), dtype=object)
+        pixels[:] = as_bytes
     decoded = {
         "key": keys,
         "pixels": pixels,
@@ -61,6 +71,18 @@ def decode_batch(
         "error": np.array(errors, dtype=object),
     }
     return decoded | {"data": passed, "orientation": orientations} if jpegs_to_device else decoded
+
+
+def host_pixels(column: np.ndarray, rows: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The pixels of `rows` (a boolean mask) as uint8 [n, height, width, 3], from either form of the
+    `pixels` column: an array of pixels, or per row the bytes of one (`jpegs_to_device`)."""
+    if column.dtype != object:
+        return column[rows]
+    chosen = column[rows]
+    out = np.empty((len(chosen), *size, 3), dtype=np.uint8)  # writable, as torch.from_numpy wants
+    for i, data in enumerate(chosen):
+        out[i] = np.frombuffer(data, dtype=np.uint8).reshape(*size, 3)
+    return out
 
 
 def apply(

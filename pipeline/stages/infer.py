@@ -27,6 +27,7 @@ from dinat_batch.pipeline.model.runtime import (
 )
 from dinat_batch.pipeline.stages import Stage
 from dinat_batch.pipeline.stages.decode import STAGE as DECODED
+from dinat_batch.pipeline.stages.decode import host_pixels
 from dinat_batch.pipeline.stages.write import COLUMNS, Provenance, output_rows, output_schema
 
 # the plan adds num_gpus=1 per actor on a GPU cluster
@@ -136,13 +137,15 @@ class Predictor:
     ) -> np.ndarray | torch.Tensor:
         """The valid rows' pixels: on the host when the CPU stage decoded them all, else gathered on the
         device, where the GPU-decoded ones already are."""
+        size = self.runner.size
         if on_device is None:
-            return pixels[ok]
-        gathered = torch.zeros(pixels.shape, dtype=torch.uint8, device=self.runner.device)
+            return host_pixels(pixels, ok, size)
+        gathered = torch.zeros(len(ok), *size, 3, dtype=torch.uint8, device=self.runner.device)
         from_host = ok.copy()
         from_host[passed] = False
         if from_host.any():
-            gathered[torch.from_numpy(from_host)] = torch.from_numpy(pixels[from_host]).to(self.runner.device)
+            on_host = torch.from_numpy(host_pixels(pixels, from_host, size))
+            gathered[torch.from_numpy(from_host)] = on_host.to(self.runner.device)
         gathered[passed] = on_device
         return gathered[torch.from_numpy(ok)]
 

@@ -36,7 +36,7 @@ from benchmarks import kernels as kernel_bench
 from benchmarks.common import machine, record
 from benchmarks.pipeline import bare_loop, photos, pipeline_run
 from dinat_batch.pipeline.config import DEFAULT_MAX_PIXELS
-from dinat_batch.pipeline.gpu_decoding import DeviceDecoder, device_decodable, unsupported
+from dinat_batch.pipeline.gpu_decoding import DeviceDecoder, device_decodable, probe, unsupported
 from dinat_batch.pipeline.images import decode, resized
 from dinat_batch.pipeline.model.export import random_model, save_checkpoint
 from dinat_batch.pipeline.model.preprocessing import PreprocessConfig
@@ -155,7 +155,7 @@ def decode_table(device: torch.device, data: list[bytes], workers: int) -> list[
         f"| CPU, {workers} processes, header only (what the GPU route costs there) | "
         f"{_processes(_header_one, data, workers):.0f} | - |",
     ]
-    reason = unsupported(PreprocessConfig(), device.type)
+    reason = unsupported(PreprocessConfig(), device.type) or probe(device)
     if reason is not None:
         return [*lines, f"| GPU (nvJPEG) | not run: {reason} | - |"]
     decoder = DeviceDecoder(PreprocessConfig(), device, DEFAULT_MAX_PIXELS)

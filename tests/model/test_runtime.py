@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounter
 
 from dinat_batch.pipeline.model import load_model
 from dinat_batch.pipeline.model.export import random_model, save_checkpoint
@@ -118,7 +119,7 @@ class Compiles:
     zero pixels, i.e. while compiling)."""
 
     def __init__(self, fits: int | None = None, on_zeros: bool = False):
-        self.counter = torch._dynamo.testing.CompileCounter()
+        self.counter = CompileCounter()
         self.fits, self.on_zeros, self.threads, self.resets = fits, on_zeros, [], 0
         self.compile = torch.compile
 

@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 
 if not __package__:
-    # as a script, make the repository root importable (the project need not be installed)
+    # as a script, make the repository root importable for `benchmarks.common`
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import numpy as np

@@ -29,7 +29,7 @@ from dinat_batch.pipeline.config import RunConfig
 from dinat_batch.pipeline.faults import crash_point
 from dinat_batch.pipeline.lease import LEASES
 from dinat_batch.pipeline.output import SUCCESS, ForeignFiles, Output
-from dinat_batch.pipeline.run import RunSummary, execute, finish, plan, ray_connection
+from dinat_batch.pipeline.run import RunSummary, cluster, execute, finish, plan
 from dinat_batch.pipeline.stages.read import UNREADABLE
 
 LEDGERS = "_runs"
@@ -120,7 +120,7 @@ def nightly(config: RunConfig, date: dt.date | None = None) -> NightlySummary:
     table = Table(config.output, config.storage_options)
     run_id = f"nightly-{date.isoformat()}-{uuid.uuid4().hex[:8]}"
     table.check_root()
-    with ray_connection(config.ray_address), table.root.lease(run_id, config.lease_timeout) as lease:
+    with cluster(config), table.root.lease(run_id, config.lease_timeout) as lease:
         partition = table.partition(date)
         rerun = partition.marker() is not None
         planned = plan(config.model_copy(update={"overwrite": rerun or config.overwrite}), run_id)

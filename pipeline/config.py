@@ -132,6 +132,11 @@ class RunConfig(BaseModel):
         description="fail the run (rows written, no _SUCCESS) above this share of error rows",
     )
     overwrite: bool = Field(False, description="replace an existing output instead of refusing")
+    shared_filesystem: bool = Field(
+        False,
+        description="local paths are one filesystem every node mounts (NFS, Lustre, ...); without it a "
+        "cluster of several nodes refuses local input, output and model paths",
+    )
     run_id: str | None = Field(
         None,
         pattern=r"^[A-Za-z0-9._-]+$",

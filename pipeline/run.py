@@ -24,6 +24,7 @@ from dinat_batch.pipeline.config import ConfigError, RunConfig
 from dinat_batch.pipeline.digest import KeyDigest
 from dinat_batch.pipeline.gpu_decoding import unsupported
 from dinat_batch.pipeline.lease import Lease
+from dinat_batch.pipeline.locations import resolve
 from dinat_batch.pipeline.model import load_model
 from dinat_batch.pipeline.model.preprocessing import PreprocessConfig
 from dinat_batch.pipeline.output import FAILURE, SUCCESS, Compacted, Output, Resume, VerificationFailed
@@ -120,6 +121,37 @@ def ray_connection(address: str | None) -> Iterator[None]:
     finally:
         if started:
             ray.shutdown()
+
+
+@contextmanager
+def cluster(config: RunConfig) -> Iterator[None]:
+    """Connected to the config's Ray cluster (`ray_connection`), its paths checked against the cluster."""
+    with ray_connection(config.ray_address):
+        refuse_node_local_paths(config)
+        yield
+
+
+def refuse_node_local_paths(config: RunConfig, nodes: int | None = None) -> None:
+    """On a cluster of several nodes a local path names a different folder on each: the driver would list
+    files the workers cannot read, actors would not find a model folder, and the table's chunks would
+    scatter over the workers' own disks. Refused before any work unless `shared_filesystem` says the path
+    is a mount they all share. `nodes`: the cluster's live nodes (default: asked of Ray)."""
+    nodes = sum(node["Alive"] for node in ray.nodes()) if nodes is None else nodes
+    if nodes <= 1 or config.shared_filesystem:
+        return
+    local = [
+        f"{name} {uri!r}"
+        for name, uri in (("input", config.input), ("output", config.output))
+        if resolve(uri).protocol == "file"
+    ]
+    if resolve(config.model).protocol == "file" and os.path.exists(config.model):
+        local.append(f"model {config.model!r}")  # a hub id is not a path
+    if local:
+        raise ConfigError(
+            f"{' and '.join(local)}: local paths, but the Ray cluster has {nodes} nodes, each with its own "
+            "disk. Use object storage (s3://...), or set shared_filesystem: true (--shared-filesystem) if "
+            "every node mounts these paths"
+        )
 
 
 def plan(config: RunConfig, run_id: str) -> Plan:
@@ -246,7 +278,7 @@ def run(config: RunConfig | dict[str, Any]) -> RunSummary:
     output = Output(config.output, config.storage_options)
     output.refuse_foreign()
     # the lease before any other work: a run refused for a live holder has listed nothing
-    with ray_connection(config.ray_address), output.lease(run_id, config.lease_timeout) as lease:
+    with cluster(config), output.lease(run_id, config.lease_timeout) as lease:
         planned = plan(config, run_id)
         summary, compacted = execute(planned, output, lease)
         finish(output, lease, summary, compacted, config.max_error_rate)

@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from dinat_batch.pipeline.config import ConfigError
+from dinat_batch.pipeline.config import ConfigError, RunConfig
 from dinat_batch.pipeline.model import ModelLoadError, load_model
-from dinat_batch.pipeline.run import ray_connection, run
+from dinat_batch.pipeline.run import ray_connection, refuse_node_local_paths, run
 from dinat_batch.pipeline.stages.write import output_schema
 from tests.data import (
     MAX_PIXELS,
@@ -282,3 +282,32 @@ def test_without_an_address_a_run_starts_its_own_ray(monkeypatch):
     with ray_connection("ray://head:10001"):
         pass
     assert calls[2]["address"] == "ray://head:10001" and len(calls) == 3  # a cluster it joined stays up
+
+
+def test_local_paths_on_a_cluster_of_several_nodes_need_a_shared_filesystem(tmp_path, tiny_model):
+    local = RunConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=str(tiny_model))
+    refuse_node_local_paths(local, nodes=1)  # one machine: its disk is everyone's
+    with pytest.raises(ConfigError) as refused:
+        refuse_node_local_paths(local, nodes=3)
+    message = str(refused.value)
+    assert "input" in message and "output" in message and "model" in message and "3 nodes" in message
+    assert "shared_filesystem" in message
+    refuse_node_local_paths(local.model_copy(update={"shared_filesystem": True}), nodes=3)
+    remote = RunConfig(input="s3://b/in", output="s3://b/out", model="shi-labs/dinat-mini-in1k-224")
+    refuse_node_local_paths(remote, nodes=3)  # object storage, and a hub id that is no local path
+    with pytest.raises(ConfigError, match="output"):
+        refuse_node_local_paths(remote.model_copy(update={"output": "file:///mnt/out"}), nodes=3)
+
+
+def test_a_run_on_several_nodes_refuses_a_local_output_before_any_write(
+    tmp_path, tiny_model, ray_session, monkeypatch
+):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.jpg").write_bytes(photo(1))
+    nodes = ray.nodes()
+    monkeypatch.setattr(ray, "nodes", lambda: [*nodes, {**nodes[0], "NodeID": "other", "Alive": True}])
+    config = {"input": str(images), "output": str(tmp_path / "out"), "model": str(tiny_model)}
+    with pytest.raises(ConfigError, match="2 nodes"):
+        run(config)
+    assert not (tmp_path / "out").exists()  # not even a lease

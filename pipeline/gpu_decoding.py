@@ -30,8 +30,11 @@ RESAMPLE_MODES = {Image.Resampling.BILINEAR: "bilinear", Image.Resampling.BICUBI
 JpegDecoder = Callable[[list[torch.Tensor], torch.device], list[torch.Tensor | Exception]]
 logger = logging.getLogger(__name__)
 _EXIF_ORIENTATION = 0x0112
-# decoded bytes per GPU decoding chunk: a full 1024-image batch of 12 MP photos would be ~37 GB at once
+# device memory one GPU decoding chunk may take at its peak: a full 1024-image batch of 12 MP photos would
+# otherwise need ~37 GB of decoded pixels at once, and six times that while resizing
 DECODE_BUDGET = 2**30
+# per source pixel at that peak: RGB as decoded (3 bytes), stacked by size (3) and as float to resize (12)
+PEAK_BYTES_PER_PIXEL = 18
 
 
 def unsupported(config: PreprocessConfig, device: str) -> str | None:
@@ -105,9 +108,12 @@ def probe(device: torch.device) -> str | None:
         )
     buffer = io.BytesIO()
     Image.new("RGB", (16, 16), (200, 30, 90)).save(buffer, "JPEG")
-    result = nvjpeg([torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)], device)[0]
+    try:
+        result = nvjpeg([torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)], device)[0]
+    except Exception as err:  # a torchvision built for another torch, its extension missing, ...
+        result = err
     if not isinstance(result, torch.Tensor):
-        return f"nvJPEG does not decode on {device}: {result}"
+        return f"nvJPEG does not decode on {device}: {result!r}"
     return None
 
 
@@ -125,8 +131,8 @@ class DeviceDecoder:
     text (or None) per image. With `jpeg=None` (no GPU decoder in this process) every image takes the
     CPU fallback: slower, never wrong.
 
-    Images are decoded in chunks of at most `budget` decoded bytes (3 x width x height each, known from
-    the headers the CPU stage read), so that a batch of large photos never needs its full-resolution
+    Images are decoded in chunks of at most `budget` bytes of device memory at their peak
+    (PEAK_BYTES_PER_PIXEL x width x height each, sizes known from the headers the CPU stage read), so that a batch of large photos never needs its full-resolution
     pixels on the device at once; a chunk that runs out of memory is split."""
 
     def __init__(
@@ -160,7 +166,7 @@ class DeviceDecoder:
         if areas is None:
             areas = [_area(data, self.max_pixels) for data in datas]
         refused = 0
-        for chunk in _chunks([3 * int(area) for area in areas], self.budget):
+        for chunk in _chunks([PEAK_BYTES_PER_PIXEL * int(area) for area in areas], self.budget):
             refused += self._decode(chunk, datas, orientations, out, errors)
         if self.jpeg is not None and n > 1 and refused == n and not self._warned:
             # nvJPEG missing from this torchvision build, or the GPU out of decoder memory: slow, not wrong
@@ -206,10 +212,11 @@ class DeviceDecoder:
             out[index] = self._resize(torch.stack([image for _, image in group]))
             return []
         except torch.OutOfMemoryError:
-            if len(group) == 1:
-                return [group[0][0]]
-            half = len(group) // 2
-            return self._resize_into(out, group[:half]) + self._resize_into(out, group[half:])
+            pass  # split below, once the failed attempt's buffers have gone with its frame
+        if len(group) == 1:
+            return [group[0][0]]
+        half = len(group) // 2
+        return self._resize_into(out, group[:half]) + self._resize_into(out, group[half:])
 
     def _resize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [n, 3, h, w] -> uint8 [n, height, width, 3], rounded to 8 bits as PIL's resize is."""

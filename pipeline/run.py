@@ -135,7 +135,8 @@ def refuse_node_local_paths(config: RunConfig, nodes: int | None = None) -> None
     """On a cluster of several nodes a local path names a different folder on each: the driver would list
     files the workers cannot read, actors would not find a model folder, and the table's chunks would
     scatter over the workers' own disks. Refused before any work unless `shared_filesystem` says the path
-    is a mount they all share. `nodes`: the cluster's live nodes (default: asked of Ray)."""
+    is a mount they all share. `nodes`: the cluster's live nodes (default: asked of Ray); an autoscaling
+    cluster that starts as one node and grows is not caught here."""
     nodes = sum(node["Alive"] for node in ray.nodes()) if nodes is None else nodes
     if nodes <= 1 or config.shared_filesystem:
         return
@@ -144,7 +145,8 @@ def refuse_node_local_paths(config: RunConfig, nodes: int | None = None) -> None
         for name, uri in (("input", config.input), ("output", config.output))
         if resolve(uri).protocol == "file"
     ]
-    if resolve(config.model).protocol == "file" and os.path.exists(config.model):
+    model = resolve(config.model)
+    if model.protocol == "file" and os.path.exists(model.path):
         local.append(f"model {config.model!r}")  # a hub id is not a path
     if local:
         raise ConfigError(

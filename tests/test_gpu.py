@@ -147,9 +147,10 @@ def test_the_default_gpu_path_through_a_ray_actor(tiny_model, ray_session):
     assert {key for key, row in by_key.items() if row["status"] == "error"} == broken.keys()
     assert by_key["cut.jpg"]["error"].startswith("ImageDecodeError(truncated)")
     expected = direct_predictions(tiny_model, good, top_k=3)
-    for key, (ids, _, embedding) in expected.items():
+    for key, (ids, scores, embedding) in expected.items():
         row = by_key[key]
-        assert row["label_ids"][0] == ids[0], key
+        # random weights leave near ties (a gap of 3e-4 measured on CPU) that nvJPEG's rounding may flip
+        assert row["label_ids"][0] == ids[0] or scores[0] - scores[1] < 1e-3, key
         assert cosine(np.array(row["embedding"]), embedding) >= 0.999, key
     assert {row["compiled"] for row in out} == {1}  # graphs recorded once, on the calling thread
     allocated = [row["allocated"] for row in out]

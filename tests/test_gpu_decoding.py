@@ -14,6 +14,7 @@ from PIL import Image, ImageOps
 
 from dinat_batch.pipeline import gpu_decoding
 from dinat_batch.pipeline.gpu_decoding import (
+    PEAK_BYTES_PER_PIXEL,
     DeviceDecoder,
     bisected,
     device_decodable,
@@ -242,7 +243,7 @@ def test_decoding_is_chunked_by_decoded_bytes_and_splits_what_runs_out_of_memory
         return stand_in(batch, device)
 
     whole, _ = DeviceDecoder(config, torch.device("cpu"), MAX_PIXELS, jpeg=stand_in)(datas, [1, 6, 3, 1, 8])
-    two_images = 2 * 3 * 90 * 70
+    two_images = 2 * PEAK_BYTES_PER_PIXEL * 90 * 70
     chunked = DeviceDecoder(config, torch.device("cpu"), MAX_PIXELS, jpeg=recording, budget=two_images)
     pixels, errors = chunked(datas, [1, 6, 3, 1, 8], [90 * 70] * 5)
     assert seen == [2, 2, 1] and errors == [None] * 5

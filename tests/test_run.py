@@ -297,6 +297,8 @@ def test_local_paths_on_a_cluster_of_several_nodes_need_a_shared_filesystem(tmp_
     refuse_node_local_paths(remote, nodes=3)  # object storage, and a hub id that is no local path
     with pytest.raises(ConfigError, match="output"):
         refuse_node_local_paths(remote.model_copy(update={"output": "file:///mnt/out"}), nodes=3)
+    with pytest.raises(ConfigError, match="model"):
+        refuse_node_local_paths(remote.model_copy(update={"model": f"file://{tiny_model}"}), nodes=3)
 
 
 def test_a_run_on_several_nodes_refuses_a_local_output_before_any_write(

@@ -65,6 +65,14 @@ def label_names(config: DinatConfig) -> np.ndarray:
     return np.asarray([labels.get(i, str(i)) for i in range(max(labels, default=-1) + 1)], dtype=object)
 
 
+def _out_of_memory(err: BaseException | None) -> bool:
+    while err is not None:
+        if isinstance(err, torch.OutOfMemoryError):
+            return True
+        err = getattr(err, "inner_exception", None) or err.__cause__
+    return False
+
+
 def _concat(parts: list[Outputs]) -> Outputs:
     return tuple(None if part[0] is None else np.concatenate(part) for part in zip(*parts, strict=True))
 
@@ -141,7 +149,8 @@ class Runner:
 
     def _compiled(self) -> bool:
         """Whether the step is compiled for this thread: once for `on`; per thread for `graphs`, whose CUDA
-        graphs torch keeps per thread."""
+        graphs torch keeps per thread (a release then frees only the calling thread's: Ray Data calls an
+        actor from one thread, so there is one)."""
         if self.compiled_on is None:
             return False
         return self.mode != "graphs" or self.compiled_on == threading.get_ident()
@@ -153,20 +162,22 @@ class Runner:
             self._release()
             try:
                 self._compile()
+                continue
             except torch.OutOfMemoryError:
-                self.compile_failures += 1
-                self._release()
-                if self.compile_failures >= MAX_COMPILE_FAILURES or self.batch == 1:
-                    logger.warning(
-                        "out of memory compiling the model (%s) %d times; running it eager at %d images per call",
-                        self.mode,
-                        self.compile_failures,
-                        self.batch,
-                    )
-                    self.mode = "off"
-                    return
-                self.batch //= 2
-                logger.warning("out of memory compiling the model; trying %d images per call", self.batch)
+                pass  # handled below, once the failed attempt's buffers have gone with its frame
+            self.compile_failures += 1
+            self._release()
+            if self.compile_failures >= MAX_COMPILE_FAILURES or self.batch == 1:
+                logger.warning(
+                    "out of memory compiling the model (%s) %d times; running it eager at %d images per call",
+                    self.mode,
+                    self.compile_failures,
+                    self.batch,
+                )
+                self.mode = "off"
+                return
+            self.batch //= 2
+            logger.warning("out of memory compiling the model; trying %d images per call", self.batch)
 
     def _compile(self) -> None:
         """Compile the step for `batch` images and run it once; eager with a warning when that fails for any
@@ -182,7 +193,10 @@ class Runner:
         except torch.OutOfMemoryError:
             raise
         except Exception as err:
+            if _out_of_memory(err):  # the backend compiler wraps what ran out of memory in its own error
+                raise torch.OutOfMemoryError(f"out of memory compiling the model: {err}") from None
             logger.warning("compiling the model (%s) failed; running it eager: %s", self.mode, err)
+            self._release()
             self.mode = "off"
             return
         self.step = step
@@ -206,19 +220,23 @@ class Runner:
         return step(pixels)
 
     def __call__(self, pixels: np.ndarray | torch.Tensor) -> Outputs:
+        if len(pixels) == 0:
+            raise ValueError("no images to run: call the runner with at least one")
         while True:
             self._ensure_compiled()
             try:
                 return self._run(pixels)
             except torch.OutOfMemoryError:
-                size = min(self.batch, len(pixels))
-                if size == 1:
-                    raise
-                self._release()  # graphs recorded for the old size would hold their pools
-                if self.cuda:
-                    torch.cuda.empty_cache()
-                self.batch = size // 2
-                logger.warning("out of memory at %d images per call; continuing with %d", size, self.batch)
+                pass  # handled below, once the failed slice's buffers have gone with its frame
+            # a compiled step always runs `batch` images (the last slice padded), an eager one at most that
+            size = self.batch if self.mode != "off" else min(self.batch, len(pixels))
+            if size == 1:
+                raise torch.OutOfMemoryError(f"out of memory running one image on {self.device}")
+            self._release()  # graphs recorded for the old size would hold their pools
+            if self.cuda:
+                torch.cuda.empty_cache()
+            self.batch = size // 2
+            logger.warning("out of memory at %d images per call; continuing with %d", size, self.batch)
 
     @torch.inference_mode()
     def _run(self, pixels: np.ndarray | torch.Tensor) -> Outputs:
@@ -250,6 +268,9 @@ class Runner:
         size = self.batch if self.mode != "off" else rows
         if isinstance(pixels, torch.Tensor):
             part = pixels[start : start + rows]
+            if self.mode != "off" and not part.is_inference():
+                # an inference tensor, as the warm-up's: Dynamo guards on the kind and would compile again
+                part = part.clone()
         elif not self.cuda:
             part = torch.from_numpy(pixels[start : start + rows])
         else:

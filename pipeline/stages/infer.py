@@ -98,6 +98,7 @@ class Predictor:
             jpeg = nvjpeg if reason is None else None
             self.decoder = DeviceDecoder(loaded.preprocessing, device, settings.max_pixels, jpeg=jpeg)
 
+    @torch.inference_mode()  # tensors made here are what the compiled step was warmed up with
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         errors = error_column(batch["error"])
         n = len(errors)

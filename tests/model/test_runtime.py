@@ -163,6 +163,9 @@ def test_compiled_once_on_the_thread_that_calls(model, compiles):
         first, second = pool.submit(runner, PIXELS).result(), pool.submit(runner, PIXELS).result()
     assert stand_in.threads == [caller] and runner.compiled_on == caller
     assert stand_in.counter.frame_count == 1
+    with torch.inference_mode(False):  # a plain tensor, full slices: Dynamo guards on the tensor's kind
+        runner(torch.from_numpy(PIXELS[:4].copy()))
+    assert stand_in.counter.frame_count == 1
     assert_same(first, reference(model, PIXELS)) and assert_same(second, first)
 
 

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Union, get_args, get_origin, get_type_hints
 import typer
 from pydantic.fields import FieldInfo
 
-from dinat_batch.pipeline.config import RunConfig
+from dinat_batch.pipeline.config import RunConfig, flag_name
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Batch inference for DiNAT image models.")
 
@@ -112,7 +112,7 @@ def _flag(name: str, field: FieldInfo) -> inspect.Parameter:
     """A RunConfig field as a command-line option: `--top-k` for `top_k`, its description as help, None
     when not given (the config file or the field's default then decides). Mappings are JSON text."""
     kind = _value_type(field)
-    flag = f"--{name.replace('_', '-')}"
+    flag = flag_name(name)
     notes = []
     if get_origin(kind) is dict:
         kind = str
@@ -158,7 +158,7 @@ def _given(fields: dict[str, Any]) -> dict[str, Any]:
     given = {name: value for name, value in fields.items() if value not in (None, [], ())}
     for name, value in given.items():
         if get_origin(_value_type(RunConfig.model_fields[name])) is dict:
-            given[name] = _json_object(value, f"--{name.replace('_', '-')}")
+            given[name] = _json_object(value, flag_name(name))
     return given
 
 

@@ -217,12 +217,17 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
         raise ConfigError(describe(err, path)) from err
 
 
+def flag_name(field: str) -> str:
+    """The command-line flag of a config field: `--top-k` for `top_k`."""
+    return f"--{field.replace('_', '-')}"
+
+
 def describe(err: ValidationError, path: Path | None = None) -> str:
     """One line per invalid field, naming it as the config file and the CLI flag spell it."""
     where = f" in {path}" if path else ""
     lines = [f"invalid job configuration{where}:"]
     for problem in err.errors():
         field = ".".join(str(part) for part in problem["loc"]) or "(config)"
-        flag = f" (--{field.replace('_', '-')})" if problem["loc"] else ""
+        flag = f" ({flag_name(field)})" if problem["loc"] else ""
         lines.append(f"  {field}{flag}: {problem['msg']}")
     return "\n".join(lines)

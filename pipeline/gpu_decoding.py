@@ -153,7 +153,6 @@ class DeviceDecoder:
         self.jpeg = jpeg
         self.budget = budget
         self.fallbacks = 0  # images the GPU decoder refused, decoded (or failed) on the CPU instead
-        self.chunks = 0
         self._warned = False
 
     def __call__(
@@ -177,7 +176,6 @@ class DeviceDecoder:
     def _decode(self, chunk, datas, orientations, out: torch.Tensor, errors: list[str | None]) -> int:
         """Decode the images `chunk` indexes into `out` (errors into `errors`); returns how many the GPU
         decoder refused."""
-        self.chunks += 1
         if self.jpeg is None:
             images = [None] * len(chunk)
         else:

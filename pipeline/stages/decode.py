@@ -38,7 +38,6 @@ def decode_batch(
     JPEG and for errors, so that ~150 KB of zeros per JPEG do not travel through the object store."""
     keys, datas, errors = batch["key"], batch["data"], error_column(batch["error"])
     pixels = np.zeros((len(keys), config.height, config.width, 3), dtype=np.uint8)
-    decoded_rows = np.zeros(len(keys), dtype=bool)
     sizes = np.zeros((len(keys), 2), dtype=np.int32)
     passed = np.full(len(keys), None, dtype=object)
     orientations = np.ones(len(keys), dtype=np.int8)
@@ -55,12 +54,12 @@ def decode_batch(
         try:
             pixels[i], width, height = cpu_pixels(data, config, max_pixels)
             sizes[i] = width, height
-            decoded_rows[i] = True
         except ImageDecodeError as err:
             errors[i] = err.text()
     if jpegs_to_device:
         # an object array: numpy's fixed-width bytes would drop each row's trailing zero bytes
-        as_bytes = [p.tobytes() if row else b"" for p, row in zip(pixels, decoded_rows, strict=True)]
+        decoded = [e is None and p is None for e, p in zip(errors, passed, strict=True)]
+        as_bytes = [p.tobytes() if row else b"" for p, row in zip(pixels, decoded, strict=True)]
         pixels = np.empty(len(keys), dtype=object)
         pixels[:] = as_bytes
     decoded = {

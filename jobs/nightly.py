@@ -3,36 +3,42 @@ table under the output root, which DuckDB, Polars, Spark and pyarrow read as a w
 
     OUTPUT/run_date=2026-11-27/*.parquet, _SUCCESS    committed partitions (the marker is written last)
     OUTPUT/run_date=2026-11-28/_staging/RUN/          a run in progress (pipeline.output); never read
-    OUTPUT/_runs/2026-11-27.arrow                     the ledger: (uri, version) of what that date read
+    OUTPUT/_runs/2026-11-27/ledger-*.parquet          the ledger: (uri, size, version) of what that date read
     OUTPUT/_lease/                                    the live run's lease, one for the whole table
 
 What a date processes: the listed objects whose (uri, version) appear in the ledger of no other committed
 date. So a rerun of a date selects the same objects (less any that a later date has since taken) and
 replaces only its own partition, no object has rows in two dates, and a date that crashed before its
-marker is, for the other dates, as if it never ran.
+marker is, for the other dates, as if it never ran. The ledgers and the selection are Ray datasets and
+joins (`pipeline/selection.py`): the driver never holds what a date read.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import io
+import re
 import uuid
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.ipc as ipc
+import ray
 from pydantic import BaseModel
 
-from dinat_batch.pipeline.atomic import put_file
 from dinat_batch.pipeline.config import RunConfig
+from dinat_batch.pipeline.errors import is_retryable
 from dinat_batch.pipeline.faults import crash_point
 from dinat_batch.pipeline.lease import LEASES
-from dinat_batch.pipeline.output import SUCCESS, ForeignFiles, Output
+from dinat_batch.pipeline.output import SUCCESS, Compacted, ForeignFiles, Output
+from dinat_batch.pipeline.ownership import Ownership, owner_of
 from dinat_batch.pipeline.run import RunSummary, cluster, execute, finish, plan
-from dinat_batch.pipeline.stages.read import UNREADABLE
+from dinat_batch.pipeline.selection import TASK, parquet_files, without
+from dinat_batch.pipeline.stages.read import LISTING, UNREADABLE
+from dinat_batch.pipeline.stages.write import STAGE as WRITE_STAGE
+from dinat_batch.pipeline.stages.write import ChunkSink
 
 LEDGERS = "_runs"
+LEDGER_PREFIX = "ledger-"
+_LEDGER_FILE = re.compile(r"^ledger-\d{6}-\d+\.parquet$")
 PARTITION = "run_date"
 
 
@@ -81,33 +87,80 @@ class Table:
                 f"{', '.join(foreign[:5])}. Choose an empty or new output, or move them away"
             )
 
-    def seen_elsewhere(self, date: dt.date) -> pa.Table:
-        """(uri, version) of every object read by another committed date: before `date` they are old news,
-        after it (a rerun of an earlier date) they already have their row there."""
+    def ledger(self, date: dt.date) -> str:
+        return self.path(LEDGERS, date.isoformat())
+
+    def seen_elsewhere(self, date: dt.date) -> ray.data.Dataset | None:
+        """(uri, version) of every object read by another committed date (None: no other date has
+        committed): before `date` they are old news, after it (a rerun of an earlier date) they already
+        have their row there."""
         self.fs.invalidate_cache()
-        tables = []
-        for ledger in sorted(self.fs.glob(self.path(LEDGERS, "*.arrow"))):
-            day = dt.date.fromisoformat(ledger.rsplit("/", 1)[1].removesuffix(".arrow"))
-            if day != date and self.committed(day):
-                with self.fs.open(ledger, "rb") as f:
-                    tables.append(ipc.open_file(f).read_all().select(["uri", "version"]))
-        if not tables:
-            return pa.table({"uri": pa.array([], pa.string()), "version": pa.array([], pa.string())})
-        return pa.concat_tables(tables)
+        files = []
+        for folder in self.fs.glob(self.path(LEDGERS, "*")):
+            day = _date(folder.rsplit("/", 1)[1])
+            if day is not None and day != date and self.committed(day):
+                files += self._ledger_files(folder)
+        if not files:
+            return None
+        return parquet_files(self.root.ray_fs, files, ["uri", "version"])
 
-    def write_ledger(self, date: dt.date, read: pa.Table) -> None:
-        buffer = io.BytesIO()
-        with ipc.new_file(buffer, read.schema) as writer:
-            writer.write_table(read)
-        put_file(self.fs, self.path(LEDGERS, f"{date.isoformat()}.arrow"), buffer.getvalue())
+    def _ledger_files(self, folder: str) -> list[str]:
+        """A date's ledger files; anything else in its folder is someone else's."""
+        found = self.fs.find(folder)
+        owners = [
+            owner_of(self.fs, path) if _LEDGER_FILE.match(path.rsplit("/", 1)[1]) else None for path in found
+        ]
+        foreign = [
+            path
+            for path, owner in zip(found, owners, strict=True)
+            if owner is None or owner.output != self.root.identity
+        ]
+        if foreign:
+            raise ForeignFiles(
+                f"the nightly table's ledger folder {folder!r} holds files dinat-batch did not write: "
+                f"{', '.join(foreign[:5])}. Move them away"
+            )
+        return found
+
+    def write_ledger(self, date: dt.date, read: ray.data.Dataset, ownership: Ownership) -> None:
+        """Replace the date's ledger (an earlier attempt's, never committed with its partition: the
+        partition's marker is gone before this) with what this run `read`."""
+        folder = self.ledger(date)
+        if self.fs.isdir(folder):
+            for path in self._ledger_files(folder):
+                self.fs.rm_file(path)
+        sink = ChunkSink(folder, self.root.ray_fs, ownership, LISTING, None, prefix=LEDGER_PREFIX)
+        read.write_datasink(sink, ray_remote_args=WRITE_STAGE.resources)
 
 
-def _read_in_full(selected: pa.Table, retryable_keys: list[str]) -> pa.Table:
-    """The selected objects less those whose read failed (an image file, or a shard or table from its
-    start): the ledger records only what was read. A shard that broke off part-way, or a table of URIs
-    some of which failed, counts as read: taking it again would give its good rows a second date."""
-    failed = {key.split(f"#{UNREADABLE} from its start>")[0] for key in retryable_keys}
-    return selected.filter(pc.invert(pc.is_in(selected.column("uri"), pa.array(sorted(failed), pa.string()))))
+def _date(name: str) -> dt.date | None:
+    try:
+        return dt.date.fromisoformat(name)
+    except ValueError:
+        return None
+
+
+def _failed_source(batch: pa.Table) -> pa.Table:
+    """Sources of rows whose read failed (an image file, or a shard or table from its start)."""
+    failed = [
+        key.split(f"#{UNREADABLE} from its start>")[0]
+        for key, error in zip(batch.column("key").to_pylist(), batch.column("error").to_pylist(), strict=True)
+        if is_retryable(error)
+    ]
+    return pa.table({"source": pa.array(failed, pa.string())})
+
+
+def _read_in_full(selected: ray.data.Dataset, partition: Output, compacted: Compacted) -> ray.data.Dataset:
+    """The selected objects less those whose read failed: the ledger records only what was read. A shard
+    that broke off part-way, or a table of URIs some of which failed, counts as read: taking it again
+    would give its good rows a second date."""
+    if not compacted.retryable:
+        return selected
+    parts = [f"{partition.path}/{entry['name']}" for entry in compacted.files]
+    failed = parquet_files(partition.ray_fs, parts, ["key", "error"]).map_batches(
+        _failed_source, batch_size=None, **TASK
+    )
+    return without(selected, failed, ("uri",), ("source",))
 
 
 def nightly(config: RunConfig, date: dt.date | None = None) -> NightlySummary:
@@ -124,20 +177,19 @@ def nightly(config: RunConfig, date: dt.date | None = None) -> NightlySummary:
         partition = table.partition(date)
         rerun = partition.marker() is not None
         planned = plan(config.model_copy(update={"overwrite": rerun or config.overwrite}), run_id)
-        seen = table.seen_elsewhere(date)
-        new = planned.listing.join(seen, keys=["uri", "version"], join_type="left anti").sort_by("uri")
+        new = without(planned.listing, table.seen_elsewhere(date), ("uri", "version"), ("uri", "version"))
         summary, compacted = execute(planned, partition, lease, new)
-        read = _read_in_full(new, compacted.retryable_keys)
+        read = _read_in_full(new, partition, compacted).materialize()
         result = NightlySummary(
             date=date,
             partition=partition.uri,
-            listed=planned.listing.num_rows,
-            new_or_changed=new.num_rows,
-            retried_later=new.num_rows - read.num_rows,
+            listed=planned.listing.count(),
+            new_or_changed=new.count(),
+            retried_later=new.count() - read.count(),
             run=summary,
         )
         lease.check()
-        table.write_ledger(date, read)
+        table.write_ledger(date, read, planned.owner(table.root))
         crash_point("ledger-written")
         finish(partition, lease, summary, compacted, config.max_error_rate, result.model_dump(mode="json"))
     return result

@@ -34,6 +34,7 @@ from typing import Any
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from fsspec.implementations.local import LocalFileSystem
@@ -55,6 +56,7 @@ SOURCES = "_sources"
 PART_PREFIX = "part-"
 _THREADS = 16  # concurrent small reads (footers, key columns) against the store
 _SOURCE_RECORD = re.compile(r"^[0-9a-f]{32}\.json$")
+_STALE_RECORD = re.compile(r"^stale-[0-9a-f]{32}\.parquet$")
 # the config fields that shape the rows: a finished output is topped up only by the same job
 SAME_JOB = ("input", "model", "input_format", "image_column", "uri_column", "top_k")
 
@@ -75,16 +77,10 @@ class Survey:
     manifest: dict[str, Any] = field(default_factory=dict)
     parts: list[str] = field(default_factory=list)  # our table files at the top
     chunks: dict[str, list[str]] = field(default_factory=dict)  # attempt -> its chunk files
+    models: dict[str, str] = field(default_factory=dict)  # chunk file -> the model its rows came from
     staged: list[str] = field(default_factory=list)  # every file of ours under _staging/, chunks too
     temporary: list[str] = field(default_factory=list)  # our writes cut off before their rename
     foreign: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Resume:
-    """What earlier attempts left that this run keeps: their finished keys and chunk files."""
-
-    done: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -93,7 +89,7 @@ class Compacted:
 
     files: list[dict[str, Any]]  # name, rows, bytes: what the marker lists
     ok: int
-    retryable_keys: list[str]  # inputs whose read failed: not final
+    retryable: int  # rows of inputs whose read failed: not final
     errors_by_kind: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -157,12 +153,12 @@ class Output:
                 entries[name] = {"name": name, "type": "directory" if folder else "file"}
         return list(entries.values())
 
-    def _ours(self, paths: list[str]) -> list[bool]:
-        """Whether each Parquet file was written by the pipeline for this output (footers read in
-        parallel; a failed read raises)."""
+    def _owners(self, paths: list[str]) -> list[Ownership | None]:
+        """Who wrote each Parquet file for this output: None where the pipeline did not, or did for another
+        output (footers read in parallel; a failed read raises)."""
         with ThreadPoolExecutor(_THREADS) as pool:
             owners = list(pool.map(lambda path: owner_of(self.fs, path), paths))
-        return [owner is not None and owner.output == self.identity for owner in owners]
+        return [owner if owner is not None and owner.output == self.identity else None for owner in owners]
 
     def _temp(self, entry: dict[str, Any]) -> bool:
         # only disks get temp files (object stores publish whole): elsewhere the name proves nothing
@@ -190,12 +186,12 @@ class Output:
                 parquet.append(entry["name"])
             else:
                 found.foreign.append(entry["name"])
-        for path, ours in zip(parquet, self._ours(parquet), strict=True):
-            (found.parts if ours else found.foreign).append(path)
+        for path, owner in zip(parquet, self._owners(parquet), strict=True):
+            (found.parts if owner else found.foreign).append(path)
         return found
 
     def _survey_staging(self, staging: str, found: Survey) -> None:
-        chunks = []
+        chunks, stale = [], []
         for attempt in self._entries(staging):
             if attempt["type"] != "directory":
                 (found.temporary if self._temp(attempt) else found.foreign).append(attempt["name"])
@@ -206,18 +202,23 @@ class Output:
                     found.temporary.append(entry["name"])
                 elif entry["type"] == "file" and name.startswith(CHUNK_PREFIX) and name.endswith(".parquet"):
                     chunks.append((leaf(attempt["name"]), entry["name"]))
+                elif entry["type"] == "file" and _STALE_RECORD.match(name):
+                    stale.append(entry["name"])
                 elif name == SOURCES and entry["type"] == "directory":
                     for record in self._entries(entry["name"]):
                         ours = record["type"] == "file" and _SOURCE_RECORD.match(leaf(record["name"]))
                         (found.staged if ours else found.foreign).append(record["name"])
                 else:
                     found.foreign.append(entry["name"])
-        for (attempt, path), ours in zip(chunks, self._ours([path for _, path in chunks]), strict=True):
-            if ours:
+        for (attempt, path), owner in zip(chunks, self._owners([path for _, path in chunks]), strict=True):
+            if owner:
                 found.chunks.setdefault(attempt, []).append(path)
+                found.models[path] = owner.model_sha256
                 found.staged.append(path)
             else:
                 found.foreign.append(path)
+        for path, owner in zip(stale, self._owners(stale), strict=True):
+            (found.staged if owner else found.foreign).append(path)
 
     def refuse_foreign(self) -> None:
         """Stop before writing anything, even a lease, into a folder that holds others' files."""
@@ -245,8 +246,9 @@ class Output:
                         os.rmdir(folder)
                     folder = os.path.dirname(folder)
 
-    def prepare(self, overwrite: bool, ownership: Ownership, job: dict[str, Any]) -> Resume:
-        """Make the output ready for the run `ownership` names; returns what earlier attempts finished.
+    def prepare(self, overwrite: bool, ownership: Ownership, job: dict[str, Any]) -> list[str]:
+        """Make the output ready for the run `ownership` names; returns the chunk files earlier attempts
+        wrote (whose rows `pipeline/resume.py` keeps).
 
         A finished output (`_SUCCESS` or `_FAILURE`) is replaced only with `overwrite`, its marker
         removed first. One whose reads failed for some inputs is resumed instead by the same `job`
@@ -290,25 +292,14 @@ class Output:
         kept = [
             path for attempt, paths in survey.chunks.items() if attempt != ownership.attempt for path in paths
         ]
-        resume = Resume()
-        with ThreadPoolExecutor(_THREADS) as pool:
-            tables = list(pool.map(self._resumable_rows, kept))
-        for path, table in zip(kept, tables, strict=True):
-            if set(table.column("model_sha256").to_pylist()) - {ownership.model_sha256}:
-                raise ConfigError(
-                    f"output {self.uri!r} holds an unfinished run of another model ({path}); pass "
-                    "--overwrite to start over with this one"
-                )
-            keys, errors = table.column("key").to_pylist(), table.column("error").to_pylist()
-            resume.done.update(
-                key for key, error in zip(keys, errors, strict=True) if not is_retryable(error)
+        other = sorted({path for path in kept if survey.models[path] != ownership.model_sha256})
+        if other:
+            raise ConfigError(
+                f"output {self.uri!r} holds an unfinished run of another model ({other[0]}); pass "
+                "--overwrite to start over with this one"
             )
         self.fs.makedirs(self.path, exist_ok=True)
-        return resume
-
-    def _resumable_rows(self, path: str) -> pa.Table:
-        with self.fs.open(path, "rb") as f:
-            return pq.read_table(f, columns=["key", "error", "model_sha256"])
+        return sorted(kept)
 
     def marker(self) -> tuple[str, dict[str, Any]] | None:
         """The committed marker's name and manifest, or None."""
@@ -351,11 +342,10 @@ class Output:
         lease: Lease,
         expected: KeyDigest,
         rows_per_file: int,
-        stale: set[str] | None = None,
     ) -> Compacted:
         """Compact every attempt's chunks into the table's files (in Ray tasks, about `rows_per_file`
         rows each) and check them against the inputs; raises VerificationFailed, writing no marker.
-        Rows of earlier attempts for `stale` keys (inputs no longer listed) are left out."""
+        Rows of earlier attempts that this attempt's stale records name (`stale_record`) are left out."""
         lease.check()
         survey = self.survey()
         self._refuse_foreign(survey)
@@ -373,9 +363,7 @@ class Output:
             rows += chunk_rows(path)
         parts = [f"{self.path}/{PART_PREFIX}{ownership.run_id}-{i:05d}.parquet" for i in range(len(groups))]
         pending = [
-            _compact.remote(
-                self.ray_fs, group, part, ownership, self.staging(ownership.attempt), stale or set()
-            )
+            _compact.remote(self.ray_fs, group, part, ownership, self.staging(ownership.attempt))
             for group, part in zip(groups, parts, strict=True)
         ]
         if pending:
@@ -384,12 +372,12 @@ class Output:
         results = ray.get(pending)
         written = KeyDigest()
         kinds: Counter[str] = Counter()
-        compacted = Compacted(files=[], ok=0, retryable_keys=[])
+        compacted = Compacted(files=[], ok=0, retryable=0)
         for part, result in zip(parts, results, strict=True):
             written += KeyDigest.from_json(result["digest"])
             compacted.ok += result["ok"]
             kinds.update(result["errors_by_kind"])
-            compacted.retryable_keys += result["retryable_keys"]
+            compacted.retryable += result["retryable"]
             compacted.files.append({"name": leaf(part), "rows": result["rows"], "bytes": result["bytes"]})
         if written != expected:
             raise VerificationFailed(
@@ -410,35 +398,50 @@ class Output:
         self._remove(survey.staged + survey.temporary)
 
 
+def stale_record(staging: str, chunk: str) -> str:
+    """Where an attempt records the keys of an earlier attempt's `chunk` whose inputs are no longer
+    listed (`pipeline/resume.py`), for the commit to leave out."""
+    return f"{staging}/stale-{hashlib.sha256(chunk.encode()).hexdigest()[:32]}.parquet"
+
+
 @ray.remote(num_cpus=0.5)
-def _compact(
-    fs, chunks: list[str], part: str, ownership: Ownership, staging: str, stale: set[str]
-) -> dict[str, Any]:
+def _compact(fs, chunks: list[str], part: str, ownership: Ownership, staging: str) -> dict[str, Any]:
     """One table file from a group of chunks. From chunks of earlier attempts (outside this attempt's
-    `staging`) failed reads are left out, as this attempt read those inputs again, and so are `stale`
-    keys. Returns the file's size and the counts the commit checks and reports."""
+    `staging`) failed reads are left out, as this attempt read those inputs again, and so are the keys
+    their stale record names. Returns the file's size and the counts the commit checks and reports."""
     fs = fs or LocalFileSystem()
     tables = []
     for path in chunks:
         with fs.open(path, "rb") as f:
             table = pq.read_table(f)
         if not path.startswith(staging + "/"):
-            keys, errors = table.column("key").to_pylist(), table.column("error").to_pylist()
-            keep = [not is_retryable(e) and k not in stale for k, e in zip(keys, errors, strict=True)]
-            table = table.filter(pa.array(keep, pa.bool_()))
+            keep = pc.invert(pc.is_in(table.column("key"), _stale_keys(fs, stale_record(staging, path))))
+            table = table.filter(pc.and_(keep, pc.invert(_retryable(table.column("error")))))
         tables.append(table.replace_schema_metadata(None))
     table = pa.concat_tables(tables)
     size = write_table(fs, part, table, ownership)
-    keys, errors = table.column("key").to_pylist(), table.column("error").to_pylist()
+    errors = table.column("error").to_pylist()
     failed = [e for e in errors if e is not None]
     return {
         "rows": table.num_rows,
         "bytes": size,
         "ok": table.num_rows - len(failed),
         "errors_by_kind": dict(Counter(error_kind(e) for e in failed)),
-        "retryable_keys": [k for k, e in zip(keys, errors, strict=True) if is_retryable(e)],
-        "digest": KeyDigest().add(keys).to_json(),
+        "retryable": sum(is_retryable(e) for e in failed),
+        "digest": KeyDigest().add(table.column("key").to_pylist()).to_json(),
     }
+
+
+def _retryable(errors: pa.ChunkedArray) -> pa.Array:
+    return pa.array([is_retryable(e) for e in errors.to_pylist()], pa.bool_())
+
+
+def _stale_keys(fs, record: str) -> pa.Array:
+    try:
+        with fs.open(record, "rb") as f:
+            return pq.read_table(f, columns=["key"]).column("key").combine_chunks()
+    except FileNotFoundError:
+        return pa.array([], pa.string())
 
 
 def record_source(fs, folder: str, source: str, keys: list[str]) -> None:

@@ -16,19 +16,19 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import pyarrow as pa
 import ray
 from pydantic import BaseModel
 
 from dinat_batch.pipeline.config import ConfigError, RunConfig
-from dinat_batch.pipeline.digest import KeyDigest
 from dinat_batch.pipeline.gpu_decoding import unsupported
 from dinat_batch.pipeline.lease import Lease
 from dinat_batch.pipeline.locations import resolve
 from dinat_batch.pipeline.model import load_model
 from dinat_batch.pipeline.model.preprocessing import PreprocessConfig
-from dinat_batch.pipeline.output import FAILURE, SUCCESS, Compacted, Output, Resume, VerificationFailed
+from dinat_batch.pipeline.output import FAILURE, SUCCESS, Compacted, Output, VerificationFailed
 from dinat_batch.pipeline.ownership import Ownership
+from dinat_batch.pipeline.resume import Resume, resume, unfinished
+from dinat_batch.pipeline.selection import digest
 from dinat_batch.pipeline.stages import decode, infer, read, write
 from dinat_batch.pipeline.stages.infer import ActorSettings
 
@@ -71,7 +71,7 @@ class Plan:
     run_id: str
     attempt: str  # this start of the run: the name of its staging folder
     kind: str
-    listing: pa.Table  # uri, size, version of each image file, shard or table to read
+    listing: ray.data.MaterializedDataset  # uri, size, version of each image file, shard or table to read
     preprocessing: PreprocessConfig
     model_sha256: str
     num_features: int
@@ -175,7 +175,7 @@ def plan(config: RunConfig, run_id: str) -> Plan:
     listing = read.list_objects(config.input, config.storage_options)
     kind, listing = read.choose_kind(config, listing)
     if kind == "parquet":
-        read.check_table(listing.column("uri")[0].as_py(), config)
+        read.check_table(listing.take(1)[0]["uri"], config)
     return Plan(
         config,
         run_id,
@@ -193,34 +193,34 @@ def plan(config: RunConfig, run_id: str) -> Plan:
 
 
 def execute(
-    plan: Plan, output: Output, lease: Lease, listing: pa.Table | None = None
+    plan: Plan, output: Output, lease: Lease, listing: ray.data.Dataset | None = None
 ) -> tuple[RunSummary, Compacted]:
     """Process `listing` (default: the plan's) into `output`, whose lease this process holds, and compact
     and check its rows; `finish` then commits them."""
     config = plan.config
-    listing = plan.listing if listing is None else listing
+    listing = (plan.listing if listing is None else listing).materialize()
     owner = plan.owner(output)
-    resume = output.prepare(config.overwrite, owner, config.model_dump(mode="json"))
+    earlier = output.prepare(config.overwrite, owner, config.model_dump(mode="json"))
     t0 = time.monotonic()
-    listed = set(listing.column("uri").to_pylist())
-    if plan.kind == "files":
-        if not listed <= resume.done:
-            _execute(plan, listing, output, owner, resume)
-        expected = KeyDigest().add(listed)
-    else:
-        if listing.num_rows:
-            _execute(plan, listing, output, owner, resume)
-        expected, sources = output.source_digest(plan.attempt)
-        if sources != listing.num_rows:
-            raise VerificationFailed(
-                f"{sources} of {listing.num_rows} {plan.kind} sources were read to the end: nothing was "
-                "committed; run the same command again"
-            )
     # rows earlier attempts wrote for inputs that are no longer listed (deleted since, or taken by
     # another nightly date) are left out: the table holds one row per input listed now
-    stale = _stale(resume.done, listed, plan)
-    resumed = len(resume.done) - len(stale)
-    compacted = output.compact(owner, lease, expected, config.rows_per_file, stale)
+    kept = resume(output, earlier, listing, plan.kind, config.uri_column is not None, owner)
+    if plan.kind == "files":
+        todo = unfinished(listing, kept.done)
+        if todo.count():
+            _execute(plan, todo, output, owner, None)
+        expected = digest(listing, "uri")
+    else:
+        sources = listing.count()
+        if sources:
+            _execute(plan, listing, output, owner, kept)
+        expected, recorded = output.source_digest(plan.attempt)
+        if recorded != sources:
+            raise VerificationFailed(
+                f"{recorded} of {sources} {plan.kind} sources were read to the end: nothing was "
+                "committed; run the same command again"
+            )
+    compacted = output.compact(owner, lease, expected, config.rows_per_file)
     finished = time.monotonic()
     images = compacted.ok + compacted.errors
     summary = RunSummary(
@@ -233,17 +233,17 @@ def execute(
         device=plan.actors[0],
         decode="gpu" if plan.jpegs_to_device else "cpu",
         images=images,
-        resumed=resumed,
+        resumed=kept.resumed,
         ok=compacted.ok,
         errors=compacted.errors,
-        retryable_errors=len(compacted.retryable_keys),
+        retryable_errors=compacted.retryable,
         errors_by_kind=compacted.errors_by_kind,
         files=len(compacted.files),
         started_at=plan.started_at,
         finished_at=datetime.now(UTC),
         listing_seconds=plan.listing_seconds,
         seconds=round(finished - t0 + plan.listing_seconds, 3),
-        images_per_second=round((images - resumed) / max(finished - t0, 1e-9), 2),
+        images_per_second=round((images - kept.resumed) / max(finished - t0, 1e-9), 2),
         config=config.redacted(),
     )
     return summary, compacted
@@ -287,23 +287,15 @@ def run(config: RunConfig | dict[str, Any]) -> RunSummary:
     return summary
 
 
-def _stale(done: set[str], listed: set[str], plan: Plan) -> set[str]:
-    """Keys earlier attempts wrote whose object is no longer listed: the file itself, or the shard or
-    table before `#`. A table's URI column keys rows by the images' own URIs, which name no table: none
-    are known stale there (such a resume fails its check if a table went away: rerun with overwrite)."""
-    if plan.config.uri_column:
-        return set()
-    if plan.kind == "files":
-        return {key for key in done if key not in listed}
-    return {key for key in done if key.split("#", 1)[0] not in listed}
-
-
-def _execute(plan: Plan, listing: pa.Table, output: Output, owner: Ownership, resume: Resume) -> None:
-    """The Ray Data plan: read, decode, infer, write (pipeline.stages)."""
+def _execute(
+    plan: Plan, listing: ray.data.Dataset, output: Output, owner: Ownership, kept: Resume | None
+) -> None:
+    """The Ray Data plan: read, decode, infer, write (pipeline.stages); `kept`: the containers' rows
+    that earlier attempts finished."""
     config = plan.config
     device, num_gpus, min_actors, max_actors = plan.actors
     records = output.ray_target(output.sources(plan.attempt))
-    rows = read.dataset(plan.kind, listing, config, resume.done, records)
+    rows = read.dataset(plan.kind, listing, config, kept.done if kept else None, records)
     decoded = decode.apply(rows, plan.preprocessing, config.max_pixels, plan.jpegs_to_device)
     settings = ActorSettings.of(config, plan.run_id, device, plan.jpegs_to_device)
     predicted = infer.apply(decoded, settings, num_gpus, min_actors, max_actors)

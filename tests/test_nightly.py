@@ -85,7 +85,7 @@ def test_days_reruns_and_crashes(store, tiny_model, ray_session, monkeypatch):
     table = read_output(config.output, options)
     assert DAY4.isoformat() not in set(table.column("run_date").to_pylist())
     assert table.num_rows == 3 + 2
-    assert Table(config.output, options).seen_elsewhere(dt.date(2026, 11, 28)).num_rows == 3 + 2
+    assert Table(config.output, options).seen_elsewhere(dt.date(2026, 11, 28)).count() == 3 + 2
 
     day4 = nightly(config, DAY4)
     assert day4.new_or_changed == 1

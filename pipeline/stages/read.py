@@ -29,6 +29,7 @@ from dinat_batch.pipeline.config import IMAGE_EXTENSIONS, ConfigError, RunConfig
 from dinat_batch.pipeline.errors import error_text, read_error
 from dinat_batch.pipeline.locations import GLOB_CHARS, Location, glob_prefix, resolve
 from dinat_batch.pipeline.output import record_source
+from dinat_batch.pipeline.selection import attach, each_group, without
 from dinat_batch.pipeline.stages import CPU_TASK, Stage
 
 ROWS = pa.schema([("key", pa.string()), ("data", pa.binary()), ("error", pa.string())])
@@ -37,6 +38,7 @@ LOCATED = pa.schema(
 )
 LISTING = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("version", pa.string())])
 _KIND_EXTENSIONS = {"files": IMAGE_EXTENSIONS, "webdataset": (".tar",), "parquet": (".parquet",)}
+DONE = "done"  # a listing column: the keys of a container that earlier attempts finished
 UNREADABLE = "<unreadable"  # the key of a shard's error row: `SHARD#<unreadable from its start>`, ...
 _ROWS_PER_BLOCK = 1024  # rows emitted at a time while expanding shards and tables
 # read tasks fuse with the decode tasks after them, which needs the same resources
@@ -96,10 +98,34 @@ def _listing(infos: list[dict[str, Any]], where: Spelling, root: str) -> pa.Tabl
     )
 
 
+def _fresh(uri: str, storage_options: dict[str, Any]):
+    """The filesystem and path of `uri`, without listings cached by an earlier run in this (reused)
+    worker process."""
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+    fs.invalidate_cache()
+    return fs, path
+
+
 @ray.remote(num_cpus=0.25)
 def _find(uri: str, storage_options: dict[str, Any]) -> pa.Table:
-    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+    fs, path = _fresh(uri, storage_options)
     return _listing(list(fs.find(path, detail=True).values()), Spelling.of(uri), path)
+
+
+@ray.remote(num_cpus=0.25)
+def _glob(uri: str, storage_options: dict[str, Any]) -> pa.Table:
+    fs, path = _fresh(uri, storage_options)
+    return _listing(list(fs.glob(path, detail=True).values()), Spelling.of(uri), _glob_root(path))
+
+
+@ray.remote(num_cpus=0.25, num_returns=2)
+def _top(uri: str, storage_options: dict[str, Any]) -> tuple[pa.Table, list[str]]:
+    """The files directly under a prefix, and the URIs of its folders (each listed by its own task)."""
+    fs, path = _fresh(uri, storage_options)
+    top = fs.ls(path, detail=True)
+    where = Spelling.of(uri)
+    folders = [i["name"] for i in top if i["type"] == "directory" and not _hidden(f"{i['name']}/x", path)]
+    return _listing(top, where, path), [where.uri(folder) for folder in folders]
 
 
 def _glob_root(pattern: str) -> str:
@@ -107,43 +133,62 @@ def _glob_root(pattern: str) -> str:
     return glob_prefix(pattern).rsplit("/", 1)[0]
 
 
-def list_objects(uri: str, storage_options: dict[str, Any]) -> pa.Table:
-    """Every object under a prefix, matching a glob, or the one file named: `uri`, `size`, `version`."""
-    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
-    where = Spelling.of(uri)
+def list_objects(uri: str, storage_options: dict[str, Any]) -> ray.data.MaterializedDataset:
+    """Every object under a prefix, matching a glob, or the one file named: `uri`, `size`, `version`.
+    Listed in Ray tasks, one per top-level folder; the rows stay in Ray's object store."""
+    fs, path = _fresh(uri, storage_options)
     if any(c in path for c in GLOB_CHARS):
-        return _listing(list(fs.glob(path, detail=True).values()), where, _glob_root(path))
+        return ray.data.from_arrow_refs([_glob.remote(uri, storage_options)])
     if fs.isfile(path):
-        return _listing([fs.info(path)], where, path)
+        return ray.data.from_arrow(_listing([fs.info(path)], Spelling.of(uri), path))
     if not fs.isdir(path):
         raise ConfigError(f"input {uri!r} does not exist (no object or prefix of that name); check the URI")
-    top = fs.ls(path, detail=True)
-    folders = [i["name"] for i in top if i["type"] == "directory" and not _hidden(f"{i['name']}/x", path)]
-    tables = [_listing(top, where, path)]
-    tables += ray.get([_find.remote(where.uri(folder), storage_options) for folder in folders])
-    return pa.concat_tables(tables).sort_by("uri")
+    files, folders = _top.remote(uri, storage_options)
+    return ray.data.from_arrow_refs(
+        [files] + [_find.remote(folder, storage_options) for folder in ray.get(folders)]
+    )
 
 
-def choose_kind(config: RunConfig, listing: pa.Table) -> tuple[str, pa.Table]:
+def _has_extension(uris: pa.ChunkedArray, ext: tuple[str, ...]) -> pa.ChunkedArray:
+    names = pc.utf8_lower(uris)
+    keep = pc.ends_with(names, ext[0])
+    for e in ext[1:]:
+        keep = pc.or_(keep, pc.ends_with(names, e))
+    return keep
+
+
+def _kind_counts(batch: pa.Table) -> pa.Table:
+    uris = batch.column("uri")
+    counts = {
+        kind: [pc.sum(_has_extension(uris, ext)).as_py() or 0] for kind, ext in _KIND_EXTENSIONS.items()
+    }
+    return pa.table({"objects": [batch.num_rows], **counts})
+
+
+def _of_kind(batch: pa.Table, ext: tuple[str, ...]) -> pa.Table:
+    return batch.filter(_has_extension(batch.column("uri"), ext))
+
+
+def choose_kind(config: RunConfig, listing: ray.data.Dataset) -> tuple[str, ray.data.MaterializedDataset]:
     """The input kind (configured, or guessed from the extensions found) and the listing rows it reads."""
-    names = listing.column("uri").to_pylist()
-    counts = {kind: sum(n.lower().endswith(ext) for n in names) for kind, ext in _KIND_EXTENSIONS.items()}
+    tasks = {"batch_format": "pyarrow", **STAGE.resources}
+    counts = Counter[str]()
+    for row in listing.map_batches(_kind_counts, batch_size=None, **tasks).take_all():
+        counts.update(row)
     kind = config.input_format
     if kind == "auto":
-        kind = next((k for k, count in counts.items() if count), None)
+        kind = next((k for k in _KIND_EXTENSIONS if counts[k]), None)
         if kind is None:
             raise ConfigError(
-                f"found {len(names)} objects under {config.input!r} and none is an image "
+                f"found {counts['objects']} objects under {config.input!r} and none is an image "
                 f"({', '.join(IMAGE_EXTENSIONS)}), a .tar shard or a .parquet table; check --input"
             )
     ext = _KIND_EXTENSIONS[kind]
-    keep = pa.array([n.lower().endswith(ext) for n in names], pa.bool_())
-    chosen = listing.filter(keep)
-    if chosen.num_rows == 0:
+    if counts[kind] == 0:
         raise ConfigError(
             f"input_format is {kind!r} but no {'/'.join(ext)} objects are under {config.input!r}"
         )
-    return kind, chosen
+    return kind, listing.map_batches(_of_kind, batch_size=None, fn_kwargs={"ext": ext}, **tasks).materialize()
 
 
 def _too_large(size: int, limit: int) -> str:
@@ -221,10 +266,11 @@ def read_objects(batch: pa.Table, rules: ReadRules, threads: int = 16) -> pa.Tab
     return _rows(batch.column("key").to_pylist(), [f[0] for f in fetched], [f[1] for f in fetched])
 
 
-def locate_files(listing: pa.Table) -> pa.Table:
-    """Listed image files as read_objects input: each keyed by its own URI."""
+def read_listed(listing: pa.Table, rules: ReadRules) -> pa.Table:
+    """Listed image files -> `(key, data, error)`, each keyed by its own URI."""
     uris = listing.column("uri")
-    return pa.table([uris, uris, pa.nulls(len(uris), pa.string()), listing.column("size")], schema=LOCATED)
+    located = pa.table([uris, uris, pa.nulls(len(uris), pa.string()), listing.column("size")], schema=LOCATED)
+    return read_objects(located, rules)
 
 
 def _sample_key(member_name: str) -> tuple[str, str]:
@@ -389,55 +435,62 @@ def read_tables(batch: pa.Table, config: RunConfig) -> Iterator[pa.Table]:
             )
 
 
-def _blocks(table: pa.Table, rows: int) -> list[pa.Table]:
-    """Split a listing into blocks so that Ray spreads its rows over many tasks."""
-    return [table.slice(start, rows) for start in range(0, table.num_rows, rows)] or [table]
-
-
-def _drop_keys(batch: pa.Table, done: set[str]) -> pa.Table:
-    keep = [key not in done for key in batch.column("key").to_pylist()]
-    return batch.filter(pa.array(keep, pa.bool_()))
-
-
 def _read_recorded(batch: pa.Table, read, fs, folder: str, **kwargs):
     """`read` (shards or tables) one container at a time, recording the keys each gave in `folder` (see
-    `pipeline/output.py` (`record_source`)): the commit compares the rows written with them."""
+    `pipeline/output.py` (`record_source`)): the commit compares the rows written with them. A `done`
+    column lists keys of a container that earlier attempts finished: their rows are not given again."""
+    done = batch.column(DONE).to_pylist() if DONE in batch.column_names else [None] * batch.num_rows
     for i in range(batch.num_rows):
         keys: list[str] = []
+        finished = set(done[i] or ())
         for rows in read(batch.slice(i, 1), **kwargs):
             keys += rows.column("key").to_pylist()
-            yield rows
+            yield rows.filter(pc.invert(pc.is_in(rows.column("key"), pa.array(finished, pa.string()))))
         record_source(fs, folder, batch.column("uri")[i].as_py(), keys)
 
 
+def _finished_by_source(group: pa.Table) -> pa.Table:
+    return pa.table(
+        {"uri": [group.column("source")[0].as_py()], DONE: [group.column("key").to_pylist()]},
+        schema=pa.schema([("uri", pa.string()), (DONE, pa.list_(pa.string()))]),
+    )
+
+
 def dataset(
-    kind: str, listing: pa.Table, config: RunConfig, done: set[str], records: tuple[str, Any]
+    kind: str,
+    listing: ray.data.Dataset,
+    config: RunConfig,
+    done: ray.data.Dataset | None,
+    records: tuple[str, Any],
 ) -> ray.data.Dataset:
-    """`(key, data, error)` rows, one per image of `listing` not in `done` (written by an earlier attempt).
-    Shards and tables record the keys each gave under `records` (folder, filesystem)."""
+    """`(key, data, error)` rows, one per image of `listing` whose key is not in `done` (`key` and
+    `source` columns: rows an earlier attempt finished). For image files `listing` is what is left to
+    read. Shards and tables record the keys each gave under `records` (folder, filesystem)."""
     tasks = {"batch_format": "pyarrow", **STAGE.resources}
-    rules = ReadRules.of(config)
     if kind == "files":
-        located = _drop_keys(locate_files(listing), done)
-        blocks = ray.data.from_arrow(_blocks(located, config.read_batch_size))
-        return blocks.map_batches(
-            read_objects, batch_size=config.read_batch_size, **tasks, fn_kwargs={"rules": rules}
+        return listing.repartition(target_num_rows_per_block=config.read_batch_size).map_batches(
+            read_listed, batch_size=config.read_batch_size, **tasks, fn_kwargs={"rules": ReadRules.of(config)}
         )
     folder, fs = records
     recorded = {
         "fs": fs,
         "folder": folder,
-        **({"read": read_shards, "rules": rules} if kind == "webdataset" else {}),
+        **({"read": read_shards, "rules": ReadRules.of(config)} if kind == "webdataset" else {}),
         **({"read": read_tables, "config": config} if kind == "parquet" else {}),
     }
-    rows = ray.data.from_arrow(_blocks(listing, 1)).map_batches(
+    if done is not None and not config.uri_column:
+        # the bytes come with the keys: each container's finished keys travel to the task that reads it
+        listing = attach(listing, each_group(done, "source", _finished_by_source), "uri")
+    rows = listing.repartition(target_num_rows_per_block=1).map_batches(
         _read_recorded, batch_size=1, **tasks, fn_kwargs=recorded
     )
-    if done:
-        rows = rows.map_batches(_drop_keys, **(tasks | {"fn_kwargs": {"done": done}}))
     if kind == "parquet" and config.uri_column:
-        table_rules = ReadRules.of(config, from_table=True)
+        if done is not None:  # keys come before their bytes here: a join drops the finished ones
+            rows = without(rows, done.select_columns(["key"]), ("key",), ("key",))
         return rows.map_batches(
-            read_objects, batch_size=config.read_batch_size, **tasks, fn_kwargs={"rules": table_rules}
+            read_objects,
+            batch_size=config.read_batch_size,
+            **tasks,
+            fn_kwargs={"rules": ReadRules.of(config, from_table=True)},
         )
     return rows

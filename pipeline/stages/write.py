@@ -102,10 +102,10 @@ def output_rows(
 CHUNK_PREFIX = "chunk-"
 
 
-def chunk_name(index: int, rows: int) -> str:
+def chunk_name(index: int, rows: int, prefix: str = CHUNK_PREFIX) -> str:
     """`chunk-INDEX-ROWS.parquet`: the writing task's index, so that a retried task replaces its own file,
     and its rows, so that grouping chunks into files needs no read."""
-    return f"{CHUNK_PREFIX}{index:06d}-{rows}.parquet"
+    return f"{prefix}{index:06d}-{rows}.parquet"
 
 
 def chunk_rows(name: str) -> int:
@@ -114,14 +114,21 @@ def chunk_rows(name: str) -> int:
 
 
 class ChunkSink(Datasink):
-    """Ray Data sink: each write task's rows as one chunk file in the attempt's staging folder, named by
-    the task's index so that a retried task replaces its own file instead of adding a second."""
+    """Ray Data sink: each write task's rows as one chunk file in `folder` (the attempt's staging folder,
+    or a nightly ledger's), named by the task's index so that a retried task replaces its own file
+    instead of adding a second."""
 
     def __init__(
-        self, folder: str, filesystem, ownership: Ownership, schema: pa.Schema, min_rows: int | None
+        self,
+        folder: str,
+        filesystem,
+        ownership: Ownership,
+        schema: pa.Schema,
+        min_rows: int | None,
+        prefix: str = CHUNK_PREFIX,
     ):
         self.folder, self.filesystem, self.ownership = folder, filesystem, ownership
-        self.schema, self._min_rows = schema, min_rows
+        self.schema, self._min_rows, self.prefix = schema, min_rows, prefix
 
     @property
     def min_rows_per_write(self) -> int | None:
@@ -133,7 +140,7 @@ class ChunkSink(Datasink):
         if not tables:
             return None
         table = pa.concat_tables(tables).cast(self.schema)
-        name = chunk_name(ctx.task_idx, table.num_rows)
+        name = chunk_name(ctx.task_idx, table.num_rows, self.prefix)
         fs = self.filesystem or LocalFileSystem()
         write_table(fs, f"{self.folder}/{name}", table, self.ownership)
         return name

@@ -86,7 +86,10 @@ class RunConfig(BaseModel):
     )
     min_actors: int = Field(1, ge=1, description="smallest inference actor pool")
     max_actors: int | None = Field(
-        None, ge=1, description="default: one per GPU in the cluster, or one on a CPU-only cluster"
+        None,
+        ge=1,
+        description="default: on GPUs no bound, the pool grows onto every GPU node that joins; one on a "
+        "CPU-only cluster",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto",

@@ -75,7 +75,7 @@ class Plan:
     preprocessing: PreprocessConfig
     model_sha256: str
     num_features: int
-    actors: tuple[str, int, int, int]
+    actors: tuple[str, int, int, int | None]
     jpegs_to_device: bool
     started_at: datetime
     listing_seconds: float
@@ -84,16 +84,20 @@ class Plan:
         return Ownership(self.run_id, self.model_sha256, self.attempt, output.identity)
 
 
-def _actors(config: RunConfig) -> tuple[str, int, int, int]:
-    """device, GPUs per actor, min and max pool size: GPU actors only where GPUs exist (or are asked for,
-    for autoscaling clusters), so that a CPU-only cluster never waits for a GPU that will not come."""
+def _actors(config: RunConfig) -> tuple[str, int, int, int | None]:
+    """device, GPUs per actor, min and max pool size (None: no bound). GPU actors where GPUs exist (or are
+    asked for, for autoscaling clusters that start without any), so that a CPU-only cluster never waits
+    for a GPU that will not come. A GPU pool has no default bound: it grows onto each GPU node that joins
+    while the run goes on, as far as the autoscaler lets the cluster grow. A CPU actor runs its model on
+    all of its machine's cores, so by default there is one: CPU clusters are for trying things out
+    (set max_actors, with cpu_threads, to use more machines)."""
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if config.device == "cuda" or (config.device == "auto" and gpus > 0):
-        device, num_gpus, default_max = "cuda", 1, max(gpus, 1)
+        device, num_gpus, default_max = "cuda", 1, None
     else:
         device, num_gpus, default_max = "cpu", 0, 1
     max_size = config.max_actors or default_max
-    return device, num_gpus, min(config.min_actors, max_size), max_size
+    return device, num_gpus, min(config.min_actors, max_size or config.min_actors), max_size
 
 
 def _decode_on_device(config: RunConfig, device: str, preprocessing: PreprocessConfig) -> bool:

@@ -18,7 +18,7 @@ import ray
 
 from dinat_batch.pipeline.config import ConfigError, RunConfig
 from dinat_batch.pipeline.model import ModelLoadError, load_model
-from dinat_batch.pipeline.run import ray_connection, refuse_node_local_paths, run
+from dinat_batch.pipeline.run import _actors, ray_connection, refuse_node_local_paths, run
 from dinat_batch.pipeline.stages.write import output_schema
 from tests.data import (
     MAX_PIXELS,
@@ -313,3 +313,19 @@ def test_a_run_on_several_nodes_refuses_a_local_output_before_any_write(
     with pytest.raises(ConfigError, match="2 nodes"):
         run(config)
     assert not (tmp_path / "out").exists()  # not even a lease
+
+
+@pytest.mark.parametrize(
+    ("gpus", "settings", "expected"),
+    [
+        (0, {"device": "cuda"}, ("cuda", 1, 1, None)),  # an autoscaling cluster before its first GPU node
+        (4, {}, ("cuda", 1, 1, None)),  # not bounded by the GPUs present at the start
+        (4, {"min_actors": 2, "max_actors": 3}, ("cuda", 1, 2, 3)),
+        (0, {}, ("cpu", 0, 1, 1)),
+        (0, {"max_actors": 3, "cpu_threads": 1}, ("cpu", 0, 1, 3)),
+    ],
+)
+def test_actor_pool_grows_with_the_cluster_by_default(gpus, settings, expected, monkeypatch):
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8, "GPU": gpus})
+    config = RunConfig(input="s3://b/in", output="s3://b/out", model="m", **settings)
+    assert _actors(config) == expected

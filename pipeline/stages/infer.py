@@ -152,7 +152,11 @@ class Predictor:
 
 
 def apply(
-    dataset: ray.data.Dataset, settings: ActorSettings, num_gpus: int, min_actors: int, max_actors: int
+    dataset: ray.data.Dataset,
+    settings: ActorSettings,
+    num_gpus: int,
+    min_actors: int,
+    max_actors: int | None,
 ) -> ray.data.Dataset:
     # the actor sizes its model calls itself on a GPU (from free memory); a call brings it up to the most
     call_batch = settings.batch_size or (MAX_AUTO_BATCH if settings.device == "cuda" else CPU_BATCH)

@@ -10,6 +10,7 @@ need `env` (the token is generated per head), e.g. `env RAY_AUTH_MODE=token RAY_
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -25,18 +26,46 @@ from pathlib import Path
 from dinat_batch.infra.processes import Service, free_port, stop_group
 
 
+def node_ports() -> list[str]:
+    """`ray start` flags giving a node's own services free ports: several nodes share one machine."""
+    flags = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port")
+    flags += ("runtime-env-agent-port", "object-manager-port", "node-manager-port")
+    return [f"--{flag}={free_port()}" for flag in flags]
+
+
+def ray_start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """`ray start ARGS` in its own process group (stopped by signalling the group, never `ray stop`)."""
+    bin_dir = Path(sys.executable).parent
+    # a job's entrypoint (`dinat-batch ...`) must be on the node's PATH
+    env = os.environ | env | {"PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen(
+        [str(bin_dir / "ray"), "start", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+
+
 class LocalRayHead(Service):
     def __init__(self, num_cpus: int = 4, startup_timeout: float = 90.0):
         self.num_cpus = num_cpus
         self.startup_timeout = startup_timeout
         self.token = secrets.token_hex(16)
         self.dashboard_port = 0
+        self.gcs_port = 0
         self._temp_dir = ""
         self._process: subprocess.Popen | None = None
 
     @property
     def address(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def gcs_address(self) -> str:
+        """Where drivers (`ray.init(address=...)`) and worker nodes (`ray start --address`) connect."""
+        return f"127.0.0.1:{self.gcs_port}"
 
     @property
     def env(self) -> dict[str, str]:
@@ -46,32 +75,22 @@ class LocalRayHead(Service):
         # short: Ray's unix socket paths under the temp dir must stay below ~107 characters
         self._temp_dir = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")
         self.dashboard_port = free_port()
-        bin_dir = Path(sys.executable).parent
-        args = [str(bin_dir / "ray"), "start", "--head", "--block", "--disable-usage-stats"]
+        self.gcs_port = free_port()
+        args = ["--head", "--block", "--disable-usage-stats"]
         args += ["--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--include-dashboard=true"]
         args += [f"--num-cpus={self.num_cpus}", "--num-gpus=0", f"--temp-dir={self._temp_dir}"]
-        args += [f"--dashboard-port={self.dashboard_port}"]
-        for flag in (
-            "port",
-            "ray-client-server-port",
-            "dashboard-agent-listen-port",
-            "dashboard-agent-grpc-port",
-            "metrics-export-port",
-            "runtime-env-agent-port",
-            "object-manager-port",
-            "node-manager-port",
-        ):
-            args.append(f"--{flag}={free_port()}")
-        # the job's entrypoint (`dinat-batch ...`) must be on the head's PATH
-        env = os.environ | self.env | {"PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-        env.pop("RAY_ADDRESS", None)
-        self._process = subprocess.Popen(
-            args,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
+        args += [f"--dashboard-port={self.dashboard_port}", f"--port={self.gcs_port}"]
+        args += [f"--ray-client-server-port={free_port()}", *node_ports()]
+        self._process = ray_start(args, self.env)
+
+    def alive_nodes(self) -> set[int]:
+        """The node-manager ports of the nodes the head counts alive (its dashboard's view)."""
+        request = urllib.request.Request(
+            f"{self.address}/nodes?view=summary", headers={"Authorization": f"Bearer {self.token}"}
         )
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            nodes = json.loads(answer.read())["data"]["summary"]
+        return {node["raylet"]["nodeManagerPort"] for node in nodes if node["raylet"]["state"] == "ALIVE"}
 
     def _wait_ready(self) -> None:
         """Ready when the job server answers HTTP at all (401 included: it is up, and wants the token)."""

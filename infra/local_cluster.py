@@ -1,0 +1,117 @@
+"""Several Ray nodes on one machine, for the multi-node tests and benchmarks: a head (`LocalRayHead`, with
+no CPUs of its own unless asked, so that work runs on the workers) and worker nodes, each its own
+`ray start --block` with its own ports and a resource naming it, added and killed while a run goes on.
+Every node is stopped by signalling its process group, never by `ray stop`.
+
+    with LocalCluster(workers=2, cpus_per_worker=2) as cluster:
+        cluster.driver_env             # RAY_ADDRESS and the token, for a driver process
+        node = cluster.add_worker()    # a machine joins
+        cluster.kill(node)             # SIGKILL its process group: a machine lost
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+
+from dinat_batch.infra.local_ray import LocalRayHead, node_ports, ray_start
+from dinat_batch.infra.processes import Service, stop_group
+
+
+@dataclass
+class WorkerNode:
+    name: str  # also a custom resource of 1 on the node, to place work on it
+    process: subprocess.Popen
+    node_manager_port: int
+
+
+class LocalCluster(Service):
+    def __init__(
+        self,
+        workers: int = 2,
+        cpus_per_worker: int = 2,
+        head_cpus: int = 0,
+        object_store_mb: int = 256,
+        startup_timeout: float = 90.0,
+    ):
+        self.cpus_per_worker, self.object_store_mb = cpus_per_worker, object_store_mb
+        self.startup_timeout = startup_timeout
+        self.head = LocalRayHead(num_cpus=head_cpus, startup_timeout=startup_timeout)
+        self.workers: list[WorkerNode] = []
+        self._initial = workers
+
+    @property
+    def address(self) -> str:
+        return self.head.gcs_address
+
+    @property
+    def driver_env(self) -> dict[str, str]:
+        return self.head.env | {"RAY_ADDRESS": self.address}
+
+    def _launch(self) -> None:
+        self.head.start()
+        for _ in range(self._initial):
+            self.add_worker()
+
+    def _wait_ready(self) -> None:
+        """Each node waited for as it was added."""
+
+    def add_worker(self, cpus: int | None = None) -> WorkerNode:
+        name = f"worker-{len(self.workers) + 1}"
+        ports = node_ports()
+        manager_port = int(next(f for f in ports if f.startswith("--node-manager-port=")).split("=")[1])
+        args = ["--address", self.address, "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
+        args += [
+            f"--num-cpus={cpus or self.cpus_per_worker}",
+            "--num-gpus=0",
+            f"--resources={json.dumps({name: 1})}",
+        ]
+        args += [f"--object-store-memory={self.object_store_mb * 2**20}", *ports]
+        node = WorkerNode(name, ray_start(args, self.head.env), manager_port)
+        self.workers.append(node)
+        self._wait_listening(node)
+        return node
+
+    def _wait_listening(self, node: WorkerNode) -> None:
+        """Ready when the head counts the node alive."""
+        deadline = time.monotonic() + self.startup_timeout
+        while node.node_manager_port not in self.head.alive_nodes():
+            if node.process.poll() is not None:
+                raise RuntimeError(
+                    f"{node.name} exited with {node.process.returncode}: {node.process.stderr.read()}"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{node.name} did not join the cluster in {self.startup_timeout} s")
+            time.sleep(0.5)
+
+    def processes(self, node: WorkerNode) -> list[int]:
+        """Every process of the node: `ray start`, its raylet and services, and the workers the raylet
+        started (which Ray puts in sessions of their own, so the process group does not hold them)."""
+        children: dict[int, list[int]] = {}
+        table = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout
+        for line in table.splitlines():
+            pid, parent = map(int, line.split())
+            children.setdefault(parent, []).append(pid)
+        found, todo = [], [node.process.pid]
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            todo += children.get(pid, [])
+        return found
+
+    def kill(self, node: WorkerNode) -> None:
+        """The machine is lost: every process of the node dies at once, nothing shuts down cleanly."""
+        for pid in self.processes(node):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        node.process.wait(10)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        for node in self.workers:
+            stop_group(node.process, signal.SIGINT, timeout)
+        self.head.stop(timeout)

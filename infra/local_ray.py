@@ -49,8 +49,11 @@ def ray_start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
 
 
 class LocalRayHead(Service):
-    def __init__(self, num_cpus: int = 4, startup_timeout: float = 90.0):
+    def __init__(
+        self, num_cpus: int = 4, startup_timeout: float = 90.0, settings: dict[str, str] | None = None
+    ):
         self.num_cpus = num_cpus
+        self.settings = settings or {}  # Ray's RAY_* system settings for the head's processes
         self.startup_timeout = startup_timeout
         self.token = secrets.token_hex(16)
         self.dashboard_port = 0
@@ -81,7 +84,7 @@ class LocalRayHead(Service):
         args += [f"--num-cpus={self.num_cpus}", "--num-gpus=0", f"--temp-dir={self._temp_dir}"]
         args += [f"--dashboard-port={self.dashboard_port}", f"--port={self.gcs_port}"]
         args += [f"--ray-client-server-port={free_port()}", *node_ports()]
-        self._process = ray_start(args, self.env)
+        self._process = ray_start(args, self.env | self.settings)
 
     def alive_nodes(self) -> set[int]:
         """The node-manager ports of the nodes the head counts alive (its dashboard's view)."""

@@ -125,6 +125,12 @@ class RunConfig(BaseModel):
         description="rows per chunk file written while running; default: each inference batch as it "
         "comes, so a crash loses only the batches in flight",
     )
+    stall_timeout: float = Field(
+        1800.0,
+        gt=0,
+        description="fail a run that makes no progress for this many seconds, e.g. on a cluster that lost "
+        "every node able to run one of its stages; raise it where a cluster waits long for capacity",
+    )
     lease_timeout: float = Field(
         600.0, gt=0, description="seconds without a heartbeat after which another run takes the output over"
     )

@@ -7,7 +7,9 @@ committed through `pipeline/output.py`; the nightly job uses the same three step
 
 from __future__ import annotations
 
+import _thread
 import os
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,6 +20,7 @@ from typing import Any
 
 import ray
 from pydantic import BaseModel
+from ray.data.exceptions import ExecutionTimeoutError
 
 from dinat_batch.pipeline.config import ConfigError, RunConfig
 from dinat_batch.pipeline.gpu_decoding import unsupported
@@ -31,6 +34,10 @@ from dinat_batch.pipeline.resume import Resume, resume, unfinished
 from dinat_batch.pipeline.selection import digest
 from dinat_batch.pipeline.stages import decode, infer, read, write
 from dinat_batch.pipeline.stages.infer import ActorSettings
+
+
+class Stalled(RuntimeError):
+    """The run made no progress for `stall_timeout` seconds: nothing was committed, its rows are kept."""
 
 
 class ErrorRateExceeded(RuntimeError):
@@ -291,6 +298,34 @@ def run(config: RunConfig | dict[str, Any]) -> RunSummary:
     return summary
 
 
+@contextmanager
+def _stall_guard(timeout: float, needs_gpus: bool) -> Iterator[threading.Event]:
+    """Interrupts the main thread (a KeyboardInterrupt there, the event set) once the cluster has had no
+    node able to run the stages (no CPU; no GPU for GPU actors) for `timeout` seconds. Ray Data's own
+    guard misses this case: its tasks, retried without end on the nodes that are gone, count as progress.
+    Only the main thread can be interrupted; elsewhere Ray Data's guard is all there is."""
+    stalled, stop = threading.Event(), threading.Event()
+
+    def watch() -> None:
+        since = None
+        while not stop.wait(1.0):
+            resources = ray.cluster_resources()
+            able = resources.get("CPU", 0) > 0 and (resources.get("GPU", 0) > 0 or not needs_gpus)
+            since = None if able else since or time.monotonic()
+            if since is not None and time.monotonic() - since > timeout:
+                stalled.set()
+                _thread.interrupt_main()
+                return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    if threading.current_thread() is threading.main_thread():
+        watcher.start()
+    try:
+        yield stalled
+    finally:
+        stop.set()
+
+
 def _execute(
     plan: Plan, listing: ray.data.Dataset, output: Output, owner: Ownership, kept: Resume | None
 ) -> None:
@@ -298,12 +333,30 @@ def _execute(
     that earlier attempts finished."""
     config = plan.config
     device, num_gpus, min_actors, max_actors = plan.actors
+    # without a bound, a cluster that lost every node able to run a stage waits forever (Ray warns that
+    # it "may hang forever"); each dataset takes Ray Data's guard from the context it was made in
+    ray.data.DataContext.get_current().execution_no_progress_timeout_s = config.stall_timeout
     records = output.ray_target(output.sources(plan.attempt))
     rows = read.dataset(plan.kind, listing, config, kept.done if kept else None, records)
     decoded = decode.apply(rows, plan.preprocessing, config.max_pixels, plan.jpegs_to_device)
     settings = ActorSettings.of(config, plan.run_id, device, plan.jpegs_to_device)
     predicted = infer.apply(decoded, settings, num_gpus, min_actors, max_actors)
     folder, filesystem = output.ray_target(output.staging(plan.attempt))
-    write.apply(
-        predicted, folder, filesystem, owner, write.output_schema(plan.num_features), config.chunk_rows
-    )
+    try:
+        with _stall_guard(config.stall_timeout, num_gpus > 0) as stalled:
+            write.apply(
+                predicted,
+                folder,
+                filesystem,
+                owner,
+                write.output_schema(plan.num_features),
+                config.chunk_rows,
+            )
+    except (ExecutionTimeoutError, KeyboardInterrupt) as err:
+        if isinstance(err, KeyboardInterrupt) and not stalled.is_set():
+            raise
+        raise Stalled(
+            f"the run made no progress for {config.stall_timeout:.0f} s (stall_timeout): the cluster cannot "
+            "run one of its stages, e.g. it lost every node that could. Nothing was committed and the rows "
+            "written so far are kept: run the same command again once the cluster has room"
+        ) from err

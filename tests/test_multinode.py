@@ -37,10 +37,10 @@ def bucket(object_store, tiny_model):
     return fs
 
 
-def images(fs, prefix: str) -> set[str]:
-    for name, data in photos(COUNT).items():
+def images(fs, prefix: str, count: int = COUNT) -> set[str]:
+    for name, data in photos(count).items():
         fs.pipe(f"{BUCKET}/{prefix}/{name}", data)
-    return {f"s3://{BUCKET}/{prefix}/{name}" for name in photos(COUNT)}
+    return {f"s3://{BUCKET}/{prefix}/{name}" for name in photos(count)}
 
 
 def start_driver(cluster, object_store, tmp_path, prefix: str, **settings) -> subprocess.Popen:
@@ -121,7 +121,7 @@ def test_nodes_lost_mid_run_and_the_pool_grows_onto_the_node_that_joined(
 ):
     """(a) every key once; (b) mid-run a new worker node joins and every other worker node is SIGKILLed:
     the run completes; (d) the actor pool grows again onto the node that joined, the only place left."""
-    expected = images(bucket, "replaced")
+    expected = images(bucket, "replaced", 3 * COUNT)  # long enough for a node to join mid-run
     driver = start_driver(cluster, object_store, tmp_path, "replaced", max_actors=4, cpu_threads=1)
     wait_for_rows(bucket, "replaced", driver)
     wait_for_actor(cluster, driver)
@@ -137,3 +137,21 @@ def test_nodes_lost_mid_run_and_the_pool_grows_onto_the_node_that_joined(
     assert driver.returncode == 0, errors[-3000:]
     assert grew, "no inference actor ran on the node that joined"
     exactly_once(bucket, "replaced", expected)
+
+
+def test_every_node_lost_fails_clearly_in_bounded_time(cluster, object_store, bucket, tmp_path):
+    """(c) the last worker node lost, none left to run the stages: the run fails within its stall_timeout
+    with a clear error instead of waiting forever, and the same command can resume later. (Runs last:
+    the cluster has no workers after it.)"""
+    images(bucket, "stalled")
+    driver = start_driver(cluster, object_store, tmp_path, "stalled", stall_timeout=10)
+    wait_for_rows(bucket, "stalled", driver)
+    lost = time.monotonic()
+    for node in cluster.workers:
+        if node.process.poll() is None:
+            cluster.kill(node)
+    _, errors = driver.communicate(timeout=300)
+    assert driver.returncode == 1
+    assert "made no progress for 10 s (stall_timeout)" in errors, errors[-3000:]
+    assert time.monotonic() - lost < 60
+    assert not bucket.exists(f"{BUCKET}/stalled-out/_SUCCESS")

@@ -231,7 +231,7 @@ def pipeline_table(device: torch.device, images: int, batch: int | None, dtype: 
         for decode_where in ("cpu", "auto") if on_gpu else ("cpu",):
             config = {"batch_size": batch, "dtype": dtype, "decode": decode_where}
             with GpuSampler() as sampler:
-                whole, steady, decoded_on = pipeline_run(folder, data, store, **config)
+                whole, steady, decoded_on, _ = pipeline_run(folder, data, store, **config)
             for what, rate in (("after listing", steady), ("whole run() call", whole)):
                 lines.append(
                     f"| pipeline, decode on {decoded_on}, {what} | {rate:.0f} | {rate / bare:.2f} | "

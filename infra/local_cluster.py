@@ -116,6 +116,8 @@ class LocalCluster(Service):
 
     def kill(self, node: WorkerNode) -> None:
         """The machine is lost: every process of the node dies at once, nothing shuts down cleanly."""
+        if node.process.poll() is not None:  # gone already: its pid may be another process's now
+            return
         for pid in self.processes(node):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

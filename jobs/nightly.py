@@ -24,6 +24,7 @@ import pyarrow as pa
 import ray
 from pydantic import BaseModel
 
+from dinat_batch.pipeline.atomic import is_own_temp
 from dinat_batch.pipeline.config import RunConfig
 from dinat_batch.pipeline.errors import is_retryable
 from dinat_batch.pipeline.faults import crash_point
@@ -31,14 +32,15 @@ from dinat_batch.pipeline.lease import LEASES
 from dinat_batch.pipeline.output import SUCCESS, Compacted, ForeignFiles, Output
 from dinat_batch.pipeline.ownership import Ownership, owner_of
 from dinat_batch.pipeline.run import RunSummary, cluster, execute, finish, plan
-from dinat_batch.pipeline.selection import TASK, parquet_files, without
+from dinat_batch.pipeline.selection import TASK, table_files, without
 from dinat_batch.pipeline.stages.read import LISTING, UNREADABLE
 from dinat_batch.pipeline.stages.write import STAGE as WRITE_STAGE
 from dinat_batch.pipeline.stages.write import ChunkSink
 
 LEDGERS = "_runs"
 LEDGER_PREFIX = "ledger-"
-_LEDGER_FILE = re.compile(r"^ledger-\d{6}-\d+\.parquet$")
+OLD_LEDGER = ".arrow"  # `_runs/DATE.arrow`: the ledger as versions before 2026-11-29 wrote it
+_LEDGER_FILE = re.compile(r"^ledger-\d{6,}-\d+\.parquet$")
 PARTITION = "run_date"
 
 
@@ -96,17 +98,23 @@ class Table:
         have their row there."""
         self.fs.invalidate_cache()
         files = []
-        for folder in self.fs.glob(self.path(LEDGERS, "*")):
-            day = _date(folder.rsplit("/", 1)[1])
-            if day is not None and day != date and self.committed(day):
-                files += self._ledger_files(folder)
+        for entry in self.fs.glob(self.path(LEDGERS, "*")):
+            name = entry.rsplit("/", 1)[1]
+            day = _date(name.removesuffix(OLD_LEDGER))
+            if day is None or day == date or not self.committed(day):
+                continue
+            # a date committed by a version that wrote one Arrow file per date is read as it is
+            files += [entry] if name.endswith(OLD_LEDGER) else self._ledger_files(entry)[0]
         if not files:
             return None
-        return parquet_files(self.root.ray_fs, files, ["uri", "version"])
+        return table_files(self.root.ray_fs, files, ["uri", "version"])
 
-    def _ledger_files(self, folder: str) -> list[str]:
-        """A date's ledger files; anything else in its folder is someone else's."""
+    def _ledger_files(self, folder: str) -> tuple[list[str], list[str]]:
+        """A date's ledger files, and its writes cut off before their rename (on a disk); anything else in
+        its folder is someone else's."""
         found = self.fs.find(folder)
+        cut_off = [path for path in found if self.root.local and is_own_temp(path.rsplit("/", 1)[1])]
+        found = [path for path in found if path not in cut_off]
         owners = [
             owner_of(self.fs, path) if _LEDGER_FILE.match(path.rsplit("/", 1)[1]) else None for path in found
         ]
@@ -120,15 +128,18 @@ class Table:
                 f"the nightly table's ledger folder {folder!r} holds files dinat-batch did not write: "
                 f"{', '.join(foreign[:5])}. Move them away"
             )
-        return found
+        return found, cut_off
 
     def write_ledger(self, date: dt.date, read: ray.data.Dataset, ownership: Ownership) -> None:
         """Replace the date's ledger (an earlier attempt's, never committed with its partition: the
         partition's marker is gone before this) with what this run `read`."""
         folder = self.ledger(date)
         if self.fs.isdir(folder):
-            for path in self._ledger_files(folder):
+            ledgers, cut_off = self._ledger_files(folder)
+            for path in ledgers + cut_off:
                 self.fs.rm_file(path)
+        if self.fs.isfile(folder + OLD_LEDGER):
+            self.fs.rm_file(folder + OLD_LEDGER)
         sink = ChunkSink(folder, self.root.ray_fs, ownership, LISTING, None, prefix=LEDGER_PREFIX)
         read.write_datasink(sink, ray_remote_args=WRITE_STAGE.resources)
 
@@ -157,7 +168,7 @@ def _read_in_full(selected: ray.data.Dataset, partition: Output, compacted: Comp
     if not compacted.retryable:
         return selected
     parts = [f"{partition.path}/{entry['name']}" for entry in compacted.files]
-    failed = parquet_files(partition.ray_fs, parts, ["key", "error"]).map_batches(
+    failed = table_files(partition.ray_fs, parts, ["key", "error"]).map_batches(
         _failed_source, batch_size=None, **TASK
     )
     return without(selected, failed, ("uri",), ("source",))

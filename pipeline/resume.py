@@ -18,7 +18,7 @@ from fsspec.implementations.local import LocalFileSystem
 from dinat_batch.pipeline.errors import is_retryable
 from dinat_batch.pipeline.output import Output, stale_record
 from dinat_batch.pipeline.ownership import Ownership, write_table
-from dinat_batch.pipeline.selection import FILE, TASK, each_group, parquet_files, without
+from dinat_batch.pipeline.selection import FILE, TASK, each_group, table_files, without
 
 
 @dataclass
@@ -63,10 +63,12 @@ def resume(
         return Resume(None, 0)
     by_container = kind != "files"
     done = (
-        parquet_files(output.ray_fs, chunks, ["key", "error"])
+        table_files(output.ray_fs, chunks, ["key", "error"])
         .map_batches(_finished, batch_size=None, fn_kwargs={"by_container": by_container}, **TASK)
         .materialize()
     )
+    if done.count() == 0:  # only failed reads: every input is read again
+        return Resume(None, 0)
     if uri_column:
         return Resume(done, done.count())
     stale = without(done, listing.select_columns(["uri"]), ("source",), ("uri",))

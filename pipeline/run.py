@@ -304,7 +304,7 @@ def _stall_guard(timeout: float, needs_gpus: bool) -> Iterator[threading.Event]:
     node able to run the stages (no CPU; no GPU for GPU actors) for `timeout` seconds. Ray Data's own
     guard misses this case: its tasks, retried without end on the nodes that are gone, count as progress.
     Only the main thread can be interrupted; elsewhere Ray Data's guard is all there is."""
-    stalled, stop = threading.Event(), threading.Event()
+    stalled, stop, deciding = threading.Event(), threading.Event(), threading.Lock()
 
     def watch() -> None:
         since = None
@@ -313,8 +313,10 @@ def _stall_guard(timeout: float, needs_gpus: bool) -> Iterator[threading.Event]:
             able = resources.get("CPU", 0) > 0 and (resources.get("GPU", 0) > 0 or not needs_gpus)
             since = None if able else since or time.monotonic()
             if since is not None and time.monotonic() - since > timeout:
-                stalled.set()
-                _thread.interrupt_main()
+                with deciding:  # never once the guarded block has ended
+                    if not stop.is_set():
+                        stalled.set()
+                        _thread.interrupt_main()
                 return
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -323,7 +325,8 @@ def _stall_guard(timeout: float, needs_gpus: bool) -> Iterator[threading.Event]:
     try:
         yield stalled
     finally:
-        stop.set()
+        with deciding:
+            stop.set()
 
 
 def _execute(
@@ -333,15 +336,14 @@ def _execute(
     that earlier attempts finished."""
     config = plan.config
     device, num_gpus, min_actors, max_actors = plan.actors
-    # without a bound, a cluster that lost every node able to run a stage waits forever (Ray warns that
-    # it "may hang forever"); each dataset takes Ray Data's guard from the context it was made in
-    ray.data.DataContext.get_current().execution_no_progress_timeout_s = config.stall_timeout
     records = output.ray_target(output.sources(plan.attempt))
     rows = read.dataset(plan.kind, listing, config, kept.done if kept else None, records)
     decoded = decode.apply(rows, plan.preprocessing, config.max_pixels, plan.jpegs_to_device)
     settings = ActorSettings.of(config, plan.run_id, device, plan.jpegs_to_device)
     predicted = infer.apply(decoded, settings, num_gpus, min_actors, max_actors)
     folder, filesystem = output.ray_target(output.staging(plan.attempt))
+    # Ray Data's own guard against an execution without progress, read from the written dataset's context
+    predicted.context.execution_no_progress_timeout_s = config.stall_timeout
     try:
         with _stall_guard(config.stall_timeout, num_gpus > 0) as stalled:
             write.apply(

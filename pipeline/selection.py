@@ -13,6 +13,7 @@ import math
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import ray
 from fsspec.implementations.local import LocalFileSystem
@@ -26,12 +27,12 @@ ROWS_PER_PARTITION = 1_000_000
 # start, an Arrow join of 200k keys in one task well under one (RESULTS.md)
 SMALL = 200_000
 TASK = {"batch_format": "pyarrow", **CPU_TASK}
-FILE = "file"  # the column `parquet_files` names each row's file in
+FILE = "file"  # the column `table_files` names each row's file in
 
 
-def parquet_files(fs, paths: list[str], columns: list[str]) -> ray.data.Dataset:
-    """The rows of Parquet files, read in Ray tasks through `fs` (None: each worker's local disk), each
-    with the file it came from in a `file` column."""
+def table_files(fs, paths: list[str], columns: list[str]) -> ray.data.Dataset:
+    """The rows of Parquet files (or Arrow IPC files, `.arrow`), read in Ray tasks through `fs` (None:
+    each worker's local disk), each with the file it came from in a `file` column."""
     return ray.data.from_items([{"path": path} for path in paths]).map_batches(
         _read_files, batch_size=1, fn_kwargs={"fs": fs, "columns": columns}, **TASK
     )
@@ -42,7 +43,10 @@ def _read_files(batch: pa.Table, fs, columns: list[str]) -> pa.Table:
     tables = []
     for path in batch.column("path").to_pylist():
         with fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=columns).replace_schema_metadata(None)
+            whole = (
+                ipc.open_file(f).read_all() if path.endswith(".arrow") else pq.read_table(f, columns=columns)
+            )
+        table = whole.select(columns).replace_schema_metadata(None)
         tables.append(table.append_column(FILE, pa.array([path] * table.num_rows, pa.string())))
     return pa.concat_tables(tables)
 
@@ -71,7 +75,7 @@ def without(
 
 def attach(left: ray.data.Dataset, right: ray.data.Dataset, on: str) -> ray.data.MaterializedDataset:
     """`left` with `right`'s other columns beside each row whose `on` matches (null where none does);
-    `on` is unique in `right` (a left outer join)."""
+    `on` must be unique in `right`, as `each_group` makes it (a left outer join)."""
     left, right = left.materialize(), right.materialize()
     if left.count() + right.count() <= SMALL:
         return _in_one_task(_attach, left, right, on=on)
@@ -81,8 +85,11 @@ def attach(left: ray.data.Dataset, right: ray.data.Dataset, on: str) -> ray.data
 
 
 def each_group(dataset: ray.data.Dataset, by: str, fn, **kwargs) -> ray.data.MaterializedDataset:
-    """`fn(rows, **kwargs)` on the rows of each distinct `by` value: a table each."""
+    """`fn(rows, **kwargs)` on the rows of each distinct `by` value: a table each. `dataset` has rows
+    (the tables `fn` makes give the result its schema)."""
     dataset = dataset.materialize()
+    if dataset.count() == 0:
+        raise ValueError("each_group needs at least one row")
     if dataset.count() <= SMALL:
         return _in_one_task(_each_group, dataset, by=by, fn=fn, kwargs=kwargs)
     return (
@@ -116,6 +123,7 @@ def _run(work, counts: list[int], kwargs: dict, *blocks: pa.Table) -> pa.Table:
 
 
 def _anti_join(left: pa.Table, right: pa.Table, on: tuple[str, ...], right_on: tuple[str, ...]) -> pa.Table:
+    # Arrow's joins carry no list columns: every `left` here is a listing or a key table
     return left.join(right.select(list(right_on)), list(on), list(right_on), join_type="left anti")
 
 

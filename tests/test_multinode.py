@@ -18,7 +18,7 @@ from tests.data import photos
 
 CLI = str(Path(sys.executable).parent / "dinat-batch")
 BUCKET = "multinode"
-COUNT = 64
+COUNT = 32
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +37,10 @@ def bucket(object_store, tiny_model):
     return fs
 
 
-def images(fs, prefix: str, count: int = COUNT) -> set[str]:
-    for name, data in photos(count).items():
+def images(fs, prefix: str) -> set[str]:
+    for name, data in photos(COUNT).items():
         fs.pipe(f"{BUCKET}/{prefix}/{name}", data)
-    return {f"s3://{BUCKET}/{prefix}/{name}" for name in photos(count)}
+    return {f"s3://{BUCKET}/{prefix}/{name}" for name in photos(COUNT)}
 
 
 def start_driver(cluster, object_store, tmp_path, prefix: str, **settings) -> subprocess.Popen:
@@ -116,19 +116,17 @@ def test_node_lost_without_replacement_finishes_on_what_remains(cluster, object_
     exactly_once(bucket, "lost", expected)
 
 
-def test_nodes_lost_mid_run_and_the_pool_grows_onto_the_node_that_joined(
+def test_nodes_lost_mid_run_then_one_joins_and_the_pool_grows_onto_it(
     cluster, object_store, bucket, tmp_path
 ):
-    """(a) every key once; (b) mid-run a new worker node joins and every other worker node is SIGKILLed:
-    the run completes; (d) the actor pool grows again onto the node that joined, the only place left."""
-    expected = images(bucket, "replaced", 3 * COUNT)  # long enough for a node to join mid-run
+    """(a) every key once; (b) mid-run every worker node is SIGKILLed and a new one joins: the run
+    completes; (d) the actor pool grows onto the node that joined."""
+    expected = images(bucket, "replaced")
     driver = start_driver(cluster, object_store, tmp_path, "replaced", max_actors=4, cpu_threads=1)
     wait_for_rows(bucket, "replaced", driver)
-    wait_for_actor(cluster, driver)
-    old = [node for node in cluster.workers if node.process.poll() is None]
-    joined = cluster.add_worker()
-    for node in old:
+    for node in cluster.workers:
         cluster.kill(node)
+    joined = cluster.add_worker()
     grew = False
     while driver.poll() is None and not grew:
         grew = joined.name in actor_nodes(cluster)
@@ -150,8 +148,12 @@ def test_every_node_lost_fails_clearly_in_bounded_time(cluster, object_store, bu
     for node in cluster.workers:
         if node.process.poll() is None:
             cluster.kill(node)
-    _, errors = driver.communicate(timeout=300)
+    try:
+        _, errors = driver.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        driver.kill()
+        pytest.fail(f"the run did not stop: {driver.communicate()[1][-3000:]}")
     assert driver.returncode == 1
     assert "made no progress for 10 s (stall_timeout)" in errors, errors[-3000:]
-    assert time.monotonic() - lost < 60
+    assert time.monotonic() - lost < 60  # 10 s without a node, plus noticing the loss and stopping
     assert not bucket.exists(f"{BUCKET}/stalled-out/_SUCCESS")

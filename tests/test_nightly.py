@@ -252,3 +252,41 @@ def test_a_table_root_holding_others_files_is_refused_untouched(tmp_path, tiny_m
     with pytest.raises(ForeignFiles, match=r"did not write: .*report\.csv"):
         nightly(config, DAY1)
     assert sorted(path.name for path in root.iterdir()) == ["report.csv"]  # no lease, no partition
+
+
+def test_ledgers_of_an_earlier_version_count_and_cut_off_writes_do_not_block(tmp_path, ray_session):
+    """A date committed by a version that wrote `_runs/DATE.arrow` still counts as read; a ledger write
+    cut off before its rename (a temp file on a disk) is neither foreign nor read, and the date's next
+    ledger replaces both."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+    import ray
+
+    from dinat_batch.pipeline.ownership import Ownership
+
+    table = Table(str(tmp_path / "table"), {})
+    old = pa.table({"uri": ["s3://b/a.jpg", "s3://b/b.jpg"], "size": [1, 2], "version": ["1", "2"]})
+    buffer = io.BytesIO()
+    with ipc.new_file(buffer, old.schema) as writer:
+        writer.write_table(old)
+    (tmp_path / "table" / "_runs").mkdir(parents=True)
+    (tmp_path / "table" / "_runs" / "2026-11-20.arrow").write_bytes(buffer.getvalue())
+    for day in ("2026-11-20", "2026-11-21"):
+        (tmp_path / "table" / f"run_date={day}").mkdir()
+        (tmp_path / "table" / f"run_date={day}" / "_SUCCESS").write_text("{}")
+    owner = Ownership("nightly-2026-11-21", "sha", "nightly-2026-11-21.0", table.root.identity)
+    new = pa.table({"uri": ["s3://b/c.jpg"], "size": [3], "version": ["3"]})
+    table.write_ledger(dt.date(2026, 11, 21), ray.data.from_arrow(new), owner)
+    cut_off = ".tmp-dinat-" + "0" * 32 + "-ledger-000000-1.parquet"
+    (tmp_path / "table" / "_runs" / "2026-11-21" / cut_off).write_bytes(b"cut")
+
+    seen = sorted(row["uri"] for row in table.seen_elsewhere(dt.date(2026, 11, 22)).take_all())
+    assert seen == ["s3://b/a.jpg", "s3://b/b.jpg", "s3://b/c.jpg"]
+    table.write_ledger(dt.date(2026, 11, 20), ray.data.from_arrow(new), owner)  # a rerun of the old date
+    assert not (tmp_path / "table" / "_runs" / "2026-11-20.arrow").exists()
+    table.write_ledger(dt.date(2026, 11, 21), ray.data.from_arrow(new), owner)
+    assert [p.name for p in (tmp_path / "table" / "_runs" / "2026-11-21").iterdir()] == [
+        "ledger-000000-1.parquet"
+    ]

@@ -27,7 +27,7 @@ def keys_of(group: pa.Table) -> pa.Table:
 @pytest.fixture(params=["one task", "hash partitioned"])
 def route(request, monkeypatch):
     monkeypatch.setattr(selection, "SMALL", 10**9 if request.param == "one task" else 0)
-    monkeypatch.setattr(selection, "ROWS_PER_PARTITION", 4)  # several partitions even for a few rows
+    monkeypatch.setattr(selection, "ROWS_PER_PARTITION", 8)  # two partitions even for a few rows
     return request.param
 
 

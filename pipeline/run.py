@@ -215,23 +215,24 @@ def execute(
     t0 = time.monotonic()
     # rows earlier attempts wrote for inputs that are no longer listed (deleted since, or taken by
     # another nightly date) are left out: the table holds one row per input listed now
-    kept = resume(output, earlier, listing, plan.kind, config.uri_column is not None, owner)
-    if plan.kind == "files":
-        todo = unfinished(listing, kept.done)
-        if todo.count():
-            _execute(plan, todo, output, owner, None)
-        expected = digest(listing, "uri")
-    else:
-        sources = listing.count()
-        if sources:
-            _execute(plan, listing, output, owner, kept)
-        expected, recorded = output.source_digest(plan.attempt)
-        if recorded != sources:
-            raise VerificationFailed(
-                f"{recorded} of {sources} {plan.kind} sources were read to the end: nothing was "
-                "committed; run the same command again"
-            )
-    compacted = output.compact(owner, lease, expected, config.rows_per_file)
+    with stall_guard(config.stall_timeout, plan.actors[1] > 0):
+        kept = resume(output, earlier, listing, plan.kind, config.uri_column is not None, owner)
+        if plan.kind == "files":
+            todo = unfinished(listing, kept.done)
+            if todo.count():
+                _execute(plan, todo, output, owner, None)
+            expected = digest(listing, "uri")
+        else:
+            sources = listing.count()
+            if sources:
+                _execute(plan, listing, output, owner, kept)
+            expected, recorded = output.source_digest(plan.attempt)
+            if recorded != sources:
+                raise VerificationFailed(
+                    f"{recorded} of {sources} {plan.kind} sources were read to the end: nothing was "
+                    "committed; run the same command again"
+                )
+        compacted = output.compact(owner, lease, expected, config.rows_per_file)
     finished = time.monotonic()
     images = compacted.ok + compacted.errors
     summary = RunSummary(
@@ -299,11 +300,12 @@ def run(config: RunConfig | dict[str, Any]) -> RunSummary:
 
 
 @contextmanager
-def _stall_guard(timeout: float, needs_gpus: bool) -> Iterator[threading.Event]:
-    """Interrupts the main thread (a KeyboardInterrupt there, the event set) once the cluster has had no
-    node able to run the stages (no CPU; no GPU for GPU actors) for `timeout` seconds. Ray Data's own
-    guard misses this case: its tasks, retried without end on the nodes that are gone, count as progress.
-    Only the main thread can be interrupted; elsewhere Ray Data's guard is all there is."""
+def stall_guard(timeout: float, needs_gpus: bool) -> Iterator[None]:
+    """Raises Stalled once the cluster has had no node able to run the work (no CPU; no GPU for GPU
+    actors) for `timeout` seconds, by interrupting the main thread. Ray Data's own no-progress guard
+    misses this case (tasks retried without end on nodes that are gone count as progress), and plain
+    Ray tasks (compaction) have none. Only the main thread can be interrupted; elsewhere Ray Data's guard
+    on the written dataset is all there is."""
     stalled, stop, deciding = threading.Event(), threading.Event(), threading.Lock()
 
     def watch() -> None:
@@ -319,11 +321,20 @@ def _stall_guard(timeout: float, needs_gpus: bool) -> Iterator[threading.Event]:
                         _thread.interrupt_main()
                 return
 
-    watcher = threading.Thread(target=watch, daemon=True)
     if threading.current_thread() is threading.main_thread():
-        watcher.start()
+        threading.Thread(target=watch, daemon=True).start()
     try:
-        yield stalled
+        yield
+    except (ExecutionTimeoutError, KeyboardInterrupt) as err:
+        with deciding:
+            stop.set()
+        if isinstance(err, KeyboardInterrupt) and not stalled.is_set():
+            raise
+        raise Stalled(
+            f"the run made no progress for {timeout:.0f} s (stall_timeout): the cluster cannot run its work, "
+            "e.g. it lost every node that could. Nothing was committed and the rows written so far are kept: "
+            "run the same command again once the cluster has room"
+        ) from err
     finally:
         with deciding:
             stop.set()
@@ -344,21 +355,6 @@ def _execute(
     folder, filesystem = output.ray_target(output.staging(plan.attempt))
     # Ray Data's own guard against an execution without progress, read from the written dataset's context
     predicted.context.execution_no_progress_timeout_s = config.stall_timeout
-    try:
-        with _stall_guard(config.stall_timeout, num_gpus > 0) as stalled:
-            write.apply(
-                predicted,
-                folder,
-                filesystem,
-                owner,
-                write.output_schema(plan.num_features),
-                config.chunk_rows,
-            )
-    except (ExecutionTimeoutError, KeyboardInterrupt) as err:
-        if isinstance(err, KeyboardInterrupt) and not stalled.is_set():
-            raise
-        raise Stalled(
-            f"the run made no progress for {config.stall_timeout:.0f} s (stall_timeout): the cluster cannot "
-            "run one of its stages, e.g. it lost every node that could. Nothing was committed and the rows "
-            "written so far are kept: run the same command again once the cluster has room"
-        ) from err
+    write.apply(
+        predicted, folder, filesystem, owner, write.output_schema(plan.num_features), config.chunk_rows
+    )

@@ -37,10 +37,10 @@ def bucket(object_store, tiny_model):
     return fs
 
 
-def images(fs, prefix: str) -> set[str]:
-    for name, data in photos(COUNT).items():
+def images(fs, prefix: str, count: int = COUNT) -> set[str]:
+    for name, data in photos(count).items():
         fs.pipe(f"{BUCKET}/{prefix}/{name}", data)
-    return {f"s3://{BUCKET}/{prefix}/{name}" for name in photos(COUNT)}
+    return {f"s3://{BUCKET}/{prefix}/{name}" for name in photos(count)}
 
 
 def start_driver(cluster, object_store, tmp_path, prefix: str, **settings) -> subprocess.Popen:
@@ -121,11 +121,12 @@ def test_nodes_lost_mid_run_then_one_joins_and_the_pool_grows_onto_it(
 ):
     """(a) every key once; (b) mid-run every worker node is SIGKILLed and a new one joins: the run
     completes; (d) the actor pool grows onto the node that joined."""
-    expected = images(bucket, "replaced")
+    expected = images(bucket, "replaced", 4 * COUNT)  # still running when its nodes are lost
     driver = start_driver(cluster, object_store, tmp_path, "replaced", max_actors=4, cpu_threads=1)
     wait_for_rows(bucket, "replaced", driver)
     for node in cluster.workers:
         cluster.kill(node)
+    assert driver.poll() is None, "the run ended before its nodes were lost: give it more images"
     joined = cluster.add_worker()
     grew = False
     while driver.poll() is None and not grew:
@@ -141,7 +142,7 @@ def test_every_node_lost_fails_clearly_in_bounded_time(cluster, object_store, bu
     """(c) the last worker node lost, none left to run the stages: the run fails within its stall_timeout
     with a clear error instead of waiting forever, and the same command can resume later. (Runs last:
     the cluster has no workers after it.)"""
-    images(bucket, "stalled")
+    images(bucket, "stalled", 4 * COUNT)
     driver = start_driver(cluster, object_store, tmp_path, "stalled", stall_timeout=10)
     wait_for_rows(bucket, "stalled", driver)
     lost = time.monotonic()

@@ -290,3 +290,9 @@ def test_ledgers_of_an_earlier_version_count_and_cut_off_writes_do_not_block(tmp
     assert [p.name for p in (tmp_path / "table" / "_runs" / "2026-11-21").iterdir()] == [
         "ledger-000000-1.parquet"
     ]
+    (tmp_path / "table" / "_runs" / "2026-11-21" / "notes.parquet").write_bytes(b"someone's")
+    with pytest.raises(ForeignFiles, match=r"notes\.parquet"):
+        table.seen_elsewhere(dt.date(2026, 11, 22))
+    with pytest.raises(ForeignFiles, match=r"notes\.parquet"):
+        table.write_ledger(dt.date(2026, 11, 21), ray.data.from_arrow(new), owner)
+    assert (tmp_path / "table" / "_runs" / "2026-11-21" / "notes.parquet").read_bytes() == b"someone's"

@@ -6,16 +6,23 @@ table under the output root, which DuckDB, Polars, Spark and pyarrow read as a w
     OUTPUT/_runs/2026-11-27/ledger-*.parquet          the ledger: (uri, size, version) of what that date read
     OUTPUT/_lease/                                    the live run's lease, one for the whole table
 
+With `output_format: iceberg` the partitions are those of one Iceberg table at OUTPUT (`pipeline/iceberg.py`):
+its data files lie in OUTPUT/data/run_date=DATE/, a date is committed by a snapshot that replaces that
+partition, and OUTPUT/run_date=DATE/ holds only the date's run in progress.
+
 What a date processes: the listed objects whose (uri, version) appear in the ledger of no other committed
 date. So a rerun of a date selects the same objects (less any that a later date has since taken) and
 replaces only its own partition, no object has rows in two dates, and a date that crashed before its
-marker is, for the other dates, as if it never ran. The ledgers and the selection are Ray datasets and
+marker is, for the other dates, as if it never ran. A date's ledger counts only as written by the run
+that committed the date (the owner in each ledger file's footer): an Iceberg date stays committed while
+its rerun writes the next ledger beside the old one. The ledgers and the selection are Ray datasets and
 joins (`pipeline/selection.py`): the driver never holds what a date read.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 import uuid
 from typing import Any
@@ -28,8 +35,9 @@ from dinat_batch.pipeline.atomic import is_own_temp
 from dinat_batch.pipeline.config import RunConfig
 from dinat_batch.pipeline.errors import is_retryable
 from dinat_batch.pipeline.faults import crash_point
+from dinat_batch.pipeline.iceberg import DATA, METADATA, IcebergTable
 from dinat_batch.pipeline.lease import LEASES
-from dinat_batch.pipeline.output import SUCCESS, Compacted, ForeignFiles, Output
+from dinat_batch.pipeline.output import SUCCESS, Compacted, ForeignFiles, Output, leaf
 from dinat_batch.pipeline.ownership import Ownership, owner_of
 from dinat_batch.pipeline.run import RunSummary, cluster, execute, finish, plan
 from dinat_batch.pipeline.selection import TASK, table_files, without
@@ -58,30 +66,49 @@ def partition_name(date: dt.date) -> str:
 
 
 class Table:
-    """The Hive-partitioned output root of the nightly runs."""
+    """The Hive-partitioned output root of the nightly runs (or the Iceberg table partitioned by date)."""
 
-    def __init__(self, uri: str, storage_options: dict[str, Any]):
+    def __init__(self, uri: str, storage_options: dict[str, Any], iceberg: IcebergTable | None = None):
         self.root = Output(uri, storage_options)
         self.fs = self.root.fs
+        self.iceberg = iceberg
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root.path, *parts])
 
     def partition(self, date: dt.date) -> Output:
-        return self.root.child(partition_name(date))
+        if self.iceberg is None:
+            return self.root.child(partition_name(date))
+        uri = f"{self.root.uri}/{partition_name(date)}"
+        return Output(uri, self.root.storage_options, self.iceberg, date.isoformat())
 
-    def committed(self, date: dt.date) -> bool:
-        return self.fs.exists(self.path(partition_name(date), SUCCESS))
+    def committed_runs(self) -> dict[dt.date, str | None]:
+        """The run that committed each committed date (None for a date committed before ledgers carried
+        their run)."""
+        if self.iceberg is not None:
+            return {
+                day: summary.get("run_id")
+                for scope, summary in self.iceberg.commits().items()
+                if (day := _date(scope)) is not None
+            }
+        found = {}
+        for marker in self.fs.glob(self.path(f"{PARTITION}=*", SUCCESS)):
+            day = _date(marker.rsplit("/", 2)[1].removeprefix(f"{PARTITION}="))
+            if day is not None:
+                found[day] = json.loads(self.fs.cat_file(marker)).get("run_id")
+        return found
 
     def check_root(self) -> None:
-        """The root holds partitions, ledgers and the lease only: anything else is someone else's."""
+        """The root holds partitions, ledgers and the lease only (and an Iceberg table's data and metadata):
+        anything else is someone else's."""
         self.fs.invalidate_cache()
         if not self.fs.isdir(self.root.path):
             return
+        ours = (LEDGERS, LEASES) + ((DATA, METADATA) if self.iceberg else ())
         foreign = [
             entry
             for entry in self.fs.ls(self.root.path, detail=False)
-            if not entry.rsplit("/", 1)[1].startswith((f"{PARTITION}=", LEDGERS, LEASES))
+            if not (leaf(entry) in ours or leaf(entry).startswith(f"{PARTITION}="))
         ]
         if foreign:
             raise ForeignFiles(
@@ -97,21 +124,22 @@ class Table:
         committed): before `date` they are old news, after it (a rerun of an earlier date) they already
         have their row there."""
         self.fs.invalidate_cache()
+        committed = self.committed_runs()
         files = []
         for entry in self.fs.glob(self.path(LEDGERS, "*")):
-            name = entry.rsplit("/", 1)[1]
+            name = leaf(entry)
             day = _date(name.removesuffix(OLD_LEDGER))
-            if day is None or day == date or not self.committed(day):
+            if day is None or day == date or day not in committed:
                 continue
             # a date committed by a version that wrote one Arrow file per date is read as it is
-            files += [entry] if name.endswith(OLD_LEDGER) else self._ledger_files(entry)[0]
+            files += [entry] if name.endswith(OLD_LEDGER) else self._ledger_files(entry, committed[day])[0]
         if not files:
             return None
         return table_files(self.root.ray_fs, files, ["uri", "version"])
 
-    def _ledger_files(self, folder: str) -> tuple[list[str], list[str]]:
-        """A date's ledger files, and its writes cut off before their rename (on a disk); anything else in
-        its folder is someone else's."""
+    def _ledger_files(self, folder: str, run_id: str | None) -> tuple[list[str], list[str]]:
+        """A date's ledger files written by `run_id` (any run's when None), and the rest: other runs' and
+        writes cut off before their rename (on a disk). Anything else in its folder is someone else's."""
         found = self.fs.find(folder)
         cut_off = [path for path in found if self.root.local and is_own_temp(path.rsplit("/", 1)[1])]
         found = [path for path in found if path not in cut_off]
@@ -128,20 +156,25 @@ class Table:
                 f"the nightly table's ledger folder {folder!r} holds files dinat-batch did not write: "
                 f"{', '.join(foreign[:5])}. Move them away"
             )
-        return found, cut_off
+        mine = [path for path, owner in zip(found, owners, strict=True) if run_id in (None, owner.run_id)]
+        return mine, cut_off + [path for path in found if path not in mine]
 
     def write_ledger(self, date: dt.date, read: ray.data.Dataset, ownership: Ownership) -> None:
-        """Replace the date's ledger (an earlier attempt's, never committed with its partition: the
-        partition's marker is gone before this) with what this run `read`."""
+        """Write what this run `read` as the date's next ledger. The ledgers of runs that did not commit
+        the date go first; the committed run's stays until this run's commit (`prune_ledger`): a Parquet
+        partition's marker is gone by now, an Iceberg date stays committed until its new snapshot."""
+        self.prune_ledger(date, self.committed_runs().get(date, ""))
+        sink = ChunkSink(self.ledger(date), self.root.ray_fs, ownership, LISTING, None, prefix=LEDGER_PREFIX)
+        read.write_datasink(sink, ray_remote_args=WRITE_STAGE.resources)
+
+    def prune_ledger(self, date: dt.date, run_id: str) -> None:
+        """Remove the date's ledger files that `run_id` did not write."""
         folder = self.ledger(date)
         if self.fs.isdir(folder):
-            ledgers, cut_off = self._ledger_files(folder)
-            for path in ledgers + cut_off:
+            for path in self._ledger_files(folder, run_id)[1]:
                 self.fs.rm_file(path)
         if self.fs.isfile(folder + OLD_LEDGER):
             self.fs.rm_file(folder + OLD_LEDGER)
-        sink = ChunkSink(folder, self.root.ray_fs, ownership, LISTING, None, prefix=LEDGER_PREFIX)
-        read.write_datasink(sink, ray_remote_args=WRITE_STAGE.resources)
 
 
 def _date(name: str) -> dt.date | None:
@@ -167,7 +200,7 @@ def _read_in_full(selected: ray.data.Dataset, partition: Output, compacted: Comp
     would give its good rows a second date."""
     if not compacted.retryable:
         return selected
-    parts = [f"{partition.path}/{entry['name']}" for entry in compacted.files]
+    parts = [f"{partition.data_path}/{entry['name']}" for entry in compacted.files]
     failed = table_files(partition.ray_fs, parts, ["key", "error"]).map_batches(
         _failed_source, batch_size=None, **TASK
     )
@@ -181,7 +214,7 @@ def nightly(config: RunConfig, date: dt.date | None = None) -> NightlySummary:
     and attempts at two dates could both take the same new objects. A date whose partition is committed
     is rerun (its marker removed first); one whose attempt died is resumed from that attempt's chunks."""
     date = date or dt.datetime.now(dt.UTC).date()
-    table = Table(config.output, config.storage_options)
+    table = Table(config.output, config.storage_options, IcebergTable.of(config))
     run_id = f"nightly-{date.isoformat()}-{uuid.uuid4().hex[:8]}"
     table.check_root()
     with cluster(config), table.root.lease(run_id, config.lease_timeout) as lease:
@@ -203,4 +236,5 @@ def nightly(config: RunConfig, date: dt.date | None = None) -> NightlySummary:
         table.write_ledger(date, read, planned.owner(table.root))
         crash_point("ledger-written")
         finish(partition, lease, summary, compacted, config.max_error_rate, result.model_dump(mode="json"))
+        table.prune_ledger(date, run_id)
     return result

@@ -22,7 +22,7 @@ from typing import Any
 
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from dinat_batch.pipeline.config import RunConfig, is_secret_name, redact
+from dinat_batch.pipeline.config import RunConfig, is_secret_name, redact, redact_properties
 
 TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
 CONFIG_NAME = "job.yaml"
@@ -68,6 +68,7 @@ def _refuse_secrets(config: RunConfig, env: dict[str, str]) -> None:
     hidden = [
         where
         for where, value in _strings(redact(config.storage_options), "storage_options")
+        + _strings(redact_properties(config.iceberg_catalog), "iceberg_catalog")
         if value == "***"
     ]
     written = [where for where, value in _strings(data, "") if _CREDENTIAL_TEXT.search(value)]

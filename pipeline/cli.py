@@ -6,7 +6,7 @@ import datetime as dt
 import inspect
 import json
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Union, get_args, get_origin, get_type_hints
@@ -188,7 +188,12 @@ def run_command(
             else ""
         )
         + f"\n{summary.seconds:.1f} s, {summary.images_per_second:.1f} images/s on {summary.device}"
-        + f"\noutput: {summary.output} (committed: _SUCCESS written)"
+        + f"\noutput: {summary.output} (committed: "
+        + (
+            f"a snapshot of the Iceberg table {summary.config['iceberg_table']})"
+            if summary.config["output_format"] == "iceberg"
+            else "_SUCCESS written)"
+        )
     )
 
 
@@ -359,9 +364,95 @@ def _emit(relation, fmt: str, out: Path | None) -> None:
         writer.writerow([json.dumps(v, default=str) if isinstance(v, list | dict) else v for v in row])
 
 
+IcebergTableName = Annotated[
+    str | None, typer.Option(help="read the Iceberg table of this name (namespace.table) at OUTPUT")
+]
+IcebergCatalog = Annotated[
+    str | None,
+    typer.Option(help='its catalog\'s properties as JSON, e.g. {"type": "sql", "uri": "sqlite:///c.db"}'),
+]
+Snapshot = Annotated[int | None, typer.Option("--snapshot", help="Iceberg: read this snapshot id")]
+AsOf = Annotated[
+    str | None,
+    typer.Option("--as-of", help="Iceberg: read the snapshot current at this time (ISO 8601, UTC)"),
+]
+
+
+def _iceberg(output: str, options: dict[str, Any], table: str | None, catalog: str | None):
+    """The Iceberg table the options name, or None for a Parquet output."""
+    from dinat_batch.pipeline.iceberg import IcebergTable
+
+    if (table is None) != (catalog is None):
+        raise typer.BadParameter("an Iceberg table needs both --iceberg-table and --iceberg-catalog")
+    if table is None:
+        return None
+    properties = {k: str(v) for k, v in _json_object(catalog, "--iceberg-catalog").items()}
+    return IcebergTable(table, properties, output, options)
+
+
+def _read_table(
+    output: str,
+    storage_options: str | None,
+    iceberg_table: str | None,
+    iceberg_catalog: str | None,
+    snapshot: int | None = None,
+    as_of: str | None = None,
+):
+    """The rows of a finished output, as `query` and `report` read them (an Iceberg table with its
+    catalog, at a snapshot or a time)."""
+    from dinat_batch.pipeline.query import read_output
+
+    options = _storage_options(storage_options)
+    iceberg = _iceberg(output, options, iceberg_table, iceberg_catalog)
+    as_of_ms = None
+    if as_of is not None:
+        try:
+            moment = dt.datetime.fromisoformat(as_of)
+        except ValueError as err:
+            raise typer.BadParameter(
+                f"{as_of!r} is not a time like 2026-11-29T12:00:00Z", param_hint="--as-of"
+            ) from err
+        as_of_ms = int((moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)).timestamp() * 1000)
+    return read_output(output, options, iceberg, snapshot, as_of_ms)
+
+
+@app.command()
+def orphans(
+    output: Annotated[str, typer.Argument(help="the Iceberg table's location (local path or fsspec URI)")],
+    iceberg_table: Annotated[str, typer.Option(help="namespace.table")],
+    iceberg_catalog: Annotated[str, typer.Option(help="the catalog's properties as JSON")],
+    storage_options: Annotated[str | None, typer.Option(help="JSON fsspec options (endpoint, keys)")] = None,
+    delete: Annotated[bool, typer.Option("--delete", help="remove them (holding the table's lease)")] = False,
+) -> None:
+    """List the files of an Iceberg output that no snapshot reaches (left by commits that did not land, or
+    by expired snapshots); --delete removes them. Runs remove their own scope's data files by themselves."""
+    from dinat_batch.pipeline.lease import LeaseHeld
+    from dinat_batch.pipeline.output import Output
+
+    options = _storage_options(storage_options)
+    table = _iceberg(output, options, iceberg_table, iceberg_catalog)
+    root = Output(output, options)
+    try:
+        # the lease: no run is writing (a run's data files are orphans until its commit lands)
+        with (
+            root.lease(f"orphans-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}", 600) if delete else nullcontext()
+        ):
+            found = table.orphans()
+            for path in found:
+                typer.echo(path)
+                if delete:
+                    table.remove(path)
+    except LeaseHeld as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    typer.echo(f"{len(found)} orphaned file(s){' removed' if delete else ''}", err=True)
+
+
 @app.command()
 def query(
-    output: Annotated[str, typer.Argument(help="a run's output directory (local path or fsspec URI)")],
+    output: Annotated[
+        str, typer.Argument(help="a run's output directory or Iceberg table location (any URI)")
+    ],
     sql_text: Annotated[str | None, typer.Option("--sql", help="SQL over the table `predictions`")] = None,
     summary: Annotated[
         bool, typer.Option("--summary", help="rows per run, errors by kind, top labels")
@@ -373,18 +464,22 @@ def query(
     fmt: Annotated[str, typer.Option("--format", help="table, csv, json or parquet")] = "table",
     out: Annotated[Path | None, typer.Option(help="file for --format parquet")] = None,
     storage_options: Annotated[str | None, typer.Option(help="JSON fsspec options (endpoint, keys)")] = None,
+    iceberg_table: IcebergTableName = None,
+    iceberg_catalog: IcebergCatalog = None,
+    snapshot: Snapshot = None,
+    as_of: AsOf = None,
 ) -> None:
     """Query a finished output with DuckDB: --sql, --summary or --similar KEY."""
     import duckdb
 
-    from dinat_batch.pipeline.query import OutputNotReady, read_output, similar, sql, summary_queries
+    from dinat_batch.pipeline.query import OutputNotReady, similar, sql, summary_queries
 
     if sum((sql_text is not None, summary, similar_to is not None)) != 1:
         raise typer.BadParameter("give exactly one of --sql, --summary or --similar")
     if fmt not in ("table", "csv", "json", "parquet"):
         raise typer.BadParameter(f"{fmt!r} is not one of table, csv, json, parquet", param_hint="--format")
     try:
-        table = read_output(output, _storage_options(storage_options))
+        table = _read_table(output, storage_options, iceberg_table, iceberg_catalog, snapshot, as_of)
         if summary:
             if fmt == "json":
                 sections = {

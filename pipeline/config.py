@@ -68,7 +68,9 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     input: str = Field(description="prefix, glob, file, .tar shards or Parquet table (any fsspec URI)")
-    output: str = Field(description="directory for the Parquet dataset (any fsspec URI)")
+    output: str = Field(
+        description="directory for the Parquet dataset, or the Iceberg table's location (any fsspec URI)"
+    )
     model: str = Field(DEFAULT_MODEL, description="hub id, local folder or fsspec URI of an HF checkpoint")
     input_format: Literal["auto", "files", "webdataset", "parquet"] = Field(
         "auto", description="auto: from the extensions found under the input"
@@ -77,6 +79,19 @@ class RunConfig(BaseModel):
         "image", description="Parquet input: column of image bytes (or a struct with a `bytes` field)"
     )
     uri_column: str | None = Field(None, description="Parquet input: column of image URIs instead of bytes")
+    output_format: Literal["parquet", "iceberg"] = Field(
+        "parquet",
+        description="parquet: files listed by _SUCCESS; iceberg: a table in iceberg_catalog, one snapshot "
+        "per run",
+    )
+    iceberg_table: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)+$", description="Iceberg: namespace.table"
+    )
+    iceberg_catalog: dict[str, str] = Field(
+        default_factory=dict,
+        description='Iceberg: pyiceberg catalog properties, e.g. {"type": "sql", "uri": "sqlite:////x/cat.db"}'
+        ', {"type": "rest", "uri": ...} or {"type": "glue"}',
+    )
     top_k: int = Field(5, ge=1, le=1000, description="labels and scores kept per image")
     batch_size: int | None = Field(
         None,
@@ -178,10 +193,23 @@ class RunConfig(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _iceberg_settings(self) -> RunConfig:
+        if self.output_format == "iceberg" and not (self.iceberg_table and self.iceberg_catalog):
+            raise ValueError(
+                "output_format iceberg needs iceberg_table (namespace.table) and iceberg_catalog (e.g. "
+                '{"type": "sql", "uri": "sqlite:////path/catalog.db"})'
+            )
+        if self.output_format == "parquet" and (self.iceberg_table or self.iceberg_catalog):
+            raise ValueError("iceberg_table and iceberg_catalog are for output_format iceberg")
+        return self
+
     def redacted(self) -> dict[str, Any]:
-        """The config as JSON-able data with every credential in storage_options replaced by '***'."""
+        """The config as JSON-able data with every credential (in storage_options and in the Iceberg
+        catalog's properties) replaced by '***'."""
         data = self.model_dump(mode="json")
         data["storage_options"] = redact(data["storage_options"])
+        data["iceberg_catalog"] = redact_properties(data["iceberg_catalog"])
         return data
 
 
@@ -199,6 +227,15 @@ def redact(value: Any, name: str = "") -> Any:
     if isinstance(value, list):
         return [redact(v, name) for v in value]
     return _USERINFO.sub("://***@", value) if isinstance(value, str) else value
+
+
+def redact_properties(properties: dict[str, str]) -> dict[str, str]:
+    """Catalog properties with the values of credential-like names (s3.secret-access-key, token,
+    credential, ...) replaced by '***' and user:password@ removed from URIs."""
+    return {
+        name: "***" if is_secret_name(name) else _USERINFO.sub("://***@", value)
+        for name, value in properties.items()
+    }
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:

@@ -1,9 +1,12 @@
 """The output folder's protocol: what may be in it, what a run keeps, deletes and resumes, and the commit.
 
-    OUTPUT/part-RUN-00000.parquet ...    the table's files, listed by the marker
+    OUTPUT/part-ATTEMPT-00000.parquet ...  the table's files, listed by the marker
     OUTPUT/_SUCCESS (or _FAILURE)        JSON: the run summary and `files` [{name, rows, bytes}]
     OUTPUT/_lease/000001.json            the live run's lease (pipeline.lease)
     OUTPUT/_staging/RUN/chunk-*.parquet  a run's rows as they come; hidden from Hive-style readers
+
+An Iceberg output (`pipeline/iceberg.py`) keeps the same protocol up to the commit; its table files lie in
+`OUTPUT/data/`, and the commit is a snapshot of its catalog in place of the marker.
 
 Rules, each for a loss seen in practice:
 - Only files the pipeline wrote for this output are ever deleted: Parquet files carry their writer and
@@ -44,6 +47,7 @@ from dinat_batch.pipeline.config import ConfigError
 from dinat_batch.pipeline.digest import KeyDigest
 from dinat_batch.pipeline.errors import error_kind, is_retryable
 from dinat_batch.pipeline.faults import crash_point
+from dinat_batch.pipeline.iceberg import DATA, METADATA, PARTITION, IcebergTable
 from dinat_batch.pipeline.lease import LEASES, Lease, LeaseLost
 from dinat_batch.pipeline.locations import resolve
 from dinat_batch.pipeline.ownership import Ownership, owner_of, write_table
@@ -103,9 +107,16 @@ def leaf(path: str) -> str:
 
 
 class Output:
-    """An output folder on any fsspec filesystem."""
+    """An output folder on any fsspec filesystem; with `iceberg`, the folder of a run (or of a nightly
+    date: `scope`) whose rows go into that table's `data/` and are committed as a snapshot."""
 
-    def __init__(self, uri: str, storage_options: dict[str, Any]):
+    def __init__(
+        self,
+        uri: str,
+        storage_options: dict[str, Any],
+        iceberg: IcebergTable | None = None,
+        scope: str | None = None,
+    ):
         self.uri = uri.rstrip("/")
         self.storage_options = storage_options
         self.fs, path = fsspec.core.url_to_fs(self.uri, **storage_options)
@@ -113,6 +124,13 @@ class Output:
         self.local = isinstance(self.fs, LocalFileSystem)
         # what this output's files carry in their metadata: the same place however it is spelled
         self.identity = str(resolve(self.uri))
+        self.iceberg, self.scope = iceberg, scope
+        self.data_path = self.path
+        if iceberg is not None:
+            self.data_path = f"{iceberg.path(iceberg.location)}/{DATA}" + (
+                f"/{PARTITION}={scope}" if scope else ""
+            )
+        self._base: int | None = None  # the Iceberg snapshot this run started from
 
     def child(self, name: str) -> Output:
         return Output(f"{self.uri}/{name}", self.storage_options)
@@ -171,11 +189,17 @@ class Output:
         if not top and self.fs.isfile(self.path):
             found.foreign.append(self.path)
         parquet = []
+        table_folders = (
+            (DATA, METADATA) if self.iceberg and self.data_path.startswith(self.path + "/") else ()
+        )
         for entry in top:
             name = leaf(entry["name"])
-            if name in (SUCCESS, FAILURE) and entry["type"] == "file":
+            marker = name == FAILURE or (name == SUCCESS and self.iceberg is None)
+            if marker and entry["type"] == "file":
                 found.marker = name
                 found.manifest = json.loads(self.fs.cat_file(entry["name"]))
+            elif name in table_folders and entry["type"] == "directory":
+                continue  # the table's metadata is pyiceberg's; its data folder is surveyed below
             elif self._temp(entry):
                 found.temporary.append(entry["name"])
             elif name == STAGING and entry["type"] == "directory":
@@ -186,6 +210,17 @@ class Output:
                 parquet.append(entry["name"])
             else:
                 found.foreign.append(entry["name"])
+        if self.iceberg is not None:
+            if found.marker is None:
+                committed = self.iceberg.committed(self.scope)
+                found.marker, found.manifest = (SUCCESS, committed) if committed else (None, {})
+            for entry in self._entries(self.data_path):
+                if self._temp(entry):
+                    found.temporary.append(entry["name"])
+                elif entry["type"] == "file" and entry["name"].endswith(".parquet"):
+                    parquet.append(entry["name"])
+                else:
+                    found.foreign.append(entry["name"])
         for path, owner in zip(parquet, self._owners(parquet), strict=True):
             (found.parts if owner else found.foreign).append(path)
         return found
@@ -279,12 +314,13 @@ class Output:
             if retry:  # its files become a kept attempt's chunks, copied while the marker still stands
                 kept = self.staging(f"{committed['run_id']}-committed")
                 self.fs.makedirs(kept, exist_ok=True)
-                for i, entry in enumerate(committed["files"]):
-                    target = f"{kept}/{chunk_name(i, entry['rows'])}"
-                    self.fs.copy(f"{self.path}/{entry['name']}", target)
-            # un-commit first: from here on readers see no table, and the old files are redundant
-            self.fs.rm_file(f"{self.path}/{survey.marker}")
-            crash_point("unmarked")
+                for i, (path, rows) in enumerate(self._committed()):
+                    self.fs.copy(path, f"{kept}/{chunk_name(i, rows)}")
+            if survey.marker == FAILURE or self.iceberg is None:
+                # un-commit first: from here on readers see no table, and the old files are redundant
+                self.fs.rm_file(f"{self.path}/{survey.marker}")
+                crash_point("unmarked")
+            # an Iceberg table keeps its snapshot until the commit replaces it
             survey = self.survey()
         elif overwrite:  # the dead attempts of a run being replaced
             self._remove(survey.staged)
@@ -299,17 +335,27 @@ class Output:
                 "--overwrite to start over with this one"
             )
         self.fs.makedirs(self.path, exist_ok=True)
+        if self.iceberg is not None:
+            self._base = self.iceberg.snapshot_id()
         return sorted(kept)
 
+    def _committed(self) -> list[tuple[str, int]]:
+        """The committed table files (path, rows): the marker's list, or the Iceberg snapshot's."""
+        if self.iceberg is not None:
+            return self.iceberg.files(self.scope)
+        return [(f"{self.data_path}/{entry['name']}", entry["rows"]) for entry in self.manifest()["files"]]
+
     def marker(self) -> tuple[str, dict[str, Any]] | None:
-        """The committed marker's name and manifest, or None."""
+        """The committed marker's name and manifest (for Iceberg, `_SUCCESS` and the committed run's
+        summary), or None."""
         self.fs.invalidate_cache()
-        for name in (SUCCESS, FAILURE):
+        for name in (FAILURE, SUCCESS) if self.iceberg else (SUCCESS, FAILURE):
             try:
                 return name, json.loads(self.fs.cat_file(f"{self.path}/{name}"))
             except FileNotFoundError:
                 continue
-        return None
+        committed = self.iceberg.committed(self.scope) if self.iceberg else None
+        return (SUCCESS, committed) if committed else None
 
     def manifest(self) -> dict[str, Any] | None:
         """The `_SUCCESS` manifest, or None while the output is not committed."""
@@ -321,9 +367,10 @@ class Output:
         manifest = self.manifest()
         if manifest is None:
             return None
-        if "files" not in manifest:  # written before markers listed their files: every file beside it
+        if "files" not in manifest and self.iceberg is None:
+            # written before markers listed their files: every file beside it
             return sorted(path for path in self.fs.ls(self.path, detail=False) if path.endswith(".parquet"))
-        return [f"{self.path}/{entry['name']}" for entry in manifest["files"]]
+        return [path for path, _ in self._committed()]
 
     def source_digest(self, attempt: str) -> tuple[KeyDigest, int]:
         """The keys this attempt's reading stage emitted, summed over its per-source records, and how
@@ -349,9 +396,12 @@ class Output:
         lease.check()
         survey = self.survey()
         self._refuse_foreign(survey)
-        if survey.marker is not None:  # committed by another run since this one prepared
+        committed = (
+            survey.marker is not None if self.iceberg is None else self.iceberg.snapshot_id() != self._base
+        )
+        if committed:  # by another run since this one prepared
             raise LeaseLost(f"{self.uri} was committed by another run while this one ran; it stops here")
-        self._remove(survey.parts)  # listed by no marker: redundant, see the module's rules
+        self._remove(self._redundant(survey.parts))
         crash_point("old-files-removed")
         groups: list[list[str]] = []
         rows = rows_per_file
@@ -361,9 +411,13 @@ class Output:
                 rows = 0
             groups[-1].append(path)
             rows += chunk_rows(path)
-        parts = [f"{self.path}/{PART_PREFIX}{ownership.run_id}-{i:05d}.parquet" for i in range(len(groups))]
+        # named by attempt: an Iceberg table's current files stay until the commit that replaces them
+        parts = [
+            f"{self.data_path}/{PART_PREFIX}{ownership.attempt}-{i:05d}.parquet" for i in range(len(groups))
+        ]
+        constants = {PARTITION: self.scope} if self.iceberg and self.scope else {}
         pending = [
-            _compact.remote(self.ray_fs, group, part, ownership, self.staging(ownership.attempt))
+            _compact.remote(self.ray_fs, group, part, ownership, self.staging(ownership.attempt), constants)
             for group, part in zip(groups, parts, strict=True)
         ]
         if pending:
@@ -388,11 +442,25 @@ class Output:
         compacted.errors_by_kind = dict(kinds.most_common())
         return compacted
 
+    def _redundant(self, parts: list[str]) -> list[str]:
+        """Our table files that no reader can reach: listed by no marker (the marker is gone before a run
+        writes), or held by no Iceberg snapshot (a commit that did not land, or snapshots expired)."""
+        if self.iceberg is None:
+            return parts
+        held = self.iceberg.referenced()
+        return [path for path in parts if path not in held]
+
     def publish(self, lease: Lease, marker: str, manifest: dict[str, Any]) -> None:
-        """Write the marker, listing the compacted files, then remove the chunks they were made from."""
+        """Write the marker, listing the compacted files (for Iceberg: commit them as one snapshot), then
+        remove the chunks they were made from."""
         lease.check()
         crash_point("before-marker")
-        put_file(self.fs, f"{self.path}/{marker}", json.dumps(manifest, indent=2, default=str).encode())
+        if marker == SUCCESS and self.iceberg is not None:
+            files = [f"{self.data_path}/{entry['name']}" for entry in manifest["files"]]
+            summary = {name: value for name, value in manifest.items() if name != "files"}
+            self.iceberg.commit(files, self.scope, summary, self._base)
+        else:
+            put_file(self.fs, f"{self.path}/{marker}", json.dumps(manifest, indent=2, default=str).encode())
         crash_point("marked")
         survey = self.survey()
         self._remove(survey.staged + survey.temporary)
@@ -405,10 +473,13 @@ def stale_record(staging: str, chunk: str) -> str:
 
 
 @ray.remote(num_cpus=0.5)
-def _compact(fs, chunks: list[str], part: str, ownership: Ownership, staging: str) -> dict[str, Any]:
-    """One table file from a group of chunks. From chunks of earlier attempts (outside this attempt's
-    `staging`) failed reads are left out, as this attempt read those inputs again, and so are the keys
-    their stale record names. Returns the file's size and the counts the commit checks and reports."""
+def _compact(
+    fs, chunks: list[str], part: str, ownership: Ownership, staging: str, constants: dict[str, str]
+) -> dict[str, Any]:
+    """One table file from a group of chunks, with `constants` as columns (an Iceberg partition's value).
+    From chunks of earlier attempts (outside this attempt's `staging`) failed reads are left out, as this
+    attempt read those inputs again, and so are the keys their stale record names. Returns the file's
+    size and the counts the commit checks and reports."""
     fs = fs or LocalFileSystem()
     tables = []
     for path in chunks:
@@ -419,6 +490,10 @@ def _compact(fs, chunks: list[str], part: str, ownership: Ownership, staging: st
             table = table.filter(pc.and_(keep, pc.invert(_retryable(table.column("error")))))
         tables.append(table.replace_schema_metadata(None))
     table = pa.concat_tables(tables)
+    for name, value in constants.items():
+        table = table.append_column(
+            pa.field(name, pa.string(), nullable=False), pa.array([value] * len(table))
+        )
     size = write_table(fs, part, table, ownership)
     errors = table.column("error").to_pylist()
     failed = [e for e in errors if e is not None]

@@ -1,7 +1,8 @@
 """Reading a finished output table back, and SQL over it with DuckDB.
 
 The PyPI duckdb wheel has no bundled httpfs, so tables are read through pyarrow and fsspec (any URI,
-the run's credentials) and handed to DuckDB as Arrow data, registered as `predictions`.
+the run's credentials), or scanned by pyiceberg for an Iceberg table (at any snapshot), and handed to
+DuckDB as Arrow data, registered as `predictions`.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 
+from dinat_batch.pipeline.iceberg import IcebergTable
 from dinat_batch.pipeline.output import Output, leaf
 from dinat_batch.pipeline.stages.write import output_schema
 
@@ -44,16 +45,32 @@ class OutputNotReady(RuntimeError):
     """The output has no `_SUCCESS`: the run is still going, or died before committing."""
 
 
-def read_output(uri: str, storage_options: dict[str, Any] | None = None) -> pa.Table:
+def read_output(
+    uri: str,
+    storage_options: dict[str, Any] | None = None,
+    iceberg: IcebergTable | None = None,
+    snapshot_id: int | None = None,
+    as_of_ms: int | None = None,
+    columns: list[str] | None = None,
+    limit: int | None = None,
+) -> pa.Table:
     """The committed rows under `uri`: one run's output (the files its `_SUCCESS` lists), or the committed
     `run_date=` partitions of a nightly table (with a `run_date` column). Rows no marker lists are never
-    returned."""
+    returned. With `iceberg`: that table's current snapshot, or the one `snapshot_id` names, or the one
+    current at `as_of_ms` (milliseconds since the epoch). `columns` and `limit` (the first rows) read less."""
+    if iceberg is not None:
+        try:
+            return iceberg.read(snapshot_id, as_of_ms, columns, limit)
+        except LookupError as err:
+            raise OutputNotReady(str(err)) from err
+    if snapshot_id is not None or as_of_ms is not None:
+        raise OutputNotReady("snapshots and time travel are for Iceberg tables: give the table and catalog")
     output = Output(uri, storage_options or {})
     files = output.committed_files()
     if files is not None:
         if not files:  # a run that had nothing to process
-            return output_schema(0).empty_table()
-        return pq.read_table(files, filesystem=output.fs)
+            return _empty(output_schema(0), columns)
+        return _rows(ds.dataset(files, filesystem=output.fs, format="parquet"), columns, limit)
     partitions = [output.child(leaf(path)) for path in output.fs.glob(f"{output.path}/run_date=*")]
     listed = [(partition, partition.committed_files()) for partition in partitions]
     committed = [(partition, files) for partition, files in listed if files is not None]
@@ -64,7 +81,7 @@ def read_output(uri: str, storage_options: dict[str, Any] | None = None) -> pa.T
         )
     files = [path for _, paths in committed for path in paths]
     if not files:  # only runs that found nothing new
-        return output_schema(0).append(pa.field("run_date", pa.string())).empty_table()
+        return _empty(output_schema(0).append(pa.field("run_date", pa.string())), columns)
     dataset = ds.dataset(
         files,
         filesystem=output.fs,
@@ -72,7 +89,16 @@ def read_output(uri: str, storage_options: dict[str, Any] | None = None) -> pa.T
         partitioning=ds.partitioning(pa.schema([("run_date", pa.string())]), flavor="hive"),
         partition_base_dir=output.path,
     )
-    return dataset.to_table()
+    return _rows(dataset, columns, limit)
+
+
+def _rows(dataset: ds.Dataset, columns: list[str] | None, limit: int | None) -> pa.Table:
+    return dataset.to_table(columns) if limit is None else dataset.head(limit, columns)
+
+
+def _empty(schema: pa.Schema, columns: list[str] | None) -> pa.Table:
+    table = schema.empty_table()
+    return table if columns is None else table.select(columns)
 
 
 def sql(table: pa.Table, query: str, params: dict[str, Any] | None = None) -> duckdb.DuckDBPyRelation:

@@ -24,6 +24,7 @@ from ray.data.exceptions import ExecutionTimeoutError
 
 from dinat_batch.pipeline.config import ConfigError, RunConfig
 from dinat_batch.pipeline.gpu_decoding import unsupported
+from dinat_batch.pipeline.iceberg import IcebergTable
 from dinat_batch.pipeline.lease import Lease
 from dinat_batch.pipeline.locations import resolve
 from dinat_batch.pipeline.model import load_model
@@ -211,6 +212,8 @@ def execute(
     config = plan.config
     listing = (plan.listing if listing is None else listing).materialize()
     owner = plan.owner(output)
+    if output.iceberg is not None:
+        output.iceberg.ensure(plan.num_features, partitioned=output.scope is not None)
     earlier = output.prepare(config.overwrite, owner, config.model_dump(mode="json"))
     t0 = time.monotonic()
     # rows earlier attempts wrote for inputs that are no longer listed (deleted since, or taken by
@@ -289,7 +292,7 @@ def run(config: RunConfig | dict[str, Any]) -> RunSummary:
     if not isinstance(config, RunConfig):
         config = RunConfig.model_validate(config)
     run_id = config.run_id or f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
-    output = Output(config.output, config.storage_options)
+    output = Output(config.output, config.storage_options, IcebergTable.of(config))
     output.refuse_foreign()
     # the lease before any other work: a run refused for a live holder has listed nothing
     with cluster(config), output.lease(run_id, config.lease_timeout) as lease:

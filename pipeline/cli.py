@@ -449,6 +449,30 @@ def orphans(
 
 
 @app.command()
+def report(
+    output: Annotated[
+        str, typer.Argument(help="a run's output, a nightly table or an Iceberg table's location")
+    ],
+    out: Annotated[Path, typer.Option(help="the HTML file to write")] = Path("report.html"),
+    storage_options: Annotated[str | None, typer.Option(help="JSON fsspec options (endpoint, keys)")] = None,
+    iceberg_table: IcebergTableName = None,
+    iceberg_catalog: IcebergCatalog = None,
+) -> None:
+    """Write one self-contained HTML page about a finished output: summaries, labels, confidence,
+    throughput, an embedding map and thumbnails (it opens offline)."""
+    from dinat_batch.pipeline.query import OutputNotReady
+    from dinat_batch.pipeline.report import build
+
+    options = _storage_options(storage_options)
+    try:
+        written = build(output, out, options, _iceberg(output, options, iceberg_table, iceberg_catalog))
+    except (OutputNotReady, FileNotFoundError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    typer.echo(f"report: {written.resolve()}")
+
+
+@app.command()
 def query(
     output: Annotated[
         str, typer.Argument(help="a run's output directory or Iceberg table location (any URI)")

@@ -13,6 +13,7 @@ import os
 import socket
 import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -21,6 +22,7 @@ from dinat_batch.pipeline.config import DEFAULT_MODEL, RunConfig
 from dinat_batch.pipeline.query import SUMMARY
 
 BUCKET = "demo"
+REPORT = "demo-report.html"  # written to the current folder
 RANDOM_MODEL = f"s3://{BUCKET}/models/dinat-mini-RANDOM-WEIGHTS"
 
 
@@ -91,6 +93,7 @@ def run_demo(echo: Callable[[str], None] = print) -> None:
 
     from dinat_batch.infra.object_store import LocalObjectStore
     from dinat_batch.pipeline.query import read_output, sql
+    from dinat_batch.pipeline.report import build
     from dinat_batch.pipeline.run import run
 
     offline = not _hub_reachable()
@@ -130,5 +133,8 @@ def run_demo(echo: Callable[[str], None] = print) -> None:
             for query in _QUERIES:
                 echo(f"> {query}")
                 echo(str(sql(table, query)))
+            # while the store still serves the images that the report's thumbnails show
+            page = build(config.output, Path(REPORT), store.storage_options)
+            echo(f"\nreport (one HTML page, opens offline): {page.resolve()}")
         finally:
             ray.shutdown()

@@ -80,8 +80,9 @@ def test_run_names_the_invalid_field_before_any_work(tmp_path):
     assert result.exit_code == 2 and "input (--input): Field required" in result.output
 
 
-def test_demo_runs_end_to_end_and_stops_everything():
-    """The README's first command, offline: a random dinat-mini, said so, and nothing left running."""
+def test_demo_runs_end_to_end_and_stops_everything(tmp_path):
+    """The README's first command, offline: a random dinat-mini, said so, its report written, and nothing
+    left running."""
 
     def weed_servers() -> set[str]:
         found = subprocess.run(["pgrep", "-f", "weed server"], capture_output=True, text=True)
@@ -94,8 +95,12 @@ def test_demo_runs_end_to_end_and_stops_everything():
         text=True,
         timeout=600,
         env=os.environ | {"HF_HUB_OFFLINE": "1"},
+        cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    report = tmp_path / "demo-report.html"
+    assert f"report (one HTML page, opens offline): {report}" in done.stdout
+    assert report.stat().st_size > 1_000_000 and "truncated.jpg" in report.read_text()  # plotly.js, an error row
     assert "RANDOMLY INITIALISED" in done.stdout
     assert "27 images, 24 ok, 3 errors" in done.stdout
     assert "│ error   │      3 │" in done.stdout

@@ -48,7 +48,9 @@ from dinat_batch.pipeline.stages.write import ChunkSink
 LEDGERS = "_runs"
 LEDGER_PREFIX = "ledger-"
 OLD_LEDGER = ".arrow"  # `_runs/DATE.arrow`: the ledger as versions before 2026-11-29 wrote it
-_LEDGER_FILE = re.compile(r"^ledger-\d{6,}-\d+\.parquet$")
+# ledger-RUN-000001-5.parquet (the run in the name: a rerun never writes over the committed run's files);
+# ledger-000001-5.parquet as versions before 2026-11-29 named them
+_LEDGER_FILE = re.compile(r"^ledger-([A-Za-z0-9._-]+-)?\d{6,}-\d+\.parquet$")
 PARTITION = "run_date"
 
 
@@ -164,7 +166,8 @@ class Table:
         the date go first; the committed run's stays until this run's commit (`prune_ledger`): a Parquet
         partition's marker is gone by now, an Iceberg date stays committed until its new snapshot."""
         self.prune_ledger(date, self.committed_runs().get(date, ""))
-        sink = ChunkSink(self.ledger(date), self.root.ray_fs, ownership, LISTING, None, prefix=LEDGER_PREFIX)
+        prefix = f"{LEDGER_PREFIX}{ownership.run_id}-"
+        sink = ChunkSink(self.ledger(date), self.root.ray_fs, ownership, LISTING, None, prefix=prefix)
         read.write_datasink(sink, ray_remote_args=WRITE_STAGE.resources)
 
     def prune_ledger(self, date: dt.date, run_id: str) -> None:
@@ -212,7 +215,8 @@ def nightly(config: RunConfig, date: dt.date | None = None) -> NightlySummary:
 
     The whole table is leased, not the partition: two attempts at one date would otherwise both commit,
     and attempts at two dates could both take the same new objects. A date whose partition is committed
-    is rerun (its marker removed first); one whose attempt died is resumed from that attempt's chunks."""
+    is rerun (its marker removed first; an Iceberg date stays committed until its new snapshot); one whose
+    attempt died is resumed from that attempt's chunks."""
     date = date or dt.datetime.now(dt.UTC).date()
     table = Table(config.output, config.storage_options, IcebergTable.of(config))
     run_id = f"nightly-{date.isoformat()}-{uuid.uuid4().hex[:8]}"

@@ -405,6 +405,8 @@ def _read_table(
     options = _storage_options(storage_options)
     iceberg = _iceberg(output, options, iceberg_table, iceberg_catalog)
     as_of_ms = None
+    if as_of is not None and snapshot is not None:
+        raise typer.BadParameter("give --snapshot or --as-of, not both", param_hint="--as-of")
     if as_of is not None:
         try:
             moment = dt.datetime.fromisoformat(as_of)
@@ -423,9 +425,16 @@ def orphans(
     iceberg_catalog: Annotated[str, typer.Option(help="the catalog's properties as JSON")],
     storage_options: Annotated[str | None, typer.Option(help="JSON fsspec options (endpoint, keys)")] = None,
     delete: Annotated[bool, typer.Option("--delete", help="remove them (holding the table's lease)")] = False,
+    older_than: Annotated[
+        float, typer.Option(min=0, help="minutes: newer unreached metadata files may be a commit in flight")
+    ] = 60,
+    lease_timeout: Annotated[float, typer.Option(help="as the runs' lease_timeout")] = RunConfig.model_fields[
+        "lease_timeout"
+    ].default,
 ) -> None:
     """List the files of an Iceberg output that no snapshot reaches (left by commits that did not land, or
     by expired snapshots); --delete removes them. Runs remove their own scope's data files by themselves."""
+    from dinat_batch.pipeline.config import ConfigError
     from dinat_batch.pipeline.lease import LeaseHeld
     from dinat_batch.pipeline.output import Output
 
@@ -433,16 +442,16 @@ def orphans(
     table = _iceberg(output, options, iceberg_table, iceberg_catalog)
     root = Output(output, options)
     try:
-        # the lease: no run is writing (a run's data files are orphans until its commit lands)
-        with (
-            root.lease(f"orphans-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}", 600) if delete else nullcontext()
-        ):
-            found = table.orphans()
+        # the lease: no run of ours is writing (a run's data files are orphans until its commit lands)
+        name = f"orphans-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}"
+        with root.lease(name, lease_timeout) if delete else nullcontext() as lease:
+            found = table.orphans(older_than * 60)
             for path in found:
                 typer.echo(path)
-                if delete:
+                if lease is not None:
+                    lease.check()
                     table.remove(path)
-    except LeaseHeld as err:
+    except (LeaseHeld, ConfigError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err
     typer.echo(f"{len(found)} orphaned file(s){' removed' if delete else ''}", err=True)

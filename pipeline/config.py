@@ -58,6 +58,10 @@ SAFE_STORAGE_OPTIONS = frozenset(
 )
 
 
+# the config fields that shape the rows: a finished output is topped up only by the same job
+SAME_JOB = ("input", "model", "input_format", "image_column", "uri_column", "top_k")
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the field and what to change."""
 

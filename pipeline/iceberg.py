@@ -4,7 +4,8 @@ makes a run's rows visible as one snapshot.
     OUTPUT/data/[run_date=DATE/]part-*.parquet   data files, written by the commit's compaction tasks; ours
                                                  by their footer, as every file of pipeline/output.py
     OUTPUT/metadata/                             the table's metadata, written by pyiceberg
-    OUTPUT/_staging/, _lease/, _runs/            as for a Parquet output (pipeline/output.py, jobs/nightly.py)
+    OUTPUT/_staging/, _lease/                    a run's chunks and the lease, as for Parquet (pipeline/output.py)
+    OUTPUT/run_date=DATE/_staging/, _runs/       a nightly date's run in progress, the ledgers (jobs/nightly.py)
 
 The run's protocol is the Parquet one up to the commit (chunks, compaction, the key check); the commit is
 one catalog transaction: the snapshot that drops the files the run replaces (the whole table, or the
@@ -20,7 +21,9 @@ Iceberg has no fixed-size list: `embedding` is `list<float>` in the table and is
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import time
 from functools import cached_property
 from typing import Any
 
@@ -35,7 +38,7 @@ from pyiceberg.schema import assign_fresh_schema_ids
 from pyiceberg.table import Table
 from pyiceberg.transforms import IdentityTransform
 
-from dinat_batch.pipeline.config import ConfigError, RunConfig
+from dinat_batch.pipeline.config import SAME_JOB, ConfigError, RunConfig
 from dinat_batch.pipeline.faults import crash_point
 from dinat_batch.pipeline.locations import resolve
 from dinat_batch.pipeline.ownership import owner_of
@@ -48,6 +51,8 @@ LAYOUT = "dinat-batch.layout"  # "run" (one run's rows) or "nightly" (partitione
 DATA = "data"
 METADATA = "metadata"
 _NAME_MAPPING = "schema.name-mapping.default"
+# the config fields a commit property keeps: what a rerun compares (SAME_JOB) and where the run read
+SUMMARY_CONFIG = (*SAME_JOB, "output", "allowed_uri_prefixes")
 
 
 class CommitConflict(RuntimeError):
@@ -87,9 +92,10 @@ class IcebergTable:
         self, identifier: str, catalog: dict[str, str], location: str, storage_options: dict[str, Any]
     ):
         self.identifier = identifier
-        self.location = location.rstrip("/")
+        self._fs, path = fsspec.core.url_to_fs(location, **storage_options)
+        # one spelling, absolute: a relative local path would name another place from another folder
+        self.location = self._fs.unstrip_protocol(path.rstrip("/"))
         self._properties = file_io_properties(storage_options) | catalog
-        self._fs = fsspec.core.url_to_fs(self.location, **storage_options)[0]
 
     @classmethod
     def of(cls, config: RunConfig) -> IcebergTable | None:
@@ -108,6 +114,11 @@ class IcebergTable:
 
     def path(self, uri: str) -> str:
         return self._fs._strip_protocol(uri)
+
+    def canonical(self, path: str) -> str:
+        """One spelling of a file's place (a URI or a filesystem path): the table stores the spelling of the
+        run that committed, a listing gives today's config's (`..`, `//`, symlinks)."""
+        return str(resolve(path if "://" in path else self.uri(path)))
 
     def load(self) -> Table | None:
         """The table, or None when the catalog has none of that name; raises ConfigError for a table of that
@@ -133,6 +144,14 @@ class IcebergTable:
         """The table, created (with its namespace) when missing."""
         layout = "nightly" if partitioned else "run"
         table = self.load()
+        root = self.path(self.location)
+        if table is None and (self._find(f"{root}/{METADATA}") or self._find(f"{root}/{DATA}")):
+            raise ConfigError(
+                f"{self.location} holds an Iceberg table's files, but the catalog has no table "
+                f"{self.identifier} there (a lost or other catalog, or a renamed table). A new table would "
+                "replace them: register the table in this catalog (pyiceberg: catalog.register_table(name, "
+                "its newest metadata/*.metadata.json)), or choose another output"
+            )
         if table is None:
             schema = assign_fresh_schema_ids(
                 Catalog._convert_schema_if_needed(table_schema(num_features, partitioned))
@@ -170,6 +189,11 @@ class IcebergTable:
                 f"{'`dinat-batch nightly`' if partitioned else '`dinat-batch run`'} writes another layout. "
                 "Name another table"
             )
+        if int(table.properties[EMBEDDING_DIM]) != num_features:
+            raise ConfigError(
+                f"the Iceberg table {self.identifier} holds {table.properties[EMBEDDING_DIM]}-d embeddings; this "
+                f"model makes {num_features}-d ones. One table holds one model's embeddings: name another table"
+            )
         return table
 
     def snapshot_id(self) -> int | None:
@@ -202,11 +226,11 @@ class IcebergTable:
         return sorted((self.path(task.file.file_path), task.file.record_count) for task in scan.plan_files())
 
     def referenced(self) -> set[str]:
-        """Paths of every data file that some snapshot holds (time travel reads them all)."""
+        """Every data file that some snapshot holds (time travel reads them all), in `canonical` form."""
         table = self.load()
         if table is None or not table.snapshots():
             return set()
-        return {self.path(uri) for uri in table.inspect.all_data_files().column("file_path").to_pylist()}
+        return {self.canonical(uri) for uri in table.inspect.all_data_files().column("file_path").to_pylist()}
 
     def commit(self, paths: list[str], scope: str | None, summary: dict[str, Any], base: int | None) -> int:
         """One snapshot: the data files now held for `scope` out, `paths` in, and the run's `summary` as the
@@ -224,8 +248,12 @@ class IcebergTable:
         scan = table.scan(row_filter=EqualTo(PARTITION, scope)) if scope else table.scan()
         old = [task.file for task in scan.plan_files()] if current else []
         properties = {"dinat-batch.run-id": str(summary.get("run_id")), "dinat-batch.scope": scope or ""}
+        # every metadata version carries the properties: the summary without the run's full config
+        kept = summary | {
+            "config": {k: v for k, v in summary.get("config", {}).items() if k in SUMMARY_CONFIG}
+        }
         with table.transaction() as transaction:
-            transaction.set_properties({commit_property(scope): json.dumps(summary, default=str)})
+            transaction.set_properties({commit_property(scope): json.dumps(kept, default=str)})
             with transaction.update_snapshot(snapshot_properties=properties).overwrite() as snapshot:
                 for data_file in old:
                     snapshot.delete_data_file(data_file)
@@ -263,32 +291,62 @@ class IcebergTable:
         scan = table.scan(snapshot_id=snapshot_id, selected_fields=tuple(schema.names), limit=limit)
         return scan.to_arrow().select(schema.names).cast(schema)
 
-    def orphans(self) -> list[str]:
+    def orphans(self, older_than_s: float = 3600.0) -> list[str]:
         """Files of the table that no snapshot reaches: our data files under `data/` written for a commit
-        that did not land (or held only by expired snapshots), and metadata files under `metadata/` that the
-        catalog's entry cannot reach. A run removes the data files of its own scope before it commits; this
-        finds them all, for `dinat-batch orphans`."""
+        that did not land (or held only by expired snapshots), and files under `metadata/` that the
+        catalog's entry cannot reach and that are older than `older_than_s` (another engine's commit may be
+        in flight: Iceberg's own orphan removal waits days). The rows of a run that ended in `_FAILURE` are
+        kept while that marker stands. A run removes the data files of its own scope by itself."""
         table = self.load()
         if table is None:
             return []
         root = self.path(self.location)
-        data = [path for path in self._find(f"{root}/{DATA}") if path.endswith(".parquet")]
+        metadata = self._find(f"{root}/{METADATA}")
+        if self.canonical(table.metadata_location) not in {self.canonical(path) for path in metadata}:
+            raise ConfigError(
+                f"the table's current metadata {table.metadata_location} is not among the files listed under "
+                f"{self.location}/{METADATA}: the output and the catalog disagree on where the table is; "
+                "nothing is removed"
+            )
         identity = str(resolve(self.location))
-        owners = [owner_of(self._fs, path) for path in data]
-        held = self.referenced()
+        data = [path for path in self._find(f"{root}/{DATA}") if path.endswith(".parquet")]
+        kept = self.referenced() | self._failed_runs_files(root)
         ours = [
             path
-            for path, owner in zip(data, owners, strict=True)
+            for path, owner in zip(data, [owner_of(self._fs, path) for path in data], strict=True)
             if owner is not None
             and (owner.output == identity or owner.output.startswith(f"{identity}/{PARTITION}="))
-            and path not in held
+            and self.canonical(path) not in kept
         ]
-        reached = {self.path(table.metadata_location)}
-        reached |= {self.path(entry.metadata_file) for entry in table.metadata.metadata_log}
+        reached = {table.metadata_location, *(entry.metadata_file for entry in table.metadata.metadata_log)}
+        reached |= {stats.statistics_path for stats in table.metadata.statistics}
+        reached |= {stats.statistics_path for stats in table.metadata.partition_statistics}
         for snapshot in table.snapshots():
-            reached.add(self.path(snapshot.manifest_list))
-            reached |= {self.path(manifest.manifest_path) for manifest in snapshot.manifests(table.io)}
-        return sorted(ours) + sorted(path for path in self._find(f"{root}/{METADATA}") if path not in reached)
+            reached.add(snapshot.manifest_list)
+            reached |= {manifest.manifest_path for manifest in snapshot.manifests(table.io)}
+        reached = {self.canonical(uri) for uri in reached}
+        now = time.time()
+        unreached = [
+            path
+            for path in metadata
+            if self.canonical(path) not in reached and now - self._modified(path) > older_than_s
+        ]
+        return sorted(ours) + sorted(unreached)
+
+    def _failed_runs_files(self, root: str) -> set[str]:
+        """The data files that `_FAILURE` markers list (a run's rows kept for inspection)."""
+        found = set()
+        for marker in self._fs.glob(f"{root}/_FAILURE") + self._fs.glob(f"{root}/{PARTITION}=*/_FAILURE"):
+            folder = marker.rsplit("/", 1)[0]
+            data = f"{root}/{DATA}" + (f"/{folder.rsplit('/', 1)[1]}" if folder != root else "")
+            for entry in json.loads(self._fs.cat_file(marker)).get("files", []):
+                found.add(self.canonical(f"{data}/{entry['name']}"))
+        return found
+
+    def _modified(self, path: str) -> float:
+        info = self._fs.info(path)
+        moment = info.get("mtime") or info.get("LastModified") or info.get("created")
+        return moment.timestamp() if isinstance(moment, dt.datetime) else float(moment or 0)
 
     def remove(self, path: str) -> None:
         self._fs.rm_file(path)

@@ -6,7 +6,11 @@
     OUTPUT/_staging/RUN/chunk-*.parquet  a run's rows as they come; hidden from Hive-style readers
 
 An Iceberg output (`pipeline/iceberg.py`) keeps the same protocol up to the commit; its table files lie in
-`OUTPUT/data/`, and the commit is a snapshot of its catalog in place of the marker.
+`OUTPUT/data/`, and the commit is a snapshot of its catalog in place of `_SUCCESS`. There, the committed
+state is not removed first: it stays readable until the snapshot that replaces it, and the rules below
+that speak of the marker read "snapshot": table files that no snapshot holds are redundant, and staged
+files are redundant once a snapshot holds their rows (those of the committed run; a replacement's are
+resumed).
 
 Rules, each for a loss seen in practice:
 - Only files the pipeline wrote for this output are ever deleted: Parquet files carry their writer and
@@ -43,7 +47,7 @@ import ray
 from fsspec.implementations.local import LocalFileSystem
 
 from dinat_batch.pipeline.atomic import is_own_temp, put_file
-from dinat_batch.pipeline.config import ConfigError
+from dinat_batch.pipeline.config import SAME_JOB, ConfigError
 from dinat_batch.pipeline.digest import KeyDigest
 from dinat_batch.pipeline.errors import error_kind, is_retryable
 from dinat_batch.pipeline.faults import crash_point
@@ -61,8 +65,6 @@ PART_PREFIX = "part-"
 _THREADS = 16  # concurrent small reads (footers, key columns) against the store
 _SOURCE_RECORD = re.compile(r"^[0-9a-f]{32}\.json$")
 _STALE_RECORD = re.compile(r"^stale-[0-9a-f]{32}\.parquet$")
-# the config fields that shape the rows: a finished output is topped up only by the same job
-SAME_JOB = ("input", "model", "input_format", "image_column", "uri_column", "top_k")
 
 
 class ForeignFiles(ConfigError):
@@ -309,8 +311,9 @@ class Output:
                     f"output {self.uri!r} already holds a run that {state} ({survey.marker}); pass "
                     "--overwrite to replace it, or choose another output"
                 )
-            # beside a marker, staged files are redundant: the marker's files hold their rows
-            self._remove(survey.staged)
+            # beside a marker, staged files are redundant: the marker's files hold their rows. Beside an
+            # Iceberg commit, only the committed run's are: others are a replacement cut short, resumed here
+            self._remove(self._committed_runs_files(survey.staged, committed["run_id"]))
             if retry:  # its files become a kept attempt's chunks, copied while the marker still stands
                 kept = self.staging(f"{committed['run_id']}-committed")
                 self.fs.makedirs(kept, exist_ok=True)
@@ -338,6 +341,15 @@ class Output:
         if self.iceberg is not None:
             self._base = self.iceberg.snapshot_id()
         return sorted(kept)
+
+    def _committed_runs_files(self, staged: list[str], run_id: str) -> list[str]:
+        """Of the staged files, those the committed run `run_id` left (all of them for a Parquet output,
+        whose marker goes before a replacement starts)."""
+        if self.iceberg is None:
+            return staged
+        attempts = (f"{run_id}.", f"{run_id}-committed/")
+        root = f"{self.path}/{STAGING}/"
+        return [path for path in staged if path.removeprefix(root).startswith(attempts)]
 
     def _committed(self) -> list[tuple[str, int]]:
         """The committed table files (path, rows): the marker's list, or the Iceberg snapshot's."""
@@ -432,7 +444,8 @@ class Output:
             compacted.ok += result["ok"]
             kinds.update(result["errors_by_kind"])
             compacted.retryable += result["retryable"]
-            compacted.files.append({"name": leaf(part), "rows": result["rows"], "bytes": result["bytes"]})
+            if result["rows"]:  # a group of stale or retried rows only leaves no file
+                compacted.files.append({"name": leaf(part), "rows": result["rows"], "bytes": result["bytes"]})
         if written != expected:
             raise VerificationFailed(
                 f"the run wrote {written.count} rows for {expected.count} inputs, and not exactly one per "
@@ -448,7 +461,7 @@ class Output:
         if self.iceberg is None:
             return parts
         held = self.iceberg.referenced()
-        return [path for path in parts if path not in held]
+        return [path for path in parts if self.iceberg.canonical(path) not in held]
 
     def publish(self, lease: Lease, marker: str, manifest: dict[str, Any]) -> None:
         """Write the marker, listing the compacted files (for Iceberg: commit them as one snapshot), then
@@ -494,7 +507,8 @@ def _compact(
         table = table.append_column(
             pa.field(name, pa.string(), nullable=False), pa.array([value] * len(table))
         )
-    size = write_table(fs, part, table, ownership)
+    # no empty files: an Iceberg data file without rows has no statistics to tell its partition from
+    size = write_table(fs, part, table, ownership) if table.num_rows else 0
     errors = table.column("error").to_pylist()
     failed = [e for e in errors if e is not None]
     return {

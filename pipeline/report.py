@@ -65,14 +65,9 @@ def summaries(
 
 def _places(summary: dict[str, Any]) -> tuple[Location, ...]:
     """Where a run read its images from: thumbnails come from there only."""
+    fields = ("input", "output", "uri_column", "allowed_uri_prefixes")
     config = RunConfig.model_validate(
-        {
-            **summary["config"],
-            "storage_options": {},
-            "iceberg_catalog": {},
-            "output_format": "parquet",
-            "iceberg_table": None,
-        }
+        {name: summary["config"][name] for name in fields if name in summary["config"]}
     )
     if config.uri_column is not None:
         return ReadRules.of(config, from_table=True).allowed or ()

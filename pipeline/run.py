@@ -277,9 +277,10 @@ def finish(
     manifest = summary.model_dump(mode="json") | (extra or {}) | {"files": compacted.files}
     rate = summary.errors / max(summary.images, 1)
     if max_error_rate is not None and rate > max_error_rate:
+        rows = output.uri if output.iceberg is None else output.iceberg.uri(output.data_path)
         reason = (
             f"{summary.errors} of {summary.images} rows are errors ({rate:.1%}), above max_error_rate "
-            f"{max_error_rate:.1%}; the rows and this summary are in {output.uri}"
+            f"{max_error_rate:.1%}; the rows are in {rows}, this summary in {output.uri}/{FAILURE}"
         )
         output.publish(lease, FAILURE, manifest | {"failed": reason})
         raise ErrorRateExceeded(reason)

@@ -100,7 +100,9 @@ def test_demo_runs_end_to_end_and_stops_everything(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = tmp_path / "demo-report.html"
     assert f"report (one HTML page, opens offline): {report}" in done.stdout
-    assert report.stat().st_size > 1_000_000 and "truncated.jpg" in report.read_text()  # plotly.js, an error row
+    assert (
+        report.stat().st_size > 1_000_000 and "truncated.jpg" in report.read_text()
+    )  # plotly.js, an error row
     assert "RANDOMLY INITIALISED" in done.stdout
     assert "27 images, 24 ok, 3 errors" in done.stdout
     assert "│ error   │      3 │" in done.stdout

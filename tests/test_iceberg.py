@@ -15,6 +15,7 @@ from dinat_batch.pipeline.config import ConfigError, RunConfig
 from dinat_batch.pipeline.faults import ENV, SimulatedCrash
 from dinat_batch.pipeline.iceberg import IcebergTable
 from dinat_batch.pipeline.query import read_output
+from dinat_batch.pipeline.report import build
 from dinat_batch.pipeline.stages.write import output_schema
 from tests.data import image_folder, photo
 
@@ -64,7 +65,9 @@ def test_a_run_is_one_snapshot_and_an_overwrite_the_next(tmp_path, tiny_model, r
     with pytest.raises(ConfigError, match="already holds a run that finished"):
         run(config)
     (images / "d.jpg").write_bytes(photo(9))
-    second = run(config.model_copy(update={"overwrite": True}))
+    # the output spelled through a symlink: the same table, and its first snapshot's files are kept
+    (tmp_path / "link").symlink_to(tmp_path)
+    second = run(config.model_copy(update={"overwrite": True, "output": str(tmp_path / "link" / "table")}))
     snapshots = IcebergTable.of(config).load().snapshots()
     assert len(snapshots) == 2 and second.images == 4
     assert scan(config) == [("", key) for key in sorted([*keys, str(images / "d.jpg")])]
@@ -122,11 +125,20 @@ def test_the_table_is_one_outputs_own(tmp_path, tiny_model, ray_session, object_
     with pytest.raises(ConfigError, match="holds run output"):
         nightly(config.model_copy(update={"overwrite": True}), DAY1)
 
+    with pytest.raises(ConfigError, match="holds 128-d embeddings; this model makes 7-d"):
+        IcebergTable.of(config).ensure(7, partitioned=False)
+
     ours = IcebergTable.of(config)
     ours.catalog.create_table("dinat.theirs", schema=ours.load().schema(), location=str(tmp_path / "theirs"))
     theirs = config.model_copy(update={"iceberg_table": "dinat.theirs", "output": str(tmp_path / "theirs")})
     with pytest.raises(ConfigError, match="not created by dinat-batch"):
         IcebergTable.of(theirs).load()
+
+    # the catalog lost its entry: a run must not make a new table over the old one's files
+    ours.catalog.drop_table("dinat.predictions")
+    with pytest.raises(ConfigError, match="holds an Iceberg table's files, but the catalog has no table"):
+        run(config.model_copy(update={"overwrite": True}))
+    assert any((tmp_path / "a" / "data").iterdir())
 
     with pytest.raises(ValueError, match="needs iceberg_table"):
         RunConfig(input="s3://b/in", output="s3://b/out", output_format="iceberg")
@@ -155,7 +167,7 @@ def test_nightly_dates_on_s3_with_commits_cut_short(
     the previous snapshot, complete; the next run of the date commits every input once in one snapshot
     that replaces the date's partition; a later date takes only what is new. Orphans of a commit that did
     not land are listed and removed by `dinat-batch orphans`."""
-    from dinat_batch.jobs.nightly import nightly
+    from dinat_batch.jobs.nightly import Table, nightly
 
     root, options = warehouse
     fs, incoming = fsspec.core.url_to_fs(f"{root}/incoming", **options)
@@ -173,6 +185,8 @@ def test_nightly_dates_on_s3_with_commits_cut_short(
                 nightly(config, DAY1)
         table = IcebergTable.of(config)
         assert scan(config) == seen, point  # the state before (after "marked": the same rows committed)
+        if seen:  # the committed date's ledger still counts, whole, for the other dates
+            assert Table(config.output, options, table).seen_elsewhere(DAY2).count() == 3, point
         if point == "snapshot-staged":
             flags = [
                 "--iceberg-table",
@@ -181,20 +195,41 @@ def test_nightly_dates_on_s3_with_commits_cut_short(
                 json.dumps(config.iceberg_catalog),
             ]
             listed = CliRunner().invoke(
-                app, ["orphans", config.output, *flags, "--storage-options", json.dumps(options)]
+                app,
+                [
+                    "orphans",
+                    config.output,
+                    *flags,
+                    "--storage-options",
+                    json.dumps(options),
+                    "--older-than",
+                    "0",
+                ],
             )
             assert listed.exit_code == 0, listed.output
             orphans = [line for line in listed.stdout.splitlines() if line]
             assert any("/data/run_date=" in path for path in orphans)
             assert any("/metadata/" in path for path in orphans)
             removed = CliRunner().invoke(
-                app, ["orphans", config.output, *flags, "--storage-options", json.dumps(options), "--delete"]
+                app,
+                [
+                    "orphans",
+                    config.output,
+                    *flags,
+                    "--storage-options",
+                    json.dumps(options),
+                    "--older-than",
+                    "0",
+                    "--delete",
+                ],
             )
-            assert removed.exit_code == 0 and table.orphans() == []
+            assert removed.exit_code == 0 and table.orphans(0) == []
             assert scan(config) == seen
         summary = nightly(config, DAY1)
         seen = scan(config)
         assert summary.new_or_changed == 3 and seen == expected, point
+        # a run cut short is resumed from its chunks, a replacement of the committed date too
+        assert summary.run.resumed == (0 if point == "marked" else 3), point
     # one snapshot per commit: each completed run's, and the one that landed before the crash at "marked"
     assert len(table.load().snapshots()) == len(CRASH_POINTS) + 1
     fs.pipe_file(f"{incoming}/late.jpg", photo(7))
@@ -203,3 +238,8 @@ def test_nightly_dates_on_s3_with_commits_cut_short(
     assert scan(config) == sorted([*expected, (DAY2.isoformat(), f"s3://{incoming}/late.jpg")])
     rerun = nightly(config, DAY1)  # a rerun after a later date: still only its own inputs
     assert rerun.new_or_changed == 3 and len(scan(config)) == 4
+
+    # the report reads the table through its catalog: a summary row per date, thumbnails from S3
+    page = build(config.output, tmp_path / "report.html", options, IcebergTable.of(config)).read_text()
+    assert f"<td>{DAY1.isoformat()}</td>" in page and f"<td>{DAY2.isoformat()}</td>" in page
+    assert page.count("data:image/jpeg;base64,") >= 4

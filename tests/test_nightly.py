@@ -40,8 +40,9 @@ def rows_of(table, date):
     return sorted((r["key"], r["label_ids"], r["embedding"]) for r in part.to_pylist())
 
 
-def test_days_reruns_and_crashes(store, tiny_model, ray_session, monkeypatch):
+def test_days_reruns_and_crashes(store, tiny_model, ray_session, monkeypatch, tmp_path):
     from dinat_batch.jobs.nightly import nightly
+    from dinat_batch.pipeline.report import build
 
     root, options, put = store
     config = RunConfig(
@@ -100,6 +101,11 @@ def test_days_reruns_and_crashes(store, tiny_model, ray_session, monkeypatch):
     assert rerun.new_or_changed == 2  # a.jpg and c.png; b.jpg's content is day 2's now, d and e later days'
     keys = read_output(config.output, options).column("key").to_pylist()
     assert len(keys) == len(set(keys)) == 5
+
+    # the report of the whole table: a summary row per date, thumbnails read from the store
+    page = build(config.output, tmp_path / "report.html", options).read_text()
+    assert all(f"<td>{day.isoformat()}</td>" in page for day in (DAY1, DAY2, DAY3, DAY4))
+    assert page.count("data:image/jpeg;base64,") >= 5
 
 
 def test_cli_nightly_and_hive_readers(tmp_path, tiny_model, ray_session):
@@ -288,7 +294,7 @@ def test_ledgers_of_an_earlier_version_count_and_cut_off_writes_do_not_block(tmp
     assert not (tmp_path / "table" / "_runs" / "2026-11-20.arrow").exists()
     table.write_ledger(dt.date(2026, 11, 21), ray.data.from_arrow(new), owner)
     assert [p.name for p in (tmp_path / "table" / "_runs" / "2026-11-21").iterdir()] == [
-        "ledger-000000-1.parquet"
+        f"ledger-{owner.run_id}-000000-1.parquet"  # the run in the name: a rerun never writes over another's
     ]
     (tmp_path / "table" / "_runs" / "2026-11-21" / "notes.parquet").write_bytes(b"someone's")
     with pytest.raises(ForeignFiles, match=r"notes\.parquet"):

@@ -29,7 +29,12 @@ def render(page_path: Path, screenshot: Path) -> dict:
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+            ],
         )
         context = browser.new_context(offline=True, viewport={"width": 1400, "height": 1000})
         page = context.new_page()

@@ -33,7 +33,7 @@ from pydantic import BaseModel
 
 from dinat_batch.pipeline.atomic import is_own_temp
 from dinat_batch.pipeline.config import RunConfig
-from dinat_batch.pipeline.errors import is_retryable
+from dinat_batch.pipeline.errors import retryable_mask
 from dinat_batch.pipeline.faults import crash_point
 from dinat_batch.pipeline.iceberg import DATA, METADATA, IcebergTable
 from dinat_batch.pipeline.lease import LEASES
@@ -189,11 +189,8 @@ def _date(name: str) -> dt.date | None:
 
 def _failed_source(batch: pa.Table) -> pa.Table:
     """Sources of rows whose read failed (an image file, or a shard or table from its start)."""
-    failed = [
-        key.split(f"#{UNREADABLE} from its start>")[0]
-        for key, error in zip(batch.column("key").to_pylist(), batch.column("error").to_pylist(), strict=True)
-        if is_retryable(error)
-    ]
+    keys = batch.filter(retryable_mask(batch.column("error"))).column("key").to_pylist()
+    failed = [key.split(f"#{UNREADABLE} from its start>")[0] for key in keys]
     return pa.table({"source": pa.array(failed, pa.string())})
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 # kinds that say the store failed, not the image: retried by the next resume or rerun
 RETRYABLE = frozenset({"ReadError", "ShardError", "TableError"})
 
@@ -24,6 +27,12 @@ def error_kind(text: str) -> str:
 
 def is_retryable(text: str | None) -> bool:
     return text is not None and error_kind(text) in RETRYABLE
+
+
+def retryable_mask(errors: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Which rows of an `error` column are failed reads (`is_retryable`), as a boolean mask."""
+    kinds = pc.split_pattern(errors.cast(pa.string()), ": ", max_splits=1)
+    return pc.fill_null(pc.is_in(pc.list_element(kinds, 0), pa.array(sorted(RETRYABLE))), False)
 
 
 def error_column(column: Iterable) -> list[str | None]:

@@ -49,7 +49,7 @@ from fsspec.implementations.local import LocalFileSystem
 from dinat_batch.pipeline.atomic import is_own_temp, put_file
 from dinat_batch.pipeline.config import SAME_JOB, ConfigError
 from dinat_batch.pipeline.digest import KeyDigest
-from dinat_batch.pipeline.errors import error_kind, is_retryable
+from dinat_batch.pipeline.errors import error_kind, retryable_mask
 from dinat_batch.pipeline.faults import crash_point
 from dinat_batch.pipeline.iceberg import DATA, METADATA, PARTITION, IcebergTable
 from dinat_batch.pipeline.lease import LEASES, Lease, LeaseLost
@@ -500,7 +500,7 @@ def _compact(
             table = pq.read_table(f)
         if not path.startswith(staging + "/"):
             keep = pc.invert(pc.is_in(table.column("key"), _stale_keys(fs, stale_record(staging, path))))
-            table = table.filter(pc.and_(keep, pc.invert(_retryable(table.column("error")))))
+            table = table.filter(pc.and_(keep, pc.invert(retryable_mask(table.column("error")))))
         tables.append(table.replace_schema_metadata(None))
     table = pa.concat_tables(tables)
     for name, value in constants.items():
@@ -516,13 +516,9 @@ def _compact(
         "bytes": size,
         "ok": table.num_rows - len(failed),
         "errors_by_kind": dict(Counter(error_kind(e) for e in failed)),
-        "retryable": sum(is_retryable(e) for e in failed),
+        "retryable": pc.sum(retryable_mask(table.column("error"))).as_py() or 0,
         "digest": KeyDigest().add(table.column("key").to_pylist()).to_json(),
     }
-
-
-def _retryable(errors: pa.ChunkedArray) -> pa.Array:
-    return pa.array([is_retryable(e) for e in errors.to_pylist()], pa.bool_())
 
 
 def _stale_keys(fs, record: str) -> pa.Array:

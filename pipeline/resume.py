@@ -12,10 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 from fsspec.implementations.local import LocalFileSystem
 
-from dinat_batch.pipeline.errors import is_retryable
+from dinat_batch.pipeline.errors import retryable_mask
 from dinat_batch.pipeline.output import Output, stale_record
 from dinat_batch.pipeline.ownership import Ownership, write_table
 from dinat_batch.pipeline.selection import FILE, TASK, each_group, table_files, without
@@ -34,8 +35,7 @@ def source_of(key: str, by_container: bool) -> str:
 
 
 def _finished(batch: pa.Table, by_container: bool) -> pa.Table:
-    keep = pa.array([not is_retryable(e) for e in batch.column("error").to_pylist()], pa.bool_())
-    rows = batch.filter(keep)
+    rows = batch.filter(pc.invert(retryable_mask(batch.column("error"))))
     sources = [source_of(key, by_container) for key in rows.column("key").to_pylist()]
     return pa.table(
         {"key": rows.column("key"), "source": pa.array(sources, pa.string()), FILE: rows.column(FILE)}

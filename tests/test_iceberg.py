@@ -46,7 +46,7 @@ def scan(config: RunConfig, **at) -> list[tuple[str, str]]:
     return sorted(zip(dates, table.column("key").to_pylist(), strict=True))
 
 
-def test_a_run_is_one_snapshot_and_an_overwrite_the_next(tmp_path, tiny_model, ray_session):
+def test_a_run_is_one_snapshot_and_an_overwrite_the_next(tmp_path, tiny_model, ray_session, monkeypatch):
     """A run creates the table and commits one snapshot; a second run is refused, an overwrite replaces
     every row in one more snapshot; the first stays readable by id and by time; DuckDB and Polars read
     it through Arrow; `query` reads it with the embedding as the Parquet output types it."""
@@ -78,6 +78,7 @@ def test_a_run_is_one_snapshot_and_an_overwrite_the_next(tmp_path, tiny_model, r
     assert arrow.schema.field("embedding").type == output_schema(first_dim(arrow)).field("embedding").type
     assert duckdb.sql("SELECT count(*) FROM arrow WHERE status = 'ok'").fetchall()[0][0] == 4
     assert pl.from_arrow(arrow).filter(pl.col("status") == "ok").height == 4
+    monkeypatch.setenv("POLARS_ICEBERG_PLANNER", "pyiceberg")  # the planner plugin is not installed
     assert pl.scan_iceberg(IcebergTable.of(config).load()).select(pl.len()).collect().item() == 4
 
     catalog = json.dumps(config.iceberg_catalog)
@@ -156,8 +157,9 @@ def warehouse(object_store, request):
     return f"s3://warehouse/{request.node.name}", object_store.storage_options
 
 
-# the first cut short during a date's first commit, the others during reruns of the committed date
-CRASH_POINTS = ["part-written", "old-files-removed", "ledger-written", "snapshot-staged", "marked"]
+# the first cut short during a date's first commit, the others during reruns of the committed date; the
+# protocol's points before these (mid-compaction, old files removed) are the Parquet ones, tested there
+CRASH_POINTS = ["ledger-written", "snapshot-staged", "marked"]
 
 
 def test_nightly_dates_on_s3_with_commits_cut_short(
@@ -188,41 +190,23 @@ def test_nightly_dates_on_s3_with_commits_cut_short(
         if seen:  # the committed date's ledger still counts, whole, for the other dates
             assert Table(config.output, options, table).seen_elsewhere(DAY2).count() == 3, point
         if point == "snapshot-staged":
-            flags = [
-                "--iceberg-table",
-                "dinat.predictions",
-                "--iceberg-catalog",
-                json.dumps(config.iceberg_catalog),
+            command = [
+                "orphans",
+                config.output,
+                *(
+                    "--iceberg-table",
+                    "dinat.predictions",
+                    "--iceberg-catalog",
+                    json.dumps(config.iceberg_catalog),
+                ),
+                *("--storage-options", json.dumps(options), "--older-than", "0"),
             ]
-            listed = CliRunner().invoke(
-                app,
-                [
-                    "orphans",
-                    config.output,
-                    *flags,
-                    "--storage-options",
-                    json.dumps(options),
-                    "--older-than",
-                    "0",
-                ],
-            )
+            listed = CliRunner().invoke(app, command)
             assert listed.exit_code == 0, listed.output
             orphans = [line for line in listed.stdout.splitlines() if line]
             assert any("/data/run_date=" in path for path in orphans)
             assert any("/metadata/" in path for path in orphans)
-            removed = CliRunner().invoke(
-                app,
-                [
-                    "orphans",
-                    config.output,
-                    *flags,
-                    "--storage-options",
-                    json.dumps(options),
-                    "--older-than",
-                    "0",
-                    "--delete",
-                ],
-            )
+            removed = CliRunner().invoke(app, [*command, "--delete"])
             assert removed.exit_code == 0 and table.orphans(0) == []
             assert scan(config) == seen
         summary = nightly(config, DAY1)

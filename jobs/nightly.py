@@ -221,9 +221,12 @@ def nightly(config: RunConfig, date: dt.date | None = None) -> NightlySummary:
     with cluster(config), table.root.lease(run_id, config.lease_timeout) as lease:
         partition = table.partition(date)
         rerun = partition.marker() is not None
-        planned = plan(config.model_copy(update={"overwrite": rerun or config.overwrite}), run_id)
+        # a Parquet date's marker goes before its rerun; an Iceberg date stays until its next snapshot, and
+        # a rerun cut short is resumed beside it
+        fresh = config.overwrite or (rerun and table.iceberg is None)
+        planned = plan(config.model_copy(update={"overwrite": fresh}), run_id)
         new = without(planned.listing, table.seen_elsewhere(date), ("uri", "version"), ("uri", "version"))
-        summary, compacted = execute(planned, partition, lease, new)
+        summary, compacted = execute(planned, partition, lease, new, replace=rerun)
         read = _read_in_full(new, partition, compacted).materialize()
         result = NightlySummary(
             date=date,

@@ -118,7 +118,7 @@ class IcebergTable:
     def canonical(self, path: str) -> str:
         """One spelling of a file's place (a URI or a filesystem path): the table stores the spelling of the
         run that committed, a listing gives today's config's (`..`, `//`, symlinks)."""
-        return str(resolve(path if "://" in path else self.uri(path)))
+        return str(resolve(path if ":" in path.split("/", 1)[0] else self.uri(path), pattern=False))
 
     def load(self) -> Table | None:
         """The table, or None when the catalog has none of that name; raises ConfigError for a table of that
@@ -346,7 +346,9 @@ class IcebergTable:
     def _modified(self, path: str) -> float:
         info = self._fs.info(path)
         moment = info.get("mtime") or info.get("LastModified") or info.get("created")
-        return moment.timestamp() if isinstance(moment, dt.datetime) else float(moment or 0)
+        if moment is None:  # unknown: taken as new, so never removed for its age
+            return time.time()
+        return moment.timestamp() if isinstance(moment, dt.datetime) else float(moment)
 
     def remove(self, path: str) -> None:
         self._fs.rm_file(path)

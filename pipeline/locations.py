@@ -50,10 +50,15 @@ class Location:
         return f"{self.protocol}://{self.path}"
 
 
-def resolve(uri: str) -> Location:
-    """The canonical location of a URI, a local path or the fixed prefix of a glob."""
-    prefix = glob_prefix(uri.strip())
-    partial = prefix != uri.strip() and not prefix.endswith("/")
+def resolve(uri: str, pattern: bool = True) -> Location:
+    """The canonical location of a URI, a local path or the fixed prefix of a glob. `pattern=False` for the
+    URI of one object (a table's cell, a row's key): taken whole, as it will be opened, wildcards and spaces
+    included, so that `/in/[x]/../../etc` is not checked as `/in/`."""
+    text = uri.strip() if pattern else uri
+    if text.startswith("file:") and not text.startswith("file://"):  # file:/x, as some writers spell it
+        text = "file://" + text.removeprefix("file:")
+    prefix = glob_prefix(text) if pattern else text
+    partial = prefix != text and not prefix.endswith("/")
     protocol, _, rest = prefix.rpartition("://")
     protocol = _ALIASES.get(protocol.lower(), protocol.lower()) or "file"
     if protocol == "file":

@@ -283,15 +283,19 @@ class Output:
                         os.rmdir(folder)
                     folder = os.path.dirname(folder)
 
-    def prepare(self, overwrite: bool, ownership: Ownership, job: dict[str, Any]) -> list[str]:
+    def prepare(
+        self, overwrite: bool, ownership: Ownership, job: dict[str, Any], replace: bool = False
+    ) -> list[str]:
         """Make the output ready for the run `ownership` names; returns the chunk files earlier attempts
         wrote (whose rows `pipeline/resume.py` keeps).
 
         A finished output (`_SUCCESS` or `_FAILURE`) is replaced only with `overwrite`, its marker
-        removed first. One whose reads failed for some inputs is resumed instead by the same `job`
-        (the fields of SAME_JOB), so that the same command retries them. An output without a marker
-        is resumed: complete chunks of earlier attempts are kept (their failed reads are retried),
-        writes cut off mid-way are removed."""
+        removed first, and every staged file with it (a fresh start). One whose reads failed for some
+        inputs is resumed instead by the same `job` (the fields of SAME_JOB), so that the same command
+        retries them. An output without a marker is resumed: complete chunks of earlier attempts are kept
+        (their failed reads are retried), writes cut off mid-way are removed. `replace`: a committed
+        Iceberg scope (a nightly date's rerun) is replaced by resuming, not starting over: its snapshot
+        stays until the new one, so a replacement cut short is found beside it and resumed."""
         survey = self.survey()
         self._refuse_foreign(survey)
         self._remove(survey.temporary)
@@ -305,15 +309,19 @@ class Output:
                 and committed.get("model_sha256") == ownership.model_sha256
                 and same_job
             )
-            if not overwrite and not retry:
+            if not overwrite and not retry and not (replace and self.iceberg is not None):
                 state = "finished" if survey.marker == SUCCESS else "failed its checks"
                 raise ConfigError(
                     f"output {self.uri!r} already holds a run that {state} ({survey.marker}); pass "
                     "--overwrite to replace it, or choose another output"
                 )
             # beside a marker, staged files are redundant: the marker's files hold their rows. Beside an
-            # Iceberg commit, only the committed run's are: others are a replacement cut short, resumed here
-            self._remove(self._committed_runs_files(survey.staged, committed["run_id"]))
+            # Iceberg commit, only the committed run's are, unless the run starts over: the others are a
+            # replacement cut short, resumed here
+            fresh = overwrite or self.iceberg is None
+            self._remove(
+                survey.staged if fresh else self._committed_runs_files(survey.staged, committed["run_id"])
+            )
             if retry:  # its files become a kept attempt's chunks, copied while the marker still stands
                 kept = self.staging(f"{committed['run_id']}-committed")
                 self.fs.makedirs(kept, exist_ok=True)
@@ -343,13 +351,16 @@ class Output:
         return sorted(kept)
 
     def _committed_runs_files(self, staged: list[str], run_id: str) -> list[str]:
-        """Of the staged files, those the committed run `run_id` left (all of them for a Parquet output,
-        whose marker goes before a replacement starts)."""
-        if self.iceberg is None:
-            return staged
-        attempts = (f"{run_id}.", f"{run_id}-committed/")
+        """Of the staged files, those the committed run `run_id` left (its attempts' folders, `RUN.8hex`)
+        and every retry's copies of committed files (`*-committed`): a snapshot holds their rows."""
+        attempt = re.compile(rf"^{re.escape(run_id)}\.[0-9a-f]{{8}}$")
         root = f"{self.path}/{STAGING}/"
-        return [path for path in staged if path.removeprefix(root).startswith(attempts)]
+        return [
+            path
+            for path in staged
+            if (folder := path.removeprefix(root).split("/", 1)[0]).endswith("-committed")
+            or attempt.match(folder)
+        ]
 
     def _committed(self) -> list[tuple[str, int]]:
         """The committed table files (path, rows): the marker's list, or the Iceberg snapshot's."""

@@ -11,6 +11,7 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from dinat_batch.pipeline.iceberg import IcebergTable
@@ -53,16 +54,19 @@ def read_output(
     as_of_ms: int | None = None,
     columns: list[str] | None = None,
     limit: int | None = None,
+    valid: str | None = None,
 ) -> pa.Table:
     """The committed rows under `uri`: one run's output (the files its `_SUCCESS` lists), or the committed
     `run_date=` partitions of a nightly table (with a `run_date` column). Rows no marker lists are never
     returned. With `iceberg`: that table's current snapshot, or the one `snapshot_id` names, or the one
-    current at `as_of_ms` (milliseconds since the epoch). `columns` and `limit` (the first rows) read less."""
+    current at `as_of_ms` (milliseconds since the epoch). `columns`, `limit` (the first rows) and `valid` (only
+    rows where that column is not null; an Iceberg table filters the first `limit` rows) read less."""
     if iceberg is not None:
         try:
-            return iceberg.read(snapshot_id, as_of_ms, columns, limit)
+            table = iceberg.read(snapshot_id, as_of_ms, columns, limit)
         except LookupError as err:
             raise OutputNotReady(str(err)) from err
+        return table if valid is None else table.filter(pc.is_valid(table.column(valid)))
     if snapshot_id is not None or as_of_ms is not None:
         raise OutputNotReady("snapshots and time travel are for Iceberg tables: give the table and catalog")
     output = Output(uri, storage_options or {})
@@ -70,7 +74,7 @@ def read_output(
     if files is not None:
         if not files:  # a run that had nothing to process
             return _empty(output_schema(0), columns)
-        return _rows(ds.dataset(files, filesystem=output.fs, format="parquet"), columns, limit)
+        return _rows(ds.dataset(files, filesystem=output.fs, format="parquet"), columns, limit, valid)
     partitions = [output.child(leaf(path)) for path in output.fs.glob(f"{output.path}/run_date=*")]
     listed = [(partition, partition.committed_files()) for partition in partitions]
     committed = [(partition, files) for partition, files in listed if files is not None]
@@ -89,11 +93,16 @@ def read_output(
         partitioning=ds.partitioning(pa.schema([("run_date", pa.string())]), flavor="hive"),
         partition_base_dir=output.path,
     )
-    return _rows(dataset, columns, limit)
+    return _rows(dataset, columns, limit, valid)
 
 
-def _rows(dataset: ds.Dataset, columns: list[str] | None, limit: int | None) -> pa.Table:
-    return dataset.to_table(columns) if limit is None else dataset.head(limit, columns)
+def _rows(dataset: ds.Dataset, columns: list[str] | None, limit: int | None, valid: str | None) -> pa.Table:
+    where = None if valid is None else ds.field(valid).is_valid()
+    return (
+        dataset.to_table(columns, filter=where)
+        if limit is None
+        else dataset.head(limit, columns, filter=where)
+    )
 
 
 def _empty(schema: pa.Schema, columns: list[str] | None) -> pa.Table:

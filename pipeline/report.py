@@ -41,7 +41,8 @@ LOW_CONFIDENCE = 0.5  # a top-1 score below this counts as low confidence
 PER_LABEL, LABELS_SHOWN, LEAST_CONFIDENT, NEIGHBOURS, QUERIES, ERRORS_SHOWN = 6, 5, 8, 5, 3, 50
 THUMBNAIL_PX = 96
 MAX_IMAGE_BYTES = 16 * 2**20  # images larger than this get no thumbnail
-AGGREGATED = ["key", "status", "error", "labels", "scores", "run_id", "processed_at", "model_sha256"]
+AGGREGATED = ["key", "status", "error", "labels", "scores", "run_id", "processed_at"]
+MAX_THUMBNAIL_SOURCE_PIXELS = 25_000_000  # declared sizes above this are not decoded for a thumbnail
 
 
 def summaries(
@@ -89,7 +90,8 @@ class Thumbnails:
 
     def _read(self, key: str) -> str | None:
         # keys with '#' name a member of a shard or a row of a table: no file to show
-        if "#" in key or not any(place.covers(resolve(key)) for place in self.places):
+        where = resolve(key, pattern=False)  # the key as it will be opened: no glob cut, no trimming
+        if "#" in key or not any(place.covers(where) for place in self.places):
             return None
         try:
             with fsspec.open(key, "rb", **self.storage_options) as f:
@@ -97,9 +99,13 @@ class Thumbnails:
             if len(data) > MAX_IMAGE_BYTES:
                 return None
             with Image.open(io.BytesIO(data)) as image:
-                image.draft("RGB", (THUMBNAIL_PX * 2, THUMBNAIL_PX * 2))
+                if (
+                    image.width * image.height > MAX_THUMBNAIL_SOURCE_PIXELS
+                ):  # the header's claim, not decoded
+                    return None
+                image.draft("RGB", (THUMBNAIL_PX * 2, THUMBNAIL_PX * 2))  # JPEG: decode at a fraction
+                image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
                 small = image.convert("RGB")
-                small.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
         except Exception:  # a thumbnail is a nicety: a failed read or decode shows the key alone
             return None
         buffer = io.BytesIO()
@@ -167,7 +173,8 @@ def _summary_table(runs: dict[str, dict[str, Any]]) -> str:
     return f"<table class='runs'><tr>{header}</tr>{body}</table>"
 
 
-def _top1(table: pa.Table) -> tuple[pa.Array, np.ndarray]:
+def _top1(table: pa.Table) -> tuple[pa.Array, pa.Array, np.ndarray]:
+    """Keys, top-1 labels and top-1 scores of the rows with a prediction."""
     ok = table.filter(pc.and_(pc.equal(table.column("status"), "ok"), pc.is_valid(table.column("labels"))))
     labels = pc.list_element(ok.column("labels"), 0)
     scores = pc.list_element(ok.column("scores"), 0).to_numpy(zero_copy_only=False)
@@ -184,7 +191,9 @@ def _throughput(table: pa.Table) -> go.Figure:
         if len(moments) == 0:
             continue
         width = max(1.0, (moments[-1] - moments[0]) / 60)
-        counts = np.bincount(((moments - moments[0]) // width).astype(np.int64))
+        bins = max(1, int(np.ceil((moments[-1] - moments[0]) / width)))
+        # the last row ends the last bin instead of opening one of its own
+        counts = np.bincount(np.minimum((moments - moments[0]) // width, bins - 1).astype(np.int64))
         starts = [dt.datetime.fromtimestamp(moments[0] + i * width, dt.UTC) for i in range(len(counts))]
         figure.add_trace(go.Scatter(x=starts, y=counts / width, mode="lines+markers", name=run))
     figure.update_layout(
@@ -198,6 +207,10 @@ def _throughput(table: pa.Table) -> go.Figure:
 def _map_and_neighbours(sample: pa.Table) -> tuple[go.Figure, list[tuple[str, list[tuple[str, float]]]], int]:
     """A PCA map of the sampled embeddings coloured by top-1 label, and a few images' nearest neighbours."""
     sample = sample.filter(pc.is_valid(sample.column("embedding")))
+    if len(sample):  # an overflowed half-precision run can leave NaNs: the map cannot place them
+        dim = len(sample.column("embedding")[0])
+        flat = sample.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        sample = sample.filter(pa.array(np.isfinite(flat.reshape(-1, dim)).all(axis=1)))
     figure = go.Figure()
     if len(sample) < 2:
         figure.update_layout(title="embeddings: fewer than two rows with an embedding")
@@ -254,7 +267,9 @@ def build(
     storage_options = storage_options or {}
     runs = summaries(uri, storage_options, iceberg)
     table = read_output(uri, storage_options, iceberg, columns=AGGREGATED)
-    sample = read_output(uri, storage_options, iceberg, columns=["key", "labels", "embedding"], limit=SAMPLE)
+    sample = read_output(
+        uri, storage_options, iceberg, columns=["key", "labels", "embedding"], limit=SAMPLE, valid="embedding"
+    )
     places = [place for run in runs.values() for place in _places(run)]
     thumbnails = Thumbnails(places, storage_options)
 
@@ -323,7 +338,7 @@ def build(
     )
     notes = (
         f"{len(table)} rows; labels, confidence and throughput over all of them; the map and the neighbours over "
-        f"the first {sampled} rows with an embedding{' (sampled)' if sampled < len(table) else ''}; thumbnails read "
+        f"the first {sampled} rows with an embedding{' (sampled)' if sampled < len(scores) else ''}; thumbnails read "
         f"from the runs' input places only, at most {THUMBNAIL_PX} px."
     )
     page = f"""<!DOCTYPE html>

@@ -205,16 +205,16 @@ def plan(config: RunConfig, run_id: str) -> Plan:
 
 
 def execute(
-    plan: Plan, output: Output, lease: Lease, listing: ray.data.Dataset | None = None
+    plan: Plan, output: Output, lease: Lease, listing: ray.data.Dataset | None = None, replace: bool = False
 ) -> tuple[RunSummary, Compacted]:
     """Process `listing` (default: the plan's) into `output`, whose lease this process holds, and compact
-    and check its rows; `finish` then commits them."""
+    and check its rows; `finish` then commits them. `replace`: see `Output.prepare`."""
     config = plan.config
     listing = (plan.listing if listing is None else listing).materialize()
     owner = plan.owner(output)
     if output.iceberg is not None:
         output.iceberg.ensure(plan.num_features, partitioned=output.scope is not None)
-    earlier = output.prepare(config.overwrite, owner, config.model_dump(mode="json"))
+    earlier = output.prepare(config.overwrite, owner, config.model_dump(mode="json"), replace)
     t0 = time.monotonic()
     # rows earlier attempts wrote for inputs that are no longer listed (deleted since, or taken by
     # another nightly date) are left out: the table holds one row per input listed now

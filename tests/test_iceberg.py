@@ -151,6 +151,22 @@ def test_the_table_is_one_outputs_own(tmp_path, tiny_model, ray_session, object_
         _refuse_secrets(secret, {})
 
 
+def test_beside_a_commit_only_the_committed_runs_staged_files_are_redundant(tmp_path):
+    """A replacement cut short beside an Iceberg commit is resumed: its files stay; the committed run's
+    attempts and every retry's copies of committed files go (run ids may hold dots and dashes)."""
+    from dinat_batch.pipeline.output import Output
+
+    output = Output(str(tmp_path / "t"), {})
+    staged = [
+        f"{output.path}/_staging/{folder}/chunk-000000-1.parquet"
+        for folder in ("a.0123abcd", "a.b.0123abcd", "a.0123abcd-x", "old-run-committed", "b.89abcdef")
+    ]
+    assert [path.split("/")[-2] for path in output._committed_runs_files(staged, "a")] == [
+        "a.0123abcd",
+        "old-run-committed",
+    ]
+
+
 @pytest.fixture
 def warehouse(object_store, request):
     object_store.make_bucket("warehouse")

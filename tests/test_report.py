@@ -2,17 +2,19 @@
 Playwright) with the network off: no console error, no request leaving the page, every chart drawn and
 every thumbnail decoded. The screenshot is kept in test-artifacts/."""
 
+import datetime as dt
 import json
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
 from dinat_batch.pipeline.cli import app
 from dinat_batch.pipeline.config import RunConfig
 from dinat_batch.pipeline.locations import resolve
-from dinat_batch.pipeline.report import Thumbnails
+from dinat_batch.pipeline.report import Thumbnails, _map_and_neighbours, _throughput
 from tests.data import image_folder
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -89,6 +91,25 @@ def test_thumbnails_come_only_from_where_the_run_read(tmp_path):
     shutil.copy(inside, outside)
     assert thumbnails(str(outside)) is None and thumbnails("file:///etc/hostname") is None
     assert thumbnails(f"{inside}#member.jpg") is None
+    (images / "[x]").mkdir()  # a folder name with a glob character must not shorten the checked path
+    assert thumbnails(f"{images}/[x]/../../elsewhere.jpg") is None
+    assert thumbnails(f" {inside}") is None  # opened as written: not the file the check would see
+
+
+def test_throughput_bins_and_a_map_without_non_finite_rows():
+    """A steady run shows a steady rate to its last bin; NaN embeddings are left off the map."""
+    start = dt.datetime(2026, 11, 29, tzinfo=dt.UTC)
+    moments = [start + dt.timedelta(seconds=i / 10) for i in range(3001)]  # 10 images/s for 300 s
+    rows = pa.table(
+        {"run_id": ["r"] * len(moments), "processed_at": pa.array(moments, pa.timestamp("us", tz="UTC"))}
+    )
+    rates = _throughput(rows).data[0].y
+    assert len(rates) == 60 and min(rates) >= 9.5 and max(rates) <= 10.5
+    embedding = pa.array([[1.0, 0.0], [0.0, 1.0], [float("nan"), 1.0], [1.0, 1.0]], pa.list_(pa.float32(), 2))
+    sample = pa.table({"key": list("abcd"), "labels": [["x"]] * 4, "embedding": embedding})
+    figure, neighbours, kept = _map_and_neighbours(sample)
+    assert sum(len(trace.x) for trace in figure.data) == 3
+    assert kept == 3 and all(key != "c" for query, found in neighbours for key, _ in [(query, 0), *found])
 
 
 @pytest.mark.parametrize("flags", [["--iceberg-table", "dinat.t"], ["--iceberg-catalog", json.dumps({})]])

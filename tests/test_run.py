@@ -222,6 +222,7 @@ def test_parquet_bytes_and_uris(place, tiny_model, ray_session):
         "http://169.254.169.254/latest/meta-data/",  # the cloud's instance credentials
         "s3://another-bucket/x.jpg",
         place.uri("listed/../../../elsewhere/x.jpg"),
+        place.uri("listed/[x]/../../../../elsewhere/x.jpg"),  # a glob character is no cut-off point
     ]
     first = next(iter(files))
     uris = pa.table({"uri": [*files, missing, None, *forbidden, first]})

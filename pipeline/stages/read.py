@@ -219,7 +219,7 @@ class ReadRules:
         return cls(config.storage_options, config.max_bytes_per_image, allowed)
 
     def refusal(self, uri: str) -> str | None:
-        if self.allowed is None or any(place.covers(resolve(uri)) for place in self.allowed):
+        if self.allowed is None or any(place.covers(resolve(uri, pattern=False)) for place in self.allowed):
             return None
         where = ", ".join(str(place) for place in self.allowed) or "nowhere (local input)"
         return error_text(

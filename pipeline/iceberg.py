@@ -115,6 +115,10 @@ class IcebergTable:
     def path(self, uri: str) -> str:
         return self._fs._strip_protocol(uri)
 
+    def data_path(self, scope: str | None) -> str:
+        """The folder of a scope's data files: `data/`, or a nightly date's `data/run_date=DATE/`."""
+        return f"{self.path(self.location)}/{DATA}" + (f"/{PARTITION}={scope}" if scope else "")
+
     def canonical(self, path: str) -> str:
         """One spelling of a file's place (a URI or a filesystem path): the table stores the spelling of the
         run that committed, a listing gives today's config's (`..`, `//`, symlinks)."""
@@ -222,8 +226,9 @@ class IcebergTable:
         table = self.load()
         if table is None or table.current_snapshot() is None:
             return []
-        scan = table.scan(row_filter=EqualTo(PARTITION, scope)) if scope else table.scan()
-        return sorted((self.path(task.file.file_path), task.file.record_count) for task in scan.plan_files())
+        return sorted(
+            (self.path(task.file.file_path), task.file.record_count) for task in _tasks(table, scope)
+        )
 
     def referenced(self) -> set[str]:
         """Every data file that some snapshot holds (time travel reads them all), in `canonical` form."""
@@ -245,8 +250,7 @@ class IcebergTable:
                 f"(snapshot {base} -> {current and current.snapshot_id}); nothing was committed: run again"
             )
         new = [parquet_file_to_data_file(table.io, table.metadata, self.uri(path)) for path in paths]
-        scan = table.scan(row_filter=EqualTo(PARTITION, scope)) if scope else table.scan()
-        old = [task.file for task in scan.plan_files()] if current else []
+        old = [task.file for task in _tasks(table, scope)] if current else []
         properties = {"dinat-batch.run-id": str(summary.get("run_id")), "dinat-batch.scope": scope or ""}
         # every metadata version carries the properties: the summary without the run's full config
         kept = summary | {
@@ -338,7 +342,9 @@ class IcebergTable:
         found = set()
         for marker in self._fs.glob(f"{root}/_FAILURE") + self._fs.glob(f"{root}/{PARTITION}=*/_FAILURE"):
             folder = marker.rsplit("/", 1)[0]
-            data = f"{root}/{DATA}" + (f"/{folder.rsplit('/', 1)[1]}" if folder != root else "")
+            data = self.data_path(
+                folder.rsplit("/", 1)[1].removeprefix(f"{PARTITION}=") if folder != root else None
+            )
             for entry in json.loads(self._fs.cat_file(marker)).get("files", []):
                 found.add(self.canonical(f"{data}/{entry['name']}"))
         return found
@@ -356,3 +362,9 @@ class IcebergTable:
     def _find(self, folder: str) -> list[str]:
         self._fs.invalidate_cache()
         return self._fs.find(folder) if self._fs.isdir(folder) else []
+
+
+def _tasks(table: Table, scope: str | None) -> list:
+    """The current snapshot's scan tasks of a scope: a nightly date's partition, or the whole table."""
+    scan = table.scan(row_filter=EqualTo(PARTITION, scope)) if scope else table.scan()
+    return list(scan.plan_files())

@@ -127,11 +127,7 @@ class Output:
         # what this output's files carry in their metadata: the same place however it is spelled
         self.identity = str(resolve(self.uri))
         self.iceberg, self.scope = iceberg, scope
-        self.data_path = self.path
-        if iceberg is not None:
-            self.data_path = f"{iceberg.path(iceberg.location)}/{DATA}" + (
-                f"/{PARTITION}={scope}" if scope else ""
-            )
+        self.data_path = self.path if iceberg is None else iceberg.data_path(scope)
         self._base: int | None = None  # the Iceberg snapshot this run started from
 
     def child(self, name: str) -> Output:

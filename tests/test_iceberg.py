@@ -111,11 +111,26 @@ def test_the_table_is_one_outputs_own(tmp_path, tiny_model, ray_session, object_
     """The table must live at the output, be dinat-batch's, and hold the layout of the job; credentials in
     the catalog's properties are redacted and refused by `submit`."""
     from dinat_batch.jobs.submit import SubmitError, _refuse_secrets
+    from dinat_batch.pipeline.lease import LeaseHeld
+    from dinat_batch.pipeline.output import ForeignFiles, Output
     from dinat_batch.pipeline.run import run
 
     images = image_folder(tmp_path / "in", 1)
     config = iceberg_config(tmp_path, images, tmp_path / "a", tiny_model)
     run(config)
+    again = config.model_copy(update={"overwrite": True})
+    # the user's mistakes, as for a Parquet output: someone's file in the table's data folder, a second
+    # writer, an output inside the input
+    stray = tmp_path / "a" / "data" / "theirs.parquet"
+    stray.write_bytes(b"someone's")
+    with pytest.raises(ForeignFiles, match=r"theirs\.parquet"):
+        run(again)
+    assert stray.read_bytes() == b"someone's"
+    stray.unlink()
+    with Output(config.output, {}).lease("live-run", 600), pytest.raises(LeaseHeld, match="live-run"):
+        run(again)
+    with pytest.raises(ValueError, match="lies inside the input"):
+        iceberg_config(tmp_path, images, images / "t", tiny_model)
     elsewhere = config.model_copy(update={"output": str(tmp_path / "b")})
     with pytest.raises(ConfigError, match=r"lives at .*one table has one location"):
         run(elsewhere)

@@ -22,9 +22,10 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 browser:
 	command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 
+# two pytest processes at once: the pure-computation tests beside the Ray and S3 ones (tests/lanes.py)
 test: install browser
 	$(PY) -m ruff check .
-	$(PY) -m pytest
+	$(PY) tests/lanes.py
 
 demo: install
 	$(VENV)/bin/dinat-batch demo

@@ -1,11 +1,36 @@
 """Session-wide fixtures: one real S3 server (SeaweedFS on loopback) and one Ray instance for the whole
-test session, and a tiny DiNAT checkpoint for pipeline runs."""
+test session, and a tiny DiNAT checkpoint for pipeline runs.
+
+`make test` runs the suite as two pytest processes at once (tests/lanes.py): the cluster lane holds
+every test that is not marked `standalone` or that uses the Ray instance or the S3 server, in order, so
+that they share one of each and a test that kills processes (an actor, a node) never meets another
+test's; the standalone lane (models, kernels, images, configs: pure computation) runs beside it. A
+standalone test must not start Ray itself. Plain `pytest` runs both lanes in one process."""
 
 import pytest
 import ray
 
 from dinat_batch.infra.object_store import LocalObjectStore
 from tests.data import tiny_checkpoint
+
+SHARED = {"ray_session", "object_store"}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--lane", choices=("cluster", "standalone"), help="run one lane (tests/lanes.py)")
+
+
+def in_cluster_lane(item: pytest.Item) -> bool:
+    return item.get_closest_marker("standalone") is None or bool(SHARED & set(item.fixturenames))
+
+
+def pytest_collection_modifyitems(config, items):
+    lane = config.getoption("lane")
+    if lane is None:
+        return
+    kept = [item for item in items if in_cluster_lane(item) == (lane == "cluster")]
+    config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+    items[:] = kept
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,8 @@ import pytest
 
 from dinat_batch.pipeline.config import ConfigError, RunConfig, load_config
 
+pytestmark = pytest.mark.standalone
+
 
 def test_yaml_and_json_files_with_overrides(tmp_path):
     (tmp_path / "job.yaml").write_text("input: s3://b/images/\noutput: s3://b/out\ntop_k: 3\n")

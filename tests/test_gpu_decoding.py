@@ -29,6 +29,8 @@ from dinat_batch.pipeline.stages.decode import decode_batch
 from dinat_batch.pipeline.stages.infer import ActorSettings, Predictor
 from tests.data import MAX_PIXELS, TINY, TINY_INPUT, photo
 
+pytestmark = pytest.mark.standalone
+
 RNG = np.random.default_rng(7)
 
 

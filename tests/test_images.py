@@ -9,6 +9,8 @@ from PIL import Image
 from dinat_batch.pipeline.images import ImageDecodeError, preprocess
 from dinat_batch.pipeline.model.preprocessing import PreprocessConfig
 
+pytestmark = pytest.mark.standalone
+
 MEAN = np.array([0.485, 0.456, 0.406])
 STD = np.array([0.229, 0.224, 0.225])
 RNG = np.random.default_rng(0)

@@ -12,6 +12,8 @@ from dinat_batch.pipeline.stages.infer import ActorSettings, Predictor
 from dinat_batch.pipeline.stages.write import output_schema
 from tests.data import MAX_PIXELS, TINY, TINY_INPUT, direct_predictions, photo
 
+pytestmark = pytest.mark.standalone
+
 
 def decoded(items: dict[str, bytes]) -> dict[str, np.ndarray]:
     keys = list(items)

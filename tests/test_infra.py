@@ -13,6 +13,8 @@ import yaml
 from dinat_batch.pipeline.cli import app
 from dinat_batch.pipeline.config import RunConfig, redact
 
+pytestmark = pytest.mark.standalone
+
 INFRA = Path(__file__).resolve().parents[1] / "infra"
 ROOT = INFRA.parent
 DOCKERFILE = (INFRA / "docker" / "Dockerfile").read_text()

@@ -9,6 +9,10 @@ import sysconfig
 import tomllib
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.standalone
+
 ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = ("pipeline", "kernels", "jobs", "infra")
 HF_KERNELS = "kernels==0.17.2"

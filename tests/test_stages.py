@@ -4,10 +4,13 @@ import itertools
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from dinat_batch.pipeline.stages import decode, infer, read, write
 from dinat_batch.pipeline.stages.decode import decode_batch, host_pixels
 from tests.data import MAX_PIXELS, TINY_INPUT, photo
+
+pytestmark = pytest.mark.standalone
 
 
 def raw_rows() -> dict[str, np.ndarray]:

@@ -9,6 +9,8 @@ import torch
 
 from dinat_batch.kernels import available_backends, na2d
 
+pytestmark = pytest.mark.standalone
+
 
 def _case(height, width, kernel, dilation, heads, head_dim=16):
     return pytest.param(

@@ -7,6 +7,8 @@ from dinat_batch.kernels import available_backends, na2d
 from dinat_batch.kernels.dispatch import choose_backend
 from dinat_batch.kernels.problem import make_problem
 
+pytestmark = pytest.mark.standalone
+
 
 def qkv(shape=(1, 14, 14, 2, 16), dtype=torch.float32):
     gen = torch.Generator().manual_seed(0)

@@ -6,6 +6,8 @@ import torch
 from dinat_batch.kernels import na2d
 from dinat_batch.kernels.neighborhood import axis_tiles, neighbors
 
+pytestmark = pytest.mark.standalone
+
 
 def literal_window(i: int, length: int, kernel: int, dilation: int) -> tuple[list[int], list[int]]:
     """Keys of query i along one axis and their RPB indices, straight from the definition."""

@@ -7,6 +7,8 @@ from dinat_batch.pipeline.model import VARIANTS, Dinat, DinatConfig
 from dinat_batch.pipeline.model.export import random_model
 from tests.model.upstream import upstream_forward
 
+pytestmark = pytest.mark.standalone
+
 # parameter counts published with the checkpoints (millions)
 PUBLISHED_PARAMS = {
     "dinat-mini-in1k-224": 20.0,

@@ -10,6 +10,8 @@ from dinat_batch.pipeline.model import ModelLoadError, load_model
 from dinat_batch.pipeline.model.export import random_model, save_checkpoint
 from tests.model.test_dinat import shortened
 
+pytestmark = pytest.mark.standalone
+
 PIXELS = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
 
 

@@ -15,6 +15,8 @@ import torch
 from dinat_batch.pipeline.images import preprocess
 from dinat_batch.pipeline.model import load_model
 
+pytestmark = pytest.mark.standalone
+
 WEIGHTS = os.environ.get("DINAT_MINI_WEIGHTS")
 IMAGE = os.environ.get("DINAT_CATS_IMAGE")
 

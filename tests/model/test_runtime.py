@@ -16,6 +16,8 @@ from dinat_batch.pipeline.model.export import random_model, save_checkpoint
 from dinat_batch.pipeline.model.runtime import CPU_BATCH, Runner, batch_for_memory, resolve_compile
 from tests.data import TINY, TINY_INPUT
 
+pytestmark = pytest.mark.standalone
+
 PIXELS = np.random.default_rng(3).integers(0, 256, (7, 64, 64, 3), dtype=np.uint8)
 
 

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 
 from dinat_batch.infra.local_ray import LocalRayHead, node_ports, ray_start
-from dinat_batch.infra.processes import Service, stop_group
+from dinat_batch.infra.processes import Service, descendants, stop_group
 
 # the head declares a silent node dead after 3 missed checks 0.5 s apart, instead of Ray's ~15-25 s
 # (checks every 3 s, 5 misses, 10 s timeout): a lost node shows within seconds, keeping the tests short
@@ -102,17 +102,7 @@ class LocalCluster(Service):
     def processes(self, node: WorkerNode) -> list[int]:
         """Every process of the node: `ray start`, its raylet and services, and the workers the raylet
         started (which Ray puts in sessions of their own, so the process group does not hold them)."""
-        children: dict[int, list[int]] = {}
-        table = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout
-        for line in table.splitlines():
-            pid, parent = map(int, line.split())
-            children.setdefault(parent, []).append(pid)
-        found, todo = [], [node.process.pid]
-        while todo:
-            pid = todo.pop()
-            found.append(pid)
-            todo += children.get(pid, [])
-        return found
+        return descendants(node.process.pid)
 
     def kill(self, node: WorkerNode) -> None:
         """The machine is lost: every process of the node dies at once, nothing shuts down cleanly."""

@@ -27,6 +27,22 @@ def stop_group(process: subprocess.Popen | None, first: signal.Signals, timeout:
         process.wait()
 
 
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process started under it, at any depth (by parent pid, so that children which
+    moved to sessions of their own, as Ray's workers do, are found too)."""
+    children: dict[int, list[int]] = {}
+    table = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout
+    for line in table.splitlines():
+        child, parent = map(int, line.split())
+        children.setdefault(parent, []).append(child)
+    found, todo = [], [pid]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found
+
+
 class Service:
     """A local service: launched, waited for until it serves, stopped again (also when it never became
     ready); usable as a context manager."""

@@ -41,7 +41,14 @@ def object_store():
 
 @pytest.fixture(scope="session")
 def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=512 * 2**20, logging_level="ERROR")
+    # "local": a new instance, never the Ray head another test process (or a stale file) points at
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=512 * 2**20,
+        logging_level="ERROR",
+    )
     yield
     ray.shutdown()
 

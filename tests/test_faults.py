@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
+from dinat_batch.infra.processes import descendants
 from dinat_batch.pipeline.run import run
 from tests.data import image_folder, photos
 from tests.fault_proxy import FaultProxy
@@ -48,9 +49,10 @@ def test_inference_actor_killed_mid_run(tmp_path, tiny_model, ray_session):
     def kill_the_actor_after_its_first_rows():
         wait_for(lambda: chunk_files(output))
         found = subprocess.run(["pgrep", "-f", r"MapBatches\(Predictor\)"], capture_output=True, text=True)
-        for pid in found.stdout.split():
-            os.kill(int(pid), signal.SIGKILL)
-            killed.append(int(pid))
+        # only this session's actors (its Ray runs under this process): another test process may run too
+        for pid in {int(pid) for pid in found.stdout.split()} & set(descendants(os.getpid())):
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
 
     killer = threading.Thread(target=kill_the_actor_after_its_first_rows)
     killer.start()

@@ -36,8 +36,8 @@ from benchmarks import kernels as kernel_bench
 from benchmarks.common import machine, record
 from benchmarks.pipeline import bare_loop, photos, pipeline_run
 from dinat_batch.pipeline.config import DEFAULT_MAX_PIXELS
-from dinat_batch.pipeline.gpu_decoding import DeviceDecoder, device_decodable, probe, unsupported
-from dinat_batch.pipeline.images import decode, resized
+from dinat_batch.pipeline.gpu_decoding import DeviceDecoder, probe, unsupported
+from dinat_batch.pipeline.images import decode, device_decodable, resized
 from dinat_batch.pipeline.model.export import random_model, save_checkpoint
 from dinat_batch.pipeline.model.preprocessing import PreprocessConfig
 from dinat_batch.pipeline.model.runtime import Runner

@@ -1,7 +1,7 @@
 """Decoding next to the model: JPEGs decoded by nvJPEG on the GPU, oriented and resized there, so that their
 pixels never cross to the host and the CPU workers only read headers.
 
-The CPU stage (`pipeline/stages/decode.py`) only reads the headers of JPEGs (`device_decodable`) and sends on
+The CPU stage (`pipeline/stages/decode.py`) only reads the headers of JPEGs (`images.device_decodable`) and sends on
 the bytes of those a GPU decoder takes; everything else arrives decoded. Whatever nvJPEG still rejects is
 decoded here by the CPU path, one image at a time, so one bad image never fails a batch. The pixels match
 the CPU path's within one level of 255 (nvJPEG's IDCT and torch's antialiased resize round differently from
@@ -14,7 +14,6 @@ import importlib.util
 import io
 import logging
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +28,6 @@ RESAMPLE_MODES = {Image.Resampling.BILINEAR: "bilinear", Image.Resampling.BICUBI
 # stored in the file (no EXIF orientation), or the exception that rejected it
 JpegDecoder = Callable[[list[torch.Tensor], torch.device], list[torch.Tensor | Exception]]
 logger = logging.getLogger(__name__)
-_EXIF_ORIENTATION = 0x0112
 # device memory one GPU decoding chunk may take at its peak: a full 1024-image batch of 12 MP photos would
 # otherwise need ~37 GB of decoded pixels at once, and six times that while resizing
 DECODE_BUDGET = 2**30
@@ -48,35 +46,6 @@ def unsupported(config: PreprocessConfig, device: str) -> str | None:
             "equivalent (bilinear and bicubic have)"
         )
     return None
-
-
-class JpegHeader(NamedTuple):
-    width: int  # after EXIF orientation, as the CPU path reports it
-    height: int
-    orientation: int  # EXIF orientation, 1 (as stored) to 8
-
-
-def device_decodable(data: bytes, max_pixels: int) -> JpegHeader | None:
-    """The header of a JPEG that a GPU decoder takes (baseline or extended sequential, 8-bit, greyscale or
-    YCbCr/RGB, one frame), else None: progressive and CMYK JPEGs, other formats and anything that does not
-    open go the CPU path, which also gives broken files their error text. Reads the header only."""
-    if data[-64:].rstrip(b"\x00")[-2:] != b"\xff\xd9":
-        # no end-of-image marker: cut short (nvJPEG may decode a damaged scan without complaint), or data
-        # after the image; the CPU path tells which and gives a cut-short file its error row
-        return None
-    try:
-        image = open_image(data, max_pixels)
-        if image.format != "JPEG" or image.mode not in ("RGB", "L") or image.info.get("progressive"):
-            return None
-        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-    except Exception:  # a header PIL cannot read is for the CPU path to report
-        return None
-    if orientation not in range(1, 9):
-        orientation = 1  # PIL's exif_transpose ignores values outside the standard's eight, as here
-    width, height = image.size
-    if orientation >= 5:  # the orientations that turn the image by 90 degrees
-        width, height = height, width
-    return JpegHeader(width, height, orientation)
 
 
 def bisected(decode_many: Callable[[list], list], items: list) -> list:

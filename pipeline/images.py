@@ -4,6 +4,8 @@
 ViTImageProcessor semantics: EXIF orientation, first frame, RGB conversion, resize straight to
 height x width with the configured PIL filter (aspect ratio not kept, no crop), rescale, normalize.
 Decoding and resizing run on CPU workers and give uint8 pixels; `normalize` runs where the model runs.
+Also the header check that routes a JPEG to a GPU decoder (`device_decodable`). No torch at import: the
+CPU workers that run the decode stage never load it.
 """
 
 from __future__ import annotations
@@ -11,16 +13,17 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dinat_batch.pipeline.config import DEFAULT_MAX_PIXELS
 from dinat_batch.pipeline.errors import error_text
-from dinat_batch.pipeline.model.preprocessing import PreprocessConfig, normalize
+from dinat_batch.pipeline.model.preprocessing import PreprocessConfig
 
 # greyscale modes PIL cannot bring to RGB sensibly, and the divisor that brings them to 0..255
+_EXIF_ORIENTATION = 0x0112
 _WIDE_GREY_DIVISOR = {"I;16": 257.0, "I;16B": 257.0, "I;16L": 257.0, "I;16N": 257.0, "I": 257.0, "F": 1.0}
 
 
@@ -122,6 +125,11 @@ def resized(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
 
 def pixel_values(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
     """An RGB image -> float32 [3, height, width] as ViTImageProcessor computes it."""
+    # torch only here: the CPU decode workers import this module and, without it, never load torch
+    import torch
+
+    from dinat_batch.pipeline.model.runtime import normalize
+
     return normalize(torch.from_numpy(resized(image, config))[None], config)[0].numpy()
 
 
@@ -143,3 +151,32 @@ def cpu_pixels(data: bytes, config: PreprocessConfig, max_pixels: int) -> tuple[
         raise
     except Exception as err:
         raise ImageDecodeError("undecodable", f"{type(err).__name__}: {err}") from err
+
+
+class JpegHeader(NamedTuple):
+    width: int  # after EXIF orientation, as the CPU path reports it
+    height: int
+    orientation: int  # EXIF orientation, 1 (as stored) to 8
+
+
+def device_decodable(data: bytes, max_pixels: int) -> JpegHeader | None:
+    """The header of a JPEG that a GPU decoder takes (baseline or extended sequential, 8-bit, greyscale or
+    YCbCr/RGB, one frame), else None: progressive and CMYK JPEGs, other formats and anything that does not
+    open go the CPU path, which also gives broken files their error text. Reads the header only."""
+    if data[-64:].rstrip(b"\x00")[-2:] != b"\xff\xd9":
+        # no end-of-image marker: cut short (nvJPEG may decode a damaged scan without complaint), or data
+        # after the image; the CPU path tells which and gives a cut-short file its error row
+        return None
+    try:
+        image = open_image(data, max_pixels)
+        if image.format != "JPEG" or image.mode not in ("RGB", "L") or image.info.get("progressive"):
+            return None
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # a header PIL cannot read is for the CPU path to report
+        return None
+    if orientation not in range(1, 9):
+        orientation = 1  # PIL's exif_transpose ignores values outside the standard's eight, as here
+    width, height = image.size
+    if orientation >= 5:  # the orientations that turn the image by 90 degrees
+        width, height = height, width
+    return JpegHeader(width, height, orientation)

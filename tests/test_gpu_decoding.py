@@ -17,12 +17,11 @@ from dinat_batch.pipeline.gpu_decoding import (
     PEAK_BYTES_PER_PIXEL,
     DeviceDecoder,
     bisected,
-    device_decodable,
     orient,
     probe,
     unsupported,
 )
-from dinat_batch.pipeline.images import cpu_pixels
+from dinat_batch.pipeline.images import cpu_pixels, device_decodable
 from dinat_batch.pipeline.model.export import random_model, save_checkpoint
 from dinat_batch.pipeline.model.preprocessing import PreprocessConfig
 from dinat_batch.pipeline.stages.decode import decode_batch

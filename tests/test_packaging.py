@@ -1,6 +1,6 @@
 """The project installs under one name, `dinat_batch`: its folders never collide with other distributions'
 top-level packages (Hugging Face's `kernels`, the old `pipeline` on PyPI), and the model package stands
-on its own."""
+on its own, and the CPU stages load no torch."""
 
 import ast
 import subprocess
@@ -51,6 +51,34 @@ def test_the_model_package_imports_nothing_from_the_pipeline_stages():
         and not name.startswith(("dinat_batch.pipeline.model", "dinat_batch.kernels"))
     ]
     assert outside == []
+
+
+# run in a fresh interpreter: a CPU worker's view
+CPU_WORKER = """
+import io, pickle, sys
+import numpy as np
+from PIL import Image
+from dinat_batch.pipeline.stages import decode, read, write
+from dinat_batch.pipeline.model.preprocessing import PreprocessConfig
+
+config = pickle.loads(pickle.dumps(PreprocessConfig(size=32)))  # as Ray hands it to the task
+jpeg = io.BytesIO()
+Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(jpeg, "JPEG")
+batch = {"key": np.array(["a", "b"], object), "data": np.array([jpeg.getvalue(), b"x"], object),
+         "error": np.array([None, None], object)}
+for to_device in (False, True):
+    rows = decode.decode_batch(batch, config, 10**6, to_device)
+    assert list(rows["width"]) == [50, 0], rows
+print(sorted(name for name in sys.modules if name.split(".")[0] == "torch"))
+"""
+
+
+def test_the_cpu_stages_run_without_loading_torch():
+    """The read, decode and write stages run in Ray tasks on CPU workers, many per machine: loading torch
+    there would cost each worker process seconds to start and hundreds of MB for nothing."""
+    done = subprocess.run([sys.executable, "-c", CPU_WORKER], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[]"
 
 
 def test_the_wheel_lists_every_package_of_the_tree():

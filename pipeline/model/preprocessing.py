@@ -1,11 +1,10 @@
-"""The checkpoint's input spec: the fields of its `preprocessor_config.json` (ViTImageProcessor's) and the
-normalisation that runs where the model runs. Decoding and resizing bytes to this spec is
-`pipeline/images.py`; this module is what the model itself needs to know.
+"""The checkpoint's input spec: the fields of its `preprocessor_config.json` (ViTImageProcessor's).
+Decoding and resizing bytes to this spec is `pipeline/images.py`, on CPU workers that load no torch (hence
+none here); the normalisation runs where the model runs (`runtime.normalize`).
 """
 
 from __future__ import annotations
 
-import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -49,34 +48,3 @@ class PreprocessConfig(BaseModel):
     @property
     def width(self) -> int:
         return self.size["width"]
-
-
-Stats = tuple[torch.Tensor, torch.Tensor]
-
-
-def stats(config: PreprocessConfig, device: torch.device | str) -> Stats:
-    """The mean and std as [1, 3, 1, 1] float32 tensors on `device`: made once by whoever normalises
-    many batches, since on a GPU each is a blocking host-to-device copy."""
-    return tuple(
-        torch.tensor(values, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        for values in (config.image_mean, config.image_std)
-    )
-
-
-def normalize(
-    pixels: torch.Tensor,
-    config: PreprocessConfig,
-    dtype: torch.dtype = torch.float32,
-    memory_format: torch.memory_format = torch.contiguous_format,
-    mean_std: Stats | None = None,
-) -> torch.Tensor:
-    """uint8 [batch, height, width, 3] -> [batch, 3, height, width] rescaled and normalised in float32 (on
-    whatever device `pixels` is on), then cast to `dtype` and laid out in `memory_format`. `mean_std`:
-    `stats(config, pixels.device)`, made once (default: made here)."""
-    values = pixels.permute(0, 3, 1, 2).to(torch.float32)
-    if config.do_rescale:
-        values = values * config.rescale_factor
-    if config.do_normalize:
-        mean, std = mean_std or stats(config, values.device)
-        values = (values - mean) / std
-    return values.to(dtype).contiguous(memory_format=memory_format)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from dinat_batch.pipeline.model.dinat import Dinat, DinatConfig
-from dinat_batch.pipeline.model.preprocessing import normalize, stats
+from dinat_batch.pipeline.model.preprocessing import PreprocessConfig
 
 CompileMode = Literal["auto", "off", "on", "graphs"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -75,6 +75,37 @@ def _out_of_memory(err: BaseException | None) -> bool:
 
 def _concat(parts: list[Outputs]) -> Outputs:
     return tuple(None if part[0] is None else np.concatenate(part) for part in zip(*parts, strict=True))
+
+
+Stats = tuple[torch.Tensor, torch.Tensor]
+
+
+def stats(config: PreprocessConfig, device: torch.device | str) -> Stats:
+    """The mean and std as [1, 3, 1, 1] float32 tensors on `device`: made once by whoever normalises
+    many batches, since on a GPU each is a blocking host-to-device copy."""
+    return tuple(
+        torch.tensor(values, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        for values in (config.image_mean, config.image_std)
+    )
+
+
+def normalize(
+    pixels: torch.Tensor,
+    config: PreprocessConfig,
+    dtype: torch.dtype = torch.float32,
+    memory_format: torch.memory_format = torch.contiguous_format,
+    mean_std: Stats | None = None,
+) -> torch.Tensor:
+    """uint8 [batch, height, width, 3] -> [batch, 3, height, width] rescaled and normalised in float32 (on
+    whatever device `pixels` is on), then cast to `dtype` and laid out in `memory_format`. `mean_std`:
+    `stats(config, pixels.device)`, made once (default: made here)."""
+    values = pixels.permute(0, 3, 1, 2).to(torch.float32)
+    if config.do_rescale:
+        values = values * config.rescale_factor
+    if config.do_normalize:
+        mean, std = mean_std or stats(config, values.device)
+        values = (values - mean) / std
+    return values.to(dtype).contiguous(memory_format=memory_format)
 
 
 class Runner:

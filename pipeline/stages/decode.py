@@ -9,8 +9,7 @@ import numpy as np
 import ray
 
 from dinat_batch.pipeline.errors import error_column
-from dinat_batch.pipeline.gpu_decoding import device_decodable
-from dinat_batch.pipeline.images import ImageDecodeError, cpu_pixels
+from dinat_batch.pipeline.images import ImageDecodeError, cpu_pixels, device_decodable
 from dinat_batch.pipeline.model.preprocessing import PreprocessConfig
 from dinat_batch.pipeline.stages import CPU_TASK, Stage
 

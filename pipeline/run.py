@@ -344,16 +344,6 @@ def stall_guard(timeout: float, needs_gpus: bool) -> Iterator[None]:
             stop.set()
 
 
-def ray_data_stall_timeout(stall_timeout: float) -> float:
-    """The timeout for Ray Data's own guard (no output for that long fails the execution; it is read from
-    the written dataset's context): `stall_timeout` off the main thread, where `stall_guard` cannot
-    interrupt the run; on the main thread -1, off (not Ray Data's 30-minute default, which would cut
-    short a run allowed to wait longer): that guard also counts a healthy cluster's slow actor start (a
-    large checkpoint downloading, a busy machine) as no progress, and it misses lost nodes, which
-    `stall_guard` sees."""
-    return -1 if threading.current_thread() is threading.main_thread() else stall_timeout
-
-
 def _execute(
     plan: Plan, listing: ray.data.Dataset, output: Output, owner: Ownership, kept: Resume | None
 ) -> None:
@@ -367,7 +357,8 @@ def _execute(
     settings = ActorSettings.of(config, plan.run_id, device, plan.jpegs_to_device)
     predicted = infer.apply(decoded, settings, num_gpus, min_actors, max_actors)
     folder, filesystem = output.ray_target(output.staging(plan.attempt))
-    predicted.context.execution_no_progress_timeout_s = ray_data_stall_timeout(config.stall_timeout)
+    # Ray Data's own guard against an execution without progress, read from the written dataset's context
+    predicted.context.execution_no_progress_timeout_s = config.stall_timeout
     write.apply(
         predicted, folder, filesystem, owner, write.output_schema(plan.num_features), config.chunk_rows
     )

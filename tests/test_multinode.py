@@ -143,9 +143,9 @@ def test_every_node_lost_fails_clearly_in_bounded_time(cluster, object_store, bu
     with a clear error instead of waiting forever, and the same command can resume later. (Runs last:
     the cluster has no workers after it.)"""
     images(bucket, "stalled", 4 * COUNT)
-    # a driver's main thread: only the watcher guards (an actor's start has taken over 10 s on a busy
-    # machine, which Ray Data's own no-progress guard would count as a stall)
-    driver = start_driver(cluster, object_store, tmp_path, "stalled", stall_timeout=10)
+    # not much lower: Ray Data's own no-progress guard gets the same timeout, and on a busy machine an
+    # actor's start alone has taken over 10 s (seen in CI)
+    driver = start_driver(cluster, object_store, tmp_path, "stalled", stall_timeout=30)
     wait_for_rows(bucket, "stalled", driver)
     lost = time.monotonic()
     for node in cluster.workers:
@@ -157,6 +157,6 @@ def test_every_node_lost_fails_clearly_in_bounded_time(cluster, object_store, bu
         driver.kill()
         pytest.fail(f"the run did not stop: {driver.communicate()[1][-3000:]}")
     assert driver.returncode == 1
-    assert "made no progress for 10 s (stall_timeout)" in errors, errors[-3000:]
-    assert time.monotonic() - lost < 60  # 10 s without a node, plus noticing the loss and stopping
+    assert "made no progress for 30 s (stall_timeout)" in errors, errors[-3000:]
+    assert time.monotonic() - lost < 90  # 30 s without a node, plus noticing the loss and stopping
     assert not bucket.exists(f"{BUCKET}/stalled-out/_SUCCESS")

@@ -4,7 +4,6 @@ paths, read back with pyarrow and DuckDB, and checked against the model runtime 
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,13 +18,7 @@ import ray
 
 from dinat_batch.pipeline.config import ConfigError, RunConfig
 from dinat_batch.pipeline.model import ModelLoadError, load_model
-from dinat_batch.pipeline.run import (
-    _actors,
-    ray_connection,
-    ray_data_stall_timeout,
-    refuse_node_local_paths,
-    run,
-)
+from dinat_batch.pipeline.run import _actors, ray_connection, refuse_node_local_paths, run
 from dinat_batch.pipeline.stages.write import output_schema
 from tests.data import (
     MAX_PIXELS,
@@ -297,14 +290,6 @@ def test_without_an_address_a_run_starts_its_own_ray(monkeypatch):
     with ray_connection("ray://head:10001"):
         pass
     assert calls[2]["address"] == "ray://head:10001" and len(calls) == 3  # a cluster it joined stays up
-
-
-def test_ray_datas_own_stall_guard_only_where_the_watcher_cannot_interrupt():
-    """On the main thread the stall guard's watcher alone decides: Ray Data's guard is off there (it
-    would stop a healthy run whose actors start slowly); on another thread it is the guard there is."""
-    assert ray_data_stall_timeout(30) == -1
-    with ThreadPoolExecutor(1) as pool:
-        assert pool.submit(ray_data_stall_timeout, 30).result() == 30
 
 
 def test_local_paths_on_a_cluster_of_several_nodes_need_a_shared_filesystem(tmp_path, tiny_model):

@@ -23,7 +23,6 @@ from dinat_batch.pipeline.errors import error_text
 from dinat_batch.pipeline.model.preprocessing import PreprocessConfig
 
 # greyscale modes PIL cannot bring to RGB sensibly, and the divisor that brings them to 0..255
-_EXIF_ORIENTATION = 0x0112
 _WIDE_GREY_DIVISOR = {"I;16": 257.0, "I;16B": 257.0, "I;16L": 257.0, "I;16N": 257.0, "I": 257.0, "F": 1.0}
 
 
@@ -47,6 +46,7 @@ class PreprocessedImage:
 
 
 _CORRUPT = (OSError, SyntaxError, ValueError, EOFError)
+_EXIF_ORIENTATION = 0x0112
 
 
 def _corrupt(err: Exception, fmt: str) -> ImageDecodeError:

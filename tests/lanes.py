@@ -1,14 +1,15 @@
 """`make test`: the suite as two pytest processes at once. The cluster lane (Ray, the S3 server, pipeline
-runs) spends most of its time waiting on processes, ports and the store; the standalone lane (pure
-computation: kernels, models, images, configs) fills that time, on CPU time nothing else wants
-(SCHED_IDLE): the cluster lane is the longer one, and at any priority above idle the standalone lane
-slowed it (Ray runs its workers at nice 15, below a nice-0 test process). Arguments go to both
+runs) is the longer one; the standalone lane (pure computation: kernels, models, images, configs) runs
+beside it on CPU time nothing else wants (SCHED_IDLE): at any priority above idle it slowed the cluster
+lane (Ray runs its workers at nice 15, below a nice-0 test process). Arguments go to both
 (`python tests/lanes.py -x tests/test_run.py`); the standalone lane's report follows the cluster lane's.
-See tests/conftest.py for which test goes where."""
+Both lanes write pytest's cache, the last to finish winning (`--lf` afterwards may miss the other's
+failures). See tests/conftest.py for which test goes where."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -23,6 +24,17 @@ def idle_priority() -> None:
         os.nice(19)
 
 
+def finished(lane: subprocess.Popen) -> int:
+    """The lane's exit code, waiting through Ctrl-C: the terminal interrupted the lane too, and its
+    fixtures are stopping servers and Ray clusters that outlive a killed pytest (own sessions)."""
+    while True:
+        try:
+            code = lane.wait()
+        except KeyboardInterrupt:
+            continue
+        return 128 - code if code < 0 else code  # killed by a signal: as a shell reports it
+
+
 def main(args: list[str]) -> int:
     pytest = [sys.executable, "-m", "pytest"]
     with tempfile.TemporaryFile("w+") as log:
@@ -32,18 +44,18 @@ def main(args: list[str]) -> int:
             stderr=subprocess.STDOUT,
             preexec_fn=idle_priority,
         )
-        try:
-            cluster = subprocess.call([*pytest, "--lane", "cluster", *args])
-            standalone = beside.wait()
-        finally:
-            if beside.poll() is None:
-                beside.terminate()
-                beside.wait()
+        cluster = subprocess.Popen([*pytest, "--lane", "cluster", *args])
+        lanes = (cluster, beside)
+        # `kill` of this process (a CI timeout): the lanes get it too, and are waited for
+        signal.signal(signal.SIGTERM, lambda *_: [lane.send_signal(signal.SIGTERM) for lane in lanes])
+        codes = [finished(lane) for lane in lanes]
         log.seek(0)
         print(f"\n{'=' * 30} standalone lane {'=' * 30}", flush=True)
         sys.stdout.write(log.read())
-    codes = {cluster, standalone}
-    return NO_TESTS if codes == {NO_TESTS} else max(codes - {NO_TESTS})
+    failed = [code for code in codes if code not in (0, NO_TESTS)]
+    if failed:
+        return max(failed)
+    return NO_TESTS if set(codes) == {NO_TESTS} else 0
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import _thread
 import os
+import signal
 import threading
 import time
 import uuid
@@ -325,7 +326,13 @@ def stall_guard(timeout: float, needs_gpus: bool) -> Iterator[None]:
                         _thread.interrupt_main()
                 return
 
+    ignored = False
     if threading.current_thread() is threading.main_thread():
+        # a driver started in the background by a shell script ignores SIGINT, and then interrupt_main
+        # does nothing: the guard's own interrupt must still land, others stay ignored as asked
+        ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        if ignored:
+            signal.signal(signal.SIGINT, lambda *_: _raise_if(stalled))
         threading.Thread(target=watch, daemon=True).start()
     try:
         yield
@@ -342,6 +349,13 @@ def stall_guard(timeout: float, needs_gpus: bool) -> Iterator[None]:
     finally:
         with deciding:
             stop.set()
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _raise_if(stalled: threading.Event) -> None:
+    if stalled.is_set():
+        raise KeyboardInterrupt
 
 
 def _execute(

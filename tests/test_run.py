@@ -4,6 +4,9 @@ paths, read back with pyarrow and DuckDB, and checked against the model runtime 
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -290,6 +293,32 @@ def test_without_an_address_a_run_starts_its_own_ray(monkeypatch):
     with ray_connection("ray://head:10001"):
         pass
     assert calls[2]["address"] == "ray://head:10001" and len(calls) == 3  # a cluster it joined stays up
+
+
+STALLED_DRIVER = """
+import time, ray
+from dinat_batch.pipeline import run
+ray.cluster_resources = lambda: {}  # a cluster that lost every node
+try:
+    with run.stall_guard(1, needs_gpus=False):
+        for _ in range(600):  # a driver waits on Ray in short steps, where the interrupt lands
+            time.sleep(0.1)
+except run.Stalled:
+    print("stalled")
+"""
+
+
+def test_the_stall_guard_stops_a_driver_that_ignores_sigint():
+    """A driver started in the background by a shell script ignores SIGINT, the signal the stall guard
+    interrupts the run with: the run still stops as stalled."""
+    done = subprocess.run(
+        [sys.executable, "-c", STALLED_DRIVER],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    assert done.stdout.strip() == "stalled", done.stderr[-3000:]
 
 
 def test_local_paths_on_a_cluster_of_several_nodes_need_a_shared_filesystem(tmp_path, tiny_model):

@@ -25,11 +25,11 @@ import numpy as np
 import plotly.graph_objects as go
 import pyarrow as pa
 import pyarrow.compute as pc
-from PIL import Image
 from plotly.offline import get_plotlyjs
 
 from dinat_batch.pipeline.config import RunConfig
 from dinat_batch.pipeline.iceberg import IcebergTable
+from dinat_batch.pipeline.images import open_image
 from dinat_batch.pipeline.locations import Location, resolve
 from dinat_batch.pipeline.output import Output, leaf
 from dinat_batch.pipeline.query import read_output
@@ -98,11 +98,8 @@ class Thumbnails:
                 data = f.read(MAX_IMAGE_BYTES + 1)
             if len(data) > MAX_IMAGE_BYTES:
                 return None
-            with Image.open(io.BytesIO(data)) as image:
-                if (
-                    image.width * image.height > MAX_THUMBNAIL_SOURCE_PIXELS
-                ):  # the header's claim, not decoded
-                    return None
+            # the header's declared size is checked before any pixel is decoded, as the pipeline checks it
+            with open_image(data, MAX_THUMBNAIL_SOURCE_PIXELS) as image:
                 image.draft("RGB", (THUMBNAIL_PX * 2, THUMBNAIL_PX * 2))  # JPEG: decode at a fraction
                 image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
                 small = image.convert("RGB")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from dinat_batch.pipeline.cli import app
@@ -94,6 +95,9 @@ def test_thumbnails_come_only_from_where_the_run_read(tmp_path):
     (images / "[x]").mkdir()  # a folder name with a glob character must not shorten the checked path
     assert thumbnails(f"{images}/[x]/../../elsewhere.jpg") is None
     assert thumbnails(f" {inside}") is None  # opened as written: not the file the check would see
+    bomb = images / "bomb.png"  # inside, but declares 36M pixels in a few kB: never decoded
+    Image.new("L", (6000, 6000)).save(bomb)
+    assert thumbnails(str(bomb)) is None
 
 
 def test_throughput_bins_and_a_map_without_non_finite_rows():

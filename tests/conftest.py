@@ -1,11 +1,13 @@
 """Session-wide fixtures: one real S3 server (SeaweedFS on loopback) and one Ray instance for the whole
 test session, and a tiny DiNAT checkpoint for pipeline runs.
 
-`make test` runs the suite as two pytest processes at once (tests/lanes.py): the cluster lane holds
-every test that is not marked `standalone` or that uses the Ray instance or the S3 server, in order, so
-that they share one of each and a test that kills processes (an actor, a node) never meets another
-test's; the standalone lane (models, kernels, images, configs: pure computation) runs beside it. A
-standalone test must not start Ray itself. Plain `pytest` runs both lanes in one process."""
+`make test` runs the suite as three pytest processes at once (tests/lanes.py): the cluster lane holds
+every test that is neither marked `standalone` nor `apart`, or that uses the Ray instance or the S3 server
+while marked `standalone`, in order, so that they share one of each; the apart lane holds the tests that
+start Ray clusters of their own (`apart`: several nodes, a job server, the demo), which use no process of
+the cluster lane's; the standalone lane (models, kernels, images, configs: pure computation) runs beside
+both. A test that kills processes (an actor, a node) kills only its own process tree's, never another
+lane's. A standalone test must not start Ray itself. Plain `pytest` runs every lane in one process."""
 
 import pytest
 import ray
@@ -16,19 +18,26 @@ from tests.data import tiny_checkpoint
 SHARED = {"ray_session", "object_store"}
 
 
+LANES = ("cluster", "apart", "standalone")
+
+
 def pytest_addoption(parser):
-    parser.addoption("--lane", choices=("cluster", "standalone"), help="run one lane (tests/lanes.py)")
+    parser.addoption("--lane", choices=LANES, help="run one lane (tests/lanes.py)")
 
 
-def in_cluster_lane(item: pytest.Item) -> bool:
-    return item.get_closest_marker("standalone") is None or bool(SHARED & set(item.fixturenames))
+def lane_of(item: pytest.Item) -> str:
+    if item.get_closest_marker("apart") is not None:
+        return "apart"
+    if item.get_closest_marker("standalone") is not None and not SHARED & set(item.fixturenames):
+        return "standalone"
+    return "cluster"
 
 
 def pytest_collection_modifyitems(config, items):
     lane = config.getoption("lane")
     if lane is None:
         return
-    kept = [item for item in items if in_cluster_lane(item) == (lane == "cluster")]
+    kept = [item for item in items if lane_of(item) == lane]
     config.hook.pytest_deselected(items=[item for item in items if item not in kept])
     items[:] = kept
 

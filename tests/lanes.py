@@ -1,9 +1,11 @@
-"""`make test`: the suite as two pytest processes at once. The cluster lane (Ray, the S3 server, pipeline
-runs) is the longer one; the standalone lane (pure computation: kernels, models, images, configs) runs
-beside it on CPU time nothing else wants (SCHED_IDLE): at any priority above idle it slowed the cluster
-lane (Ray runs its workers at nice 15, below a nice-0 test process). Arguments go to both
-(`python tests/lanes.py -x tests/test_run.py`); the standalone lane's report follows the cluster lane's.
-Both lanes write pytest's cache, the last to finish winning (`--lf` afterwards may miss the other's
+"""`make test`: the suite as three pytest processes at once. The cluster lane (one Ray and one S3 server for
+its pipeline runs) is the longest; the apart lane (tests that start Ray clusters of their own: several
+nodes, a job server, the demo) runs beside it at the same priority, filling the time the cluster lane
+waits on its processes; the standalone lane (pure computation: kernels, models, images, configs) runs on
+CPU time nothing else wants (SCHED_IDLE): at any priority above idle it slowed the others (Ray runs its
+workers at nice 15, below a nice-0 test process). Arguments go to every lane
+(`python tests/lanes.py -x tests/test_run.py`); the other lanes' reports follow the cluster lane's.
+Every lane writes pytest's cache, the last to finish winning (`--lf` afterwards may miss the others'
 failures). See tests/conftest.py for which test goes where."""
 
 from __future__ import annotations
@@ -37,21 +39,26 @@ def finished(lane: subprocess.Popen) -> int:
 
 def main(args: list[str]) -> int:
     pytest = [sys.executable, "-m", "pytest"]
-    with tempfile.TemporaryFile("w+") as log:
-        beside = subprocess.Popen(
-            [*pytest, "--lane", "standalone", *args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=idle_priority,
-        )
+    with tempfile.TemporaryFile("w+") as apart_log, tempfile.TemporaryFile("w+") as standalone_log:
+        logs = {"apart": apart_log, "standalone": standalone_log}
+        beside = {
+            name: subprocess.Popen(
+                [*pytest, "--lane", name, *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=idle_priority if name == "standalone" else None,
+            )
+            for name, log in logs.items()
+        }
         cluster = subprocess.Popen([*pytest, "--lane", "cluster", *args])
-        lanes = (cluster, beside)
+        lanes = (cluster, *beside.values())
         # `kill` of this process (a CI timeout): the lanes get it too, and are waited for
         signal.signal(signal.SIGTERM, lambda *_: [lane.send_signal(signal.SIGTERM) for lane in lanes])
         codes = [finished(lane) for lane in lanes]
-        log.seek(0)
-        print(f"\n{'=' * 30} standalone lane {'=' * 30}", flush=True)
-        sys.stdout.write(log.read())
+        for name, log in logs.items():
+            log.seek(0)
+            print(f"\n{'=' * 30} {name} lane {'=' * 30}", flush=True)
+            sys.stdout.write(log.read())
     failed = [code for code in codes if code not in (0, NO_TESTS)]
     if failed:
         return max(failed)

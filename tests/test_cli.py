@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -81,6 +82,7 @@ def test_run_names_the_invalid_field_before_any_work(tmp_path):
     assert result.exit_code == 2 and "input (--input): Field required" in result.output
 
 
+@pytest.mark.apart
 def test_demo_runs_end_to_end_and_stops_everything(tmp_path):
     """The README's first command, offline: a random dinat-mini, said so, its report written, and nothing
     left running."""

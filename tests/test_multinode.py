@@ -16,6 +16,8 @@ import pytest
 from dinat_batch.infra.local_cluster import LocalCluster
 from tests.data import photos
 
+pytestmark = pytest.mark.apart
+
 CLI = str(Path(sys.executable).parent / "dinat-batch")
 BUCKET = "multinode"
 COUNT = 32

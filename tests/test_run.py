@@ -308,6 +308,7 @@ except run.Stalled:
 """
 
 
+@pytest.mark.standalone  # no Ray: the guard sees a cluster without nodes
 def test_the_stall_guard_stops_a_driver_that_ignores_sigint():
     """A driver started in the background by a shell script ignores SIGINT, the signal the stall guard
     interrupts the run with: the run still stops as stalled."""

@@ -15,6 +15,8 @@ from dinat_batch.jobs.submit import SubmitError, submit
 from dinat_batch.pipeline.config import RunConfig
 from tests.data import image_folder
 
+pytestmark = pytest.mark.apart
+
 CLI = str(Path(sys.executable).parent / "dinat-batch")
 
 

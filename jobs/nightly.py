@@ -39,7 +39,7 @@ from dinat_batch.pipeline.iceberg import DATA, METADATA, IcebergTable
 from dinat_batch.pipeline.lease import LEASES
 from dinat_batch.pipeline.output import SUCCESS, Compacted, ForeignFiles, Output, leaf
 from dinat_batch.pipeline.ownership import Ownership, owner_of
-from dinat_batch.pipeline.run import RunSummary, cluster, execute, finish, plan
+from dinat_batch.pipeline.run import RunSummary, cluster, execute, finish, plan, stall_guard
 from dinat_batch.pipeline.selection import TASK, table_files, without
 from dinat_batch.pipeline.stages.read import LISTING, UNREADABLE
 from dinat_batch.pipeline.stages.write import STAGE as WRITE_STAGE
@@ -224,21 +224,22 @@ def nightly(config: RunConfig, date: dt.date | None = None) -> NightlySummary:
         # a Parquet date's marker goes before its rerun; an Iceberg date stays until its next snapshot, and
         # a rerun cut short is resumed beside it
         fresh = config.overwrite or (rerun and table.iceberg is None)
-        planned = plan(config.model_copy(update={"overwrite": fresh}), run_id)
-        new = without(planned.listing, table.seen_elsewhere(date), ("uri", "version"), ("uri", "version"))
-        summary, compacted = execute(planned, partition, lease, new, replace=rerun)
-        read = _read_in_full(new, partition, compacted).materialize()
-        result = NightlySummary(
-            date=date,
-            partition=partition.uri,
-            listed=planned.listing.count(),
-            new_or_changed=new.count(),
-            retried_later=new.count() - read.count(),
-            run=summary,
-        )
-        lease.check()
-        table.write_ledger(date, read, planned.owner(table.root))
-        crash_point("ledger-written")
+        with stall_guard(config.stall_timeout) as guard:  # what waits on Ray; the marker does not
+            planned = guard.watch(plan(config.model_copy(update={"overwrite": fresh}), run_id))
+            new = without(planned.listing, table.seen_elsewhere(date), ("uri", "version"), ("uri", "version"))
+            summary, compacted = execute(planned, partition, lease, new, replace=rerun)
+            read = _read_in_full(new, partition, compacted).materialize()
+            result = NightlySummary(
+                date=date,
+                partition=partition.uri,
+                listed=planned.listing.count(),
+                new_or_changed=new.count(),
+                retried_later=new.count() - read.count(),
+                run=summary,
+            )
+            lease.check()
+            table.write_ledger(date, read, planned.owner(table.root))
+            crash_point("ledger-written")
         finish(partition, lease, summary, compacted, config.max_error_rate, result.model_dump(mode="json"))
         table.prune_ledger(date, run_id)
     return result

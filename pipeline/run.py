@@ -219,24 +219,23 @@ def execute(
     t0 = time.monotonic()
     # rows earlier attempts wrote for inputs that are no longer listed (deleted since, or taken by
     # another nightly date) are left out: the table holds one row per input listed now
-    with stall_guard(config.stall_timeout, plan.actors[1] > 0):
-        kept = resume(output, earlier, listing, plan.kind, config.uri_column is not None, owner)
-        if plan.kind == "files":
-            todo = unfinished(listing, kept.done)
-            if todo.count():
-                _execute(plan, todo, output, owner, None)
-            expected = digest(listing, "uri")
-        else:
-            sources = listing.count()
-            if sources:
-                _execute(plan, listing, output, owner, kept)
-            expected, recorded = output.source_digest(plan.attempt)
-            if recorded != sources:
-                raise VerificationFailed(
-                    f"{recorded} of {sources} {plan.kind} sources were read to the end: nothing was "
-                    "committed; run the same command again"
-                )
-        compacted = output.compact(owner, lease, expected, config.rows_per_file)
+    kept = resume(output, earlier, listing, plan.kind, config.uri_column is not None, owner)
+    if plan.kind == "files":
+        todo = unfinished(listing, kept.done)
+        if todo.count():
+            _execute(plan, todo, output, owner, None)
+        expected = digest(listing, "uri")
+    else:
+        sources = listing.count()
+        if sources:
+            _execute(plan, listing, output, owner, kept)
+        expected, recorded = output.source_digest(plan.attempt)
+        if recorded != sources:
+            raise VerificationFailed(
+                f"{recorded} of {sources} {plan.kind} sources were read to the end: nothing was "
+                "committed; run the same command again"
+            )
+    compacted = output.compact(owner, lease, expected, config.rows_per_file)
     finished = time.monotonic()
     images = compacted.ok + compacted.errors
     summary = RunSummary(
@@ -298,27 +297,42 @@ def run(config: RunConfig | dict[str, Any]) -> RunSummary:
     output.refuse_foreign()
     # the lease before any other work: a run refused for a live holder has listed nothing
     with cluster(config), output.lease(run_id, config.lease_timeout) as lease:
-        planned = plan(config, run_id)
-        summary, compacted = execute(planned, output, lease)
+        with stall_guard(config.stall_timeout) as guard:  # what waits on Ray; the marker does not
+            planned = guard.watch(plan(config, run_id))
+            summary, compacted = execute(planned, output, lease)
         finish(output, lease, summary, compacted, config.max_error_rate)
     return summary
 
 
+class StallGuard:
+    """What the stall guard asks of the cluster: a CPU for the listing, the stages and the commit, and a GPU
+    as well once the plan has GPU actors (`watch`)."""
+
+    needs_gpus = False
+
+    def watch(self, planned: Plan) -> Plan:
+        self.needs_gpus = planned.actors[1] > 0
+        return planned
+
+    def able(self, resources: dict[str, float]) -> bool:
+        return resources.get("CPU", 0) > 0 and (resources.get("GPU", 0) > 0 or not self.needs_gpus)
+
+
 @contextmanager
-def stall_guard(timeout: float, needs_gpus: bool) -> Iterator[None]:
-    """Raises Stalled once the cluster has had no node able to run the work (no CPU; no GPU for GPU
-    actors) for `timeout` seconds, by interrupting the main thread. Ray Data's own no-progress guard
-    misses this case (tasks retried without end on nodes that are gone count as progress), and plain
-    Ray tasks (compaction) have none. Only the main thread can be interrupted; elsewhere Ray Data's guard
-    on the written dataset is all there is."""
+def stall_guard(timeout: float) -> Iterator[StallGuard]:
+    """Raises Stalled once the cluster has had no node able to run the work (`StallGuard.able`) for
+    `timeout` seconds, by interrupting the main thread: from the listing to the marker, since every step
+    between (listing and selection tasks, the stages, compaction, a nightly ledger) waits on Ray. Ray
+    Data's own no-progress guard misses this case (tasks retried without end on nodes that are gone count
+    as progress), and plain Ray tasks have none. Only the main thread can be interrupted; elsewhere Ray
+    Data's guard on the written dataset is all there is."""
+    guard = StallGuard()
     stalled, stop, deciding = threading.Event(), threading.Event(), threading.Lock()
 
     def watch() -> None:
         since = None
         while not stop.wait(1.0):
-            resources = ray.cluster_resources()
-            able = resources.get("CPU", 0) > 0 and (resources.get("GPU", 0) > 0 or not needs_gpus)
-            since = None if able else since or time.monotonic()
+            since = None if guard.able(ray.cluster_resources()) else since or time.monotonic()
             if since is not None and time.monotonic() - since > timeout:
                 with deciding:  # never once the guarded block has ended
                     if not stop.is_set():
@@ -335,7 +349,7 @@ def stall_guard(timeout: float, needs_gpus: bool) -> Iterator[None]:
             signal.signal(signal.SIGINT, lambda *_: _raise_if(stalled))
         threading.Thread(target=watch, daemon=True).start()
     try:
-        yield
+        yield guard
     except (ExecutionTimeoutError, KeyboardInterrupt) as err:
         with deciding:
             stop.set()

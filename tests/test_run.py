@@ -7,6 +7,8 @@ import json
 import signal
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ import ray
 
 from dinat_batch.pipeline.config import ConfigError, RunConfig
 from dinat_batch.pipeline.model import ModelLoadError, load_model
-from dinat_batch.pipeline.run import _actors, ray_connection, refuse_node_local_paths, run
+from dinat_batch.pipeline.run import Stalled, _actors, ray_connection, refuse_node_local_paths, run
 from dinat_batch.pipeline.stages.write import output_schema
 from tests.data import (
     MAX_PIXELS,
@@ -300,12 +302,47 @@ import time, ray
 from dinat_batch.pipeline import run
 ray.cluster_resources = lambda: {}  # a cluster that lost every node
 try:
-    with run.stall_guard(1, needs_gpus=False):
+    with run.stall_guard(1):
         for _ in range(600):  # a driver waits on Ray in short steps, where the interrupt lands
             time.sleep(0.1)
 except run.Stalled:
     print("stalled")
 """
+
+
+@pytest.mark.parametrize("step", ["listing", "nightly ledger"])
+def test_the_stall_guard_covers_the_steps_before_and_after_the_stages(
+    step, tmp_path, tiny_model, ray_session, monkeypatch
+):
+    """The cluster loses its last node while the inputs are listed, or while a nightly run writes its
+    ledger (both wait on Ray tasks): the run stops as stalled, nothing committed."""
+    from dinat_batch.jobs.nightly import Table, nightly
+    from dinat_batch.pipeline.stages import read
+
+    lost = threading.Event()
+    resources = ray.cluster_resources
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {} if lost.is_set() else resources())
+
+    def waits_on_lost_tasks(*args, **kwargs):
+        lost.set()
+        for _ in range(1200):  # in short steps, as a driver waits on Ray: where the interrupt lands
+            time.sleep(0.1)
+
+    if step == "listing":
+        monkeypatch.setattr(read, "list_objects", waits_on_lost_tasks)
+    else:
+        monkeypatch.setattr(Table, "write_ledger", waits_on_lost_tasks)
+    source = tmp_path / "images"
+    source.mkdir()
+    (source / "a.jpg").write_bytes(photo(1))
+    config = RunConfig(
+        input=str(source), output=str(tmp_path / "out"), model=str(tiny_model), stall_timeout=1
+    )
+    started = time.monotonic()
+    with pytest.raises(Stalled, match="made no progress for 1 s"):
+        run(config) if step == "listing" else nightly(config)
+    assert time.monotonic() - started < 60
+    assert not list((tmp_path / "out").rglob("_SUCCESS"))
 
 
 @pytest.mark.standalone  # no Ray: the guard sees a cluster without nodes

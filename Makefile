@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 browser:
 	command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 
-# two pytest processes at once: the pure-computation tests beside the Ray and S3 ones (tests/lanes.py)
+# three pytest processes at once: the Ray and S3 tests, those with Ray clusters of their own, and the
+# pure-computation ones (tests/lanes.py)
 test: install browser
 	$(PY) -m ruff check .
 	$(PY) tests/lanes.py

@@ -169,19 +169,33 @@ def refuse_node_local_paths(config: RunConfig, nodes: int | None = None) -> None
         )
 
 
-def plan(config: RunConfig, run_id: str) -> Plan:
-    """Check the model and list the inputs (on the connected Ray); raises ConfigError or ModelLoadError
-    before any image is read."""
+@dataclass(frozen=True)
+class CheckedModel:
+    """What the driver's model check settles, in the driver alone, before any Ray work; `started_at`: the
+    run's start, of which the check is the first step."""
+
+    preprocessing: PreprocessConfig
+    sha256: str
+    num_features: int
+    started_at: datetime
+
+
+def check_model(config: RunConfig) -> CheckedModel:
+    """Load the model once in the driver, so that a missing, corrupt or mis-shaped checkpoint fails before
+    any work (ConfigError, ModelLoadError)."""
     started_at = datetime.now(UTC)
-    # the driver loads the model once so that a missing, corrupt or mis-shaped checkpoint fails here
     model = load_model(config.model, device="cpu", storage_options=config.storage_options)
-    preprocessing = model.preprocessing
-    if not preprocessing.do_resize:
+    if not model.preprocessing.do_resize:
         raise ConfigError(
             f"{config.model}: its preprocessor does not resize; batched inference needs one size"
         )
-    model_sha256, num_features = model.weights_sha256, model.config.num_features
-    del model
+    return CheckedModel(model.preprocessing, model.weights_sha256, model.config.num_features, started_at)
+
+
+def plan(config: RunConfig, run_id: str, model: CheckedModel) -> Plan:
+    """List the inputs (on the connected Ray) and settle the actors; raises ConfigError before any image
+    is read."""
+    preprocessing = model.preprocessing
     actors = _actors(config)
     jpegs_to_device = _decode_on_device(config, actors[0], preprocessing)
     t0 = time.monotonic()
@@ -196,11 +210,11 @@ def plan(config: RunConfig, run_id: str) -> Plan:
         kind,
         listing,
         preprocessing,
-        model_sha256,
-        num_features,
+        model.sha256,
+        model.num_features,
         actors,
         jpegs_to_device,
-        started_at,
+        model.started_at,
         round(time.monotonic() - t0, 3),
     )
 
@@ -297,16 +311,19 @@ def run(config: RunConfig | dict[str, Any]) -> RunSummary:
     output.refuse_foreign()
     # the lease before any other work: a run refused for a live holder has listed nothing
     with cluster(config), output.lease(run_id, config.lease_timeout) as lease:
-        with stall_guard(config.stall_timeout) as guard:  # what waits on Ray; the marker does not
-            planned = guard.watch(plan(config, run_id))
+        model = check_model(config)
+        with stall_guard(
+            config.stall_timeout
+        ) as guard:  # what waits on Ray; the model check and marker do not
+            planned = guard.watch(plan(config, run_id, model))
             summary, compacted = execute(planned, output, lease)
         finish(output, lease, summary, compacted, config.max_error_rate)
     return summary
 
 
 class StallGuard:
-    """What the stall guard asks of the cluster: a CPU for the listing, the stages and the commit, and a GPU
-    as well once the plan has GPU actors (`watch`)."""
+    """What the stall guard asks of the cluster: a CPU for the listing, the selection, the stages, the
+    compaction and a nightly ledger, and a GPU as well once the plan has GPU actors (`watch`)."""
 
     needs_gpus = False
 
@@ -321,11 +338,12 @@ class StallGuard:
 @contextmanager
 def stall_guard(timeout: float) -> Iterator[StallGuard]:
     """Raises Stalled once the cluster has had no node able to run the work (`StallGuard.able`) for
-    `timeout` seconds, by interrupting the main thread: from the listing to the marker, since every step
-    between (listing and selection tasks, the stages, compaction, a nightly ledger) waits on Ray. Ray
-    Data's own no-progress guard misses this case (tasks retried without end on nodes that are gone count
-    as progress), and plain Ray tasks have none. Only the main thread can be interrupted; elsewhere Ray
-    Data's guard on the written dataset is all there is."""
+    `timeout` seconds, by interrupting the main thread: around the steps that wait on Ray (listing and
+    selection tasks, the stages, compaction, a nightly ledger), from the listing to the marker. A cluster
+    that autoscales from no workers counts its first nodes' provisioning too. Ray Data's own no-progress
+    guard misses this case (tasks retried without end on nodes that are gone count as progress), and plain
+    Ray tasks have none. Only the main thread can be interrupted; elsewhere Ray Data's guard on the
+    written dataset is all there is."""
     guard = StallGuard()
     stalled, stop, deciding = threading.Event(), threading.Event(), threading.Lock()
 
@@ -357,7 +375,8 @@ def stall_guard(timeout: float) -> Iterator[StallGuard]:
             raise
         raise Stalled(
             f"the run made no progress for {timeout:.0f} s (stall_timeout): the cluster cannot run its work, "
-            "e.g. it lost every node that could. Nothing was committed and the rows written so far are kept: "
+            "e.g. it lost every node that could, or an autoscaler has not brought one yet (raise stall_timeout "
+            "where capacity comes slowly). Nothing was committed and the rows written so far are kept: "
             "run the same command again once the cluster has room"
         ) from err
     finally:

@@ -52,8 +52,9 @@ def main(args: list[str]) -> int:
         }
         cluster = subprocess.Popen([*pytest, "--lane", "cluster", *args])
         lanes = (cluster, *beside.values())
-        # `kill` of this process (a CI timeout): the lanes get it too, and are waited for
-        signal.signal(signal.SIGTERM, lambda *_: [lane.send_signal(signal.SIGTERM) for lane in lanes])
+        # `kill` of this process (a CI timeout): the lanes get SIGINT, on which pytest still tears its
+        # fixtures down (servers and Ray nodes in sessions of their own), and are waited for
+        signal.signal(signal.SIGTERM, lambda *_: [lane.send_signal(signal.SIGINT) for lane in lanes])
         codes = [finished(lane) for lane in lanes]
         for name, log in logs.items():
             log.seek(0)

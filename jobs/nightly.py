@@ -225,9 +225,8 @@ def nightly(config: RunConfig, date: dt.date | None = None) -> NightlySummary:
         # a rerun cut short is resumed beside it
         fresh = config.overwrite or (rerun and table.iceberg is None)
         model = check_model(config)
-        with stall_guard(
-            config.stall_timeout
-        ) as guard:  # what waits on Ray; the model check and marker do not
+        # the steps that wait on Ray; the model check and the marker do not
+        with stall_guard(config.stall_timeout) as guard:
             planned = guard.watch(plan(config.model_copy(update={"overwrite": fresh}), run_id, model))
             new = without(planned.listing, table.seen_elsewhere(date), ("uri", "version"), ("uri", "version"))
             summary, compacted = execute(planned, partition, lease, new, replace=rerun)

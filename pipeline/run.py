@@ -312,9 +312,8 @@ def run(config: RunConfig | dict[str, Any]) -> RunSummary:
     # the lease before any other work: a run refused for a live holder has listed nothing
     with cluster(config), output.lease(run_id, config.lease_timeout) as lease:
         model = check_model(config)
-        with stall_guard(
-            config.stall_timeout
-        ) as guard:  # what waits on Ray; the model check and marker do not
+        # the steps that wait on Ray; the model check and the marker do not
+        with stall_guard(config.stall_timeout) as guard:
             planned = guard.watch(plan(config, run_id, model))
             summary, compacted = execute(planned, output, lease)
         finish(output, lease, summary, compacted, config.max_error_rate)

@@ -39,7 +39,7 @@ from dinat_batch.pipeline.iceberg import DATA, METADATA, IcebergTable
 from dinat_batch.pipeline.lease import LEASES
 from dinat_batch.pipeline.output import SUCCESS, Compacted, ForeignFiles, Output, leaf
 from dinat_batch.pipeline.ownership import Ownership, owner_of
-from dinat_batch.pipeline.run import RunSummary, check_model, cluster, execute, finish, plan, stall_guard
+from dinat_batch.pipeline.run import RunSummary, cluster, execute, finish, planned_under_guard
 from dinat_batch.pipeline.selection import TASK, table_files, without
 from dinat_batch.pipeline.stages.read import LISTING, UNREADABLE
 from dinat_batch.pipeline.stages.write import STAGE as WRITE_STAGE
@@ -224,10 +224,7 @@ def nightly(config: RunConfig, date: dt.date | None = None) -> NightlySummary:
         # a Parquet date's marker goes before its rerun; an Iceberg date stays until its next snapshot, and
         # a rerun cut short is resumed beside it
         fresh = config.overwrite or (rerun and table.iceberg is None)
-        model = check_model(config)
-        # the steps that wait on Ray; the model check and the marker do not
-        with stall_guard(config.stall_timeout) as guard:
-            planned = guard.watch(plan(config.model_copy(update={"overwrite": fresh}), run_id, model))
+        with planned_under_guard(config.model_copy(update={"overwrite": fresh}), run_id) as planned:
             new = without(planned.listing, table.seen_elsewhere(date), ("uri", "version"), ("uri", "version"))
             summary, compacted = execute(planned, partition, lease, new, replace=rerun)
             read = _read_in_full(new, partition, compacted).materialize()

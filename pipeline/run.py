@@ -311,24 +311,28 @@ def run(config: RunConfig | dict[str, Any]) -> RunSummary:
     output.refuse_foreign()
     # the lease before any other work: a run refused for a live holder has listed nothing
     with cluster(config), output.lease(run_id, config.lease_timeout) as lease:
-        model = check_model(config)
-        # the steps that wait on Ray; the model check and the marker do not
-        with stall_guard(config.stall_timeout) as guard:
-            planned = guard.watch(plan(config, run_id, model))
+        with planned_under_guard(config, run_id) as planned:
             summary, compacted = execute(planned, output, lease)
         finish(output, lease, summary, compacted, config.max_error_rate)
     return summary
 
 
+@contextmanager
+def planned_under_guard(config: RunConfig, run_id: str) -> Iterator[Plan]:
+    """The model checked in the driver, then the plan, made and carried out under the stall guard: the
+    block holds the steps that wait on Ray; the model check before it and the marker after it do not."""
+    model = check_model(config)
+    with stall_guard(config.stall_timeout) as guard:
+        planned = plan(config, run_id, model)
+        guard.needs_gpus = planned.actors[1] > 0
+        yield planned
+
+
 class StallGuard:
     """What the stall guard asks of the cluster: a CPU for the listing, the selection, the stages, the
-    compaction and a nightly ledger, and a GPU as well once the plan has GPU actors (`watch`)."""
+    compaction and a nightly ledger, and a GPU as well once the plan has GPU actors (`needs_gpus`)."""
 
     needs_gpus = False
-
-    def watch(self, planned: Plan) -> Plan:
-        self.needs_gpus = planned.actors[1] > 0
-        return planned
 
     def able(self, resources: dict[str, float]) -> bool:
         return resources.get("CPU", 0) > 0 and (resources.get("GPU", 0) > 0 or not self.needs_gpus)

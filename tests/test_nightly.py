@@ -199,9 +199,9 @@ def test_one_nightly_run_per_table(store, tiny_model, ray_session):
             with pytest.raises(LeaseHeld, match="run nightly-2026-11-24-live"):
                 nightly(config, date)
 
-    import dinat_batch.jobs.nightly
+    import dinat_batch.pipeline.run
 
-    planned = dinat_batch.jobs.nightly.plan
+    planned = dinat_batch.pipeline.run.plan
     fs, incoming = fsspec.core.url_to_fs(f"{root}/incoming", **options)
     put("b.jpg", photo(2))
 
@@ -211,7 +211,7 @@ def test_one_nightly_run_per_table(store, tiny_model, ray_session):
         return found
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(dinat_batch.jobs.nightly, "plan", listed_then_lost)
+        patch.setattr(dinat_batch.pipeline.run, "plan", listed_then_lost)
         day1 = nightly(config, DAY1)
     assert (day1.new_or_changed, day1.retried_later, day1.run.retryable_errors) == (2, 1, 1)
     put("b.jpg", photo(2))  # back, unchanged: the same version the ledger would have recorded

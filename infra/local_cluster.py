@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import time
+import urllib.error
 from dataclasses import dataclass
 
 from dinat_batch.infra.local_ray import LocalRayHead, node_ports, ray_start
@@ -88,13 +89,22 @@ class LocalCluster(Service):
         return node
 
     def _wait_listening(self, node: WorkerNode) -> None:
-        """Ready when the head counts the node alive."""
+        """Ready when the head counts the node alive. A head that does not answer is asked again until
+        the deadline (on a loaded machine its dashboard has refused connections for a while)."""
         deadline = time.monotonic() + self.startup_timeout
-        while node.node_manager_port not in self.head.alive_nodes():
+        while True:
+            self.head.check()
             if node.process.poll() is not None:
                 raise RuntimeError(
                     f"{node.name} exited with {node.process.returncode}: {node.process.stderr.read()}"
                 )
+            try:
+                if node.node_manager_port in self.head.alive_nodes():
+                    return
+            except urllib.error.HTTPError:  # it answered: asking again will not help
+                raise
+            except OSError:
+                pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{node.name} did not join the cluster in {self.startup_timeout} s")
             time.sleep(0.5)

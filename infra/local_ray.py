@@ -95,14 +95,19 @@ class LocalRayHead(Service):
             nodes = json.loads(answer.read())["data"]["summary"]
         return {node["raylet"]["nodeManagerPort"] for node in nodes if node["raylet"]["state"] == "ALIVE"}
 
+    def check(self) -> None:
+        """RuntimeError, with what `ray start` printed, once the head has exited (`ray start --block`
+        exits when one of its processes dies)."""
+        if self._process.poll() is not None:
+            raise RuntimeError(
+                f"ray start exited with {self._process.returncode}: {self._process.stderr.read()}"
+            )
+
     def _wait_ready(self) -> None:
         """Ready when the job server answers HTTP at all (401 included: it is up, and wants the token)."""
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RuntimeError(
-                    f"ray start exited with {self._process.returncode}: {self._process.stderr.read()}"
-                )
+            self.check()
             try:
                 urllib.request.urlopen(f"{self.address}/api/version", timeout=2).close()
                 return

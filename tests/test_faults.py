@@ -14,8 +14,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import ray
+from typer.testing import CliRunner
 
 from dinat_batch.infra.processes import descendants
+from dinat_batch.pipeline.cli import app
 from dinat_batch.pipeline.run import run
 from tests.data import image_folder, photos
 from tests.fault_proxy import FaultProxy
@@ -86,8 +88,9 @@ def test_driver_killed_then_the_same_command_resumes(tmp_path, tiny_model, ray_s
     written_before = sum(len(pq.read_table(path)) for path in chunk_files(output))
     assert not (output / "_SUCCESS").exists() and written_before > 0
 
-    refused = subprocess.run([CLI, "run", "--config", str(job)], env=env, capture_output=True, text=True)
-    assert refused.returncode == 2 and "another run holds this output: run " in refused.stderr
+    # the refused attempt in this process (on the session's Ray): a driver of its own costs seconds of CPU
+    refused = CliRunner().invoke(app, ["run", "--config", str(job)])
+    assert refused.exit_code == 2 and "another run holds this output: run " in refused.stderr
     # the taker's own lease_timeout decides when a silent holder counts as dead
     job.write_text(json.dumps(config | {"lease_timeout": 3}))
     time.sleep(3)

@@ -16,11 +16,9 @@ import json
 import os
 import signal
 import subprocess
-import time
-import urllib.error
 from dataclasses import dataclass
 
-from dinat_batch.infra.local_ray import LocalRayHead, node_ports, ray_start
+from dinat_batch.infra.local_ray import STARTS, LocalRayHead, NodeExited, node_ports, ray_start
 from dinat_batch.infra.processes import Service, descendants, stop_group
 
 # the head declares a silent node dead after 3 missed checks 0.5 s apart, instead of Ray's ~15-25 s
@@ -73,9 +71,23 @@ class LocalCluster(Service):
         """Each node waited for as it was added."""
 
     def add_worker(self, cpus: int | None = None) -> WorkerNode:
+        """A worker node joins; one whose `ray start` gave up is started again (STARTS)."""
+        for attempt in range(1, STARTS + 1):
+            node = self._start_worker(cpus)
+            try:
+                self.head.wait_alive(node.node_manager_port, node.process, node.name)
+                return node
+            except NodeExited:
+                self.workers.remove(node)
+                stop_group(node.process, signal.SIGKILL, 0)
+                self.head.check()
+                if attempt == STARTS:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start_worker(self, cpus: int | None) -> WorkerNode:
         name = f"worker-{len(self.workers) + 1}"
-        ports = node_ports()
-        manager_port = int(next(f for f in ports if f.startswith("--node-manager-port=")).split("=")[1])
+        ports, manager_port = node_ports()
         args = ["--address", self.address, "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
         args += [
             f"--num-cpus={cpus or self.cpus_per_worker}",
@@ -85,29 +97,7 @@ class LocalCluster(Service):
         args += [f"--object-store-memory={self.object_store_mb * 2**20}", *ports]
         node = WorkerNode(name, ray_start(args, self.head.env), manager_port)
         self.workers.append(node)
-        self._wait_listening(node)
         return node
-
-    def _wait_listening(self, node: WorkerNode) -> None:
-        """Ready when the head counts the node alive. A head that does not answer is asked again until
-        the deadline (on a loaded machine its dashboard has refused connections for a while)."""
-        deadline = time.monotonic() + self.startup_timeout
-        while True:
-            self.head.check()
-            if node.process.poll() is not None:
-                raise RuntimeError(
-                    f"{node.name} exited with {node.process.returncode}: {node.process.stderr.read()}"
-                )
-            try:
-                if node.node_manager_port in self.head.alive_nodes():
-                    return
-            except urllib.error.HTTPError:  # it answered: asking again will not help
-                raise
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{node.name} did not join the cluster in {self.startup_timeout} s")
-            time.sleep(0.5)
 
     def processes(self, node: WorkerNode) -> list[int]:
         """Every process of the node: `ray start`, its raylet and services, and the workers the raylet

@@ -19,18 +19,28 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
-from dinat_batch.infra.processes import Service, free_port, stop_group
+from dinat_batch.infra.processes import Service, free_port, kill_leftovers, stop_group
+
+# `ray start` gives up on its node when the GCS has not registered it within 30 s, which a loaded machine
+# has taken (seen in make test: "The current node timed out during startup"): such a node is started again
+STARTS = 3
 
 
-def node_ports() -> list[str]:
-    """`ray start` flags giving a node's own services free ports: several nodes share one machine."""
+class NodeExited(RuntimeError):
+    """A node's `ray start --block` exited: at startup (see STARTS), or later because one of its
+    processes died."""
+
+
+def node_ports() -> tuple[list[str], int]:
+    """`ray start` flags giving a node's own services free ports (several nodes share one machine), and
+    its node manager's port, by which the head's dashboard names the node."""
     flags = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port")
-    flags += ("runtime-env-agent-port", "object-manager-port", "node-manager-port")
-    return [f"--{flag}={free_port()}" for flag in flags]
+    flags += ("runtime-env-agent-port", "object-manager-port")
+    manager = free_port()
+    return [f"--{flag}={free_port()}" for flag in flags] + [f"--node-manager-port={manager}"], manager
 
 
 def ray_start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
@@ -48,6 +58,14 @@ def ray_start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
     )
 
 
+def exited(process: subprocess.Popen, name: str) -> None:
+    """NodeExited, with what `ray start` printed, once `process` (a node's `ray start`) has exited; what
+    it left running goes first (it may hold the pipe that stderr is read to its end from)."""
+    if process.poll() is not None:
+        kill_leftovers(process)
+        raise NodeExited(f"{name}: ray start exited with {process.returncode}: {process.stderr.read()}")
+
+
 class LocalRayHead(Service):
     def __init__(
         self, num_cpus: int = 4, startup_timeout: float = 90.0, settings: dict[str, str] | None = None
@@ -58,6 +76,7 @@ class LocalRayHead(Service):
         self.token = secrets.token_hex(16)
         self.dashboard_port = 0
         self.gcs_port = 0
+        self.node_manager_port = 0
         self._temp_dir = ""
         self._process: subprocess.Popen | None = None
 
@@ -83,7 +102,8 @@ class LocalRayHead(Service):
         args += ["--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--include-dashboard=true"]
         args += [f"--num-cpus={self.num_cpus}", "--num-gpus=0", f"--temp-dir={self._temp_dir}"]
         args += [f"--dashboard-port={self.dashboard_port}", f"--port={self.gcs_port}"]
-        args += [f"--ray-client-server-port={free_port()}", *node_ports()]
+        ports, self.node_manager_port = node_ports()
+        args += [f"--ray-client-server-port={free_port()}", *ports]
         self._process = ray_start(args, self.env | self.settings)
 
     def alive_nodes(self) -> set[int]:
@@ -96,28 +116,42 @@ class LocalRayHead(Service):
         return {node["raylet"]["nodeManagerPort"] for node in nodes if node["raylet"]["state"] == "ALIVE"}
 
     def check(self) -> None:
-        """RuntimeError, with what `ray start` printed, once the head has exited (`ray start --block`
-        exits when one of its processes dies)."""
-        if self._process.poll() is not None:
-            raise RuntimeError(
-                f"ray start exited with {self._process.returncode}: {self._process.stderr.read()}"
-            )
+        """NodeExited, with what `ray start` printed, once the head has exited."""
+        exited(self._process, "the head")
+
+    def start(self) -> LocalRayHead:
+        """Launched and waited for; a head whose `ray start` gave up is started again (STARTS)."""
+        for attempt in range(1, STARTS + 1):
+            try:
+                return super().start()
+            except NodeExited:
+                if attempt == STARTS:
+                    raise
+        raise AssertionError("unreachable")
 
     def _wait_ready(self) -> None:
-        """Ready when the job server answers HTTP at all (401 included: it is up, and wants the token)."""
+        """Ready when the head counts its own node alive: its job server answers before `ray start` has
+        the node registered, which can still fail."""
+        self.wait_alive(self.node_manager_port, self._process, "the head")
+
+    def wait_alive(self, port: int, process: subprocess.Popen, name: str) -> None:
+        """Until the head counts the node with node-manager port `port` alive; NodeExited if the node's
+        `ray start` (`process`) or the head's exits first. A head that does not answer is asked again
+        (on a loaded machine its dashboard has refused connections for a while)."""
         deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
+        answer: object = "none"
+        while True:
             self.check()
+            exited(process, name)
             try:
-                urllib.request.urlopen(f"{self.address}/api/version", timeout=2).close()
-                return
-            except urllib.error.HTTPError:
-                return
-            except OSError:
-                time.sleep(1)
-        raise RuntimeError(
-            f"the Ray head's job server did not answer on {self.address} in {self.startup_timeout} s"
-        )
+                if port in self.alive_nodes():
+                    return
+                answer = "not alive yet"
+            except OSError as err:
+                answer = err
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} was not up in {self.startup_timeout} s (the head: {answer})")
+            time.sleep(0.5)
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGINT: `ray start --block` stops its processes on it (it ignores SIGTERM); SIGKILL after."""

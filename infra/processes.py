@@ -3,6 +3,7 @@ and use as a context manager so that nothing is left running."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -17,7 +18,10 @@ def free_port() -> int:
 
 def stop_group(process: subprocess.Popen | None, first: signal.Signals, timeout: float) -> None:
     """Signal the process's group with `first`, then SIGKILL if it has not exited after `timeout` s."""
-    if process is None or process.poll() is not None:
+    if process is None:
+        return
+    if process.poll() is not None:
+        kill_leftovers(process)
         return
     os.killpg(process.pid, first)
     try:
@@ -25,6 +29,13 @@ def stop_group(process: subprocess.Popen | None, first: signal.Signals, timeout:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+def kill_leftovers(process: subprocess.Popen) -> None:
+    """SIGKILL what an exited group leader left in its process group (a group's id is never another
+    process's while the group has members)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 def descendants(pid: int) -> list[int]:

@@ -3,8 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# `make test` fetches Chromium (apt) while pip and uv fill the venv
-MAKEFLAGS += --jobs=2
 
 .PHONY: install browser test lint demo bench bench-gpu clean
 
@@ -12,14 +10,15 @@ install: $(STAMP)
 
 # torch first, with pip (2.13.0 resolves to the local CPU wheel, which uv does not look for; a looser pin
 # pulls a multi-GB CUDA build), then natten without build isolation (its setup.py imports torch), then the
-# rest fully pinned, with uv: the same packages as pip in a tenth of the time (about 10 s instead of 95),
-# and it keeps the torch already installed.
+# rest fully pinned, with uv: the same packages as pip in a fraction of the time, keeping the torch already
+# installed; compiled to bytecode as pip does (where PYTHONDONTWRITEBYTECODE is set, nothing else would, and
+# every Ray worker would compile its imports again).
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip==25.3 uv==0.13.9
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q --no-build-isolation natten==0.21.7
-	$(VENV)/bin/uv pip install -q --python $(PY) -c constraints.txt -e '.[dev]'
+	$(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY) -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 # the report's browser test drives Debian's Chromium: installed here when missing (as root, with apt)
@@ -28,7 +27,8 @@ browser:
 
 # three pytest processes at once: the Ray and S3 tests, those with Ray clusters of their own, and the
 # pure-computation ones (tests/lanes.py)
-test: install browser
+test:
+	$(MAKE) --jobs=2 --output-sync=target install browser  # Chromium fetched while the venv fills
 	$(PY) -m ruff check .
 	$(PY) tests/lanes.py
 

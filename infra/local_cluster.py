@@ -79,9 +79,7 @@ class LocalCluster(Service):
                 return node
             except NodeExited:
                 self.workers.remove(node)
-                stop_group(node.process, signal.SIGKILL, 0)
-                self.head.check()
-                if attempt == STARTS:
+                if attempt == STARTS or not self.head.running:
                     raise
         raise AssertionError("unreachable")
 

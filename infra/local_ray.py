@@ -10,6 +10,7 @@ need `env` (the token is generated per head), e.g. `env RAY_AUTH_MODE=token RAY_
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import secrets
@@ -19,10 +20,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
-from dinat_batch.infra.processes import Service, free_port, kill_leftovers, stop_group
+from dinat_batch.infra.processes import Service, exited, free_port, stop_group
 
 # `ray start` gives up on its node when the GCS has not registered it within 30 s, which a loaded machine
 # has taken (seen in make test: "The current node timed out during startup"): such a node is started again
@@ -58,11 +60,10 @@ def ray_start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
     )
 
 
-def exited(process: subprocess.Popen, name: str) -> None:
-    """NodeExited, with what `ray start` printed, once `process` (a node's `ray start`) has exited; what
-    it left running goes first (it may hold the pipe that stderr is read to its end from)."""
-    if process.poll() is not None:
-        kill_leftovers(process)
+def gave_up(process: subprocess.Popen, name: str) -> None:
+    """NodeExited, with what `ray start` printed, once `process` (a node's `ray start`) has exited;
+    what it left running is stopped first (`exited`)."""
+    if exited(process):
         raise NodeExited(f"{name}: ray start exited with {process.returncode}: {process.stderr.read()}")
 
 
@@ -109,7 +110,7 @@ class LocalRayHead(Service):
     def alive_nodes(self) -> set[int]:
         """The node-manager ports of the nodes the head counts alive (its dashboard's view)."""
         request = urllib.request.Request(
-            f"{self.address}/nodes?view=summary", headers={"Authorization": f"Bearer {self.token}"}
+            f"{self.address}/nodes?view=summary&nocache=1", headers={"Authorization": f"Bearer {self.token}"}
         )
         with urllib.request.urlopen(request, timeout=10) as answer:
             nodes = json.loads(answer.read())["data"]["summary"]
@@ -117,16 +118,24 @@ class LocalRayHead(Service):
 
     def check(self) -> None:
         """NodeExited, with what `ray start` printed, once the head has exited."""
-        exited(self._process, "the head")
+        gave_up(self._process, "the head")
+
+    @property
+    def running(self) -> bool:
+        return not exited(self._process)
 
     def start(self) -> LocalRayHead:
         """Launched and waited for; a head whose `ray start` gave up is started again (STARTS)."""
+        earlier: list[str] = []
         for attempt in range(1, STARTS + 1):
             try:
                 return super().start()
-            except NodeExited:
+            except NodeExited as err:
                 if attempt == STARTS:
+                    for reason in earlier:
+                        err.add_note(f"an earlier start: {reason}")
                     raise
+                earlier.append(str(err))
         raise AssertionError("unreachable")
 
     def _wait_ready(self) -> None:
@@ -136,18 +145,23 @@ class LocalRayHead(Service):
 
     def wait_alive(self, port: int, process: subprocess.Popen, name: str) -> None:
         """Until the head counts the node with node-manager port `port` alive; NodeExited if the node's
-        `ray start` (`process`) or the head's exits first. A head that does not answer is asked again
-        (on a loaded machine its dashboard has refused connections for a while)."""
+        `ray start` (`process`) or the head's exits first. A head that does not answer, or not in full, is
+        asked again (on a loaded machine its dashboard has refused connections for a while); one that
+        refuses the token is not."""
         deadline = time.monotonic() + self.startup_timeout
         answer: object = "none"
         while True:
             self.check()
-            exited(process, name)
+            gave_up(process, name)
             try:
                 if port in self.alive_nodes():
                     return
                 answer = "not alive yet"
-            except OSError as err:
+            except urllib.error.HTTPError as err:
+                if err.code in (401, 403):
+                    raise
+                answer = err
+            except (OSError, http.client.HTTPException, ValueError) as err:
                 answer = err
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{name} was not up in {self.startup_timeout} s (the head: {answer})")

@@ -18,10 +18,7 @@ def free_port() -> int:
 
 def stop_group(process: subprocess.Popen | None, first: signal.Signals, timeout: float) -> None:
     """Signal the process's group with `first`, then SIGKILL if it has not exited after `timeout` s."""
-    if process is None:
-        return
-    if process.poll() is not None:
-        kill_leftovers(process)
+    if process is None or exited(process):
         return
     os.killpg(process.pid, first)
     try:
@@ -31,11 +28,18 @@ def stop_group(process: subprocess.Popen | None, first: signal.Signals, timeout:
         process.wait()
 
 
-def kill_leftovers(process: subprocess.Popen) -> None:
-    """SIGKILL what an exited group leader left in its process group (a group's id is never another
-    process's while the group has members)."""
+def exited(process: subprocess.Popen) -> bool:
+    """Whether the group leader `process` has exited. Found exited here, before it is reaped, what it
+    left in its process group is SIGKILLed first: until then its pid, and so the group's id, can be no
+    other process's (found reaped earlier, by a `poll`, nothing is signalled)."""
+    if process.returncode is not None:
+        return True
+    if os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        return False
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
+    process.poll()
+    return True
 
 
 def descendants(pid: int) -> list[int]:

@@ -6,7 +6,7 @@ every test that is neither marked `standalone` nor `apart`, or that uses the Ray
 while marked `standalone`, in order, so that they share one of each; the apart lane holds the tests that
 start Ray clusters of their own (`apart`: several nodes, a job server, the demo), which use no process of
 the cluster lane's; the standalone lane (models, kernels, images, configs: pure computation) runs beside
-both. A test that kills processes (an actor, a node) kills only its own process tree's, never another
+both, as two processes (`--part 1/2`, `--part 2/2`: every other test). A test that kills processes (an actor, a node) kills only its own process tree's, never another
 lane's. A standalone test must not start Ray itself. Plain `pytest` runs every lane in one process."""
 
 import pytest
@@ -23,6 +23,7 @@ LANES = ("cluster", "apart", "standalone")
 
 def pytest_addoption(parser):
     parser.addoption("--lane", choices=LANES, help="run one lane (tests/lanes.py)")
+    parser.addoption("--part", default="1/1", help="K/N: every Nth of the selected tests from the Kth on")
 
 
 def lane_of(item: pytest.Item) -> str:
@@ -35,9 +36,8 @@ def lane_of(item: pytest.Item) -> str:
 
 def pytest_collection_modifyitems(config, items):
     lane = config.getoption("lane")
-    if lane is None:
-        return
-    kept = [item for item in items if lane_of(item) == lane]
+    part, parts = map(int, config.getoption("part").split("/"))
+    kept = [item for item in items if lane in (None, lane_of(item))][part - 1 :: parts]
     config.hook.pytest_deselected(items=[item for item in items if item not in kept])
     items[:] = kept
 

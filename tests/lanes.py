@@ -3,13 +3,15 @@ its pipeline runs) is the longest; the apart lane (tests that start Ray clusters
 nodes, a job server, the demo) runs beside it at the same priority, filling the time the cluster lane
 waits on its processes; the standalone lane (pure computation: kernels, models, images, configs) runs on
 CPU time nothing else wants (SCHED_IDLE): at any priority above idle it slowed the others (Ray runs its
-workers at nice 15, below a nice-0 test process). Arguments go to every lane
+workers at nice 15, below a nice-0 test process); so starved, it ended last, alone on one core, so it runs
+as two processes, each every other test (`--part`). Arguments go to every lane
 (`python tests/lanes.py -x tests/test_run.py`); the other lanes' reports follow the cluster lane's.
 Every lane writes pytest's cache, the last to finish winning (`--lf` afterwards may miss the others'
 failures). See tests/conftest.py for which test goes where."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -39,16 +41,19 @@ def finished(lane: subprocess.Popen) -> int:
 
 def main(args: list[str]) -> int:
     pytest = [sys.executable, "-m", "pytest"]
-    with tempfile.TemporaryFile("w+") as apart_log, tempfile.TemporaryFile("w+") as standalone_log:
-        logs = {"apart": apart_log, "standalone": standalone_log}
+    beside = {"apart": ["--lane", "apart"]}
+    # the standalone lane in two halves: starved while the others run, it ends last, on both cores
+    beside |= {f"standalone {k}/2": ["--lane", "standalone", "--part", f"{k}/2"] for k in (1, 2)}
+    with contextlib.ExitStack() as files:
+        logs = {name: files.enter_context(tempfile.TemporaryFile("w+")) for name in beside}
         beside = {
             name: subprocess.Popen(
-                [*pytest, "--lane", name, *args],
-                stdout=log,
+                [*pytest, *selection, *args],
+                stdout=logs[name],
                 stderr=subprocess.STDOUT,
-                preexec_fn=idle_priority if name == "standalone" else None,
+                preexec_fn=idle_priority if name.startswith("standalone") else None,
             )
-            for name, log in logs.items()
+            for name, selection in beside.items()
         }
         cluster = subprocess.Popen([*pytest, "--lane", "cluster", *args])
         lanes = (cluster, *beside.values())

@@ -25,8 +25,8 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 browser:
 	command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 
-# three pytest processes at once: the Ray and S3 tests, those with Ray clusters of their own, and the
-# pure-computation ones (tests/lanes.py)
+# three lanes of pytest processes at once: the Ray and S3 tests, those with Ray clusters of their own, and
+# the pure-computation ones in two halves (tests/lanes.py)
 test:
 	$(MAKE) --jobs=2 --output-sync=target install browser  # Chromium fetched while the venv fills
 	$(PY) -m ruff check .

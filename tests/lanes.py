@@ -1,4 +1,4 @@
-"""`make test`: the suite as three pytest processes at once. The cluster lane (one Ray and one S3 server for
+"""`make test`: the suite as three lanes of pytest processes at once. The cluster lane (one Ray and one S3 server for
 its pipeline runs) is the longest; the apart lane (tests that start Ray clusters of their own: several
 nodes, a job server, the demo) runs beside it at the same priority, filling the time the cluster lane
 waits on its processes; the standalone lane (pure computation: kernels, models, images, configs) runs on

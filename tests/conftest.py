@@ -1,13 +1,14 @@
-"""Session-wide fixtures: one real S3 server (SeaweedFS on loopback) and one Ray instance for the whole
-test session, and a tiny DiNAT checkpoint for pipeline runs.
+"""Session-wide fixtures: one real S3 server (SeaweedFS on loopback) and one Ray instance for the whole test
+session, and a tiny DiNAT checkpoint for pipeline runs.
 
-`make test` runs the suite as three pytest processes at once (tests/lanes.py): the cluster lane holds
-every test that is neither marked `standalone` nor `apart`, or that uses the Ray instance or the S3 server
-while marked `standalone`, in order, so that they share one of each; the apart lane holds the tests that
-start Ray clusters of their own (`apart`: several nodes, a job server, the demo), which use no process of
-the cluster lane's; the standalone lane (models, kernels, images, configs: pure computation) runs beside
-both, as two processes (`--part 1/2`, `--part 2/2`: every other test). A test that kills processes (an actor, a node) kills only its own process tree's, never another
-lane's. A standalone test must not start Ray itself. Plain `pytest` runs every lane in one process."""
+`make test` runs the suite as three lanes of pytest processes (tests/lanes.py): the cluster lane holds every
+test that is neither marked `standalone` nor `apart`, or that uses the Ray instance or the S3 server while
+marked `standalone`, in order, so that they share one of each; the apart lane holds the tests that start Ray
+clusters of their own (`apart`: several nodes, a job server, the demo), which use no process of the cluster
+lane's; the standalone lane (models, kernels, images, configs: pure computation) runs beside both, as two
+processes (`--part 1/2`, `--part 2/2`: every other test). A test that kills processes (an actor, a node)
+kills only its own process tree's, never another lane's. A standalone test must not start Ray itself. Plain
+`pytest` runs every lane in one process."""
 
 import pytest
 import ray

@@ -1,13 +1,13 @@
-"""`make test`: the suite as three lanes of pytest processes at once. The cluster lane (one Ray and one S3 server for
-its pipeline runs) is the longest; the apart lane (tests that start Ray clusters of their own: several
-nodes, a job server, the demo) runs beside it at the same priority, filling the time the cluster lane
-waits on its processes; the standalone lane (pure computation: kernels, models, images, configs) runs on
-CPU time nothing else wants (SCHED_IDLE): at any priority above idle it slowed the others (Ray runs its
+"""`make test`: the suite as three lanes of pytest processes at once. The cluster lane (one Ray and one S3
+server for its pipeline runs) is the longest; the apart lane (tests that start Ray clusters of their own:
+several nodes, a job server, the demo) runs beside it at the same priority, filling the time the cluster
+lane waits on its processes; the standalone lane (pure computation: kernels, models, images, configs) runs
+on CPU time nothing else wants (SCHED_IDLE): at any priority above idle it slowed the others (Ray runs its
 workers at nice 15, below a nice-0 test process); so starved, it ended last, alone on one core, so it runs
-as two processes, each every other test (`--part`). Arguments go to every lane
-(`python tests/lanes.py -x tests/test_run.py`); the other lanes' reports follow the cluster lane's.
-Every lane writes pytest's cache, the last to finish winning (`--lf` afterwards may miss the others'
-failures). See tests/conftest.py for which test goes where."""
+as two processes, each every other test (`--part`). Arguments go to every lane (`python tests/lanes.py -x
+tests/test_run.py`); the other lanes' reports follow the cluster lane's. Every lane writes pytest's cache,
+the last to finish winning (`--lf` afterwards may miss the others' failures). See tests/conftest.py for
+which test goes where."""
 
 from __future__ import annotations
 

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Packs what benchmarks/gpu.py and tests/test_gpu.py need beyond a CUDA PyTorch image that cannot reach
 # a package index (the device machines: Python 3.12, torch and torchvision with CUDA, numpy, pyarrow,
-# pandas, fsspec, pillow, safetensors and pytest already there) into .device/site.tar.xz: Ray and
-# pydantic with the dependencies such an image lacks, unpacked and pruned, since Ray's wheel alone is
-# over the 64 MiB a device run can carry. Pins come from constraints.txt. Use on the device:
-#   bash benchmarks/device_run.sh python3 benchmarks/gpu.py --store local
+# pandas, fsspec, pillow, safetensors and pytest already there) into .device/site.tar.xz: Ray,
+# pydantic, pyiceberg and natten with the dependencies such an image lacks, unpacked and pruned, since
+# Ray's wheel alone is over the 64 MiB a device run can carry. Pins come from constraints.txt. Use on
+# the device: bash benchmarks/device_checks.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP=".venv/bin/pip"
+# pyiceberg: pipeline/output.py imports the Iceberg layout's names for every run
 PACKAGES=(ray pydantic pydantic_core annotated-types typing-inspection typing_extensions jsonschema
-    jsonschema-specifications referencing rpds-py)
+    jsonschema-specifications referencing rpds-py pyiceberg mmh3 strictyaml tenacity pyroaring cachetools
+    zstandard)
 pins=()
 for name in "${PACKAGES[@]}"; do
     pins+=("$(grep -i -E "^${name//[-_]/[-_]}==" constraints.txt)")
@@ -22,6 +24,9 @@ rm -rf .device && mkdir -p .device/wheels
 for wheel in .device/wheels/*.whl; do
     unzip -q -o "$wheel" -d .device/site
 done
+# natten has no wheel on PyPI; built without a CUDA toolkit it installs as pure Python (its flex-attention
+# path, no libnatten), as in this checkout's venv: that folder travels as it is
+cp -r "$(.venv/bin/python -c 'import natten, os; print(os.path.dirname(natten.__file__))')" .device/site/
 # Ray's Java jars, web dashboard build and libraries this project never imports
 rm -rf .device/site/ray/{jars,rllib,serve,dashboard/client} .device/site/bin
 tar -C .device -cJf .device/site.tar.xz site

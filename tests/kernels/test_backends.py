@@ -54,26 +54,30 @@ OTHER = [
 FLEX_CASES = DINAT[:5] + OTHER + GRID[3::4]
 
 
-def _inputs(height, width, kernel, heads, head_dim, dtype, seed):
+def _inputs(height, width, kernel, heads, head_dim, dtype, seed, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
     batch = 2 if height * width < 2500 else 1  # batch > 1 on the small maps; the big ones cost time
     q, k, v = (torch.randn(batch, height, width, heads, head_dim, generator=gen) for _ in range(3))
     rpb = torch.randn(heads, 2 * kh - 1, 2 * kw - 1, generator=gen)
-    return q.to(dtype), k.to(dtype), v.to(dtype), rpb.to(dtype)
+    return tuple(t.to(device, dtype) for t in (q, k, v, rpb))
 
 
-def _check_backends(height, width, kernel, dilation, heads, head_dim, dtype, with_rpb, atol, skip=()):
-    q, k, v, rpb = _inputs(height, width, kernel, heads, head_dim, dtype, seed=height * 1000 + width)
+def _check_backends(
+    height, width, kernel, dilation, heads, head_dim, dtype, with_rpb, atol, skip=(), device="cpu"
+):
+    """Every available backend but `skip` on `device` against the float64 reference on the CPU."""
+    q, k, v, rpb = _inputs(height, width, kernel, heads, head_dim, dtype, height * 1000 + width, device)
     rpb = rpb if with_rpb else None
-    expected = na2d(q, k, v, kernel, dilation, rpb=rpb, backend="reference")
+    *exact, exact_rpb = (None if t is None else t.cpu().double() for t in (q, k, v, rpb))
+    expected = na2d(*exact, kernel, dilation, rpb=exact_rpb, backend="reference")
     checked = []
     for status in available_backends(q, k, v, kernel, dilation, rpb):
         if status.name == "reference" or status.name in skip or not status.available:
             continue
         got = na2d(q, k, v, kernel, dilation, rpb=rpb, backend=status.name)
         assert got.dtype == dtype and got.shape == q.shape
-        torch.testing.assert_close(got.float(), expected.float(), atol=atol, rtol=0, msg=status.name)
+        torch.testing.assert_close(got.cpu().double(), expected, atol=atol, rtol=0, msg=status.name)
         checked.append(status.name)
     # every backend that can run this case did run; the always-applicable ones must be among them
     assert "tiled" in checked

@@ -118,7 +118,8 @@ class RunConfig(BaseModel):
         "float32", description="on a GPU: autocast of the matrix products, weights and norms stay float32"
     )
     compile: Literal["auto", "off", "on", "graphs"] = Field(
-        "auto", description="torch.compile the model (graphs: with CUDA graphs); auto: graphs on a GPU only"
+        "auto",
+        description="torch.compile the model (graphs: with CUDA graphs); auto: graphs on a GPU with torch >= 2.13",
     )
     decode: Literal["auto", "cpu", "gpu"] = Field(
         "auto", description="where JPEGs are decoded; auto: on the GPU when the actors have one and nvJPEG"

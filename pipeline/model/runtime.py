@@ -38,6 +38,7 @@ MAX_AUTO_BATCH = 1024  # the most a GPU batch is sized to: launch overhead is lo
 MEMORY_SHARE = 0.75  # of the free GPU memory that activations may take; the rest covers what the probe misses
 _PROBE_BATCH = 8
 MAX_COMPILE_FAILURES = 3  # compiles (or CUDA graph recordings) that ran out of memory before going eager
+COMPILES_SINCE = "2.13"  # the first torch whose compile of the whole step `auto` relies on
 logger = logging.getLogger(__name__)
 
 
@@ -53,10 +54,11 @@ def batch_for_memory(free_bytes: int, per_image_bytes: float, cap: int = MAX_AUT
 
 def resolve_compile(mode: CompileMode, device: torch.device) -> Literal["off", "on", "graphs"]:
     """`auto`: CUDA graphs on a GPU, where launch overhead dominates a small model; eager on a CPU, where
-    compiling dinat-mini takes ~60 s and gains ~5% (benchmarks/RESULTS.md)."""
+    compiling dinat-mini takes ~60 s and gains ~5%, and eager before torch 2.13, whose Inductor fails on
+    this model after ~50 s of trying (torch 2.11 on an H200: benchmarks/RESULTS.md)."""
     if mode != "auto":
         return mode
-    return "graphs" if device.type == "cuda" else "off"
+    return "graphs" if device.type == "cuda" and torch.__version__ >= COMPILES_SINCE else "off"
 
 
 def label_names(config: DinatConfig) -> np.ndarray:
@@ -227,6 +229,7 @@ class Runner:
             if _out_of_memory(err):  # the backend compiler wraps what ran out of memory in its own error
                 raise torch.OutOfMemoryError(f"out of memory compiling the model: {err}") from None
             logger.warning("compiling the model (%s) failed; running it eager: %s", self.mode, err)
+            logger.debug("the failed compile", exc_info=True)
             self._release()
             self.mode = "off"
             return

@@ -85,10 +85,14 @@ def test_on_a_cpu_the_dtype_is_the_weights_dtype(model):
     assert embeddings.dtype == np.float32
 
 
-def test_compile_auto_means_cuda_graphs_on_a_gpu_only():
+def test_compile_auto_means_cuda_graphs_on_a_gpu_only(monkeypatch):
     assert resolve_compile("auto", torch.device("cuda")) == "graphs"
     assert resolve_compile("auto", torch.device("cpu")) == "off"
     assert resolve_compile("on", torch.device("cpu")) == "on"
+    # torch 2.11's Inductor fails on the model: auto stays eager there; asked for by name, it is tried
+    monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion("2.11.0+cu130"))
+    assert resolve_compile("auto", torch.device("cuda")) == "off"
+    assert resolve_compile("graphs", torch.device("cuda")) == "graphs"
 
 
 @pytest.mark.parametrize(

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# The GPU checks of one device lease in one call (under 10 minutes), in order of value, each step under its
-# own time limit so that a slow one cannot take the others' time: correctness first (tests/test_gpu.py:
-# the GPU paths, every NA backend against float64), then benchmarks/gpu.py's sections. Each step's log goes to $OUT, where the
-# device tool brings it back, and the steps that finish append their tables to a copy of RESULTS.md there.
-# Needs the kit of benchmarks/device_kit.sh in .device/ (carried). On the device machine, from the root:
+# The GPU checks of one device lease in one call (under 10 minutes), in order of value, each step under
+# its own time limit so that a slow one cannot take the others' time: correctness first (tests/test_gpu.py:
+# the GPU paths, every NA backend against float64), then benchmarks/gpu.py's sections. Each step's log
+# goes to $OUT, where the device tool brings it back; the steps that finish append their tables to
+# RESULTS.md, copied there after each. Exits 1 when a step failed or was cut. Needs the kit of
+# benchmarks/device_kit.sh in .device/ (carried). On the device machine, from the repository's root:
 #   bash benchmarks/device_checks.sh
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit
 OUT=${OUT:-/tmp/device-checks}
 mkdir -p "$OUT"
-export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache  # shared by the steps: each model compiles once
+export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache  # shared by the steps
+failed=()
 step() {
     local limit=$1 name=$2
     shift 2
@@ -19,14 +21,18 @@ step() {
     local code=$?
     tail -n 25 "$OUT/$name.log"
     echo "== $name: exit $code after $((SECONDS - start)) s"
+    [ "$code" -eq 0 ] || failed+=("$name")
+    cp benchmarks/RESULTS.md "$OUT/"  # the tables recorded so far, should the call be cut
 }
 nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.max.sm,driver_version --format=csv
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
-# limits from the first lease (2026-11-30): the GPU tests ~40 s plus ~10 s per kernel case (flex compiles),
-# eager model rows a few seconds each, a pipeline run ~40 s, a failed compile ~50 s
-step 220 gpu-tests python3 -m pytest -v -rA --tb=short -p no:cacheprovider tests/test_gpu.py
-step 100 models python3 benchmarks/gpu.py --only models --record
+# limits from the first lease (2026-11-30): the GPU tests ~40 s plus ~10 s per kernel case (flex
+# compiles), an eager model row a few seconds, a pipeline run ~40 s; compiled rows run only where
+# `compile: auto` compiles (a failing compile took ~50 s on torch 2.11)
+step 200 gpu-tests python3 -m pytest -v -rA --tb=short -p no:cacheprovider tests/test_gpu.py
+step 80 models python3 benchmarks/gpu.py --only models --record
 step 130 pipeline python3 benchmarks/gpu.py --only pipeline --record
-step 40 accuracy-decode python3 benchmarks/gpu.py --only accuracy,decode --record
-step 50 kernels python3 benchmarks/gpu.py --only kernels --record
-cp benchmarks/RESULTS.md "$OUT/"
+step 30 decode python3 benchmarks/gpu.py --only decode --record
+step 30 accuracy python3 benchmarks/gpu.py --only accuracy --record
+step 60 kernels python3 benchmarks/gpu.py --only kernels --record
+[ ${#failed[@]} -eq 0 ] || { echo "failed or cut: ${failed[*]}"; exit 1; }

@@ -5,7 +5,9 @@
 #   bash benchmarks/device_run.sh python3 -m pytest tests/test_gpu.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -d /tmp/site ] || tar -xJf .device/site.tar.xz -C /tmp
+if [ ! -d /tmp/site ]; then  # unpacked aside first: a step cut while unpacking leaves no half kit
+    rm -rf /tmp/kit && mkdir /tmp/kit && tar -xJf .device/site.tar.xz -C /tmp/kit && mv /tmp/kit/site /tmp/site
+fi
 mkdir -p /tmp/site/dinat_batch
 for folder in pipeline kernels jobs infra; do
     ln -sfn "$PWD/$folder" "/tmp/site/dinat_batch/$folder"

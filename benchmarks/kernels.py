@@ -77,6 +77,11 @@ def run(device: torch.device, dtype: torch.dtype, batch: int, repeat: int) -> li
         "| map | k | d | heads | backend | rpb | ms | x natten | floor |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def row(text: str) -> None:
+        lines.append(text)
+        print(text, flush=True)  # as measured: a run cut short by a time limit keeps its rows
+
     gen = torch.Generator(device=device).manual_seed(0)
     for size, kernel, dilation, heads in DINAT_MINI_224:
         q, k, v = (
@@ -87,7 +92,7 @@ def run(device: torch.device, dtype: torch.dtype, batch: int, repeat: int) -> li
         floor_ms = 4 * batch * size * size * heads * kernel**2 * HEAD_DIM / peak / 1e6
         call = functools.partial(na2d, q, k, v, kernel, dilation)
         baseline = time_ms(functools.partial(call, backend="natten"), device, max(2, repeat // 2))
-        lines.append(
+        row(
             f"| {size} | {kernel} | {dilation} | {heads} | natten | no | {baseline:.2f} | 1.0 | {floor_ms / baseline:.1%} |"
         )
         for with_rpb in (False, True):
@@ -97,12 +102,12 @@ def run(device: torch.device, dtype: torch.dtype, batch: int, repeat: int) -> li
                     continue
                 reps = 2 if status.name == "reference" else repeat
                 ms = time_ms(functools.partial(call, rpb=bias, backend=status.name), device, reps)
-                lines.append(
+                row(
                     f"| {size} | {kernel} | {dilation} | {heads} | {status.name} | {'yes' if with_rpb else 'no'} "
                     f"| {ms:.2f} | {baseline / ms:.1f} | {floor_ms / ms:.1%} |"
                 )
             auto_ms = time_ms(functools.partial(call, rpb=bias), device, repeat)
-            lines.append(
+            row(
                 f"| {size} | {kernel} | {dilation} | {heads} | **auto** | {'yes' if with_rpb else 'no'} "
                 f"| {auto_ms:.2f} | {baseline / auto_ms:.1f} | {floor_ms / auto_ms:.1%} |"
             )

@@ -77,8 +77,13 @@ def test_nvjpeg_matches_the_cpu_path_and_falls_back_per_image():
     for got, data in zip(pixels[:4].cpu().numpy(), datas, strict=True):
         difference = np.abs(got.astype(int) - cpu_pixels(data, config, MAX_PIXELS)[0].astype(int))
         # nvJPEG decodes differently from libjpeg-turbo (a mean of 1.9 levels here, measured on an H200
-        # with torch 2.11); what the resize adds is ~0.2 (the same resize of PIL's decoding, on a CPU)
-        assert difference.mean() < 2.5
+        # with torch 2.11); what the resize adds is ~0.2 (the same resize of PIL's decoding, on a CPU). The
+        # 99th percentile's bound is not measured yet (the lease ended first): the message says what it is
+        spread = (
+            f"mean {difference.mean():.2f}, 99th percentile {np.percentile(difference, 99)}, "
+            f"max {difference.max()}"
+        )
+        assert difference.mean() < 2.5 and np.percentile(difference, 99) <= 16, spread
 
 
 @needs_nvjpeg
@@ -120,9 +125,10 @@ class CountingPredictor(Predictor):
 
 
 def test_the_default_gpu_path_through_a_ray_actor(tiny_model, ray_session):
-    """What users get by default on a GPU: CUDA graphs and nvJPEG decoding (when the actor has it) in a
-    real Ray Data actor, built on one thread and called on another; rows against float32 eager on the
-    CPU; one compilation per actor; memory flat over the batches."""
+    """What users get by default on a GPU: CUDA graphs where `auto` compiles (torch >= 2.13) and nvJPEG
+    decoding (when the actor has it) in a real Ray Data actor, built on one thread and called on another;
+    rows against float32 eager on the CPU; one compilation per actor there (none before 2.13); memory flat
+    over the batches."""
     import ray
 
     from dinat_batch.pipeline.stages import decode
@@ -154,7 +160,7 @@ def test_the_default_gpu_path_through_a_ray_actor(tiny_model, ray_session):
         row = by_key[key]
         # random weights leave near ties (a gap of 3e-4 measured on CPU) that nvJPEG's rounding may flip
         assert row["label_ids"][0] == ids[0] or scores[0] - scores[1] < 1e-3, key
-        # nvJPEG's decoding (see the test above) with bf16: 0.99898 at the worst measured on an H200
+        # nvJPEG's pixels (see the test above), float32 both ways: 0.99898 at the worst on an H200
         assert cosine(np.array(row["embedding"]), embedding) >= 0.998, key
     # graphs recorded once, on the calling thread, where `auto` compiles (torch >= 2.13)
     assert {row["compiled"] for row in out} == {int(resolve_compile("auto", torch.device("cuda")) != "off")}

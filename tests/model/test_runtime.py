@@ -85,14 +85,23 @@ def test_on_a_cpu_the_dtype_is_the_weights_dtype(model):
     assert embeddings.dtype == np.float32
 
 
-def test_compile_auto_means_cuda_graphs_on_a_gpu_only(monkeypatch):
-    assert resolve_compile("auto", torch.device("cuda")) == "graphs"
+@pytest.mark.parametrize(
+    ("version", "on_a_gpu"),
+    [
+        ("2.13.0+cpu", "graphs"),
+        ("2.13.0a0+git1234", "graphs"),
+        ("2.14.0.dev20261101", "graphs"),
+        ("2.12.1", "off"),
+        ("2.11.0+cu130", "off"),  # its Inductor fails on the model
+        ("2.9.0", "off"),
+    ],
+)
+def test_compile_auto_means_cuda_graphs_on_a_gpu_with_torch_2_13_or_later(monkeypatch, version, on_a_gpu):
+    monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion(version))
+    assert resolve_compile("auto", torch.device("cuda")) == on_a_gpu
     assert resolve_compile("auto", torch.device("cpu")) == "off"
+    assert resolve_compile("graphs", torch.device("cuda")) == "graphs"  # asked for by name: tried
     assert resolve_compile("on", torch.device("cpu")) == "on"
-    # torch 2.11's Inductor fails on the model: auto stays eager there; asked for by name, it is tried
-    monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion("2.11.0+cu130"))
-    assert resolve_compile("auto", torch.device("cuda")) == "off"
-    assert resolve_compile("graphs", torch.device("cuda")) == "graphs"
 
 
 @pytest.mark.parametrize(

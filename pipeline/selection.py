@@ -27,6 +27,9 @@ ROWS_PER_PARTITION = 1_000_000
 # start, an Arrow join of 200k keys in one task well under one (RESULTS.md)
 SMALL = 200_000
 TASK = {"batch_format": "pyarrow", **CPU_TASK}
+# files read per task by `table_files`: the driver keeps a reference and metadata per block (~25 KB,
+# measured with benchmarks/scale.py), so a block per chunk file of a large resume would add up
+FILES_PER_TASK = 16
 FILE = "file"  # the column `table_files` names each row's file in
 
 
@@ -34,7 +37,7 @@ def table_files(fs, paths: list[str], columns: list[str]) -> ray.data.Dataset:
     """The rows of Parquet files (or Arrow IPC files, `.arrow`), read in Ray tasks through `fs` (None:
     each worker's local disk), each with the file it came from in a `file` column."""
     return ray.data.from_items([{"path": path} for path in paths]).map_batches(
-        _read_files, batch_size=1, fn_kwargs={"fs": fs, "columns": columns}, **TASK
+        _read_files, batch_size=FILES_PER_TASK, fn_kwargs={"fs": fs, "columns": columns}, **TASK
     )
 
 

@@ -29,7 +29,7 @@ from dinat_batch.pipeline.config import IMAGE_EXTENSIONS, ConfigError, RunConfig
 from dinat_batch.pipeline.errors import error_text, read_error
 from dinat_batch.pipeline.locations import GLOB_CHARS, Location, glob_prefix, resolve
 from dinat_batch.pipeline.output import record_source
-from dinat_batch.pipeline.selection import attach, each_group, without
+from dinat_batch.pipeline.selection import ROWS_PER_PARTITION, attach, each_group, without
 from dinat_batch.pipeline.stages import CPU_TASK, Stage
 
 ROWS = pa.schema([("key", pa.string()), ("data", pa.binary()), ("error", pa.string())])
@@ -171,9 +171,11 @@ def _of_kind(batch: pa.Table, ext: tuple[str, ...]) -> pa.Table:
 
 def choose_kind(config: RunConfig, listing: ray.data.Dataset) -> tuple[str, ray.data.MaterializedDataset]:
     """The input kind (configured, or guessed from the extensions found) and the listing rows it reads."""
-    tasks = {"batch_format": "pyarrow", **STAGE.resources}
+    # batches of up to a hash partition's rows: the driver keeps a reference, metadata and stats per block
+    # and task, and a listing has a block per folder (per 100k rows in benchmarks/scale.py)
+    tasks = {"batch_format": "pyarrow", "batch_size": ROWS_PER_PARTITION, **STAGE.resources}
     counts = Counter[str]()
-    for row in listing.map_batches(_kind_counts, batch_size=None, **tasks).take_all():
+    for row in listing.map_batches(_kind_counts, **tasks).take_all():
         counts.update(row)
     kind = config.input_format
     if kind == "auto":
@@ -188,7 +190,7 @@ def choose_kind(config: RunConfig, listing: ray.data.Dataset) -> tuple[str, ray.
         raise ConfigError(
             f"input_format is {kind!r} but no {'/'.join(ext)} objects are under {config.input!r}"
         )
-    return kind, listing.map_batches(_of_kind, batch_size=None, fn_kwargs={"ext": ext}, **tasks).materialize()
+    return kind, listing.map_batches(_of_kind, fn_kwargs={"ext": ext}, **tasks).materialize()
 
 
 def _too_large(size: int, limit: int) -> str:

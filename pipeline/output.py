@@ -55,7 +55,7 @@ from dinat_batch.pipeline.iceberg import DATA, METADATA, PARTITION, IcebergTable
 from dinat_batch.pipeline.lease import LEASES, Lease, LeaseLost
 from dinat_batch.pipeline.locations import resolve
 from dinat_batch.pipeline.ownership import Ownership, owner_of, write_table
-from dinat_batch.pipeline.stages.write import CHUNK_PREFIX, chunk_name, chunk_rows
+from dinat_batch.pipeline.stages.write import CHUNK_PREFIX, chunk_groups, chunk_name
 
 SUCCESS = "_SUCCESS"
 FAILURE = "_FAILURE"
@@ -422,14 +422,9 @@ class Output:
             raise LeaseLost(f"{self.uri} was committed by another run while this one ran; it stops here")
         self._remove(self._redundant(survey.parts))
         crash_point("old-files-removed")
-        groups: list[list[str]] = []
-        rows = rows_per_file
-        for path in sorted(path for paths in survey.chunks.values() for path in paths):
-            if rows + chunk_rows(path) > rows_per_file and (not groups or groups[-1]):
-                groups.append([])
-                rows = 0
-            groups[-1].append(path)
-            rows += chunk_rows(path)
+        groups = chunk_groups(
+            sorted(path for paths in survey.chunks.values() for path in paths), rows_per_file
+        )
         # named by attempt: an Iceberg table's current files stay until the commit that replaces them
         parts = [
             f"{self.data_path}/{PART_PREFIX}{ownership.attempt}-{i:05d}.parquet" for i in range(len(groups))

@@ -63,7 +63,7 @@ def resume(
         return Resume(None, 0)
     by_container = kind != "files"
     done = (
-        table_files(output.ray_fs, chunks, ["key", "error"])
+        table_files(output.ray_fs, chunks, ["key", "error"], chunks=True)
         .map_batches(_finished, batch_size=None, fn_kwargs={"by_container": by_container}, **TASK)
         .materialize()
     )

@@ -20,6 +20,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from dinat_batch.pipeline.digest import KeyDigest
 from dinat_batch.pipeline.stages import CPU_TASK
+from dinat_batch.pipeline.stages.write import chunk_groups
 
 # keys per hash partition of a join: ~100 MB of URIs, a share one worker holds comfortably
 ROWS_PER_PARTITION = 1_000_000
@@ -27,30 +28,30 @@ ROWS_PER_PARTITION = 1_000_000
 # start, an Arrow join of 200k keys in one task well under one (RESULTS.md)
 SMALL = 200_000
 TASK = {"batch_format": "pyarrow", **CPU_TASK}
-# files read per task by `table_files`: the driver keeps a reference and metadata per block (~25 KB,
-# measured with benchmarks/scale.py), so a block per chunk file of a large resume would add up
-FILES_PER_TASK = 16
 FILE = "file"  # the column `table_files` names each row's file in
 
 
-def table_files(fs, paths: list[str], columns: list[str]) -> ray.data.Dataset:
+def table_files(fs, paths: list[str], columns: list[str], chunks: bool = False) -> ray.data.Dataset:
     """The rows of Parquet files (or Arrow IPC files, `.arrow`), read in Ray tasks through `fs` (None:
-    each worker's local disk), each with the file it came from in a `file` column."""
-    return ray.data.from_items([{"path": path} for path in paths]).map_batches(
-        _read_files, batch_size=FILES_PER_TASK, fn_kwargs={"fs": fs, "columns": columns}, **TASK
+    each worker's local disk), each with the file it came from in a `file` column. A task reads one file,
+    or with `chunks` (files named by `chunk_name`) consecutive ones up to ROWS_PER_PARTITION rows: the
+    driver keeps ~28 KB per block (benchmarks/scale.py), which a block per chunk of a large resume adds up."""
+    groups = chunk_groups(paths, ROWS_PER_PARTITION) if chunks else [[path] for path in paths]
+    return ray.data.from_items([{"paths": group} for group in groups]).map_batches(
+        _read_files, batch_size=1, fn_kwargs={"fs": fs, "columns": columns}, **TASK
     )
 
 
 def _read_files(batch: pa.Table, fs, columns: list[str]) -> pa.Table:
     fs = fs or LocalFileSystem()
     tables = []
-    for path in batch.column("path").to_pylist():
+    for path in batch.column("paths")[0].as_py():
         with fs.open(path, "rb") as f:
             whole = (
                 ipc.open_file(f).read_all() if path.endswith(".arrow") else pq.read_table(f, columns=columns)
             )
         table = whole.select(columns).replace_schema_metadata(None)
-        tables.append(table.append_column(FILE, pa.array([path] * table.num_rows, pa.string())))
+        tables.append(table.append_column(FILE, pa.repeat(pa.scalar(path, pa.string()), table.num_rows)))
     return pa.concat_tables(tables)
 
 

@@ -63,3 +63,9 @@ def test_rows_carry_either_their_jpeg_or_their_pixels():
     size = (TINY_INPUT.height, TINY_INPUT.width)
     np.testing.assert_array_equal(host_pixels(routed["pixels"], png, size), on_cpu["pixels"][png])
     np.testing.assert_array_equal(host_pixels(on_cpu["pixels"], png, size), on_cpu["pixels"][png])
+
+
+def test_chunk_groups_fill_up_to_the_rows_in_order_and_a_larger_chunk_goes_alone():
+    names = [f"s3://b/out/_staging/a/{write.chunk_name(i, rows)}" for i, rows in enumerate([3, 4, 2, 9, 1])]
+    assert write.chunk_groups(names, 7) == [names[0:2], names[2:3], names[3:4], names[4:5]]
+    assert write.chunk_groups([], 7) == []

@@ -6,7 +6,7 @@ commit (`pipeline/output.py`) compacts the chunks into the table's files.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -111,6 +111,21 @@ def chunk_name(index: int, rows: int, prefix: str = CHUNK_PREFIX) -> str:
 def chunk_rows(name: str) -> int:
     """Rows of a chunk file, from its name (see `chunk_name`)."""
     return int(name.rsplit("/", 1)[-1].removesuffix(".parquet").rsplit("-", 1)[1])
+
+
+def chunk_groups(paths: Iterable[str], rows: int) -> list[list[str]]:
+    """Consecutive chunk files in groups of up to `rows` rows, counted from their names (a larger file
+    alone)."""
+    groups: list[list[str]] = []
+    total = rows
+    for path in paths:
+        count = chunk_rows(path)
+        if total + count > rows and (not groups or groups[-1]):
+            groups.append([])
+            total = 0
+        groups[-1].append(path)
+        total += count
+    return groups
 
 
 class ChunkSink(Datasink):

@@ -10,6 +10,7 @@ does not grow with the corpus").
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -29,14 +30,19 @@ ROWS_PER_PARTITION = 1_000_000
 SMALL = 200_000
 TASK = {"batch_format": "pyarrow", **CPU_TASK}
 FILE = "file"  # the column `table_files` names each row's file in
+# chunk files per read call: a resume of small chunks (one inference batch each, 32 rows on a CPU) keeps
+# some hundred calls in flight across the cluster, each reading its files on READ_THREADS threads
+GROUP_FILES = 256
+READ_THREADS = 16
 
 
 def table_files(fs, paths: list[str], columns: list[str], chunks: bool = False) -> ray.data.Dataset:
     """The rows of Parquet files (or Arrow IPC files, `.arrow`), read in Ray tasks through `fs` (None:
-    each worker's local disk), each with the file it came from in a `file` column. A task reads one file,
-    or with `chunks` (files named by `chunk_name`) consecutive ones up to ROWS_PER_PARTITION rows: the
-    driver keeps ~28 KB per block (benchmarks/scale.py), which a block per chunk of a large resume adds up."""
-    groups = chunk_groups(paths, ROWS_PER_PARTITION) if chunks else [[path] for path in paths]
+    each worker's local disk), each with the file it came from in a `file` column. Each call of the read
+    function takes one file, or with `chunks` (files named by `chunk_name`) consecutive ones up to
+    ROWS_PER_PARTITION rows and GROUP_FILES files, read by READ_THREADS threads: the driver keeps ~28 KB
+    per block (benchmarks/scale.py), which a block per chunk of a large resume would add up to."""
+    groups = chunk_groups(paths, ROWS_PER_PARTITION, GROUP_FILES) if chunks else [[path] for path in paths]
     return ray.data.from_items([{"paths": group} for group in groups]).map_batches(
         _read_files, batch_size=1, fn_kwargs={"fs": fs, "columns": columns}, **TASK
     )
@@ -44,15 +50,20 @@ def table_files(fs, paths: list[str], columns: list[str], chunks: bool = False) 
 
 def _read_files(batch: pa.Table, fs, columns: list[str]) -> pa.Table:
     fs = fs or LocalFileSystem()
-    tables = []
-    for path in batch.column("paths")[0].as_py():
+
+    def read(path: str) -> pa.Table:
         with fs.open(path, "rb") as f:
             whole = (
                 ipc.open_file(f).read_all() if path.endswith(".arrow") else pq.read_table(f, columns=columns)
             )
         table = whole.select(columns).replace_schema_metadata(None)
-        tables.append(table.append_column(FILE, pa.repeat(pa.scalar(path, pa.string()), table.num_rows)))
-    return pa.concat_tables(tables)
+        return table.append_column(FILE, pa.repeat(pa.scalar(path, pa.string()), table.num_rows))
+
+    paths = batch.column("paths")[0].as_py()
+    if len(paths) == 1:
+        return read(paths[0])
+    with ThreadPoolExecutor(READ_THREADS) as pool:  # small chunk files: a request's latency each
+        return pa.concat_tables(list(pool.map(read, paths)))
 
 
 def without(

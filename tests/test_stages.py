@@ -69,3 +69,6 @@ def test_chunk_groups_fill_up_to_the_rows_in_order_and_a_larger_chunk_goes_alone
     names = [f"s3://b/out/_staging/a/{write.chunk_name(i, rows)}" for i, rows in enumerate([3, 4, 2, 9, 1])]
     assert write.chunk_groups(names, 7) == [names[0:2], names[2:3], names[3:4], names[4:5]]
     assert write.chunk_groups([], 7) == []
+    assert write.chunk_groups(names, 7, files=1) == [[name] for name in names]
+    empty_first = [write.chunk_name(0, 0), write.chunk_name(1, 3)]
+    assert write.chunk_groups(empty_first, 7) == [empty_first]

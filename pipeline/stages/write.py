@@ -113,14 +113,14 @@ def chunk_rows(name: str) -> int:
     return int(name.rsplit("/", 1)[-1].removesuffix(".parquet").rsplit("-", 1)[1])
 
 
-def chunk_groups(paths: Iterable[str], rows: int) -> list[list[str]]:
+def chunk_groups(paths: Iterable[str], rows: int, files: int | None = None) -> list[list[str]]:
     """Consecutive chunk files in groups of up to `rows` rows, counted from their names (a larger file
-    alone)."""
+    alone), and of up to `files` files when given."""
     groups: list[list[str]] = []
-    total = rows
+    total = 0
     for path in paths:
         count = chunk_rows(path)
-        if total + count > rows and (not groups or groups[-1]):
+        if not groups or total + count > rows or len(groups[-1]) == files:
             groups.append([])
             total = 0
         groups[-1].append(path)

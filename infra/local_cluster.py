@@ -18,7 +18,7 @@ import signal
 import subprocess
 from dataclasses import dataclass
 
-from dinat_batch.infra.local_ray import STARTS, LocalRayHead, NodeExited, node_ports, ray_start
+from dinat_batch.infra.local_ray import LocalRayHead, NodeExited, node_ports, ray_start, started
 from dinat_batch.infra.processes import Service, descendants, stop_group
 
 # the head declares a silent node dead after 3 missed checks 0.5 s apart, instead of Ray's ~15-25 s
@@ -71,17 +71,18 @@ class LocalCluster(Service):
         """Each node waited for as it was added."""
 
     def add_worker(self, cpus: int | None = None) -> WorkerNode:
-        """A worker node joins; one whose `ray start` gave up is started again (STARTS)."""
-        for attempt in range(1, STARTS + 1):
-            node = self._start_worker(cpus)
-            try:
-                self.head.wait_alive(node.node_manager_port, node.process, node.name)
-                return node
-            except NodeExited:
-                self.workers.remove(node)
-                if attempt == STARTS or not self.head.running:
-                    raise
-        raise AssertionError("unreachable")
+        """A worker node joins; one whose `ray start` gave up is started again while the head runs
+        (`started`)."""
+        return started(lambda: self._join(cpus), lambda: self.head.running)
+
+    def _join(self, cpus: int | None) -> WorkerNode:
+        node = self._start_worker(cpus)
+        try:
+            self.head.wait_alive(node.node_manager_port, node.process, node.name)
+        except NodeExited:
+            self.workers.remove(node)
+            raise
+        return node
 
     def _start_worker(self, cpus: int | None) -> WorkerNode:
         name = f"worker-{len(self.workers) + 1}"

@@ -22,13 +22,16 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from dinat_batch.infra.processes import Service, exited, free_port, stop_group
 
 # `ray start` gives up on its node when the GCS has not registered it within 30 s, which a loaded machine
 # has taken (seen in make test: "The current node timed out during startup"): such a node is started again
 STARTS = 3
+T = TypeVar("T")
 
 
 class NodeExited(RuntimeError):
@@ -58,6 +61,22 @@ def ray_start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
+
+
+def started(start: Callable[[], T], may_retry: Callable[[], bool] = lambda: True) -> T:
+    """`start()`, called again when it raises NodeExited (a `ray start` that gave up), up to STARTS times
+    while `may_retry()`; the last NodeExited carries the earlier ones as notes."""
+    earlier: list[str] = []
+    for attempt in range(1, STARTS + 1):
+        try:
+            return start()
+        except NodeExited as err:
+            if attempt == STARTS or not may_retry():
+                for reason in earlier:
+                    err.add_note(f"an earlier start: {reason}")
+                raise
+            earlier.append(str(err))
+    raise AssertionError("unreachable")
 
 
 def gave_up(process: subprocess.Popen, name: str) -> None:
@@ -125,18 +144,8 @@ class LocalRayHead(Service):
         return not exited(self._process)
 
     def start(self) -> LocalRayHead:
-        """Launched and waited for; a head whose `ray start` gave up is started again (STARTS)."""
-        earlier: list[str] = []
-        for attempt in range(1, STARTS + 1):
-            try:
-                return super().start()
-            except NodeExited as err:
-                if attempt == STARTS:
-                    for reason in earlier:
-                        err.add_note(f"an earlier start: {reason}")
-                    raise
-                earlier.append(str(err))
-        raise AssertionError("unreachable")
+        """Launched and waited for; a head whose `ray start` gave up is started again (`started`)."""
+        return started(super().start)
 
     def _wait_ready(self) -> None:
         """Ready when the head counts its own node alive: its job server answers before `ray start` has

@@ -41,11 +41,11 @@ def finished(lane: subprocess.Popen) -> int:
 
 def main(args: list[str]) -> int:
     pytest = [sys.executable, "-m", "pytest"]
-    beside = {"apart": ["--lane", "apart"]}
+    selections = {"apart": ["--lane", "apart"]}
     # the standalone lane in two halves: starved while the others run, it ends last, on both cores
-    beside |= {f"standalone {k}/2": ["--lane", "standalone", "--part", f"{k}/2"] for k in (1, 2)}
+    selections |= {f"standalone {k}/2": ["--lane", "standalone", "--part", f"{k}/2"] for k in (1, 2)}
     with contextlib.ExitStack() as files:
-        logs = {name: files.enter_context(tempfile.TemporaryFile("w+")) for name in beside}
+        logs = {name: files.enter_context(tempfile.TemporaryFile("w+")) for name in selections}
         beside = {
             name: subprocess.Popen(
                 [*pytest, *selection, *args],
@@ -53,7 +53,7 @@ def main(args: list[str]) -> int:
                 stderr=subprocess.STDOUT,
                 preexec_fn=idle_priority if name.startswith("standalone") else None,
             )
-            for name, selection in beside.items()
+            for name, selection in selections.items()
         }
         cluster = subprocess.Popen([*pytest, "--lane", "cluster", *args])
         lanes = (cluster, *beside.values())

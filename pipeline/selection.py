@@ -59,11 +59,8 @@ def _read_files(batch: pa.Table, fs, columns: list[str]) -> pa.Table:
         table = whole.select(columns).replace_schema_metadata(None)
         return table.append_column(FILE, pa.repeat(pa.scalar(path, pa.string()), table.num_rows))
 
-    paths = batch.column("paths")[0].as_py()
-    if len(paths) == 1:
-        return read(paths[0])
     with ThreadPoolExecutor(READ_THREADS) as pool:  # small chunk files: a request's latency each
-        return pa.concat_tables(list(pool.map(read, paths)))
+        return pa.concat_tables(list(pool.map(read, batch.column("paths")[0].as_py())))
 
 
 def without(

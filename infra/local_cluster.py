@@ -7,6 +7,10 @@ Every node is stopped by signalling its process group, never by `ray stop`.
         cluster.driver_env             # RAY_ADDRESS and the token, for a driver process
         node = cluster.add_worker()    # a machine joins
         cluster.kill(node)             # SIGKILL its process group: a machine lost
+
+A worker can declare custom resources (`resources`: a worker group's, such as one `inference` slot per
+node to stand for its one GPU) and have settings of its own in its environment (`env`), which the
+processes Ray starts on it inherit.
 """
 
 from __future__ import annotations
@@ -42,11 +46,15 @@ class LocalCluster(Service):
         self,
         workers: int = 2,
         cpus_per_worker: int = 2,
+        resources_per_worker: dict[str, float] | None = None,
+        env_per_worker: dict[str, str] | None = None,
         head_cpus: int = 0,
         object_store_mb: int = 256,
         startup_timeout: float = 90.0,
     ):
         self.cpus_per_worker, self.object_store_mb = cpus_per_worker, object_store_mb
+        self.resources_per_worker = resources_per_worker or {}
+        self.env_per_worker = env_per_worker or {}
         self.startup_timeout = startup_timeout
         self.head = LocalRayHead(
             num_cpus=head_cpus, startup_timeout=startup_timeout, settings=FAST_FAILURE_DETECTION
@@ -70,13 +78,20 @@ class LocalCluster(Service):
     def _wait_ready(self) -> None:
         """Each node waited for as it was added."""
 
-    def add_worker(self, cpus: int | None = None) -> WorkerNode:
-        """A worker node joins; one whose `ray start` gave up is started again while the head runs
-        (`started`)."""
-        return started(lambda: self._join(cpus), lambda: self.head.running)
+    def add_worker(
+        self,
+        cpus: int | None = None,
+        resources: dict[str, float] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> WorkerNode:
+        """A worker node joins, with the cluster's CPUs, custom resources and environment per worker unless
+        given; one whose `ray start` gave up is started again while the head runs (`started`)."""
+        resources = self.resources_per_worker if resources is None else resources
+        env = self.env_per_worker if env is None else env
+        return started(lambda: self._join(cpus, resources, env), lambda: self.head.running)
 
-    def _join(self, cpus: int | None) -> WorkerNode:
-        node = self._start_worker(cpus)
+    def _join(self, cpus: int | None, resources: dict[str, float], env: dict[str, str]) -> WorkerNode:
+        node = self._start_worker(cpus, resources, env)
         try:
             self.head.wait_alive(node.node_manager_port, node.process, node.name)
         except NodeExited:
@@ -84,17 +99,17 @@ class LocalCluster(Service):
             raise
         return node
 
-    def _start_worker(self, cpus: int | None) -> WorkerNode:
+    def _start_worker(self, cpus: int | None, resources: dict[str, float], env: dict[str, str]) -> WorkerNode:
         name = f"worker-{len(self.workers) + 1}"
         ports, manager_port = node_ports()
         args = ["--address", self.address, "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
         args += [
             f"--num-cpus={cpus or self.cpus_per_worker}",
             "--num-gpus=0",
-            f"--resources={json.dumps({name: 1})}",
+            f"--resources={json.dumps(resources | {name: 1})}",
         ]
         args += [f"--object-store-memory={self.object_store_mb * 2**20}", *ports]
-        node = WorkerNode(name, ray_start(args, self.head.env), manager_port)
+        node = WorkerNode(name, ray_start(args, self.head.env | env), manager_port)
         self.workers.append(node)
         return node
 

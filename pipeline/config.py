@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -20,6 +20,10 @@ from dinat_batch.pipeline.locations import resolve
 DEFAULT_MODEL = "shi-labs/dinat-mini-in1k-224"
 DEFAULT_MAX_PIXELS = 100_000_000  # ~10k x 10k; bigger declared sizes are treated as decompression bombs
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+# Ray's own resources, which it refuses among custom ones: the run asks for the CPUs and GPUs itself
+BUILTIN_RESOURCES = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
+# Ray counts resources in units of 1/10000
+ResourceAmount = Annotated[float, Field(ge=0.0001, allow_inf_nan=False)]
 _USERINFO = re.compile(r"://[^/@\s]+@")  # http://user:password@host in a safe setting's value
 _SECRET_NAME = re.compile(r"key|secret|token|password|credential|session|auth|sig", re.IGNORECASE)
 # storage_options settings shown as they are; every other value in storage_options is redacted, so a
@@ -110,6 +114,11 @@ class RunConfig(BaseModel):
         description="default: on GPUs no bound, the pool grows onto every GPU node that joins; one on a "
         "CPU-only cluster",
     )
+    actor_resources: dict[str, ResourceAmount] = Field(
+        default_factory=dict,
+        description='custom Ray resources each inference actor asks for, e.g. {"h100": 1} where one worker '
+        "group declares it: actors run only there, one per unit",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto",
         description="auto: GPU actors when the cluster has GPUs now; cuda: wait for them (autoscaling)",
@@ -181,6 +190,17 @@ class RunConfig(BaseModel):
         if not value.strip():
             raise ValueError("must not be empty")
         return value.strip()
+
+    @field_validator("actor_resources")
+    @classmethod
+    def _custom_resources_only(cls, value: dict[str, float]) -> dict[str, float]:
+        builtin = sorted(name for name in value if name.upper() in {n.upper() for n in BUILTIN_RESOURCES})
+        if builtin:
+            raise ValueError(
+                f"{', '.join(builtin)}: Ray's own resources, not custom ones; the run asks for CPUs and GPUs "
+                "itself (device: cuda for GPU actors)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _output_apart_from_input(self) -> RunConfig:
@@ -279,6 +299,6 @@ def describe(err: ValidationError, path: Path | None = None) -> str:
     lines = [f"invalid job configuration{where}:"]
     for problem in err.errors():
         field = ".".join(str(part) for part in problem["loc"]) or "(config)"
-        flag = f" ({flag_name(field)})" if problem["loc"] else ""
+        flag = f" ({flag_name(str(problem['loc'][0]))})" if problem["loc"] else ""
         lines.append(f"  {field}{flag}: {problem['msg']}")
     return "\n".join(lines)

@@ -8,6 +8,7 @@ committed through `pipeline/output.py`; the nightly job uses the same three step
 from __future__ import annotations
 
 import _thread
+import logging
 import os
 import signal
 import threading
@@ -17,13 +18,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from difflib import get_close_matches
 from typing import Any
 
 import ray
 from pydantic import BaseModel
 from ray.data.exceptions import ExecutionTimeoutError
 
-from dinat_batch.pipeline.config import ConfigError, RunConfig
+from dinat_batch.pipeline.config import BUILTIN_RESOURCES, ConfigError, RunConfig
 from dinat_batch.pipeline.gpu_decoding import unsupported
 from dinat_batch.pipeline.iceberg import IcebergTable
 from dinat_batch.pipeline.lease import Lease
@@ -35,7 +37,9 @@ from dinat_batch.pipeline.ownership import Ownership
 from dinat_batch.pipeline.resume import Resume, resume, unfinished
 from dinat_batch.pipeline.selection import digest
 from dinat_batch.pipeline.stages import decode, infer, read, write
-from dinat_batch.pipeline.stages.infer import ActorSettings
+from dinat_batch.pipeline.stages.infer import Actors, ActorSettings
+
+logger = logging.getLogger(__name__)
 
 
 class Stalled(RuntimeError):
@@ -84,7 +88,7 @@ class Plan:
     preprocessing: PreprocessConfig
     model_sha256: str
     num_features: int
-    actors: tuple[str, int, int, int | None]
+    actors: Actors
     jpegs_to_device: bool
     started_at: datetime
     listing_seconds: float
@@ -93,20 +97,20 @@ class Plan:
         return Ownership(self.run_id, self.model_sha256, self.attempt, output.identity)
 
 
-def _actors(config: RunConfig) -> tuple[str, int, int, int | None]:
-    """device, GPUs per actor, min and max pool size (None: no bound). GPU actors where GPUs exist (or are
-    asked for, for autoscaling clusters that start without any), so that a CPU-only cluster never waits
-    for a GPU that will not come. A GPU pool has no default bound: it grows onto each GPU node that joins
-    while the run goes on, as far as the autoscaler lets the cluster grow. A CPU actor runs its model on
-    all of its machine's cores, so by default there is one: CPU clusters are for trying things out
-    (set max_actors, with cpu_threads, to use more machines)."""
+def _actors(config: RunConfig) -> Actors:
+    """GPU actors where GPUs exist (or are asked for, for autoscaling clusters that start without any), so
+    that a CPU-only cluster never waits for a GPU that will not come. A GPU pool has no default bound: it
+    grows onto each GPU node that joins while the run goes on, as far as the autoscaler lets the cluster
+    grow. A CPU actor runs its model on all of its machine's cores, so by default there is one: CPU
+    clusters are for trying things out (set max_actors, with cpu_threads, to use more machines)."""
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if config.device == "cuda" or (config.device == "auto" and gpus > 0):
         device, num_gpus, default_max = "cuda", 1, None
     else:
         device, num_gpus, default_max = "cpu", 0, 1
     max_size = config.max_actors or default_max
-    return device, num_gpus, min(config.min_actors, max_size or config.min_actors), max_size
+    min_size = min(config.min_actors, max_size or config.min_actors)
+    return Actors(device, num_gpus, min_size, max_size, dict(config.actor_resources))
 
 
 def _decode_on_device(config: RunConfig, device: str, preprocessing: PreprocessConfig) -> bool:
@@ -197,7 +201,15 @@ def plan(config: RunConfig, run_id: str, model: CheckedModel) -> Plan:
     is read."""
     preprocessing = model.preprocessing
     actors = _actors(config)
-    jpegs_to_device = _decode_on_device(config, actors[0], preprocessing)
+    undeclared = sorted(actors.resources.keys() - {name for node in _live_nodes() for name in node})
+    if undeclared:
+        logger.warning(
+            "actor_resources asks for %s, which no node of the cluster declares now: the actors wait for a "
+            "node that does (an autoscaler's), and the run stops after stall_timeout (%.0f s) if none comes",
+            ", ".join(undeclared),
+            config.stall_timeout,
+        )
+    jpegs_to_device = _decode_on_device(config, actors.device, preprocessing)
     t0 = time.monotonic()
     listing = read.list_objects(config.input, config.storage_options)
     kind, listing = read.choose_kind(config, listing)
@@ -259,7 +271,7 @@ def execute(
         output=output.uri,
         model=config.model,
         model_sha256=plan.model_sha256,
-        device=plan.actors[0],
+        device=plan.actors.device,
         decode="gpu" if plan.jpegs_to_device else "cpu",
         images=images,
         resumed=kept.resumed,
@@ -324,23 +336,56 @@ def planned_under_guard(config: RunConfig, run_id: str) -> Iterator[Plan]:
     model = check_model(config)
     with stall_guard(config.stall_timeout) as guard:
         planned = plan(config, run_id, model)
-        guard.needs_gpus = planned.actors[1] > 0
+        guard.actor = planned.actors.asks()
         yield planned
 
 
 class StallGuard:
-    """What the stall guard asks of the cluster: a CPU for the listing, the selection, the stages, the
-    compaction and a nightly ledger, and a GPU as well once the plan has GPU actors (`needs_gpus`)."""
+    """What the stall guard asks of the cluster's live nodes: a CPU for the listing, the selection, the
+    stages, the compaction and a nightly ledger, and once the plan is made a node with all that one
+    inference actor asks for (`actor`: a GPU, custom resources)."""
 
-    needs_gpus = False
+    def __init__(self):
+        self.actor: dict[str, float] = {}
 
-    def able(self, resources: dict[str, float]) -> bool:
-        return resources.get("CPU", 0) > 0 and (resources.get("GPU", 0) > 0 or not self.needs_gpus)
+    def missing(self, nodes: list[dict[str, float]]) -> list[str]:
+        """What the live nodes (`nodes`: each one's resources) lack of what the work needs."""
+        lacking = [] if any(node.get("CPU", 0) > 0 for node in nodes) else ["CPU"]
+        if self.actor and not any(_holds(node, self.actor) for node in nodes):
+            lacking.append(" + ".join(f"{name} {amount:g}" for name, amount in sorted(self.actor.items())))
+        return lacking
+
+    def explain(self, nodes: list[dict[str, float]]) -> str:
+        """The stall message's account of what is missing, naming what `actor_resources` asks for and no
+        node declares (a misspelt name, where the nodes run)."""
+        lacking = self.missing(nodes)
+        if not lacking:
+            return ""
+        declared = {name for node in nodes for name in node}
+        unknown = [name for name in self.actor if name not in BUILTIN_RESOURCES and name not in declared]
+        hint = ""
+        if unknown and "CPU" not in lacking:
+            named = [
+                f"{name} (did you mean {close[0]}?)"
+                if (close := get_close_matches(name, declared, 1))
+                else name
+                for name in unknown
+            ]
+            hint = f"; actor_resources asks for {', '.join(named)}, which no node declares"
+        return f" (no live node has {', '.join(lacking)}{hint})"
+
+
+def _holds(node: dict[str, float], wanted: dict[str, float]) -> bool:
+    return all(node.get(name, 0) >= amount for name, amount in wanted.items())
+
+
+def _live_nodes() -> list[dict[str, float]]:
+    return [node["Resources"] for node in ray.nodes() if node["Alive"]]
 
 
 @contextmanager
 def stall_guard(timeout: float) -> Iterator[StallGuard]:
-    """Raises Stalled once the cluster has had no node able to run the work (`StallGuard.able`) for
+    """Raises Stalled once the cluster's live nodes have lacked what the work needs (`StallGuard`) for
     `timeout` seconds, by interrupting the main thread: around the steps that wait on Ray (listing and
     selection tasks, the stages, compaction, a nightly ledger), from the listing to the marker. A cluster
     that autoscales from no workers counts its first nodes' provisioning too. Ray Data's own no-progress
@@ -353,7 +398,7 @@ def stall_guard(timeout: float) -> Iterator[StallGuard]:
     def watch() -> None:
         since = None
         while not stop.wait(1.0):
-            since = None if guard.able(ray.cluster_resources()) else since or time.monotonic()
+            since = (since or time.monotonic()) if guard.missing(_live_nodes()) else None
             if since is not None and time.monotonic() - since > timeout:
                 with deciding:  # never once the guarded block has ended
                     if not stop.is_set():
@@ -377,9 +422,9 @@ def stall_guard(timeout: float) -> Iterator[StallGuard]:
         if isinstance(err, KeyboardInterrupt) and not stalled.is_set():
             raise
         raise Stalled(
-            f"the run made no progress for {timeout:.0f} s (stall_timeout): the cluster cannot run its work, "
-            "e.g. it lost every node that could, or an autoscaler has not brought one yet (raise stall_timeout "
-            "where capacity comes slowly). Nothing was committed and the rows written so far are kept: "
+            f"the run made no progress for {timeout:.0f} s (stall_timeout): the cluster cannot run its "
+            f"work{_explained(guard)}: it lost every node that could, or an autoscaler has not brought one "
+            "yet (raise stall_timeout where capacity comes slowly). Nothing was committed and the rows written so far are kept: "
             "run the same command again once the cluster has room"
         ) from err
     finally:
@@ -387,6 +432,13 @@ def stall_guard(timeout: float) -> Iterator[StallGuard]:
             stop.set()
         if ignored:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _explained(guard: StallGuard) -> str:
+    try:
+        return guard.explain(_live_nodes())
+    except Exception:  # a cluster whose head is gone cannot say; the message stands without it
+        return ""
 
 
 def _raise_if(stalled: threading.Event) -> None:
@@ -400,12 +452,11 @@ def _execute(
     """The Ray Data plan: read, decode, infer, write (pipeline.stages); `kept`: the containers' rows
     that earlier attempts finished."""
     config = plan.config
-    device, num_gpus, min_actors, max_actors = plan.actors
     records = output.ray_target(output.sources(plan.attempt))
     rows = read.dataset(plan.kind, listing, config, kept.done if kept else None, records)
     decoded = decode.apply(rows, plan.preprocessing, config.max_pixels, plan.jpegs_to_device)
-    settings = ActorSettings.of(config, plan.run_id, device, plan.jpegs_to_device)
-    predicted = infer.apply(decoded, settings, num_gpus, min_actors, max_actors)
+    settings = ActorSettings.of(config, plan.run_id, plan.actors.device, plan.jpegs_to_device)
+    predicted = infer.apply(decoded, settings, plan.actors)
     folder, filesystem = output.ray_target(output.staging(plan.attempt))
     # Ray Data's own guard against an execution without progress, read from the written dataset's context
     predicted.context.execution_no_progress_timeout_s = config.stall_timeout

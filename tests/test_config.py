@@ -36,6 +36,14 @@ def test_yaml_and_json_files_with_overrides(tmp_path):
         ("input: [unclosed\n", "is not valid YAML"),
         ("input: s3://b/images\noutput: s3://b/images/out\n", "lies inside the input"),
         ("input: s3://b/images/*.jpg\noutput: s3://b/images\n", "is the input"),
+        (
+            "input: a\noutput: b\nactor_resources: {GPU: 1, inference: 1}\n",
+            "actor_resources (--actor-resources): Value error, GPU: Ray's own resources",
+        ),
+        (
+            "input: a\noutput: b\nactor_resources: {inference: 0}\n",
+            "actor_resources.inference (--actor-resources): Input should be greater than or equal to 0.0001",
+        ),
     ],
 )
 def test_invalid_configs_name_the_problem(tmp_path, text, message):

@@ -24,7 +24,14 @@ import ray
 
 from dinat_batch.pipeline.config import ConfigError, RunConfig
 from dinat_batch.pipeline.model import ModelLoadError, load_model
-from dinat_batch.pipeline.run import Stalled, _actors, ray_connection, refuse_node_local_paths, run
+from dinat_batch.pipeline.run import (
+    Stalled,
+    StallGuard,
+    _actors,
+    ray_connection,
+    refuse_node_local_paths,
+    run,
+)
 from dinat_batch.pipeline.stages.write import output_schema
 from tests.data import (
     MAX_PIXELS,
@@ -301,7 +308,7 @@ def test_without_an_address_a_run_starts_its_own_ray(monkeypatch):
 STALLED_DRIVER = """
 import time, ray
 from dinat_batch.pipeline import run
-ray.cluster_resources = lambda: {}  # a cluster that lost every node
+ray.nodes = lambda: []  # a cluster that lost every node
 try:
     with run.stall_guard(1):
         for _ in range(600):  # a driver waits on Ray in short steps, where the interrupt lands
@@ -321,8 +328,8 @@ def test_the_stall_guard_covers_the_steps_before_and_after_the_stages(
     from dinat_batch.pipeline.stages import read
 
     lost = threading.Event()
-    resources = ray.cluster_resources
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {} if lost.is_set() else resources())
+    nodes = ray.nodes
+    monkeypatch.setattr(ray, "nodes", lambda: [] if lost.is_set() else nodes())
 
     def waits_on_lost_tasks(*args, **kwargs):
         lost.set()
@@ -346,6 +353,25 @@ def test_the_stall_guard_covers_the_steps_before_and_after_the_stages(
     assert [path.parent.name for path in (tmp_path / "out").rglob("_SUCCESS")] == (
         [] if step == "listing" else ["run_date=2026-11-24"]
     )
+
+
+def test_actors_asking_for_a_resource_no_node_has_stall_naming_it(tmp_path, tiny_model, ray_session, caplog):
+    """A misspelt actor_resources: no actor can start anywhere. The plan warns at once; the run stops as
+    stalled and names what no node has, instead of waiting for an actor for ever; nothing is committed."""
+    source = tmp_path / "images"
+    source.mkdir()
+    (source / "a.jpg").write_bytes(photo(1))
+    config = RunConfig(
+        input=str(source),
+        output=str(tmp_path / "out"),
+        model=str(tiny_model),
+        actor_resources={"inferense": 1},
+        stall_timeout=2,
+    )
+    with pytest.raises(Stalled, match="no live node has inferense 1; actor_resources asks for inferense"):
+        run(config)
+    assert "asks for inferense, which no node of the cluster declares now" in caplog.text
+    assert not list((tmp_path / "out").rglob("_SUCCESS"))
 
 
 def test_the_stall_guard_stops_a_driver_that_ignores_sigint():
@@ -405,4 +431,34 @@ def test_a_run_on_several_nodes_refuses_a_local_output_before_any_write(
 def test_actor_pool_grows_with_the_cluster_by_default(gpus, settings, expected, monkeypatch):
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8, "GPU": gpus})
     config = RunConfig(input="s3://b/in", output="s3://b/out", model="m", **settings)
-    assert _actors(config) == expected
+    actors = _actors(config)
+    assert (actors.device, actors.num_gpus, actors.min_size, actors.max_size) == expected
+
+
+@pytest.mark.parametrize(
+    ("gpus", "custom", "asks"),
+    [
+        (4, {}, {"GPU": 1}),
+        (0, {}, {}),
+        (4, {"inference": 1}, {"GPU": 1, "inference": 1}),
+        (0, {"slot": 0.5}, {"slot": 0.5}),
+    ],
+)
+def test_actors_ask_for_their_gpu_and_custom_resources(gpus, custom, asks, monkeypatch):
+    """What a node must have for an actor to start: the stall guard waits for one that has it all."""
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8, "GPU": gpus})
+    config = RunConfig(input="s3://b/in", output="s3://b/out", model="m", actor_resources=custom)
+    actors = _actors(config)
+    assert actors.resources == custom and actors.asks() == asks
+
+
+def test_the_stall_guard_wants_one_node_with_all_an_actor_asks_for():
+    guard = StallGuard()
+    guard.actor = {"GPU": 1, "inference": 1}
+    apart = [{"CPU": 8, "GPU": 1}, {"CPU": 8, "inference": 1}]
+    assert guard.missing(apart) == ["GPU 1 + inference 1"]  # each somewhere, never together
+    assert guard.missing([{"CPU": 8, "GPU": 1, "inference": 1}]) == []
+    assert guard.missing([]) == ["CPU", "GPU 1 + inference 1"]
+    guard.actor = {"inferense": 1}
+    assert "did you mean inference?" in guard.explain(apart)
+    assert "did you mean" not in guard.explain([])  # no node at all: nothing to tell about spelling

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dinat_batch.pipeline.config import DEFAULT_MAX_PIXELS, RunConfig
 from dinat_batch.pipeline.errors import error_column
+from dinat_batch.pipeline.faults import slow_call
 from dinat_batch.pipeline.gpu_decoding import DECODE_BUDGET, DeviceDecoder, nvjpeg, probe, unsupported
 from dinat_batch.pipeline.model import load_model
 from dinat_batch.pipeline.model.runtime import (
@@ -30,7 +32,8 @@ from dinat_batch.pipeline.stages.decode import STAGE as DECODED
 from dinat_batch.pipeline.stages.decode import host_pixels
 from dinat_batch.pipeline.stages.write import COLUMNS, Provenance, output_rows, output_schema
 
-# the plan adds num_gpus=1 per actor on a GPU cluster
+# no resources of its own: what each actor asks for besides a CPU (a GPU, custom resources) depends on the
+# cluster and the run's config, which the plan settles (`Actors`)
 STAGE = Stage("infer", consumes=DECODED.produces, produces=COLUMNS, may_consume=DECODED.may_produce)
 logger = logging.getLogger(__name__)
 
@@ -62,6 +65,23 @@ class ActorSettings(BaseModel):
             device=device,
             jpegs_to_device=jpegs_to_device,
         )
+
+
+@dataclass(frozen=True)
+class Actors:
+    """The inference actor pool a plan settles: the device its model runs on, what each actor asks of Ray
+    besides a CPU (`num_gpus`, the config's custom `resources`), and the pool's bounds (`max_size` None: no
+    bound)."""
+
+    device: str
+    num_gpus: int
+    min_size: int
+    max_size: int | None
+    resources: dict[str, float]
+
+    def asks(self) -> dict[str, float]:
+        """What one actor asks of its node besides a CPU: what a node must have for the pool to grow."""
+        return ({"GPU": float(self.num_gpus)} if self.num_gpus else {}) | self.resources
 
 
 class Predictor:
@@ -100,6 +120,7 @@ class Predictor:
 
     @torch.inference_mode()  # tensors made here are what the compiled step was warmed up with
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        slow_call()
         errors = error_column(batch["error"])
         n = len(errors)
         # Ray turns an all-null column into NaNs: bytes are what counts
@@ -151,21 +172,16 @@ class Predictor:
         return gathered[torch.from_numpy(ok)]
 
 
-def apply(
-    dataset: ray.data.Dataset,
-    settings: ActorSettings,
-    num_gpus: int,
-    min_actors: int,
-    max_actors: int | None,
-) -> ray.data.Dataset:
+def apply(dataset: ray.data.Dataset, settings: ActorSettings, actors: Actors) -> ray.data.Dataset:
     # the actor sizes its model calls itself on a GPU (from free memory); a call brings it up to the most
     call_batch = settings.batch_size or (MAX_AUTO_BATCH if settings.device == "cuda" else CPU_BATCH)
     return dataset.map_batches(
         Predictor,
         fn_constructor_kwargs={"settings": settings},
-        compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
+        compute=ray.data.ActorPoolStrategy(min_size=actors.min_size, max_size=actors.max_size),
         batch_size=call_batch,
         batch_format="numpy",
-        num_gpus=num_gpus,
+        num_gpus=actors.num_gpus,
+        resources=actors.resources,
         **STAGE.resources,
     )

@@ -31,7 +31,13 @@ python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", tr
 # `compile: auto` compiles (a failing compile took ~50 s on torch 2.11)
 step 200 gpu-tests python3 -m pytest -v -rA --tb=short -p no:cacheprovider tests/test_gpu.py
 step 80 models python3 benchmarks/gpu.py --only models --record
+touch /tmp/before-pipeline
 step 130 pipeline python3 benchmarks/gpu.py --only pipeline --record
+# Ray Data's executor logs each stage's tasks, CPU share and budget every few seconds: what kept the
+# decode stage to 5-6 tasks on 16 CPUs in the first lease, which its progress bar alone could not tell
+for session in $(find /tmp/ray -maxdepth 1 -name 'session_2*' -newer /tmp/before-pipeline); do
+    mkdir -p "$OUT/ray-data" && cp -r "$session/logs/ray-data" "$OUT/ray-data/$(basename "$session")"
+done
 step 30 decode python3 benchmarks/gpu.py --only decode --record
 step 30 accuracy python3 benchmarks/gpu.py --only accuracy --record
 step 60 kernels python3 benchmarks/gpu.py --only kernels --record

@@ -9,9 +9,11 @@ import os
 import time
 
 ENV = "DINAT_BATCH_CRASH_AT"
-# seconds each model call of an inference actor waits first: a slow accelerator that costs no CPU. Read
-# in the actor's process, so it is set in the environment of the node the actor runs on.
+# read in the actors' processes, so set in the environment of the nodes they run on: seconds each model
+# call waits first (a slow accelerator that costs no CPU), and a file while which the calls wait (a run
+# held open until a test has seen what it waits for)
 SLOW_ENV = "DINAT_BATCH_SLOW_CALLS"
+HOLD_ENV = "DINAT_BATCH_HOLD_CALLS"
 
 
 class SimulatedCrash(BaseException):
@@ -27,3 +29,6 @@ def slow_call() -> None:
     seconds = os.environ.get(SLOW_ENV)
     if seconds:
         time.sleep(float(seconds))
+    hold = os.environ.get(HOLD_ENV)
+    while hold and os.path.exists(hold):
+        time.sleep(0.2)

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dinat_batch.infra.local_cluster import LocalCluster
-from dinat_batch.pipeline.faults import SLOW_ENV
+from dinat_batch.pipeline.faults import HOLD_ENV, SLOW_ENV
 from tests.data import photos
 
 pytestmark = pytest.mark.apart
@@ -26,14 +26,21 @@ BUCKET = "multinode"
 COUNT = 32
 # on each worker node: a run whose actors ask for one holds one actor per node, as one per GPU on GPU nodes
 SLOT = {"inference": 1}
-# each model call waits on the workers, as on a slow accelerator, spending no CPU: runs outlast node changes
+# each model call waits on the workers, as on a slow accelerator, spending no CPU: runs outlast node
+# changes; and while the hold file exists, calls wait for it to go
 SLOW = {SLOW_ENV: "1.0"}
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def hold(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("hold") / "calls"
+
+
+@pytest.fixture(scope="module")
+def cluster(hold):
+    workers = SLOW | {HOLD_ENV: str(hold)}
     with LocalCluster(
-        workers=2, cpus_per_worker=2, resources_per_worker=SLOT, env_per_worker=SLOW
+        workers=2, cpus_per_worker=2, resources_per_worker=SLOT, env_per_worker=workers
     ) as started:
         yield started
 
@@ -191,28 +198,33 @@ def test_node_lost_without_replacement_finishes_on_what_remains(cluster, object_
 
 
 def test_nodes_lost_mid_run_then_nodes_join_and_the_pool_grows_onto_them(
-    cluster, object_store, bucket, tmp_path
+    cluster, object_store, bucket, tmp_path, hold
 ):
     """(a) every key once; (b) mid-run every worker node is SIGKILLed and a new one joins: the run
     completes; (d) a second node joins while the first one's actor works: the pool grows onto it, with a
     new actor (not one of the lost ones restarted). Each actor asks for the one `inference` slot of a
     node, as a GPU actor for a GPU node's one GPU. The second node has more CPUs, as a GPU node has beside
     its GPU: Ray Data adds an actor only when the CPUs it shares out among the stages leave one for it (on
-    two 2-CPU nodes they did not)."""
+    two 2-CPU nodes they did not). Model calls are held from the loss until the pool has grown: however
+    slowly the nodes start, the run cannot end first."""
     expected = images(bucket, "replaced", 4 * COUNT)  # still running when its nodes are lost
     driver = start_driver(
         cluster, object_store, tmp_path, "replaced", max_actors=4, cpu_threads=1, actor_resources=SLOT
     )
     wait_for_rows(bucket, "replaced", driver)
-    for node in cluster.workers:
-        cluster.kill(node)
-    assert driver.running(), "the run ended before its nodes were lost: give it more images"
-    first = cluster.add_worker()
-    wait_for_actor(cluster, driver, on={first.name})
-    second = cluster.add_worker(cpus=6)
-    grown = wait_for_actor(cluster, driver, on={first.name, second.name})
-    new = next(pid for pid, node in grown.items() if node == second.name)
-    assert restarts(cluster, new, driver) == 0, "the actor on the node that joined is a lost one restarted"
+    hold.touch()
+    try:
+        for node in cluster.workers:
+            cluster.kill(node)
+        assert driver.running(), "the run ended before its nodes were lost: give it more images"
+        first = cluster.add_worker()
+        wait_for_actor(cluster, driver, on={first.name})
+        second = cluster.add_worker(cpus=6)
+        grown = wait_for_actor(cluster, driver, on={first.name, second.name})
+        new = next(pid for pid, node in grown.items() if node == second.name)
+        assert restarts(cluster, new, driver) == 0, "the actor on the joined node is a lost one restarted"
+    finally:
+        hold.unlink()
     assert driver.finish(600) == 0, driver.output()
     exactly_once(bucket, "replaced", expected)
     cluster.kill(second)  # the next test runs on one small node, as before: fewer processes to start

@@ -194,7 +194,8 @@ class RunConfig(BaseModel):
     @field_validator("actor_resources")
     @classmethod
     def _custom_resources_only(cls, value: dict[str, float]) -> dict[str, float]:
-        builtin = sorted(name for name in value if name.upper() in {n.upper() for n in BUILTIN_RESOURCES})
+        reserved = {name.upper() for name in BUILTIN_RESOURCES}
+        builtin = sorted(name for name in value if name.upper() in reserved)
         if builtin:
             raise ValueError(
                 f"{', '.join(builtin)}: Ray's own resources, not custom ones; the run asks for CPUs and GPUs "

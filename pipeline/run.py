@@ -201,7 +201,7 @@ def plan(config: RunConfig, run_id: str, model: CheckedModel) -> Plan:
     is read."""
     preprocessing = model.preprocessing
     actors = _actors(config)
-    undeclared = sorted(actors.resources.keys() - {name for node in _live_nodes() for name in node})
+    undeclared = _undeclared(actors.resources, _live_nodes())
     if undeclared:
         logger.warning(
             "actor_resources asks for %s, which no node of the cluster declares now: the actors wait for a "
@@ -361,10 +361,10 @@ class StallGuard:
         lacking = self.missing(nodes)
         if not lacking:
             return ""
-        declared = {name for node in nodes for name in node}
-        unknown = [name for name in self.actor if name not in BUILTIN_RESOURCES and name not in declared]
+        unknown = _undeclared(self.actor, nodes)
         hint = ""
         if unknown and "CPU" not in lacking:
+            declared = {name for node in nodes for name in node}
             named = [
                 f"{name} (did you mean {close[0]}?)"
                 if (close := get_close_matches(name, declared, 1))
@@ -377,6 +377,12 @@ class StallGuard:
 
 def _holds(node: dict[str, float], wanted: dict[str, float]) -> bool:
     return all(node.get(name, 0) >= amount for name, amount in wanted.items())
+
+
+def _undeclared(wanted: dict[str, float], nodes: list[dict[str, float]]) -> list[str]:
+    """The custom resources of `wanted` that none of `nodes` declares: misspelt, or on nodes yet to come."""
+    declared = {name for node in nodes for name in node}
+    return sorted(name for name in wanted if name not in BUILTIN_RESOURCES and name not in declared)
 
 
 def _live_nodes() -> list[dict[str, float]]:
@@ -424,8 +430,8 @@ def stall_guard(timeout: float) -> Iterator[StallGuard]:
         raise Stalled(
             f"the run made no progress for {timeout:.0f} s (stall_timeout): the cluster cannot run its "
             f"work{_explained(guard)}: it lost every node that could, or an autoscaler has not brought one "
-            "yet (raise stall_timeout where capacity comes slowly). Nothing was committed and the rows written so far are kept: "
-            "run the same command again once the cluster has room"
+            "yet (raise stall_timeout where capacity comes slowly). Nothing was committed and the rows written "
+            "so far are kept: run the same command again once the cluster has room"
         ) from err
     finally:
         with deciding:

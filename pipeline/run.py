@@ -92,6 +92,7 @@ class Plan:
     jpegs_to_device: bool
     started_at: datetime
     listing_seconds: float
+    guard: StallGuard  # the stall guard it is carried out under: the stages add an actor's node to its needs
 
     def owner(self, output: Output) -> Ownership:
         return Ownership(self.run_id, self.model_sha256, self.attempt, output.identity)
@@ -196,9 +197,9 @@ def check_model(config: RunConfig) -> CheckedModel:
     return CheckedModel(model.preprocessing, model.weights_sha256, model.config.num_features, started_at)
 
 
-def plan(config: RunConfig, run_id: str, model: CheckedModel) -> Plan:
+def plan(config: RunConfig, run_id: str, model: CheckedModel, guard: StallGuard) -> Plan:
     """List the inputs (on the connected Ray) and settle the actors; raises ConfigError before any image
-    is read."""
+    is read. `guard`: the stall guard the plan is carried out under."""
     preprocessing = model.preprocessing
     actors = _actors(config)
     undeclared = _undeclared(actors.resources, _live_nodes())
@@ -228,6 +229,7 @@ def plan(config: RunConfig, run_id: str, model: CheckedModel) -> Plan:
         jpegs_to_device,
         model.started_at,
         round(time.monotonic() - t0, 3),
+        guard,
     )
 
 
@@ -249,12 +251,14 @@ def execute(
     if plan.kind == "files":
         todo = unfinished(listing, kept.done)
         if todo.count():
-            _execute(plan, todo, output, owner, None)
+            with plan.guard.inferring(plan.actors.asks()):
+                _execute(plan, todo, output, owner, None)
         expected = digest(listing, "uri")
     else:
         sources = listing.count()
         if sources:
-            _execute(plan, listing, output, owner, kept)
+            with plan.guard.inferring(plan.actors.asks()):
+                _execute(plan, listing, output, owner, kept)
         expected, recorded = output.source_digest(plan.attempt)
         if recorded != sources:
             raise VerificationFailed(
@@ -335,18 +339,24 @@ def planned_under_guard(config: RunConfig, run_id: str) -> Iterator[Plan]:
     block holds the steps that wait on Ray; the model check before it and the marker after it do not."""
     model = check_model(config)
     with stall_guard(config.stall_timeout) as guard:
-        planned = plan(config, run_id, model)
-        guard.actor = planned.actors.asks()
-        yield planned
+        yield plan(config, run_id, model, guard)
 
 
 class StallGuard:
     """What the stall guard asks of the cluster's live nodes: a CPU for the listing, the selection, the
-    stages, the compaction and a nightly ledger, and once the plan is made a node with all that one
+    stages, the compaction and a nightly ledger, and while the stages run a node with all that one
     inference actor asks for (`actor`: a GPU, custom resources)."""
 
     def __init__(self):
         self.actor: dict[str, float] = {}
+
+    @contextmanager
+    def inferring(self, asks: dict[str, float]) -> Iterator[None]:
+        """An actor's node is needed during the block (the stages), not before or after it: an autoscaler
+        lets idle GPU nodes go once inference ends, and a long compaction on the CPUs left is no stall."""
+        self.actor = dict(asks)
+        yield
+        self.actor = {}  # not when the stages fail: a stall's message names what they lacked
 
     def missing(self, nodes: list[dict[str, float]]) -> list[str]:
         """What the live nodes (`nodes`: each one's resources) lack of what the work needs."""

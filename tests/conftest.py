@@ -57,6 +57,7 @@ def ray_session():
         num_cpus=2,
         include_dashboard=False,
         object_store_memory=512 * 2**20,
+        resources={"inference": 1},  # for runs whose actors ask for a custom resource (actor_resources)
         logging_level="ERROR",
     )
     yield

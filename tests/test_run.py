@@ -24,6 +24,7 @@ import ray
 
 from dinat_batch.pipeline.config import ConfigError, RunConfig
 from dinat_batch.pipeline.model import ModelLoadError, load_model
+from dinat_batch.pipeline.output import Output
 from dinat_batch.pipeline.run import (
     Stalled,
     StallGuard,
@@ -31,6 +32,7 @@ from dinat_batch.pipeline.run import (
     ray_connection,
     refuse_node_local_paths,
     run,
+    stall_guard,
 )
 from dinat_batch.pipeline.stages.write import output_schema
 from tests.data import (
@@ -452,13 +454,52 @@ def test_actors_ask_for_their_gpu_and_custom_resources(gpus, custom, asks, monke
     assert actors.resources == custom and actors.asks() == asks
 
 
-def test_the_stall_guard_wants_one_node_with_all_an_actor_asks_for():
+def test_the_stall_guard_wants_one_node_with_all_an_actor_asks_for_while_the_stages_run():
     guard = StallGuard()
-    guard.actor = {"GPU": 1, "inference": 1}
     apart = [{"CPU": 8, "GPU": 1}, {"CPU": 8, "inference": 1}]
-    assert guard.missing(apart) == ["GPU 1 + inference 1"]  # each somewhere, never together
-    assert guard.missing([{"CPU": 8, "GPU": 1, "inference": 1}]) == []
-    assert guard.missing([]) == ["CPU", "GPU 1 + inference 1"]
-    guard.actor = {"inferense": 1}
-    assert "did you mean inference?" in guard.explain(apart)
-    assert "did you mean" not in guard.explain([])  # no node at all: nothing to tell about spelling
+    with guard.inferring({"GPU": 1, "inference": 1}):
+        assert guard.missing(apart) == ["GPU 1 + inference 1"]  # each somewhere, never together
+        assert guard.missing([{"CPU": 8, "GPU": 1, "inference": 1}]) == []
+        assert guard.missing([]) == ["CPU", "GPU 1 + inference 1"]
+    assert guard.missing([{"CPU": 8}]) == []  # before and after the stages: CPUs are enough
+    with guard.inferring({"inferense": 1}):
+        assert "did you mean inference?" in guard.explain(apart)
+        assert "did you mean" not in guard.explain([])  # no node at all: nothing to tell about spelling
+
+
+def test_the_actors_nodes_may_go_once_the_stages_have_run(tmp_path, tiny_model, ray_session, monkeypatch):
+    """An autoscaler lets the idle inference nodes go once the stages end: the compaction that follows
+    runs on the CPUs left, and is no stall however long it takes."""
+    source = tmp_path / "images"
+    source.mkdir()
+    (source / "a.jpg").write_bytes(photo(1))
+    scaled_in = threading.Event()
+    nodes = ray.nodes
+
+    def without_inference_slots():
+        found = nodes()
+        if scaled_in.is_set():
+            for node in found:
+                node["Resources"].pop("inference", None)
+        return found
+
+    compact = Output.compact
+
+    def long_compaction(*args, **kwargs):
+        scaled_in.set()
+        for _ in range(40):  # in short steps, as a driver waits on Ray: where a stall's interrupt lands
+            time.sleep(0.1)
+        return compact(*args, **kwargs)
+
+    monkeypatch.setattr(ray, "nodes", without_inference_slots)
+    monkeypatch.setattr(Output, "compact", long_compaction)
+    # the guard alone at 1 s: Ray Data's own guard, with the config's timeout, would count the actor's start
+    monkeypatch.setattr("dinat_batch.pipeline.run.stall_guard", lambda timeout: stall_guard(1))
+    config = RunConfig(
+        input=str(source),
+        output=str(tmp_path / "out"),
+        model=str(tiny_model),
+        actor_resources={"inference": 1},  # the session's node declares one (tests/conftest.py)
+    )
+    assert run(config).ok == 1 and scaled_in.is_set()
+    assert (tmp_path / "out" / "_SUCCESS").exists()

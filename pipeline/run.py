@@ -360,9 +360,10 @@ class StallGuard:
 
     def missing(self, nodes: list[dict[str, float]]) -> list[str]:
         """What the live nodes (`nodes`: each one's resources) lack of what the work needs."""
+        actor = self.actor  # once: the stages may end while the watcher asks
         lacking = [] if any(node.get("CPU", 0) > 0 for node in nodes) else ["CPU"]
-        if self.actor and not any(_holds(node, self.actor) for node in nodes):
-            lacking.append(" + ".join(f"{name} {amount:g}" for name, amount in sorted(self.actor.items())))
+        if actor and not any(_holds(node, actor) for node in nodes):
+            lacking.append(" + ".join(f"{name} {amount:g}" for name, amount in sorted(actor.items())))
         return lacking
 
     def explain(self, nodes: list[dict[str, float]]) -> str:

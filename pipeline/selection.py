@@ -40,8 +40,9 @@ def table_files(fs, paths: list[str], columns: list[str], chunks: bool = False) 
     """The rows of Parquet files (or Arrow IPC files, `.arrow`), read in Ray tasks through `fs` (None:
     each worker's local disk), each with the file it came from in a `file` column. Each call of the read
     function takes one file, or with `chunks` (files named by `chunk_name`) consecutive ones up to
-    ROWS_PER_PARTITION rows and GROUP_FILES files, read by READ_THREADS threads: the driver keeps ~28 KB
-    per block (benchmarks/scale.py), which a block per chunk of a large resume would add up to."""
+    ROWS_PER_PARTITION rows and GROUP_FILES files, read by READ_THREADS threads: the driver keeps memory
+    for each block an execution is given (benchmarks/RESULTS.md), which a block per chunk of a large
+    resume would add up to."""
     groups = chunk_groups(paths, ROWS_PER_PARTITION, GROUP_FILES) if chunks else [[path] for path in paths]
     return ray.data.from_items([{"paths": group} for group in groups]).map_batches(
         _read_files, batch_size=1, fn_kwargs={"fs": fs, "columns": columns}, **TASK

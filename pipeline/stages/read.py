@@ -172,7 +172,8 @@ def _of_kind(batch: pa.Table, ext: tuple[str, ...]) -> pa.Table:
 def choose_kind(config: RunConfig, listing: ray.data.Dataset) -> tuple[str, ray.data.MaterializedDataset]:
     """The input kind (configured, or guessed from the extensions found) and the listing rows it reads."""
     # tasks of at least a hash partition's rows (Ray Data bundles whole blocks, splitting none): the driver
-    # keeps ~28 KB per block (benchmarks/scale.py), and a listing has a block per folder
+    # keeps memory for each block an execution is given (benchmarks/RESULTS.md), and a listing has a block
+    # per folder
     tasks = {"batch_format": "pyarrow", "batch_size": ROWS_PER_PARTITION, **STAGE.resources}
     counts = Counter[str]()
     for row in listing.map_batches(_kind_counts, **tasks).take_all():

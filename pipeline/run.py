@@ -251,14 +251,12 @@ def execute(
     if plan.kind == "files":
         todo = unfinished(listing, kept.done)
         if todo.count():
-            with plan.guard.inferring(plan.actors.asks()):
-                _execute(plan, todo, output, owner, None)
+            _execute(plan, todo, output, owner, None)
         expected = digest(listing, "uri")
     else:
         sources = listing.count()
         if sources:
-            with plan.guard.inferring(plan.actors.asks()):
-                _execute(plan, listing, output, owner, kept)
+            _execute(plan, listing, output, owner, kept)
         expected, recorded = output.source_digest(plan.attempt)
         if recorded != sources:
             raise VerificationFailed(
@@ -375,10 +373,9 @@ class StallGuard:
         unknown = _undeclared(self.actor, nodes)
         hint = ""
         if unknown and "CPU" not in lacking:
-            declared = {name for node in nodes for name in node}
             named = [
                 f"{name} (did you mean {close[0]}?)"
-                if (close := get_close_matches(name, declared, 1))
+                if (close := get_close_matches(name, _declared(nodes), 1))
                 else name
                 for name in unknown
             ]
@@ -392,8 +389,12 @@ def _holds(node: dict[str, float], wanted: dict[str, float]) -> bool:
 
 def _undeclared(wanted: dict[str, float], nodes: list[dict[str, float]]) -> list[str]:
     """The custom resources of `wanted` that none of `nodes` declares: misspelt, or on nodes yet to come."""
-    declared = {name for node in nodes for name in node}
+    declared = _declared(nodes)
     return sorted(name for name in wanted if name not in BUILTIN_RESOURCES and name not in declared)
+
+
+def _declared(nodes: list[dict[str, float]]) -> set[str]:
+    return {name for node in nodes for name in node}
 
 
 def _live_nodes() -> list[dict[str, float]]:
@@ -477,6 +478,7 @@ def _execute(
     folder, filesystem = output.ray_target(output.staging(plan.attempt))
     # Ray Data's own guard against an execution without progress, read from the written dataset's context
     predicted.context.execution_no_progress_timeout_s = config.stall_timeout
-    write.apply(
-        predicted, folder, filesystem, owner, write.output_schema(plan.num_features), config.chunk_rows
-    )
+    with plan.guard.inferring(plan.actors.asks()):
+        write.apply(
+            predicted, folder, filesystem, owner, write.output_schema(plan.num_features), config.chunk_rows
+        )

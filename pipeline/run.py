@@ -124,20 +124,21 @@ def _decode_on_device(config: RunConfig, device: str, preprocessing: PreprocessC
 
 @contextmanager
 def ray_connection(address: str | None) -> Iterator[None]:
-    """Join the configured or ambient Ray cluster, else start a local one (and stop it afterwards).
-    `address="local"` for the latter: a bare init would follow a stale `ray_current_cluster` file left
-    by a dead `ray start` head and wait a minute for it."""
-    started = False
-    if not ray.is_initialized():
+    """Join the configured or ambient Ray cluster, else start a local one; leave it (or stop the local
+    one) afterwards, before a failed run's error is printed: leaving flushes the workers' deduplicated
+    log lines, which at the process's exit would print after the error and bury it (a lost node's raylet
+    dump is dozens of lines). `address="local"` for a local one: a bare init would follow a stale
+    `ray_current_cluster` file left by a dead `ray start` head and wait a minute for it."""
+    connected = not ray.is_initialized()
+    if connected:
         if address or os.environ.get("RAY_ADDRESS"):
             ray.init(address=address, logging_level="WARNING")
         else:
             ray.init(address="local", include_dashboard=False, logging_level="WARNING")
-            started = True
     try:
         yield
     finally:
-        if started:
+        if connected:
             ray.shutdown()
 
 

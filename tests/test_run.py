@@ -306,7 +306,12 @@ def test_without_an_address_a_run_starts_its_own_ray(monkeypatch):
     assert calls[0]["address"] == "local" and calls[1] == "shutdown"
     with ray_connection("ray://head:10001"):
         pass
-    assert calls[2]["address"] == "ray://head:10001" and len(calls) == 3  # a cluster it joined stays up
+    # it leaves a cluster it joined (the cluster stays up), and touches none it found joined
+    assert calls[2]["address"] == "ray://head:10001" and calls[3] == "shutdown"
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    with ray_connection("ray://head:10001"):
+        pass
+    assert len(calls) == 4
 
 
 STALLED_DRIVER = """

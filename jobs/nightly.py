@@ -213,7 +213,7 @@ def nightly(config: RunConfig, date: dt.date | None = None) -> NightlySummary:
     The whole table is leased, not the partition: two attempts at one date would otherwise both commit,
     and attempts at two dates could both take the same new objects. A date whose partition is committed
     is rerun (its marker removed first; an Iceberg date stays committed until its new snapshot); one whose
-    attempt died is resumed from that attempt's chunks."""
+    attempt died is resumed from that attempt's chunks. Joins and leaves Ray as `run` does."""
     date = date or dt.datetime.now(dt.UTC).date()
     table = Table(config.output, config.storage_options, IcebergTable.of(config))
     run_id = f"nightly-{date.isoformat()}-{uuid.uuid4().hex[:8]}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import inspect
 import json
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -76,18 +77,24 @@ def _job_errors() -> Iterator[None]:
     try:
         yield
     except (ConfigError, ModelLoadError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
+        raise _failed(str(err), 2) from err
     except ErrorRateExceeded as err:
-        typer.echo(f"error: the run failed its error budget: {err}", err=True)
-        raise typer.Exit(1) from err
+        raise _failed(f"the run failed its error budget: {err}", 1) from err
     except Exception as err:
-        typer.echo(
-            f"error: the run failed: {type(err).__name__}: {err}\n"
+        raise _failed(
+            f"the run failed: {type(err).__name__}: {err}\n"
             "Nothing was committed (no _SUCCESS marker), so readers ignore its files; run it again.",
-            err=True,
-        )
-        raise typer.Exit(1) from err
+            1,
+        ) from err
+
+
+def _failed(message: str, code: int) -> typer.Exit:
+    """The error printed last: what Ray printed to stdout before (its workers' and nodes' lines, flushed
+    as the run leaves the cluster) goes out first, though redirected stdout is block-buffered and stderr
+    is not."""
+    sys.stdout.flush()
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
 
 
 def _json_object(raw: str, flag: str) -> dict[str, Any]:

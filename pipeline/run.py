@@ -139,7 +139,10 @@ def ray_connection(address: str | None) -> Iterator[None]:
         yield
     finally:
         if connected:
-            ray.shutdown()
+            try:
+                ray.shutdown()
+            except Exception:  # the run's own error, if any, is the one to report
+                logger.warning("leaving the Ray cluster failed", exc_info=True)
 
 
 @contextmanager
@@ -318,7 +321,8 @@ def finish(
 
 def run(config: RunConfig | dict[str, Any]) -> RunSummary:
     """Run the pipeline once; raises ConfigError or ModelLoadError before any data is read, LeaseHeld
-    when another run holds the output."""
+    when another run holds the output. Joins Ray as `ray_connection` says and leaves it at the end: call
+    `ray.init` first to stay connected."""
     if not isinstance(config, RunConfig):
         config = RunConfig.model_validate(config)
     run_id = config.run_id or f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"

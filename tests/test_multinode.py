@@ -98,9 +98,11 @@ def start_driver(cluster, object_store, tmp_path, prefix: str, **settings) -> Dr
     job.write_text(json.dumps(config | settings))
     log = tmp_path / f"{prefix}.log"
     with log.open("w") as out:
+        # stdout block-buffered, as when a user's shell redirects it: Ray's lines must still come first
+        env = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
         process = subprocess.Popen(
             [CLI, "run", "--config", str(job)],
-            env=os.environ | cluster.driver_env,
+            env=env | cluster.driver_env,
             stdout=out,
             stderr=subprocess.STDOUT,
         )

@@ -54,7 +54,7 @@ from dinat_batch.pipeline.faults import crash_point
 from dinat_batch.pipeline.iceberg import DATA, METADATA, PARTITION, IcebergTable
 from dinat_batch.pipeline.lease import LEASES, Lease, LeaseLost
 from dinat_batch.pipeline.locations import resolve
-from dinat_batch.pipeline.ownership import Ownership, owner_of, write_table
+from dinat_batch.pipeline.ownership import Owners, Ownership, write_table
 from dinat_batch.pipeline.stages.write import CHUNK_PREFIX, chunk_groups, chunk_name
 
 SUCCESS = "_SUCCESS"
@@ -129,6 +129,7 @@ class Output:
         self.iceberg, self.scope = iceberg, scope
         self.data_path = self.path if iceberg is None else iceberg.data_path(scope)
         self._base: int | None = None  # the Iceberg snapshot this run started from
+        self._owners = Owners(self.fs, _THREADS)
 
     def child(self, name: str) -> Output:
         return Output(f"{self.uri}/{name}", self.storage_options)
@@ -166,14 +167,13 @@ class Output:
                 continue
             folder = entry["type"] == "directory" or entry["name"].endswith("/")
             if folder or name not in entries:
-                entries[name] = {"name": name, "type": "directory" if folder else "file"}
+                entries[name] = entry | {"name": name, "type": "directory" if folder else "file"}
         return list(entries.values())
 
-    def _owners(self, paths: list[str]) -> list[Ownership | None]:
-        """Who wrote each Parquet file for this output: None where the pipeline did not, or did for another
-        output (footers read in parallel; a failed read raises)."""
-        with ThreadPoolExecutor(_THREADS) as pool:
-            owners = list(pool.map(lambda path: owner_of(self.fs, path), paths))
+    def _ours(self, files: list[dict[str, Any]]) -> list[Ownership | None]:
+        """Who wrote each Parquet file (`_entries`) for this output: None where the pipeline did not, or
+        did for another output (a failed read raises)."""
+        owners = self._owners.of(files)
         return [owner if owner is not None and owner.output == self.identity else None for owner in owners]
 
     def _temp(self, entry: dict[str, Any]) -> bool:
@@ -205,7 +205,7 @@ class Output:
             elif name == LEASES and entry["type"] == "directory":
                 continue
             elif name.endswith(".parquet") and entry["type"] == "file":
-                parquet.append(entry["name"])
+                parquet.append(entry)
             else:
                 found.foreign.append(entry["name"])
         if self.iceberg is not None:
@@ -216,11 +216,11 @@ class Output:
                 if self._temp(entry):
                     found.temporary.append(entry["name"])
                 elif entry["type"] == "file" and entry["name"].endswith(".parquet"):
-                    parquet.append(entry["name"])
+                    parquet.append(entry)
                 else:
                     found.foreign.append(entry["name"])
-        for path, owner in zip(parquet, self._owners(parquet), strict=True):
-            (found.parts if owner else found.foreign).append(path)
+        for entry, owner in zip(parquet, self._ours(parquet), strict=True):
+            (found.parts if owner else found.foreign).append(entry["name"])
         return found
 
     def _survey_staging(self, staging: str, found: Survey) -> None:
@@ -234,24 +234,25 @@ class Output:
                 if self._temp(entry):
                     found.temporary.append(entry["name"])
                 elif entry["type"] == "file" and name.startswith(CHUNK_PREFIX) and name.endswith(".parquet"):
-                    chunks.append((leaf(attempt["name"]), entry["name"]))
+                    chunks.append((leaf(attempt["name"]), entry))
                 elif entry["type"] == "file" and _STALE_RECORD.match(name):
-                    stale.append(entry["name"])
+                    stale.append(entry)
                 elif name == SOURCES and entry["type"] == "directory":
                     for record in self._entries(entry["name"]):
                         ours = record["type"] == "file" and _SOURCE_RECORD.match(leaf(record["name"]))
                         (found.staged if ours else found.foreign).append(record["name"])
                 else:
                     found.foreign.append(entry["name"])
-        for (attempt, path), owner in zip(chunks, self._owners([path for _, path in chunks]), strict=True):
+        for (attempt, entry), owner in zip(chunks, self._ours([entry for _, entry in chunks]), strict=True):
+            path = entry["name"]
             if owner:
                 found.chunks.setdefault(attempt, []).append(path)
                 found.models[path] = owner.model_sha256
                 found.staged.append(path)
             else:
                 found.foreign.append(path)
-        for path, owner in zip(stale, self._owners(stale), strict=True):
-            (found.staged if owner else found.foreign).append(path)
+        for entry, owner in zip(stale, self._ours(stale), strict=True):
+            (found.staged if owner else found.foreign).append(entry["name"])
 
     def refuse_foreign(self) -> None:
         """Stop before writing anything, even a lease, into a folder that holds others' files."""

@@ -164,6 +164,41 @@ def test_compaction_checks_one_row_per_input(tmp_path, ray_session):
     lease.release()
 
 
+def test_a_file_is_asked_whose_it_is_once_until_it_changes(where, monkeypatch):
+    """Surveys read each Parquet footer once while the file stays the same; a file written over since,
+    even by the same number of bytes, is read again: a chunk replaced by someone's file is theirs."""
+    import dinat_batch.pipeline.ownership as ownership
+
+    root, options = where
+    out = Output(root, options)
+    ours = Ownership("run-1", "sha", "run-1.0", out.identity)
+    # a file of another output whose name is as long: the same bytes but one
+    theirs = Ownership("run-1", "sha", "run-1.0", out.identity[:-1] + chr(ord(out.identity[-1]) ^ 1))
+    table = pa.table({"key": ["a", "b"]})
+    chunks = [f"{out.staging('run-1.0')}/chunk-{i:06d}-2.parquet" for i in range(2)]
+    for path in chunks:
+        write_table(out.fs, path, table, ours)
+    write_table(out.fs, f"{out.path}/part-x.parquet", table, theirs)
+    read = []
+    owner_of = ownership.owner_of
+    monkeypatch.setattr(ownership, "owner_of", lambda fs, path: read.append(path) or owner_of(fs, path))
+
+    def survey():
+        out.fs.invalidate_cache()
+        return out.survey()
+
+    first = survey()
+    assert sorted(read) == sorted([*chunks, f"{out.path}/part-x.parquet"])
+    assert sorted(first.staged) == sorted(chunks) and first.foreign == [f"{out.path}/part-x.parquet"]
+    read.clear()
+    assert survey() == first and read == []
+    write_table(out.fs, chunks[0], table, theirs)  # the same size: only its version tells
+    assert out.fs.size(chunks[0]) == out.fs.size(chunks[1])
+    again = survey()
+    assert read == [chunks[0]]
+    assert again.staged == [chunks[1]] and sorted(again.foreign) == sorted([chunks[0], *first.foreign])
+
+
 # one store here: each run costs seconds of Ray start-up; the code path differs little between stores
 @pytest.mark.parametrize("where", ["s3"], indirect=True)
 def test_one_writer_at_a_time(where, tmp_path, tiny_model, ray_session, caplog):

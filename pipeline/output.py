@@ -54,7 +54,7 @@ from dinat_batch.pipeline.faults import crash_point
 from dinat_batch.pipeline.iceberg import DATA, METADATA, PARTITION, IcebergTable
 from dinat_batch.pipeline.lease import LEASES, Lease, LeaseLost
 from dinat_batch.pipeline.locations import resolve
-from dinat_batch.pipeline.ownership import Owners, Ownership, write_table
+from dinat_batch.pipeline.ownership import Owners, Ownership, file_identity, write_table
 from dinat_batch.pipeline.stages.write import CHUNK_PREFIX, chunk_groups, chunk_name
 
 SUCCESS = "_SUCCESS"
@@ -101,6 +101,10 @@ class Compacted:
     @property
     def errors(self) -> int:
         return sum(self.errors_by_kind.values())
+
+
+def _plain_file(entry: dict[str, Any]) -> bool:
+    return entry["type"] == "file" and not entry.get("islink")
 
 
 def leaf(path: str) -> str:
@@ -155,7 +159,8 @@ class Output:
         return path, self.ray_fs
 
     def _entries(self, path: str) -> list[dict[str, Any]]:
-        """A folder's entries, once each; object stores' folder markers (`key/`) count as folders."""
+        """A folder's entries, once each, with each file's `file_identity`; object stores' folder markers
+        (`key/`) count as folders; symbolic links and the like are `other` (the pipeline makes none)."""
         try:
             listed = self.fs.ls(path, detail=True)
         except FileNotFoundError:
@@ -167,13 +172,20 @@ class Output:
                 continue
             folder = entry["type"] == "directory" or entry["name"].endswith("/")
             if folder or name not in entries:
-                entries[name] = entry | {"name": name, "type": "directory" if folder else "file"}
+                kind = "directory" if folder else "file" if _plain_file(entry) else "other"
+                identity = file_identity(entry) if kind == "file" else None
+                entries[name] = {"name": name, "type": kind, "identity": identity}
         return list(entries.values())
+
+    def wrote(self, files: list[bytes], owner: Ownership) -> None:
+        """This run's write tasks wrote `files` (`file_identity`s) as `owner`: surveys take them for
+        ours without reading their footers while they stay the same."""
+        self._owners.wrote(files, owner)
 
     def _ours(self, files: list[dict[str, Any]]) -> list[Ownership | None]:
         """Who wrote each Parquet file (`_entries`) for this output: None where the pipeline did not, or
         did for another output (a failed read raises)."""
-        owners = self._owners.of(files)
+        owners = self._owners.of([(entry["name"], entry["identity"]) for entry in files])
         return [owner if owner is not None and owner.output == self.identity else None for owner in owners]
 
     def _temp(self, entry: dict[str, Any]) -> bool:
@@ -439,6 +451,7 @@ class Output:
             ray.wait(pending, num_returns=1)
             crash_point("part-written")
         results = ray.get(pending)
+        self.wrote([result["identity"] for result in results if result["identity"]], ownership)
         written = KeyDigest()
         kinds: Counter[str] = Counter()
         compacted = Compacted(files=[], ok=0, retryable=0)
@@ -495,7 +508,7 @@ def _compact(
     """One table file from a group of chunks, with `constants` as columns (an Iceberg partition's value).
     From chunks of earlier attempts (outside this attempt's `staging`) failed reads are left out, as this
     attempt read those inputs again, and so are the keys their stale record names. Returns the file's
-    size and the counts the commit checks and reports."""
+    size, its `file_identity` and the counts the commit checks and reports."""
     fs = fs or LocalFileSystem()
     tables = []
     for path in chunks:
@@ -521,6 +534,7 @@ def _compact(
         "errors_by_kind": dict(Counter(error_kind(e) for e in failed)),
         "retryable": pc.sum(retryable_mask(table.column("error"))).as_py() or 0,
         "digest": KeyDigest().add(table.column("key").to_pylist()).to_json(),
+        "identity": file_identity(fs.info(part)) if table.num_rows else None,
     }
 
 

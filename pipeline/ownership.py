@@ -60,50 +60,59 @@ def owner_of(fs, path: str) -> Ownership | None:
     )
 
 
-def content_version(info: dict[str, Any]) -> str:
-    """What changes when a file's content changes, from its listing entry: the ETag on object stores, else
-    the modification time; "" when the filesystem gives neither."""
-    for field in ("ETag", "etag", "md5Hash", "LastModified", "mtime", "last_modified", "created"):
-        if info.get(field) is not None:
-            return str(info[field]).strip('"')
-    return ""
+# what tells one file at a path from another: the content's hash where the store keeps one (the same
+# bytes), else every time the entry has (a disk's mtime can be set back; its ctime, `created`, cannot)
+_CONTENT_HASHES = ("ETag", "etag", "md5Hash")
+_TIMES = ("mtime", "created", "LastModified", "last_modified")
+
+
+def file_identity(info: dict[str, Any]) -> bytes | None:
+    """A digest of what tells this file from any other at its path, from its listing entry or `info`:
+    path, size, then the content's hash, or else the inode (a file renamed over a disk's gets a new one)
+    and every time the entry has; None when the filesystem gives neither hash nor time."""
+    content = next((str(info[name]).strip('"') for name in _CONTENT_HASHES if info.get(name)), None)
+    if content is None:
+        times = [str(info[name]) for name in _TIMES if info.get(name) is not None]
+        if not times:
+            return None
+        content = "\0".join([str(info.get("ino")), *times])
+    named = f"{info['name']}\0{info.get('size')}\0{content}"
+    return hashlib.blake2b(named.encode(), digest_size=16).digest()
 
 
 class Owners:
     """`owner_of` for the files of an output's listings, one after another, each footer read once while
-    the file stays the same (path, size, `content_version`, inode): a run surveys its output several times
-    (before its lease, then to prepare, compact and publish), and each footer is a request to the store,
-    which at a million chunk files is most of a run's bookkeeping. A file replaced since is read again."""
+    the file stays the same (`file_identity`): a run surveys its output four or five times (before its
+    lease, then to prepare, compact and publish), and each footer is a request to the store, which at a
+    million chunk files is most of a run's bookkeeping. A file written over since is read again; the
+    run's own write tasks say what they wrote (`wrote`), which is then never read."""
 
     def __init__(self, fs, threads: int):
         self.fs, self.threads = fs, threads
-        # a digest of each file's identity (~100 bytes a file with the dict's own, not ~400 for the
-        # names): a million chunk files are a million entries
+        # identities as 16-byte digests, ~90 bytes a file with the dict's own: a million chunk files
+        # are a million entries
         self._known: dict[bytes, Ownership | None] = {}
         self._one: dict[Ownership, Ownership] = {}  # each owner held once, not once per file
 
-    def of(self, files: list[dict[str, Any]]) -> list[Ownership | None]:
-        """The owner of each of `files` (entries of `fs.ls(path, detail=True)`), unknown footers read in
-        parallel; a failed read raises."""
-        keys = [_identity(entry) for entry in files]
-        unread = [i for i, key in enumerate(keys) if key not in self._known]  # None is never known
+    def of(self, files: list[tuple[str, bytes | None]]) -> list[Ownership | None]:
+        """The owner of each of `files` (path, `file_identity`), unknown footers read in parallel; a failed
+        read raises."""
+        unread = [i for i, (_, identity) in enumerate(files) if identity not in self._known]  # None never is
         with ThreadPoolExecutor(self.threads) as pool:
-            owners = pool.map(lambda i: owner_of(self.fs, files[i]["name"]), unread)
+            owners = pool.map(lambda i: self._once(owner_of(self.fs, files[i][0])), unread)
             read = dict(zip(unread, owners, strict=True))
         for i, owner in read.items():
-            if keys[i] is not None:
-                self._known[keys[i]] = None if owner is None else self._one.setdefault(owner, owner)
-        return [read[i] if i in read else self._known[key] for i, key in enumerate(keys)]
+            if files[i][1] is not None:
+                self._known[files[i][1]] = owner
+        return [read[i] if i in read else self._known[identity] for i, (_, identity) in enumerate(files)]
 
+    def wrote(self, files: list[bytes], owner: Ownership) -> None:
+        """`owner` wrote `files` (`file_identity` of each, as its writer saw it): later surveys need not
+        read their footers while their listings show the same files."""
+        self._known.update(dict.fromkeys(files, self._once(owner)))
 
-def _identity(entry: dict[str, Any]) -> bytes | None:
-    """The file's path, size, `content_version` and inode (a file written again on a disk gets a new one:
-    renamed over), as a digest; None when the filesystem gives no version: such a file is read each time."""
-    version = content_version(entry)
-    if not version:
-        return None
-    named = f"{entry['name']}\0{entry.get('size')}\0{version}\0{entry.get('ino')}"
-    return hashlib.blake2b(named.encode(), digest_size=16).digest()
+    def _once(self, owner: Ownership | None) -> Ownership | None:
+        return None if owner is None else self._one.setdefault(owner, owner)
 
 
 def write_table(fs, path: str, table: pa.Table, ownership: Ownership) -> int:

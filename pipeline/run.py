@@ -484,6 +484,7 @@ def _execute(
     # Ray Data's own guard against an execution without progress, read from the written dataset's context
     predicted.context.execution_no_progress_timeout_s = config.stall_timeout
     with plan.guard.inferring(plan.actors.asks()):
-        write.apply(
+        written = write.apply(
             predicted, folder, filesystem, owner, write.output_schema(plan.num_features), config.chunk_rows
         )
+    output.wrote(written, owner)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -197,6 +198,51 @@ def test_a_file_is_asked_whose_it_is_once_until_it_changes(where, monkeypatch):
     again = survey()
     assert read == [chunks[0]]
     assert again.staged == [chunks[1]] and sorted(again.foreign) == sorted([chunks[0], *first.foreign])
+
+
+def test_a_link_is_never_ours_and_a_file_rewritten_in_place_is_read_again(tmp_path):
+    """On a disk: a symbolic link to one of our files is not ours (the pipeline makes none); a chunk
+    overwritten in place by someone's file of the same size, its times set back (`cp -p`), is theirs."""
+    out = Output(str(tmp_path / "out"), {})
+    ours = Ownership("run-1", "sha", "run-1.0", out.identity)
+    theirs = Ownership("run-1", "sha", "run-1.0", out.identity[:-1] + chr(ord(out.identity[-1]) ^ 1))
+    table = pa.table({"key": ["a", "b"]})
+    chunk = f"{out.staging('run-1.0')}/chunk-000000-2.parquet"
+    write_table(out.fs, chunk, table, ours)
+    write_table(out.fs, str(tmp_path / "copy.parquet"), table, ours)
+    link = Path(out.staging("run-1.0")) / "chunk-000001-2.parquet"
+    link.symlink_to(tmp_path / "copy.parquet")
+    first = out.survey()
+    assert first.staged == [chunk] and first.foreign == [str(link)]
+    write_table(out.fs, str(tmp_path / "theirs.parquet"), table, theirs)
+    replacement = (tmp_path / "theirs.parquet").read_bytes()
+    before = os.stat(chunk)
+    assert len(replacement) == before.st_size
+    time.sleep(0.05)  # past the clock tick of the first write: the inode's change time moves
+    with open(chunk, "r+b") as f:
+        f.write(replacement)
+    os.utime(chunk, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(chunk).st_ino == before.st_ino and os.stat(chunk).st_mtime_ns == before.st_mtime_ns
+    again = out.survey()
+    assert again.staged == [] and sorted(again.foreign) == sorted([chunk, str(link)])
+
+
+def test_a_run_reads_no_footer_of_the_files_it_wrote(where, tmp_path, tiny_model, ray_session, monkeypatch):
+    """The write and compaction tasks say what they wrote: the run's surveys read no footer of its own
+    chunks and table files; the next run, refused for the finished output, reads the table files'."""
+    import dinat_batch.pipeline.ownership as ownership
+
+    root, options = where
+    source = image_folder(tmp_path / "images", 6)
+    output = f"{root}/out"
+    read = []
+    owner_of = ownership.owner_of
+    monkeypatch.setattr(ownership, "owner_of", lambda fs, path: read.append(path) or owner_of(fs, path))
+    summary = run(config(source, output, tiny_model, options))
+    assert read == [] and summary.ok == 6
+    with pytest.raises(ConfigError, match="already holds a run that finished"):
+        run(config(source, output, tiny_model, options))
+    assert [path.rsplit("/", 1)[1][:5] for path in read] == ["part-"] * summary.files
 
 
 # one store here: each run costs seconds of Ray start-up; the code path differs little between stores

@@ -29,7 +29,6 @@ from dinat_batch.pipeline.config import IMAGE_EXTENSIONS, ConfigError, RunConfig
 from dinat_batch.pipeline.errors import error_text, read_error
 from dinat_batch.pipeline.locations import GLOB_CHARS, Location, glob_prefix, resolve
 from dinat_batch.pipeline.output import record_source
-from dinat_batch.pipeline.ownership import content_version
 from dinat_batch.pipeline.selection import ROWS_PER_PARTITION, attach, each_group, without
 from dinat_batch.pipeline.stages import CPU_TASK, Stage
 
@@ -79,13 +78,21 @@ class Spelling:
         return f"{self.protocol}://{path}" if self.protocol else path
 
 
+def _version(info: dict[str, Any]) -> str:
+    """What changes when the object's content changes: the ETag on object stores, else the mtime."""
+    for field in ("ETag", "etag", "md5Hash", "LastModified", "mtime", "last_modified", "created"):
+        if info.get(field) is not None:
+            return str(info[field]).strip('"')
+    return ""
+
+
 def _listing(infos: list[dict[str, Any]], where: Spelling, root: str) -> pa.Table:
     infos = [i for i in infos if i.get("type", "file") == "file" and not _hidden(i["name"], root)]
     return pa.table(
         {
             "uri": [where.uri(i["name"]) for i in infos],
             "size": [int(i.get("size") or 0) for i in infos],
-            "version": [content_version(i) for i in infos],
+            "version": [_version(i) for i in infos],
         },
         schema=LISTING,
     )

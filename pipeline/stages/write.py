@@ -15,8 +15,9 @@ import pyarrow as pa
 import ray
 from fsspec.implementations.local import LocalFileSystem
 from ray.data import Datasink
+from ray.data.datasource.datasink import WriteResult
 
-from dinat_batch.pipeline.ownership import Ownership, write_table
+from dinat_batch.pipeline.ownership import Ownership, file_identity, write_table
 from dinat_batch.pipeline.stages import Stage
 
 
@@ -144,21 +145,26 @@ class ChunkSink(Datasink):
     ):
         self.folder, self.filesystem, self.ownership = folder, filesystem, ownership
         self.schema, self._min_rows, self.prefix = schema, min_rows, prefix
+        self.written: list[bytes] = []  # in the driver, once the write completes
 
     @property
     def min_rows_per_write(self) -> int | None:
         return self._min_rows
 
-    def write(self, blocks, ctx) -> str | None:
+    def write(self, blocks, ctx) -> bytes | None:
+        """Returns the chunk file's `file_identity`, for the driver's surveys (`written`)."""
         tables = [pa.table(block) if not isinstance(block, pa.Table) else block for block in blocks]
         tables = [table for table in tables if table.num_rows]
         if not tables:
             return None
         table = pa.concat_tables(tables).cast(self.schema)
-        name = chunk_name(ctx.task_idx, table.num_rows, self.prefix)
+        path = f"{self.folder}/{chunk_name(ctx.task_idx, table.num_rows, self.prefix)}"
         fs = self.filesystem or LocalFileSystem()
-        write_table(fs, f"{self.folder}/{name}", table, self.ownership)
-        return name
+        write_table(fs, path, table, self.ownership)
+        return file_identity(fs.info(path))
+
+    def on_write_complete(self, write_result: WriteResult) -> None:
+        self.written = [identity for identity in write_result.write_returns if identity is not None]
 
 
 def apply(
@@ -168,8 +174,9 @@ def apply(
     ownership: Ownership,
     schema: pa.Schema,
     min_rows: int | None,
-) -> None:
-    """Run the plan, writing its rows as chunk files under `folder`."""
-    dataset.write_datasink(
-        ChunkSink(folder, filesystem, ownership, schema, min_rows), ray_remote_args=STAGE.resources
-    )
+) -> list[bytes]:
+    """Run the plan, writing its rows as chunk files under `folder`; returns their `file_identity`s (one
+    per chunk file: O(units of work) in the driver)."""
+    sink = ChunkSink(folder, filesystem, ownership, schema, min_rows)
+    dataset.write_datasink(sink, ray_remote_args=STAGE.resources)
+    return sink.written

@@ -54,7 +54,14 @@ from dinat_batch.pipeline.faults import crash_point
 from dinat_batch.pipeline.iceberg import DATA, METADATA, PARTITION, IcebergTable
 from dinat_batch.pipeline.lease import LEASES, Lease, LeaseLost
 from dinat_batch.pipeline.locations import resolve
-from dinat_batch.pipeline.ownership import Owners, Ownership, file_identity, write_table
+from dinat_batch.pipeline.ownership import (
+    Owners,
+    Ownership,
+    file_identity,
+    owner_in,
+    write_table,
+    written_identity,
+)
 from dinat_batch.pipeline.stages.write import CHUNK_PREFIX, chunk_groups, chunk_name
 
 SUCCESS = "_SUCCESS"
@@ -173,7 +180,7 @@ class Output:
             folder = entry["type"] == "directory" or entry["name"].endswith("/")
             if folder or name not in entries:
                 kind = "directory" if folder else "file" if _plain_file(entry) else "other"
-                identity = file_identity(entry) if kind == "file" else None
+                identity = file_identity(self.fs, entry) if kind == "file" else None
                 entries[name] = {"name": name, "type": kind, "identity": identity}
         return list(entries.values())
 
@@ -514,6 +521,12 @@ def _compact(
     for path in chunks:
         with fs.open(path, "rb") as f:
             table = pq.read_table(f)
+        owner = owner_in(table.schema.metadata)
+        if owner is None or owner.output != ownership.output:  # the survey said otherwise: never mix it in
+            raise ForeignFiles(
+                f"{path} was not written by dinat-batch for this output: nothing was committed. Move it "
+                "away and run the same command again"
+            )
         if not path.startswith(staging + "/"):
             keep = pc.invert(pc.is_in(table.column("key"), _stale_keys(fs, stale_record(staging, path))))
             table = table.filter(pc.and_(keep, pc.invert(retryable_mask(table.column("error")))))
@@ -534,7 +547,7 @@ def _compact(
         "errors_by_kind": dict(Counter(error_kind(e) for e in failed)),
         "retryable": pc.sum(retryable_mask(table.column("error"))).as_py() or 0,
         "digest": KeyDigest().add(table.column("key").to_pylist()).to_json(),
-        "identity": file_identity(fs.info(part)) if table.num_rows else None,
+        "identity": written_identity(fs, part) if table.num_rows else None,
     }
 
 

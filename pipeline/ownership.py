@@ -7,12 +7,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from dinat_batch.pipeline.atomic import put_file
 
@@ -46,11 +48,17 @@ def owner_of(fs, path: str) -> Ownership | None:
     Parquet). A read that fails (throttling, access denied, a timeout) raises: it proves nothing."""
     with fs.open(path, "rb") as f:
         try:
-            metadata = pq.read_metadata(f).metadata or {}
+            metadata = pq.read_metadata(f).metadata
         except pa.ArrowInvalid:
             return None
+    return owner_in(metadata)
+
+
+def owner_in(metadata: dict[bytes, bytes] | None) -> Ownership | None:
+    """The run named by a Parquet file's key-value metadata (a footer's, a read table's schema's), or None
+    when the pipeline did not write it."""
     try:
-        record = json.loads(metadata[METADATA_KEY])
+        record = json.loads((metadata or {})[METADATA_KEY])
     except (KeyError, ValueError):
         return None
     if not isinstance(record, dict) or record.get("writer") != WRITER:
@@ -60,24 +68,39 @@ def owner_of(fs, path: str) -> Ownership | None:
     )
 
 
-# what tells one file at a path from another: the content's hash where the store keeps one (the same
-# bytes), else every time the entry has (a disk's mtime can be set back; its ctime, `created`, cannot)
+# what tells one file at a path from another on a store: the content's hash where it keeps one (the same
+# bytes), else every time its listing gives
 _CONTENT_HASHES = ("ETag", "etag", "md5Hash")
 _TIMES = ("mtime", "created", "LastModified", "last_modified")
 
 
-def file_identity(info: dict[str, Any]) -> bytes | None:
-    """A digest of what tells this file from any other at its path, from its listing entry or `info`:
-    path, size, then the content's hash, or else the inode (a file renamed over a disk's gets a new one)
-    and every time the entry has; None when the filesystem gives neither hash nor time."""
-    content = next((str(info[name]).strip('"') for name in _CONTENT_HASHES if info.get(name)), None)
-    if content is None:
-        times = [str(info[name]) for name in _TIMES if info.get(name) is not None]
-        if not times:
-            return None
-        content = "\0".join([str(info.get("ino")), *times])
+def file_identity(fs, info: dict[str, Any]) -> bytes | None:
+    """A digest of what tells this file from any other at its path (`info`: its listing entry or `info`):
+    path and size, then on a disk (`fs` local or None) its device, inode, and modification and change
+    times in nanoseconds from `os.stat` (`cp -p` sets the first back, nothing sets the second; fsspec
+    gives the birth time instead where there is one), elsewhere the content's hash, or else every time the
+    entry has. None when there is neither hash nor time."""
+    if fs is None or isinstance(fs, LocalFileSystem):
+        found = os.stat(info["name"], follow_symlinks=False)
+        content = f"{found.st_dev}\0{found.st_ino}\0{found.st_mtime_ns}\0{found.st_ctime_ns}"
+    else:
+        content = next((str(info[name]).strip('"') for name in _CONTENT_HASHES if info.get(name)), None)
+        if content is None:
+            times = [str(info[name]) for name in _TIMES if info.get(name) is not None]
+            if not times:
+                return None
+            content = "\0".join(times)
     named = f"{info['name']}\0{info.get('size')}\0{content}"
     return hashlib.blake2b(named.encode(), digest_size=16).digest()
+
+
+def written_identity(fs, path: str) -> bytes | None:
+    """The `file_identity` of a file just written through `fs` (None: the local disk), for the driver's
+    surveys; None when it cannot be told (it is only a saving: the survey then reads the footer)."""
+    try:
+        return file_identity(fs, (fs or LocalFileSystem()).info(path))
+    except OSError:
+        return None
 
 
 class Owners:

@@ -200,9 +200,31 @@ def test_a_file_is_asked_whose_it_is_once_until_it_changes(where, monkeypatch):
     assert again.staged == [chunks[1]] and sorted(again.foreign) == sorted([chunks[0], *first.foreign])
 
 
+def test_compaction_mixes_in_no_chunk_of_someone_else_whatever_the_survey_said(tmp_path, ray_session):
+    """The compaction tasks check each chunk's own metadata: a chunk the driver took for ours by mistake
+    (here told so through `wrote`) stops the commit, and stays."""
+    from dinat_batch.pipeline.ownership import written_identity
+
+    out = Output(str(tmp_path / "out"), {})
+    ours = Ownership("run-1", "sha", "run-1.0", out.identity)
+    chunk = f"{out.staging('run-1.0')}/chunk-000000-1.parquet"
+    rows = [{"key": "a", "status": "ok", "model": "m", "model_sha256": "sha", "run_id": "run-1"}]
+    table = pa.Table.from_pylist(
+        [row | {"processed_at": 0} for row in rows], output_schema(TINY.num_features)
+    )
+    write_table(out.fs, chunk, table, Ownership("run-1", "sha", "run-1.0", "/elsewhere"))
+    out.wrote([written_identity(None, chunk)], ours)
+    lease = Lease(out.fs, out.path, "run-1", 60).acquire()
+    with pytest.raises(ForeignFiles, match=r"chunk-000000-1\.parquet was not written by dinat-batch"):
+        out.compact(ours, lease, KeyDigest().add(["a"]), 100)
+    lease.release()
+    assert os.path.exists(chunk) and out.marker() is None
+
+
 def test_a_link_is_never_ours_and_a_file_rewritten_in_place_is_read_again(tmp_path):
     """On a disk: a symbolic link to one of our files is not ours (the pipeline makes none); a chunk
-    overwritten in place by someone's file of the same size, its times set back (`cp -p`), is theirs."""
+    overwritten in place by someone's file of the same size, its times set back (`cp -p`), is theirs: its
+    change time tells."""
     out = Output(str(tmp_path / "out"), {})
     ours = Ownership("run-1", "sha", "run-1.0", out.identity)
     theirs = Ownership("run-1", "sha", "run-1.0", out.identity[:-1] + chr(ord(out.identity[-1]) ^ 1))

@@ -17,7 +17,7 @@ from fsspec.implementations.local import LocalFileSystem
 from ray.data import Datasink
 from ray.data.datasource.datasink import WriteResult
 
-from dinat_batch.pipeline.ownership import Ownership, file_identity, write_table
+from dinat_batch.pipeline.ownership import Ownership, write_table, written_identity
 from dinat_batch.pipeline.stages import Stage
 
 
@@ -161,7 +161,7 @@ class ChunkSink(Datasink):
         path = f"{self.folder}/{chunk_name(ctx.task_idx, table.num_rows, self.prefix)}"
         fs = self.filesystem or LocalFileSystem()
         write_table(fs, path, table, self.ownership)
-        return file_identity(fs.info(path))
+        return written_identity(self.filesystem, path)
 
     def on_write_complete(self, write_result: WriteResult) -> None:
         self.written = [identity for identity in write_result.write_returns if identity is not None]

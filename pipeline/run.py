@@ -378,9 +378,10 @@ class StallGuard:
         unknown = _undeclared(self.actor, nodes)
         hint = ""
         if unknown and "CPU" not in lacking:
+            declared = _declared(nodes)
             named = [
                 f"{name} (did you mean {close[0]}?)"
-                if (close := get_close_matches(name, _declared(nodes), 1))
+                if (close := get_close_matches(name, declared, 1))
                 else name
                 for name in unknown
             ]

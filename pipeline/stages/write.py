@@ -161,7 +161,7 @@ class ChunkSink(Datasink):
         path = f"{self.folder}/{chunk_name(ctx.task_idx, table.num_rows, self.prefix)}"
         fs = self.filesystem or LocalFileSystem()
         write_table(fs, path, table, self.ownership)
-        return written_identity(self.filesystem, path)
+        return written_identity(fs, path)
 
     def on_write_complete(self, write_result: WriteResult) -> None:
         self.written = [identity for identity in write_result.write_returns if identity is not None]

@@ -166,8 +166,9 @@ class Output:
         return path, self.ray_fs
 
     def _entries(self, path: str) -> list[dict[str, Any]]:
-        """A folder's entries, once each, with each file's `file_identity`; object stores' folder markers
-        (`key/`) count as folders; symbolic links and the like are `other` (the pipeline makes none)."""
+        """A folder's entries, once each, with each Parquet file's `file_identity` (the files whose owner
+        surveys ask); object stores' folder markers (`key/`) count as folders; symbolic links and the
+        like are `other` (the pipeline makes none)."""
         try:
             listed = self.fs.ls(path, detail=True)
         except FileNotFoundError:
@@ -180,7 +181,8 @@ class Output:
             folder = entry["type"] == "directory" or entry["name"].endswith("/")
             if folder or name not in entries:
                 kind = "directory" if folder else "file" if _plain_file(entry) else "other"
-                identity = file_identity(self.fs, entry) if kind == "file" else None
+                parquet = kind == "file" and name.endswith(".parquet")
+                identity = file_identity(self.fs, entry) if parquet else None
                 entries[name] = {"name": name, "type": kind, "identity": identity}
         return list(entries.values())
 

@@ -79,9 +79,13 @@ def file_identity(fs, info: dict[str, Any]) -> bytes | None:
     path and size, then on a disk (`fs` local or None) its device, inode, and modification and change
     times in nanoseconds from `os.stat` (`cp -p` sets the first back, nothing sets the second; fsspec
     gives the birth time instead where there is one), elsewhere the content's hash, or else every time the
-    entry has. None when there is neither hash nor time."""
+    entry has. None when there is neither hash nor time, or the file is gone since it was listed (a live
+    run's temp file, renamed: the survey then reads the footer, or leaves the file alone, as without)."""
     if fs is None or isinstance(fs, LocalFileSystem):
-        found = os.stat(info["name"], follow_symlinks=False)
+        try:
+            found = os.stat(info["name"], follow_symlinks=False)
+        except FileNotFoundError:
+            return None
         content = f"{found.st_dev}\0{found.st_ino}\0{found.st_mtime_ns}\0{found.st_ctime_ns}"
     else:
         content = next((str(info[name]).strip('"') for name in _CONTENT_HASHES if info.get(name)), None)

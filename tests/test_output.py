@@ -249,6 +249,21 @@ def test_a_link_is_never_ours_and_a_file_rewritten_in_place_is_read_again(tmp_pa
     assert again.staged == [] and sorted(again.foreign) == sorted([chunk, str(link)])
 
 
+def test_a_file_gone_since_its_listing_has_no_identity(tmp_path):
+    """A live run's temp file renamed between another survey's listing and its look at the file: no
+    identity (the survey goes on as without one), not an error."""
+    from dinat_batch.pipeline.ownership import file_identity
+
+    out = Output(str(tmp_path / "out"), {})
+    write_table(
+        out.fs, f"{out.path}/part-0.parquet", pa.table({"key": ["a"]}), Ownership("r", "s", "r.0", "x")
+    )
+    (entry,) = out.fs.ls(out.path, detail=True)
+    assert file_identity(out.fs, entry) is not None
+    out.fs.rm_file(entry["name"])
+    assert file_identity(out.fs, entry) is None
+
+
 def test_a_run_reads_no_footer_of_the_files_it_wrote(where, tmp_path, tiny_model, ray_session, monkeypatch):
     """The write and compaction tasks say what they wrote: the run's surveys read no footer of its own
     chunks and table files; the next run, refused for the finished output, reads the table files'."""

@@ -17,6 +17,7 @@ from dinat_batch.pipeline.images import cpu_pixels
 from dinat_batch.pipeline.model import load_model
 from dinat_batch.pipeline.model.preprocessing import PreprocessConfig
 from dinat_batch.pipeline.model.runtime import MAX_AUTO_BATCH, MEMORY_SHARE, Runner, resolve_compile
+from dinat_batch.pipeline.stages import infer
 from dinat_batch.pipeline.stages.decode import decode_batch
 from dinat_batch.pipeline.stages.infer import ActorSettings, Predictor
 from tests.data import MAX_PIXELS, direct_predictions, photo
@@ -146,7 +147,7 @@ def test_the_default_gpu_path_through_a_ray_actor(tiny_model, ray_session):
     out = decoded.map_batches(
         CountingPredictor,
         fn_constructor_kwargs={"settings": settings},
-        compute=ray.data.ActorPoolStrategy(size=1),
+        compute=infer.pool(1, 1),
         batch_size=8,
         batch_format="numpy",
         num_gpus=1,

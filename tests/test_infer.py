@@ -1,6 +1,8 @@
 """The inference actor's callable on its own (no Ray): rows as the output schema says, error rows passed
 through, backbone-only models, and out-of-memory handled by smaller slices."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -105,3 +107,38 @@ def test_the_actor_settings_are_the_run_config_s_by_name():
     assert {name: getattr(settings, name) for name in shared} == config.model_dump(include=shared)
     assert (settings.run_id, settings.device, settings.jpegs_to_device) == ("run-9", "cpu", True)
     assert "secret" not in repr(settings)
+
+
+def test_calls_from_several_threads_run_the_model_on_one(tiny_model):
+    """Ray Data calls the actor from a pool of threads, CALLS_PER_ACTOR calls at a time: each call gets its
+    own rows, and the model runs on one thread only, the same for every call (torch keeps CUDA graphs per
+    thread)."""
+    batches = [decoded({f"{b}-{i}.jpg": photo(10 * b + i) for i in range(3)}) for b in range(4)]
+    expected = [predictor(tiny_model)(batch) for batch in batches]
+    actor = predictor(tiny_model)
+    ran_on, run = set(), actor.runner._run
+
+    def recorded(pixels):
+        ran_on.add(threading.get_ident())
+        return run(pixels)
+
+    actor.runner._run = recorded
+    tables = [None] * len(batches)
+
+    def caller(first: int) -> None:
+        for i in range(first, len(batches), 2):
+            tables[i] = actor(batches[i])
+
+    callers = [threading.Thread(target=caller, args=(first,)) for first in range(2)]
+    for thread in callers:
+        thread.start()
+    for thread in callers:
+        thread.join()
+    assert len(ran_on) == 1 and ran_on.isdisjoint({threading.get_ident(), *(t.ident for t in callers)})
+    for table, want in zip(tables, expected, strict=True):
+        assert table.column("key").to_pylist() == want.column("key").to_pylist()
+        np.testing.assert_allclose(
+            np.stack(table.column("embedding").to_pylist()),
+            np.stack(want.column("embedding").to_pylist()),
+            atol=1e-5,
+        )

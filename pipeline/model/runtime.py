@@ -7,9 +7,9 @@ with a short last slice padded to that size; host pixels go through pinned buffe
 side stream while the previous slice computes; the batch size comes from free memory. On a CPU the model
 runs in the asked dtype, eager unless compiling is asked for.
 
-Compiling and recording happen on the first call, on the thread that calls: Ray Data builds an actor on
-one thread and calls it on another, and torch keeps CUDA graphs per thread (graphs recorded at
-construction would be recorded again on the first call, into a second memory pool).
+Compiling and recording happen on the first call, on the thread that calls: torch keeps CUDA graphs per
+thread, and the inference actor is built on one thread and runs its model on another, its device thread
+(graphs recorded at construction would be recorded again on the first call, into a second memory pool).
 
 Every speed-up degrades instead of failing: a compile that fails falls back to eager with a warning;
 out-of-memory halves the batch and keeps the smaller size, releasing the graphs and memory pools recorded
@@ -190,8 +190,8 @@ class Runner:
 
     def _compiled(self) -> bool:
         """Whether the step is compiled for this thread: once for `on`; per thread for `graphs`, whose CUDA
-        graphs torch keeps per thread (a release then frees only the calling thread's: Ray Data calls an
-        actor from one thread, so there is one)."""
+        graphs torch keeps per thread (a release then frees only the calling thread's: the inference actor
+        calls its runner from its one device thread, so there is one)."""
         if self.compiled_on is None:
             return False
         return self.mode != "graphs" or self.compiled_on == threading.get_ident()

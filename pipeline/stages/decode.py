@@ -75,7 +75,9 @@ def host_pixels(column: np.ndarray, rows: np.ndarray, size: tuple[int, int]) -> 
     """The pixels of `rows` (a boolean mask) as uint8 [n, height, width, 3], from either form of the
     `pixels` column: an array of pixels, or per row the bytes of one (`jpegs_to_device`)."""
     if column.dtype != object:
-        return column[rows]
+        # all rows valid is the common case: no copy of ~150 KB per image then (torch.from_numpy wants a
+        # writable array)
+        return column if rows.all() and column.flags.writeable else column[rows]
     chosen = column[rows]
     out = np.empty((len(chosen), *size, 3), dtype=np.uint8)  # writable, as torch.from_numpy wants
     for i, data in enumerate(chosen):

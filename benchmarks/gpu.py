@@ -12,6 +12,7 @@ Random weights (speed does not depend on them) and generated photos; `--only` ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
@@ -22,8 +23,11 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
+from unittest import mock
 
 if not __package__:
     # as a script, make the repository root importable (and keep benchmarks/kernels.py from shadowing
@@ -35,7 +39,7 @@ import torch
 
 from benchmarks import kernels as kernel_bench
 from benchmarks.common import machine, record
-from benchmarks.pipeline import bare_loop, photos, pipeline_run
+from benchmarks.pipeline import bare_loop, photos, pipeline_runs
 from dinat_batch.pipeline.config import DEFAULT_MAX_PIXELS
 from dinat_batch.pipeline.gpu_decoding import DeviceDecoder, probe, unsupported
 from dinat_batch.pipeline.images import decode, device_decodable, resized
@@ -43,6 +47,7 @@ from dinat_batch.pipeline.model import runtime
 from dinat_batch.pipeline.model.export import random_model, save_checkpoint
 from dinat_batch.pipeline.model.preprocessing import PreprocessConfig
 from dinat_batch.pipeline.model.runtime import Runner, resolve_compile
+from dinat_batch.pipeline.stages import infer
 
 SECTIONS = ("kernels", "models", "accuracy", "decode", "pipeline")
 # (variant, input size, dtype, mode); modes as the `compile` config field: off (eager), on (torch.compile),
@@ -212,6 +217,52 @@ class GpuSampler:
         )
 
 
+@contextlib.contextmanager
+def data_context(**fields):
+    """Ray Data's settings changed for the datasets made inside (they copy the current context)."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    before = {name: getattr(context, name) for name in fields}
+    for name, value in fields.items():
+        setattr(context, name, value)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            setattr(context, name, value)
+
+
+@contextlib.contextmanager
+def both(sampler: GpuSampler, setting: Callable):
+    with sampler, setting():
+        yield
+
+
+def pipeline_variants(on_gpu: bool) -> list[tuple[str, dict, Callable]]:
+    """(what, config, setting) of each pipeline run: as shipped, and what each change of it was measured
+    against."""
+    shipped = [("decode on CPU", {"decode": "cpu"}, contextlib.nullcontext)]
+    if not on_gpu:
+        return shipped
+    return [
+        *shipped,
+        ("decode on the GPU", {"decode": "auto"}, contextlib.nullcontext),
+        (
+            "decode on CPU, one actor call at a time (before)",
+            {"decode": "cpu"},
+            lambda: mock.patch.object(infer, "CALLS_PER_ACTOR", 1),
+        ),
+        (
+            "decode on CPU, no reservation per stage or downstream backpressure",
+            {"decode": "cpu"},
+            lambda: data_context(
+                op_resource_reservation_enabled=False, downstream_capacity_backpressure_ratio=None
+            ),
+        ),
+    ]
+
+
 def pipeline_table(
     device: torch.device, images: int, batch: int | None, dtype: str, store: str, compile: str
 ) -> list[str]:
@@ -221,25 +272,37 @@ def pipeline_table(
         f"#### pipeline end to end, dinat-mini, {images} JPEGs 500x375 from {store}, batch "
         f"{batch or 'auto'}, {dtype}, compile {compile}, {os.cpu_count()} CPU cores",
         "",
-        "| measured | images/s | x bare runtime | GPU utilisation |",
-        "|---|---|---|---|",
+        "| measured | images/s while the actors ran | x bare | after listing | whole call | GPU utilisation |",
+        "|---|---|---|---|---|---|",
     ]
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_checkpoint(random_model("dinat-mini-in1k-224"), Path(tmp) / "dinat-mini")
         bare = bare_loop(folder, data, batch or 256, dtype, device.type, compile=compile)
-        lines.append(f"| bare runtime on host pixels decoded beforehand | {bare:.0f} | 1.00 | - |")
+        lines.append(f"| bare runtime on host pixels decoded beforehand | {bare:.0f} | 1.00 | - | - | - |")
         print(lines[-1], flush=True)
-        for decode_where in ("cpu", "auto") if on_gpu else ("cpu",):
-            config = {"batch_size": batch, "dtype": dtype, "decode": decode_where, "compile": compile}
-            with GpuSampler() as sampler:
-                whole, steady, decoded_on, _ = pipeline_run(folder, data, store, **config)
-            for what, rate in (("after listing", steady), ("whole run() call", whole)):
-                lines.append(
-                    f"| pipeline, decode on {decoded_on}, {what} | {rate:.0f} | {rate / bare:.2f} | "
-                    f"{sampler.summary()} |"
+        variants = pipeline_variants(on_gpu)
+        samplers = [GpuSampler() for _ in variants]
+        runs = pipeline_runs(
+            folder,
+            data,
+            [
+                (
+                    {"batch_size": batch, "dtype": dtype, "compile": compile} | config,
+                    partial(both, sampler, setting),
                 )
-                print(lines[-1], flush=True)
-    return lines
+                for (_, config, setting), sampler in zip(variants, samplers, strict=True)
+            ],
+            store,
+        )
+        stages = []
+        for (what, _, _), sampler, run in zip(variants, samplers, runs, strict=True):
+            lines.append(
+                f"| {what} (decoded on {run.decode}) | {run.actors:.0f} | {run.actors / bare:.2f} | "
+                f"{run.after_listing:.0f} | {run.whole:.0f} | {sampler.summary()} |"
+            )
+            stages.append(f"- {what}: {run.stages or 'no executor log found'}")
+            print(lines[-1], stages[-1], sep="\n", flush=True)
+    return [*lines, "", "Ray Data's executor log during each run (samples every 0.5 s):", "", *stages]
 
 
 def main() -> None:

@@ -15,17 +15,24 @@ import contextlib
 import datetime as dt
 import io
 import os
+import re
+import statistics
 import sys
 import tempfile
 import time
 import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Any, NamedTuple
 
 if not __package__:
     # as a script, make the repository root importable for `benchmarks.common`
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image, ImageDraw
 
@@ -68,46 +75,132 @@ def bare_loop(
     return len(pixels) / (time.perf_counter() - start)
 
 
-def pipeline_run(
-    folder: Path, data: list[bytes], store: str = "s3", **config
-) -> tuple[float, float, str, float]:
-    """(images/s over the whole run() call, images/s after listing as the run summary reports, where JPEGs
-    were decoded, seconds from the call to the first row the actors made: the run's fixed cost), reading
-    from SeaweedFS (`s3`) or a local folder (`local`)."""
+class Measured(NamedTuple):
+    """One pipeline run, from its summary and its output rows."""
+
+    whole: float  # images/s over the whole run() call
+    after_listing: float  # images/s after listing, as the run summary reports
+    actors: float  # images/s while the actors made rows: from their first batch's rows to their last
+    decode: str  # where JPEGs were decoded
+    first_row: float  # seconds from the call to the first row the actors made: the run's fixed cost
+    stages: str  # what Ray Data's executor logged of each stage during the run (see `stage_log`)
+
+
+def pipeline_runs(
+    folder: Path,
+    data: list[bytes],
+    configs: list[tuple[dict[str, Any], Callable[[], Any]]],
+    store: str = "s3",
+) -> Iterator[Measured]:
+    """Runs each `(config, setting)` on the same inputs in SeaweedFS (`s3`) or a local folder (`local`), one
+    local Ray with every core for all of them, each into an output of its own; `setting()` is a context
+    manager that the run happens inside (what a variant changes in this process). Yields each run's
+    measures as it ends."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
     import ray
+    from ray.data._internal.execution import streaming_executor
 
     from dinat_batch.infra.object_store import LocalObjectStore
     from dinat_batch.pipeline.output import Output
     from dinat_batch.pipeline.run import run
 
+    # the executor logs each stage's tasks, queue, budget and backpressure every 5 s: too few samples for a
+    # run of seconds (a private constant, read at each step of the driver's executor loop)
+    streaming_executor.DEBUG_LOG_INTERVAL_SECONDS = 0.5
     with contextlib.ExitStack() as stack:
         if store == "s3":
             bucket = stack.enter_context(LocalObjectStore())
             bucket.make_bucket("bench")
             bucket.filesystem().pipe({f"bench/images/{i:06d}.jpg": d for i, d in enumerate(data)})
-            where = {"input": "s3://bench/images/", "output": "s3://bench/out/"}
-            where["storage_options"] = bucket.storage_options
+            where = {"input": "s3://bench/images/", "storage_options": bucket.storage_options}
+            output_root = "s3://bench/out"
         else:
             root = Path(stack.enter_context(tempfile.TemporaryDirectory()))
             (root / "images").mkdir()
             for i, d in enumerate(data):
                 (root / "images" / f"{i:06d}.jpg").write_bytes(d)
-            where = {"input": str(root / "images"), "output": str(root / "out")}
+            where = {"input": str(root / "images")}
+            output_root = str(root / "out")
         ray.init(include_dashboard=False, logging_level="ERROR", num_cpus=os.cpu_count())
         stack.callback(ray.shutdown)
-        called = dt.datetime.now(dt.UTC)
-        start = time.perf_counter()
-        summary = run(where | {"model": str(folder)} | config)
-        wall = time.perf_counter() - start
-        output = Output(where["output"], where.get("storage_options", {}))
-        first = min(
-            pc.min(pq.read_table(output.fs.open(path, "rb"), columns=["processed_at"]).column(0)).as_py()
-            for path in output.committed_files()
+        for n, (config, setting) in enumerate(configs):
+            output = f"{output_root}/{n}"
+            called, start = dt.datetime.now(dt.UTC), time.perf_counter()
+            with setting():
+                summary = run(where | {"output": output, "model": str(folder)} | config)
+            wall = time.perf_counter() - start
+            assert summary.ok == len(data), summary
+            files = Output(output, where.get("storage_options", {}))
+            made = pc.value_counts(
+                pa.concat_arrays(
+                    [
+                        pq.read_table(files.fs.open(path, "rb"), columns=["processed_at"])
+                        .column(0)
+                        .combine_chunks()
+                        for path in files.committed_files()
+                    ]
+                )
+            )
+            times = sorted((row["values"], row["counts"]) for row in made.to_pylist())
+            span = (times[-1][0] - times[0][0]).total_seconds()
+            after_first = sum(count for _, count in times[1:])
+            yield Measured(
+                len(data) / wall,
+                summary.images_per_second,
+                after_first / span if span > 0 else float("nan"),
+                summary.decode,
+                (times[0][0] - called).total_seconds(),
+                stage_log(start_time=called.timestamp()),
+            )
+
+
+def stage_log(start_time: float) -> str:
+    """What Ray Data's executor logged of each stage of the newest execution that ran the inference actors
+    and began after `start_time` (epoch seconds): per stage, the median and most tasks (actors: calls in
+    flight and utilisation), the median queued blocks, and the share of samples held back by each
+    backpressure policy. Empty when there is no such log."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "ray-data"
+    candidates = [
+        path
+        for path in logs.glob("ray-data-dataset_*.log")
+        if path.stat().st_mtime >= start_time and "MapBatches(Predictor)" in path.read_text(errors="replace")
+    ]
+    if not candidates:
+        return ""
+    text = max(candidates, key=lambda path: path.stat().st_mtime).read_text(errors="replace")
+    samples: dict[str, list[tuple[int, int, list[str], float | None]]] = {}
+    for line in text.splitlines():
+        found = _STAGE_LINE.search(line)
+        if found:
+            util = _UTIL.search(line)
+            reasons = _BACKPRESSURE.findall(found["state"] or "")
+            samples.setdefault(found["stage"], []).append(
+                (int(found["tasks"]), int(found["queued"]), reasons, float(util[1]) if util else None)
+            )
+    parts = []
+    for stage, rows in samples.items():
+        tasks = [row[0] for row in rows]
+        queued = [row[1] for row in rows]
+        held = Counter(reason for row in rows for reason in set(row[2]))
+        utils = [row[3] for row in rows if row[3] is not None]
+        parts.append(
+            f"{stage.split('->')[-1]}: tasks median {statistics.median(tasks):.0f} max {max(tasks)}, queued "
+            f"blocks median {statistics.median(queued):.0f}"
+            + (f", actor util median {statistics.median(utils):.2f}" if utils else "")
+            + "".join(f", {reason} {count / len(rows):.0%}" for reason, count in held.most_common())
+            + f" ({len(rows)} samples)"
         )
-    assert summary.ok == len(data), summary
-    return len(data) / wall, summary.images_per_second, summary.decode, (first - called).total_seconds()
+    return "; ".join(parts)
+
+
+_STAGE_LINE = re.compile(
+    r"-- \d+: (?P<stage>\S+) - Tasks: (?P<tasks>\d+)(?P<state> \[[^\]]*\])?;.*?Queued blocks: (?P<queued>\d+)"
+)
+_UTIL = re.compile(r"util=([0-9.]+)")
+_BACKPRESSURE = re.compile(r"(\w+\(\w+\))")
 
 
 def main() -> None:
@@ -123,7 +216,9 @@ def main() -> None:
         folder = save_checkpoint(random_model("dinat-mini-in1k-224"), Path(tmp) / "dinat-mini")
         bare = bare_loop(folder, data, args.batch, args.dtype)
         print(f"bare model loop: {bare:.1f} images/s", flush=True)
-        whole, steady, _, first_row = pipeline_run(folder, data, batch_size=args.batch, dtype=args.dtype)
+        (measured,) = pipeline_runs(
+            folder, data, [({"batch_size": args.batch, "dtype": args.dtype}, nullcontext)]
+        )
     lines = [
         f"### pipeline, dinat-mini at 224, {args.images} JPEGs 500x375, batch {args.batch}, {args.dtype}, "
         f"{machine(torch.device('cpu'))}, {os.cpu_count()} cores",
@@ -131,10 +226,13 @@ def main() -> None:
         "| measured | images/s | x bare model loop |",
         "|---|---|---|",
         f"| bare model loop on decoded tensors | {bare:.1f} | 1.00 |",
-        f"| pipeline, object store to Parquet, after listing (run summary) | {steady:.1f} | {steady / bare:.2f} |",
-        f"| pipeline, whole run() call incl. model check, listing, actor start | {whole:.1f} | {whole / bare:.2f} |",
+        f"| pipeline, while the actors made rows | {measured.actors:.1f} | {measured.actors / bare:.2f} |",
+        f"| pipeline, object store to Parquet, after listing (run summary) | {measured.after_listing:.1f} | "
+        f"{measured.after_listing / bare:.2f} |",
+        f"| pipeline, whole run() call incl. model check, listing, actor start | {measured.whole:.1f} | "
+        f"{measured.whole / bare:.2f} |",
         "",
-        f"Fixed cost: {first_row:.1f} s from the run() call to the first row the actors made (model check, "
+        f"Fixed cost: {measured.first_row:.1f} s from the run() call to the first row the actors made (model check, "
         "listing, selection, actor start).",
     ]
     print("\n".join(lines))

@@ -72,3 +72,11 @@ def test_chunk_groups_fill_up_to_the_rows_in_order_and_a_larger_chunk_goes_alone
     assert write.chunk_groups(names, 7, files=1) == [[name] for name in names]
     empty_first = [write.chunk_name(0, 0), write.chunk_name(1, 3)]
     assert write.chunk_groups(empty_first, 7) == [empty_first]
+
+
+def test_read_tasks_take_two_per_cpu_in_whole_batches_up_to_a_bound():
+    assert read.images_per_task(144, cpus=2, batch=64) == 64  # small runs: one batch per task, as before
+    assert read.images_per_task(20_000, cpus=16, batch=64) == 640  # every core decodes, twice over
+    assert read.images_per_task(10**9, cpus=16, batch=64) == read.MAX_IMAGES_PER_TASK
+    assert read.images_per_task(10**9, cpus=16, batch=5000) == 5000  # never part of a read batch
+    assert read.images_per_task(0, cpus=0, batch=64) == 64

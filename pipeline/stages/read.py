@@ -11,6 +11,7 @@ top-level folders of a prefix in parallel Ray tasks rather than one object at a 
 
 from __future__ import annotations
 
+import math
 import tarfile
 from collections import Counter
 from collections.abc import Iterator
@@ -41,6 +42,12 @@ _KIND_EXTENSIONS = {"files": IMAGE_EXTENSIONS, "webdataset": (".tar",), "parquet
 DONE = "done"  # a listing column: the keys of a container that earlier attempts finished
 UNREADABLE = "<unreadable"  # the key of a shard's error row: `SHARD#<unreadable from its start>`, ...
 _ROWS_PER_BLOCK = 1024  # rows emitted at a time while expanding shards and tables
+# The most images one read task takes from a listing of files. The listing is split into a block per task
+# as the run goes, by one task per listing block, of whose output Ray Data takes at most two blocks per
+# step of its executor (~0.1 s when no task is idle): a task per 64 images capped a 16-core GPU node at
+# ~1,100 images/s (benchmarks/RESULTS.md, "Second lease"). Fewer, larger tasks are also fewer for the
+# driver to start.
+MAX_IMAGES_PER_TASK = 1024
 # read tasks fuse with the decode tasks after them, which needs the same resources
 STAGE = Stage("read", consumes=tuple(LISTING.names), produces=tuple(ROWS.names), resources=CPU_TASK)
 
@@ -459,6 +466,13 @@ def _finished_by_source(group: pa.Table) -> pa.Table:
     )
 
 
+def images_per_task(images: int, cpus: float, batch: int) -> int:
+    """Images per read task (each decoding what it read): about two tasks per CPU of the cluster, so that
+    every core decodes, in whole read batches, from one batch up to MAX_IMAGES_PER_TASK."""
+    wanted = math.ceil(images / max(2 * cpus, 1))
+    return max(1, min(math.ceil(wanted / batch), MAX_IMAGES_PER_TASK // batch)) * batch
+
+
 def dataset(
     kind: str,
     listing: ray.data.Dataset,
@@ -471,7 +485,10 @@ def dataset(
     read. Shards and tables record the keys each gave under `records` (folder, filesystem)."""
     tasks = {"batch_format": "pyarrow", **STAGE.resources}
     if kind == "files":
-        return listing.repartition(target_num_rows_per_block=config.read_batch_size).map_batches(
+        per_task = images_per_task(
+            listing.count(), ray.cluster_resources().get("CPU", 1), config.read_batch_size
+        )
+        return listing.repartition(target_num_rows_per_block=per_task).map_batches(
             read_listed, batch_size=config.read_batch_size, **tasks, fn_kwargs={"rules": ReadRules.of(config)}
         )
     folder, fs = records

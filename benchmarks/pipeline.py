@@ -128,7 +128,9 @@ def pipeline_runs(
             output = f"{output_root}/{n}"
             called, start = dt.datetime.now(dt.UTC), time.perf_counter()
             with setting():
-                summary = run(where | {"output": output, "model": str(folder)} | config)
+                summary = run(
+                    where | {"output": output, "model": str(folder)} | config
+                )  # config may name another
             wall = time.perf_counter() - start
             assert summary.ok == len(data), summary
             files = Output(output, where.get("storage_options", {}))

@@ -7,6 +7,7 @@
 # benchmarks/device_kit.sh in .device/ (carried). On the device machine, from the repository's root:
 #   bash benchmarks/device_checks.sh                      # every step
 #   bash benchmarks/device_checks.sh gpu-tests pipeline   # some, in the order given
+#   PIPELINE_RUNS=cpu,base bash benchmarks/device_checks.sh pipeline   # some of gpu.py's pipeline runs
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit
 OUT=${OUT:-/tmp/device-checks}
@@ -36,7 +37,7 @@ run_step() {
         -k "not every_backend" ;;
     pipeline)
         touch /tmp/before-pipeline
-        step 300 pipeline python3 benchmarks/gpu.py --only pipeline --record
+        step 300 pipeline python3 benchmarks/gpu.py --only pipeline --record ${PIPELINE_RUNS:+--pipeline-runs "$PIPELINE_RUNS"}
         # Ray Data's executor logs in full (gpu.py prints a summary of each run's)
         for session in $(find /tmp/ray -maxdepth 1 -name 'session_2*' -newer /tmp/before-pipeline); do
             tar -C "$session/logs" -czf "$OUT/ray-data-$(basename "$session").tar.gz" ray-data

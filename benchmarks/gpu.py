@@ -226,31 +226,27 @@ def both(sampler: GpuSampler, setting: Callable):
 MINI, BASE = "dinat-mini-in1k-224", "dinat-base-in1k-224"
 
 
-def pipeline_variants(on_gpu: bool) -> list[tuple[str, str, dict, Callable]]:
-    """(what, model variant, config, setting) of each pipeline run: as shipped, and what each change was
-    measured against. The first run of a Ray also starts its workers: as shipped runs again after it."""
-    shipped = ("decode on CPU", MINI, {"decode": "cpu"}, contextlib.nullcontext)
-    if not on_gpu:
-        return [shipped]
-    return [
-        shipped,
-        (
-            "decode on CPU, one actor call at a time (before)",
-            MINI,
-            {"decode": "cpu"},
-            lambda: mock.patch.object(infer, "CALLS_PER_ACTOR", 1),
-        ),
-        shipped,
-        ("decode on the GPU", MINI, {"decode": "auto"}, contextlib.nullcontext),
-        ("decode on CPU", BASE, {"decode": "cpu"}, contextlib.nullcontext),
-    ]
+# each pipeline run a name: (what, model variant, config, setting); as shipped, and what each change was
+# measured against
+PIPELINE_RUNS = {
+    "cpu": ("decode on CPU", MINI, {"decode": "cpu"}, contextlib.nullcontext),
+    "cpu-one-call": (
+        "decode on CPU, one actor call at a time (before)",
+        MINI,
+        {"decode": "cpu"},
+        lambda: mock.patch.object(infer, "CALLS_PER_ACTOR", 1),
+    ),
+    "gpu": ("decode on the GPU", MINI, {"decode": "auto"}, contextlib.nullcontext),
+    "base": ("decode on CPU", BASE, {"decode": "cpu"}, contextlib.nullcontext),
+}
+# the first run of a Ray also starts its workers: the shipped run comes again after it
+DEFAULT_RUNS = {"cuda": "cpu,cpu-one-call,cpu,gpu,base", "cpu": "cpu"}
 
 
 def pipeline_table(
-    device: torch.device, images: int, batch: int | None, dtype: str, store: str, compile: str
+    device: torch.device, images: int, batch: int | None, dtype: str, store: str, compile: str, runs: str
 ) -> list[str]:
     data = photos(images)
-    on_gpu = device.type == "cuda"
     lines = [
         f"#### pipeline end to end, {images} JPEGs 500x375 from {store}, batch {batch or 'auto'}, {dtype}, "
         f"compile {compile}, {os.cpu_count()} CPU cores",
@@ -258,7 +254,7 @@ def pipeline_table(
         "| model | measured | images/s while the actors ran | x bare | after listing | whole call | GPU utilisation |",
         "|---|---|---|---|---|---|---|",
     ]
-    variants = pipeline_variants(on_gpu)
+    variants = [PIPELINE_RUNS[name] for name in (runs or DEFAULT_RUNS[device.type]).split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         folders, bare = {}, {}
         for variant in dict.fromkeys(v[1] for v in variants):
@@ -317,6 +313,11 @@ def main() -> None:
         action="store_true",
         help="also the compiled model and accuracy rows where `compile: auto` stays eager (CPUs, torch < 2.13)",
     )
+    parser.add_argument(
+        "--pipeline-runs",
+        help=f"comma-separated, in order, of {', '.join(PIPELINE_RUNS)} (default: {DEFAULT_RUNS['cuda']} on a "
+        "GPU)",
+    )
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -346,7 +347,7 @@ def main() -> None:
         ]
     if "pipeline" in only:
         images, batch = (32, 4) if quick else (20000, None)
-        lines += pipeline_table(device, images, batch, dtype, args.store, args.compile)
+        lines += pipeline_table(device, images, batch, dtype, args.store, args.compile, args.pipeline_runs)
     print("\n".join(lines))
     if args.record:
         record(lines)

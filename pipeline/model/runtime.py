@@ -297,6 +297,19 @@ class Runner:
             torch.cuda.current_stream(self.device).synchronize()
         return _concat([self._numpy(out) for out in parts])
 
+    @torch.inference_mode()
+    def upload(self, pixels: np.ndarray) -> torch.Tensor:
+        """Host pixels as a tensor on the model's device, for a later call: on a GPU copied on a stream of
+        the calling thread's own, which waits for the copy, so that a thread can upload the next batch while
+        another runs the model on the last."""
+        if not self.cuda:
+            return torch.from_numpy(pixels)
+        stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(stream):
+            on_device = torch.from_numpy(pixels).to(self.device, non_blocking=True)
+        stream.synchronize()
+        return on_device
+
     @staticmethod
     def _numpy(out: list[torch.Tensor]) -> Outputs:
         if len(out) == 1:

@@ -129,8 +129,8 @@ class Predictor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         """Called by Ray Data from a pool of threads, CALLS_PER_ACTOR calls at a time: what this call does
-        on the host overlaps the device work of the call before it, which runs on the actor's device
-        thread, one call at a time."""
+        on the host, its pixels' upload to the device included, overlaps the device work of the call before
+        it, which runs on the actor's device thread, one call at a time."""
         slow_call()
         errors = error_column(batch["error"])
         n = len(errors)
@@ -149,7 +149,9 @@ class Predictor:
         if passed:
             areas = batch["width"][passed].astype(np.int64) * batch["height"][passed]
             jpegs = [batch["data"][i] for i in passed], batch["orientation"][passed], areas
-        on_host = host_pixels(batch["pixels"], from_host, self.runner.size) if from_host.any() else None
+        on_host = None
+        if from_host.any():
+            on_host = self.runner.upload(host_pixels(batch["pixels"], from_host, self.runner.size))
         ok, late, outputs = self._device.submit(self._infer, from_host, on_host, passed, jpegs).result()
         for i, error in zip(passed, late, strict=True):
             errors[i] = error
@@ -169,13 +171,14 @@ class Predictor:
     def _infer(
         self,
         from_host: np.ndarray,
-        on_host: np.ndarray | None,
+        on_host: torch.Tensor | None,
         passed: list[int],
         jpegs: tuple[list[bytes], np.ndarray, np.ndarray] | None,
     ) -> tuple[np.ndarray, list[str | None], Outputs | None]:
         """On the device thread: decode the JPEGs passed on (`jpegs` for rows `passed`), run the model on
-        every valid row, the `from_host` rows' pixels being `on_host`. Returns which rows ran, the decode
-        errors of the passed rows, and the outputs of the rows that ran (None if none did)."""
+        every valid row, the `from_host` rows' pixels being `on_host` (uploaded to the device by the calling
+        thread). Returns which rows ran, the decode errors of the passed rows, and the outputs of the rows
+        that ran (None if none did)."""
         on_device, late = self.decoder(*jpegs) if jpegs else (None, [])
         ok = from_host.copy()
         ok[passed] = [error is None for error in late]
@@ -185,7 +188,7 @@ class Predictor:
             return ok, late, self.runner(on_host)
         gathered = torch.zeros(len(ok), *self.runner.size, 3, dtype=torch.uint8, device=self.runner.device)
         if on_host is not None:
-            gathered[torch.from_numpy(from_host)] = torch.from_numpy(on_host).to(self.runner.device)
+            gathered[torch.from_numpy(from_host)] = on_host
         gathered[passed] = on_device
         return ok, late, self.runner(gathered[torch.from_numpy(ok)])
 

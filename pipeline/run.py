@@ -477,9 +477,10 @@ def _execute(
     that earlier attempts finished."""
     config = plan.config
     records = output.ray_target(output.sources(plan.attempt))
-    rows = read.dataset(plan.kind, listing, config, kept.done if kept else None, records)
-    decoded = decode.apply(rows, plan.preprocessing, config.max_pixels, plan.jpegs_to_device)
     settings = ActorSettings.of(config, plan.run_id, plan.actors.device, plan.jpegs_to_device)
+    done = kept.done if kept else None
+    rows = read.dataset(plan.kind, listing, config, done, records, infer.call_batch(settings))
+    decoded = decode.apply(rows, plan.preprocessing, config.max_pixels, plan.jpegs_to_device)
     predicted = infer.apply(decoded, settings, plan.actors)
     folder, filesystem = output.ray_target(output.staging(plan.attempt))
     # Ray Data's own guard against an execution without progress, read from the written dataset's context

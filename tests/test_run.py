@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
+from ray.data.context import AutoscalingConfig
 
 from dinat_batch.pipeline import run as run_module
 from dinat_batch.pipeline.config import ConfigError, RunConfig
@@ -36,6 +37,8 @@ from dinat_batch.pipeline.run import (
     run,
     stall_guard,
 )
+from dinat_batch.pipeline.stages import infer
+from dinat_batch.pipeline.stages.infer import Actors, ActorSettings
 from dinat_batch.pipeline.stages.write import output_schema
 from tests.data import (
     MAX_PIXELS,
@@ -452,6 +455,14 @@ def test_actor_pool_grows_with_the_cluster_by_default(gpus, settings, expected, 
     config = RunConfig(input="s3://b/in", output="s3://b/out", model="m", **settings)
     actors = _actors(config)
     assert (actors.device, actors.num_gpus, actors.min_size, actors.max_size) == expected
+
+
+def test_the_inference_stage_scales_its_pool_for_two_calls_per_actor(tiny_model, ray_session):
+    settings = ActorSettings(model=str(tiny_model), run_id="r", top_k=1, device="cpu")
+    actors = Actors("cpu", 0, 1, 2, {})
+    inferred = infer.apply(ray.data.from_items([{"key": "a"}]), settings, actors)
+    wanted = infer.autoscaling(AutoscalingConfig())
+    assert inferred.context.autoscaling_config == wanted != AutoscalingConfig()
 
 
 @pytest.mark.parametrize(

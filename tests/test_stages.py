@@ -5,6 +5,7 @@ import itertools
 import numpy as np
 import pyarrow as pa
 import pytest
+from ray.data.context import AutoscalingConfig
 
 from dinat_batch.pipeline.stages import decode, infer, read, write
 from dinat_batch.pipeline.stages.decode import decode_batch, host_pixels
@@ -74,9 +75,28 @@ def test_chunk_groups_fill_up_to_the_rows_in_order_and_a_larger_chunk_goes_alone
     assert write.chunk_groups(empty_first, 7) == [empty_first]
 
 
+def test_the_pool_sheds_actors_at_the_calls_in_flight_of_one_call_per_actor():
+    """Ray Data's pool use is calls in flight per actor over CALLS_PER_ACTOR: an actor running one call is
+    busy, as with one call per actor; half a call per actor is little enough to shed idle ones."""
+    config = infer.autoscaling(AutoscalingConfig())
+
+    def use(calls_per_actor: float) -> float:
+        return calls_per_actor / infer.CALLS_PER_ACTOR
+
+    assert use(0.5) <= config.actor_pool_util_downscaling_threshold < use(1)
+    assert (
+        config.actor_pool_util_upscaling_threshold == AutoscalingConfig().actor_pool_util_upscaling_threshold
+    )
+    assert infer.autoscaling(config) == config  # applying it twice changes nothing
+
+
 def test_read_tasks_take_two_per_cpu_in_whole_batches_up_to_a_bound():
-    assert read.images_per_task(144, cpus=2, batch=64) == 64  # small runs: one batch per task, as before
-    assert read.images_per_task(20_000, cpus=16, batch=64) == 640  # every core decodes, twice over
-    assert read.images_per_task(10**9, cpus=16, batch=64) == read.MAX_IMAGES_PER_TASK
-    assert read.images_per_task(10**9, cpus=16, batch=5000) == 5000  # never part of a read batch
-    assert read.images_per_task(0, cpus=0, batch=64) == 64
+    gpu = 1024  # images per actor call on a GPU
+    assert read.images_per_task(144, cpus=2, batch=64, call=gpu) == 64  # small runs: one batch per task
+    assert read.images_per_task(20_000, cpus=16, batch=64, call=gpu) == 640  # every core decodes twice over
+    assert read.images_per_task(10**9, cpus=16, batch=64, call=gpu) == read.MAX_IMAGES_PER_TASK
+    assert read.images_per_task(10**9, cpus=16, batch=5000, call=gpu) == 5000  # never part of a read batch
+    assert read.images_per_task(0, cpus=0, batch=64, call=gpu) == 64
+    # no more than one call: Ray Data gives an actor whole blocks, and a task's images stay one block
+    assert read.images_per_task(10**6, cpus=16, batch=64, call=256) == 256
+    assert read.images_per_task(10**6, cpus=16, batch=64, call=32) == 64

@@ -154,6 +154,7 @@ class Runner:
         self._copied: list[torch.cuda.Event] = []
         self._turn = 0
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self._upload_streams = threading.local()  # `upload`'s, one per calling thread
         self.step = self._step
         self.compiled_on: int | None = None  # the thread the step was compiled (and recorded) on
         self.compile_failures = 0
@@ -298,16 +299,23 @@ class Runner:
         return _concat([self._numpy(out) for out in parts])
 
     @torch.inference_mode()
-    def upload(self, pixels: np.ndarray) -> torch.Tensor:
+    def upload(self, pixels: np.ndarray) -> torch.Tensor | np.ndarray:
         """Host pixels as a tensor on the model's device, for a later call: on a GPU copied on a stream of
         the calling thread's own, which waits for the copy, so that a thread can upload the next batch while
-        another runs the model on the last."""
+        another runs the model on the last. The pixels stay as they are when the device has no room for
+        them now: the call then copies them slice by slice, within the batch's out-of-memory backoff."""
         if not self.cuda:
             return torch.from_numpy(pixels)
-        stream = torch.cuda.Stream(self.device)
-        with torch.cuda.stream(stream):
-            on_device = torch.from_numpy(pixels).to(self.device, non_blocking=True)
-        stream.synchronize()
+        stream = getattr(self._upload_streams, "stream", None)
+        if stream is None:
+            # kept for the thread: the caching allocator reuses a freed block only on its own stream
+            stream = self._upload_streams.stream = torch.cuda.Stream(self.device)
+        try:
+            with torch.cuda.stream(stream):
+                on_device = torch.from_numpy(pixels).to(self.device, non_blocking=True)
+            stream.synchronize()
+        except torch.OutOfMemoryError:
+            return pixels
         return on_device
 
     @staticmethod

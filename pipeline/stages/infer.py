@@ -3,6 +3,7 @@ bytes to decode on the GPU) in, output rows out."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +15,7 @@ import pyarrow as pa
 import ray
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from ray.data.context import AutoscalingConfig
 
 from dinat_batch.pipeline.config import DEFAULT_MAX_PIXELS, RunConfig
 from dinat_batch.pipeline.errors import error_column
@@ -152,7 +154,9 @@ class Predictor:
         on_host = None
         if from_host.any():
             on_host = self.runner.upload(host_pixels(batch["pixels"], from_host, self.runner.size))
-        ok, late, outputs = self._device.submit(self._infer, from_host, on_host, passed, jpegs).result()
+        ok, late, outputs = from_host, [], None
+        if from_host.any() or passed:  # else nothing runs: no wait behind the other call's device work
+            ok, late, outputs = self._device.submit(self._infer, from_host, on_host, passed, jpegs).result()
         for i, error in zip(passed, late, strict=True):
             errors[i] = error
         embeddings = np.zeros((n, self.num_features), dtype=np.float32)
@@ -171,7 +175,7 @@ class Predictor:
     def _infer(
         self,
         from_host: np.ndarray,
-        on_host: torch.Tensor | None,
+        on_host: torch.Tensor | np.ndarray | None,
         passed: list[int],
         jpegs: tuple[list[bytes], np.ndarray, np.ndarray] | None,
     ) -> tuple[np.ndarray, list[str | None], Outputs | None]:
@@ -179,6 +183,9 @@ class Predictor:
         every valid row, the `from_host` rows' pixels being `on_host` (uploaded to the device by the calling
         thread). Returns which rows ran, the decode errors of the passed rows, and the outputs of the rows
         that ran (None if none did)."""
+        if isinstance(on_host, torch.Tensor) and on_host.is_cuda:
+            # uploaded on the calling thread's stream: its memory is not reused while this one reads it
+            on_host.record_stream(torch.cuda.current_stream(on_host.device))
         on_device, late = self.decoder(*jpegs) if jpegs else (None, [])
         ok = from_host.copy()
         ok[passed] = [error is None for error in late]
@@ -188,7 +195,7 @@ class Predictor:
             return ok, late, self.runner(on_host)
         gathered = torch.zeros(len(ok), *self.runner.size, 3, dtype=torch.uint8, device=self.runner.device)
         if on_host is not None:
-            gathered[torch.from_numpy(from_host)] = on_host
+            gathered[torch.from_numpy(from_host)] = torch.as_tensor(on_host, device=self.runner.device)
         gathered[passed] = on_device
         return ok, late, self.runner(gathered[torch.from_numpy(ok)])
 
@@ -203,16 +210,32 @@ def pool(min_size: int, max_size: int | None) -> ray.data.ActorPoolStrategy:
     )
 
 
+def autoscaling(config: AutoscalingConfig) -> AutoscalingConfig:
+    """`config` shedding actors where Ray Data's default does with one call per actor: at half a call in
+    flight per actor. Ray Data measures a pool's use as calls in flight per actor over CALLS_PER_ACTOR, so
+    its default would count an actor running one of its two calls as half idle, and a pool starved by
+    decoding would shed actors, to start them again (model load, compile) when the input catches up. The
+    pool still grows at Ray Data's default use: once its actors' queues are nearly full."""
+    default = AutoscalingConfig().actor_pool_util_downscaling_threshold
+    return dataclasses.replace(config, actor_pool_util_downscaling_threshold=default / CALLS_PER_ACTOR)
+
+
+def call_batch(settings: ActorSettings) -> int:
+    """Images per actor call. On a GPU the actor sizes its model's slices itself (from free memory); a
+    call brings it up to the most."""
+    return settings.batch_size or (MAX_AUTO_BATCH if settings.device == "cuda" else CPU_BATCH)
+
+
 def apply(dataset: ray.data.Dataset, settings: ActorSettings, actors: Actors) -> ray.data.Dataset:
-    # the actor sizes its model calls itself on a GPU (from free memory); a call brings it up to the most
-    call_batch = settings.batch_size or (MAX_AUTO_BATCH if settings.device == "cuda" else CPU_BATCH)
-    return dataset.map_batches(
+    inferred = dataset.map_batches(
         Predictor,
         fn_constructor_kwargs={"settings": settings},
         compute=pool(actors.min_size, actors.max_size),
-        batch_size=call_batch,
+        batch_size=call_batch(settings),
         batch_format="numpy",
         num_gpus=actors.num_gpus,
         resources=actors.resources,
         **STAGE.resources,
     )
+    inferred.context.autoscaling_config = autoscaling(inferred.context.autoscaling_config)
+    return inferred

@@ -46,7 +46,8 @@ _ROWS_PER_BLOCK = 1024  # rows emitted at a time while expanding shards and tabl
 # as the run goes, by one task per listing block, of whose output Ray Data takes at most two blocks per
 # step of its executor (~0.1 s when no task is idle): a task per 64 images capped a 16-core GPU node at
 # ~1,100 images/s (benchmarks/RESULTS.md, "Second lease"). Fewer, larger tasks are also fewer for the
-# driver to start.
+# driver to start. A task's images stay one block up to the actors, and Ray Data hands an actor whole
+# blocks: a task takes no more than one actor call's images, so that calls can go to different actors.
 MAX_IMAGES_PER_TASK = 1024
 # read tasks fuse with the decode tasks after them, which needs the same resources
 STAGE = Stage("read", consumes=tuple(LISTING.names), produces=tuple(ROWS.names), resources=CPU_TASK)
@@ -466,11 +467,12 @@ def _finished_by_source(group: pa.Table) -> pa.Table:
     )
 
 
-def images_per_task(images: int, cpus: float, batch: int) -> int:
+def images_per_task(images: int, cpus: float, batch: int, call: int) -> int:
     """Images per read task (each decoding what it read): about two tasks per CPU of the cluster, so that
-    every core decodes, in whole read batches, from one batch up to MAX_IMAGES_PER_TASK."""
-    wanted = math.ceil(images / max(2 * cpus, 1))
-    return max(1, min(math.ceil(wanted / batch), MAX_IMAGES_PER_TASK // batch)) * batch
+    every core decodes, in whole read batches of `batch`, from one batch up to one actor call of `call`
+    images or MAX_IMAGES_PER_TASK, whichever is fewer."""
+    wanted = math.ceil(math.ceil(images / max(2 * cpus, 1)) / batch)
+    return max(1, min(wanted, min(call, MAX_IMAGES_PER_TASK) // batch)) * batch
 
 
 def dataset(
@@ -479,14 +481,16 @@ def dataset(
     config: RunConfig,
     done: ray.data.Dataset | None,
     records: tuple[str, Any],
+    call: int,
 ) -> ray.data.Dataset:
     """`(key, data, error)` rows, one per image of `listing` whose key is not in `done` (`key` and
     `source` columns: rows an earlier attempt finished). For image files `listing` is what is left to
-    read. Shards and tables record the keys each gave under `records` (folder, filesystem)."""
+    read, materialized. Shards and tables record the keys each gave under `records` (folder, filesystem).
+    `call`: images per actor call."""
     tasks = {"batch_format": "pyarrow", **STAGE.resources}
     if kind == "files":
         per_task = images_per_task(
-            listing.count(), ray.cluster_resources().get("CPU", 1), config.read_batch_size
+            listing.count(), ray.cluster_resources().get("CPU", 1), config.read_batch_size, call
         )
         return listing.repartition(target_num_rows_per_block=per_task).map_batches(
             read_listed, batch_size=config.read_batch_size, **tasks, fn_kwargs={"rules": ReadRules.of(config)}

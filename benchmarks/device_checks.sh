@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The GPU checks of one device lease in one call (under 10 minutes), in order of value, each step under
-# its own time limit so that a slow one cannot take the others' time: correctness first (tests/test_gpu.py:
-# the GPU paths; then every NA backend against float64), then benchmarks/gpu.py's sections. Each step's log
-# goes to $OUT, where the device tool brings it back; the steps that finish append their tables to
-# RESULTS.md, copied there after each. Exits 1 when a step failed or was cut. Needs the kit of
-# benchmarks/device_kit.sh in .device/ (carried). On the device machine, from the repository's root:
+# The GPU checks of a device lease, in order of value, each step under its own time limit so that a slow
+# one cannot take the others' time: correctness first (tests/test_gpu.py: the GPU paths; then every NA
+# backend against float64), then benchmarks/gpu.py's sections. All of them take longer than one call's 10
+# minutes: name the steps a call runs. Each step's log goes to $OUT, where the device tool brings it back;
+# the steps that finish append their tables to RESULTS.md, copied there after each. Exits 1 when a step
+# failed or was cut. Needs the kit of benchmarks/device_kit.sh in .device/ (carried). On the device
+# machine, from the repository's root:
 #   bash benchmarks/device_checks.sh                      # every step
 #   bash benchmarks/device_checks.sh gpu-tests pipeline   # some, in the order given
 #   PIPELINE_RUNS=cpu,base bash benchmarks/device_checks.sh pipeline   # some of gpu.py's pipeline runs

@@ -231,7 +231,7 @@ MINI, BASE = "dinat-mini-in1k-224", "dinat-base-in1k-224"
 PIPELINE_RUNS = {
     "cpu": ("decode on CPU", MINI, {"decode": "cpu"}, contextlib.nullcontext),
     "cpu-one-call": (
-        "decode on CPU, one actor call at a time (before)",
+        "decode on CPU, one actor call at a time",
         MINI,
         {"decode": "cpu"},
         lambda: mock.patch.object(infer, "CALLS_PER_ACTOR", 1),
@@ -268,7 +268,7 @@ def pipeline_table(
             print(lines[-1], flush=True)
         samplers = [GpuSampler() for _ in variants]
         runs = pipeline_runs(
-            folders[MINI],
+            folders[variants[0][1]],
             data,
             [
                 (

@@ -107,8 +107,14 @@ def pipeline_runs(
 
     # the executor logs each stage's tasks, queue, budget and backpressure every 5 s: too few samples for a
     # run of seconds (a private constant, read at each step of the driver's executor loop)
-    streaming_executor.DEBUG_LOG_INTERVAL_SECONDS = 0.5
     with contextlib.ExitStack() as stack:
+        stack.callback(
+            setattr,
+            streaming_executor,
+            "DEBUG_LOG_INTERVAL_SECONDS",
+            streaming_executor.DEBUG_LOG_INTERVAL_SECONDS,
+        )
+        streaming_executor.DEBUG_LOG_INTERVAL_SECONDS = 0.5
         if store == "s3":
             bucket = stack.enter_context(LocalObjectStore())
             bucket.make_bucket("bench")
@@ -160,8 +166,8 @@ def pipeline_runs(
 def stage_log(start_time: float) -> str:
     """What Ray Data's executor logged of each stage of the newest execution that ran the inference actors
     and began after `start_time` (epoch seconds): per stage, the median and most tasks (actors: calls in
-    flight and utilisation), the median queued blocks, and the share of samples held back by each
-    backpressure policy. Empty when there is no such log."""
+    flight), the median queued blocks, and the share of samples held back by each backpressure policy.
+    Empty when there is no such log."""
     import ray
 
     logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "ray-data"
@@ -173,25 +179,22 @@ def stage_log(start_time: float) -> str:
     if not candidates:
         return ""
     text = max(candidates, key=lambda path: path.stat().st_mtime).read_text(errors="replace")
-    samples: dict[str, list[tuple[int, int, list[str], float | None]]] = {}
+    samples: dict[str, list[tuple[int, int, list[str]]]] = {}
     for line in text.splitlines():
         found = _STAGE_LINE.search(line)
         if found:
-            util = _UTIL.search(line)
             reasons = _BACKPRESSURE.findall(found["state"] or "")
             samples.setdefault(found["stage"], []).append(
-                (int(found["tasks"]), int(found["queued"]), reasons, float(util[1]) if util else None)
+                (int(found["tasks"]), int(found["queued"]), reasons)
             )
     parts = []
     for stage, rows in samples.items():
         tasks = [row[0] for row in rows]
         queued = [row[1] for row in rows]
         held = Counter(reason for row in rows for reason in set(row[2]))
-        utils = [row[3] for row in rows if row[3] is not None]
         parts.append(
             f"{stage.split('->')[-1]}: tasks median {statistics.median(tasks):.0f} max {max(tasks)}, queued "
             f"blocks median {statistics.median(queued):.0f}"
-            + (f", actor util median {statistics.median(utils):.2f}" if utils else "")
             + "".join(f", {reason} {count / len(rows):.0%}" for reason, count in held.most_common())
             + f" ({len(rows)} samples)"
         )
@@ -201,7 +204,6 @@ def stage_log(start_time: float) -> str:
 _STAGE_LINE = re.compile(
     r"-- \d+: (?P<stage>\S+) - Tasks: (?P<tasks>\d+)(?P<state> \[[^\]]*\])?;.*?Queued blocks: (?P<queued>\d+)"
 )
-_UTIL = re.compile(r"util=([0-9.]+)")
 _BACKPRESSURE = re.compile(r"(\w+\(\w+\))")
 
 

@@ -479,7 +479,8 @@ def _execute(
     records = output.ray_target(output.sources(plan.attempt))
     settings = ActorSettings.of(config, plan.run_id, plan.actors.device, plan.jpegs_to_device)
     done = kept.done if kept else None
-    rows = read.dataset(plan.kind, listing, config, done, records, infer.call_batch(settings))
+    image_bytes = plan.preprocessing.height * plan.preprocessing.width * 3
+    rows = read.dataset(plan.kind, listing, config, done, records, infer.call_batch(settings), image_bytes)
     decoded = decode.apply(rows, plan.preprocessing, config.max_pixels, plan.jpegs_to_device)
     predicted = infer.apply(decoded, settings, plan.actors)
     folder, filesystem = output.ray_target(output.staging(plan.attempt))

@@ -117,6 +117,10 @@ class CountingPredictor(Predictor):
     the GPU memory allocated after a call's device work, taken on the device thread (the other call in
     flight may hold an upload then, no more)."""
 
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.allocated = torch.cuda.memory_allocated()
+
     def _infer(self, *args):
         done = super()._infer(*args)
         self.allocated = torch.cuda.memory_allocated()

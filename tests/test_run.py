@@ -463,6 +463,7 @@ def test_the_inference_stage_scales_its_pool_for_two_calls_per_actor(tiny_model,
     inferred = infer.apply(ray.data.from_items([{"key": "a"}]), settings, actors)
     wanted = infer.autoscaling(AutoscalingConfig())
     assert inferred.context.autoscaling_config == wanted != AutoscalingConfig()
+    assert ray.data.DataContext.get_current().autoscaling_config == AutoscalingConfig()  # the run's own
 
 
 @pytest.mark.parametrize(

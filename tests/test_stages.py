@@ -91,12 +91,18 @@ def test_the_pool_sheds_actors_at_the_calls_in_flight_of_one_call_per_actor():
 
 
 def test_read_tasks_take_two_per_cpu_in_whole_batches_up_to_a_bound():
-    gpu = 1024  # images per actor call on a GPU
-    assert read.images_per_task(144, cpus=2, batch=64, call=gpu) == 64  # small runs: one batch per task
-    assert read.images_per_task(20_000, cpus=16, batch=64, call=gpu) == 640  # every core decodes twice over
-    assert read.images_per_task(10**9, cpus=16, batch=64, call=gpu) == read.MAX_IMAGES_PER_TASK
-    assert read.images_per_task(10**9, cpus=16, batch=5000, call=gpu) == 5000  # never part of a read batch
-    assert read.images_per_task(0, cpus=0, batch=64, call=gpu) == 64
-    # no more than one call: Ray Data gives an actor whole blocks, and a task's images stay one block
-    assert read.images_per_task(10**6, cpus=16, batch=64, call=256) == 256
-    assert read.images_per_task(10**6, cpus=16, batch=64, call=32) == 64
+    def per_task(images, cpus=16, batch=64, call=1024, per_block=10**6):
+        return read.images_per_task(images, cpus, batch, call, per_block)
+
+    assert per_task(144, cpus=2) == 64  # small runs: one batch per task, as before
+    assert per_task(10**9) == read.MAX_IMAGES_PER_TASK
+    assert per_task(10**9, batch=5000) == 5000  # never part of a read batch
+    assert per_task(0, cpus=0) == 64
+    # a call takes a whole number of tasks: 640 would give the actors calls of 1024 and 256 in turn
+    assert per_task(20_000) == 512
+    assert per_task(10**6, call=256) == 256
+    assert per_task(10**6, call=32) == 64  # a read batch is more than a call: one batch
+    assert per_task(10**6, call=1000) == 960  # a call is not whole read batches: as many as fit
+    # a block of Ray Data's holds ~890 decoded images at 224 x 224, ~300 at 384 x 384
+    assert per_task(10**9, per_block=(128 << 20) // (224 * 224 * 3)) == 512
+    assert per_task(10**9, per_block=(128 << 20) // (384 * 384 * 3)) == 256

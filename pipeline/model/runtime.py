@@ -303,7 +303,8 @@ class Runner:
         """Host pixels as a tensor on the model's device, for a later call: on a GPU copied on a stream of
         the calling thread's own, which waits for the copy, so that a thread can upload the next batch while
         another runs the model on the last. The pixels stay as they are when the device has no room for
-        them now: the call then copies them slice by slice, within the batch's out-of-memory backoff."""
+        them now: a call on them alone then copies them slice by slice, within the batch's out-of-memory
+        backoff (one beside JPEGs decoded on the device copies them whole)."""
         if not self.cuda:
             return torch.from_numpy(pixels)
         stream = getattr(self._upload_streams, "stream", None)

@@ -44,10 +44,9 @@ UNREADABLE = "<unreadable"  # the key of a shard's error row: `SHARD#<unreadable
 _ROWS_PER_BLOCK = 1024  # rows emitted at a time while expanding shards and tables
 # The most images one read task takes from a listing of files. The listing is split into a block per task
 # as the run goes, by one task per listing block, of whose output Ray Data takes at most two blocks per
-# step of its executor (~0.1 s when no task is idle): a task per 64 images capped a 16-core GPU node at
-# ~1,100 images/s (benchmarks/RESULTS.md, "Second lease"). Fewer, larger tasks are also fewer for the
-# driver to start. A task's images stay one block up to the actors, and Ray Data hands an actor whole
-# blocks: a task takes no more than one actor call's images, so that calls can go to different actors.
+# step of its executor (a step every ~0.1 s while tasks run long): a task per 64 images capped a 16-core
+# GPU node decoding on its CPUs at ~1,100 images/s (benchmarks/RESULTS.md, "Second lease"). Fewer,
+# larger tasks are also fewer for the driver to start.
 MAX_IMAGES_PER_TASK = 1024
 # read tasks fuse with the decode tasks after them, which needs the same resources
 STAGE = Stage("read", consumes=tuple(LISTING.names), produces=tuple(ROWS.names), resources=CPU_TASK)
@@ -467,12 +466,18 @@ def _finished_by_source(group: pa.Table) -> pa.Table:
     )
 
 
-def images_per_task(images: int, cpus: float, batch: int, call: int) -> int:
-    """Images per read task (each decoding what it read): about two tasks per CPU of the cluster, so that
-    every core decodes, in whole read batches of `batch`, from one batch up to one actor call of `call`
-    images or MAX_IMAGES_PER_TASK, whichever is fewer."""
+def images_per_task(images: int, cpus: float, batch: int, call: int, per_block: int) -> int:
+    """Images per read task (each decoding what it read), in whole read batches of `batch`: about two
+    tasks per CPU of the cluster, so that every core decodes, and from one batch up to the fewest of
+    MAX_IMAGES_PER_TASK, one actor call of `call` images and the `per_block` decoded images that fill a
+    block of Ray Data's. A task's images reach the actors as one block, and Ray Data hands an actor whole
+    blocks, up to a call's images or more: where `call` is whole read batches, a call takes a whole
+    number of tasks, so that every call but a run's last is full (a compiled model pads a short one)."""
     wanted = math.ceil(math.ceil(images / max(2 * cpus, 1)) / batch)
-    return max(1, min(wanted, min(call, MAX_IMAGES_PER_TASK) // batch)) * batch
+    most = min(MAX_IMAGES_PER_TASK, call, per_block) // batch
+    calls_batches = call // batch if call % batch == 0 else 0
+    fitting = [n for n in range(1, min(most, wanted) + 1) if not calls_batches or calls_batches % n == 0]
+    return max(fitting, default=1) * batch
 
 
 def dataset(
@@ -482,16 +487,18 @@ def dataset(
     done: ray.data.Dataset | None,
     records: tuple[str, Any],
     call: int,
+    image_bytes: int,
 ) -> ray.data.Dataset:
     """`(key, data, error)` rows, one per image of `listing` whose key is not in `done` (`key` and
     `source` columns: rows an earlier attempt finished). For image files `listing` is what is left to
     read, materialized. Shards and tables record the keys each gave under `records` (folder, filesystem).
-    `call`: images per actor call."""
+    `call`: images per actor call; `image_bytes`: the bytes of one image decoded."""
     tasks = {"batch_format": "pyarrow", **STAGE.resources}
     if kind == "files":
-        per_task = images_per_task(
-            listing.count(), ray.cluster_resources().get("CPU", 1), config.read_batch_size, call
-        )
+        cpus = ray.cluster_resources().get("CPU", 1)
+        block = ray.data.DataContext.get_current().target_max_block_size  # None: no bound
+        per_block = max(1, block // image_bytes) if block else MAX_IMAGES_PER_TASK
+        per_task = images_per_task(listing.count(), cpus, config.read_batch_size, call, per_block)
         return listing.repartition(target_num_rows_per_block=per_task).map_batches(
             read_listed, batch_size=config.read_batch_size, **tasks, fn_kwargs={"rules": ReadRules.of(config)}
         )

@@ -23,7 +23,6 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -133,10 +132,8 @@ def pipeline_runs(
         for n, (config, setting) in enumerate(configs):
             output = f"{output_root}/{n}"
             called, start = dt.datetime.now(dt.UTC), time.perf_counter()
-            with setting():
-                summary = run(
-                    where | {"output": output, "model": str(folder)} | config
-                )  # config may name another
+            with setting():  # `config` may name another model than `folder`
+                summary = run(where | {"output": output, "model": str(folder)} | config)
             wall = time.perf_counter() - start
             assert summary.ok == len(data), summary
             files = Output(output, where.get("storage_options", {}))
@@ -171,14 +168,15 @@ def stage_log(start_time: float) -> str:
     import ray
 
     logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "ray-data"
-    candidates = [
-        path
+    candidates = {
+        path.stat().st_mtime: text
         for path in logs.glob("ray-data-dataset_*.log")
-        if path.stat().st_mtime >= start_time and "MapBatches(Predictor)" in path.read_text(errors="replace")
-    ]
+        if path.stat().st_mtime >= start_time
+        and "MapBatches(Predictor)" in (text := path.read_text(errors="replace"))
+    }
     if not candidates:
         return ""
-    text = max(candidates, key=lambda path: path.stat().st_mtime).read_text(errors="replace")
+    text = candidates[max(candidates)]
     samples: dict[str, list[tuple[int, int, list[str]]]] = {}
     for line in text.splitlines():
         found = _STAGE_LINE.search(line)
@@ -221,7 +219,7 @@ def main() -> None:
         bare = bare_loop(folder, data, args.batch, args.dtype)
         print(f"bare model loop: {bare:.1f} images/s", flush=True)
         (measured,) = pipeline_runs(
-            folder, data, [({"batch_size": args.batch, "dtype": args.dtype}, nullcontext)]
+            folder, data, [({"batch_size": args.batch, "dtype": args.dtype}, contextlib.nullcontext)]
         )
     lines = [
         f"### pipeline, dinat-mini at 224, {args.images} JPEGs 500x375, batch {args.batch}, {args.dtype}, "

@@ -152,10 +152,11 @@ class Predictor:
             areas = batch["width"][passed].astype(np.int64) * batch["height"][passed]
             jpegs = [batch["data"][i] for i in passed], batch["orientation"][passed], areas
         on_host = None
-        if from_host.any():
+        any_host = from_host.any()
+        if any_host:
             on_host = self.runner.upload(host_pixels(batch["pixels"], from_host, self.runner.size))
         ok, late, outputs = from_host, [], None
-        if from_host.any() or passed:  # else nothing runs: no wait behind the other call's device work
+        if any_host or passed:  # else nothing runs: no wait behind the other call's device work
             ok, late, outputs = self._device.submit(self._infer, from_host, on_host, passed, jpegs).result()
         for i, error in zip(passed, late, strict=True):
             errors[i] = error

@@ -37,7 +37,7 @@ from dinat_batch.pipeline.run import (
     run,
     stall_guard,
 )
-from dinat_batch.pipeline.stages import infer
+from dinat_batch.pipeline.stages import infer, read
 from dinat_batch.pipeline.stages.infer import Actors, ActorSettings
 from dinat_batch.pipeline.stages.write import output_schema
 from tests.data import (
@@ -337,7 +337,6 @@ def test_the_stall_guard_covers_the_steps_before_and_after_the_stages(
     """The cluster loses its last node while the inputs are listed, or while a nightly run writes its
     ledger (both wait on Ray tasks): the run stops as stalled, nothing committed."""
     from dinat_batch.jobs.nightly import Table, nightly
-    from dinat_batch.pipeline.stages import read
 
     lost = threading.Event()
     # the guard's view of the nodes, not ray.nodes: Ray Data takes that as a default argument at its first
@@ -464,6 +463,21 @@ def test_the_inference_stage_scales_its_pool_for_two_calls_per_actor(tiny_model,
     wanted = infer.autoscaling(AutoscalingConfig())
     assert inferred.context.autoscaling_config == wanted != AutoscalingConfig()
     assert ray.data.DataContext.get_current().autoscaling_config == AutoscalingConfig()  # the run's own
+
+
+def test_the_split_of_a_listing_of_files_runs_ahead_and_no_other_read_does(ray_session):
+    """The split that feeds read tasks may run SPLIT_AHEAD_BLOCKS ahead of Ray Data's executor, on the
+    run's datasets only; shards' and tables' tasks give many large blocks each and keep Ray's bound."""
+    config = RunConfig(input="s3://b/in", output="s3://b/out", model="m")
+    listing = ray.data.from_arrow(pa.table({"uri": ["s3://b/in/a.jpg"], "size": [1], "version": ["v"]}))
+    default = ray.data.DataContext.get_current()._max_num_blocks_in_streaming_gen_buffer
+    assert default < read.SPLIT_AHEAD_BLOCKS
+    files = read.dataset("files", listing, config, None, ("s3://b/out/_sources", None), 32, 224 * 224 * 3)
+    assert files.context._max_num_blocks_in_streaming_gen_buffer == read.SPLIT_AHEAD_BLOCKS
+    assert ray.data.DataContext.get_current()._max_num_blocks_in_streaming_gen_buffer == default
+    shards = ray.data.from_arrow(pa.table({"uri": ["s3://b/in/a.tar"], "size": [1], "version": ["v"]}))
+    rows = read.dataset("webdataset", shards, config, None, ("s3://b/out/_sources", None), 32, 224 * 224 * 3)
+    assert rows.context._max_num_blocks_in_streaming_gen_buffer == default
 
 
 @pytest.mark.parametrize(

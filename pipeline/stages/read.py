@@ -42,12 +42,14 @@ _KIND_EXTENSIONS = {"files": IMAGE_EXTENSIONS, "webdataset": (".tar",), "parquet
 DONE = "done"  # a listing column: the keys of a container that earlier attempts finished
 UNREADABLE = "<unreadable"  # the key of a shard's error row: `SHARD#<unreadable from its start>`, ...
 _ROWS_PER_BLOCK = 1024  # rows emitted at a time while expanding shards and tables
-# The most images one read task takes from a listing of files. The listing is split into a block per task
-# as the run goes, by one task per listing block, of whose output Ray Data takes at most two blocks per
-# step of its executor (a step every ~0.1 s while tasks run long): a task per 64 images capped a 16-core
-# GPU node decoding on its CPUs at ~1,100 images/s (benchmarks/RESULTS.md, "Second lease"). Fewer,
-# larger tasks are also fewer for the driver to start.
+# The most images one read task takes from a listing of files. Fewer, larger tasks are fewer for the
+# split (`split`) to emit and for the driver to start.
 MAX_IMAGES_PER_TASK = 1024
+# The blocks a task that splits a listing block may run ahead of Ray Data's executor (its default: 2). The
+# executor takes what is ready once per step, every ~0.1 s while tasks run long, so at 2 one listing block
+# fed ~17 read tasks/s: ~1,100 images/s at 64 images per task on a 16-core GPU node, ~9k at 512
+# (benchmarks/RESULTS.md, "Second lease", and `benchmarks/split.py`). Listing rows are ~100 bytes.
+SPLIT_AHEAD_BLOCKS = 32
 # read tasks fuse with the decode tasks after them, which needs the same resources
 STAGE = Stage("read", consumes=tuple(LISTING.names), produces=tuple(ROWS.names), resources=CPU_TASK)
 
@@ -480,6 +482,17 @@ def images_per_task(images: int, cpus: float, batch: int, call: int, per_block: 
     return max(fitting, default=1) * batch
 
 
+def split(listing: ray.data.Dataset, rows: int) -> ray.data.Dataset:
+    """`listing` in blocks of `rows`, one per read task, split as the run goes by one task per listing
+    block, each of which may run SPLIT_AHEAD_BLOCKS ahead of the executor. Ray Data takes that bound from
+    the execution's DataContext, which this dataset shares with the ones made from it (the run's, not the
+    process's): the tasks after it give a block or two each (a read task's images fill at most one), so
+    for them the bound changes nothing. Not for shards and tables, whose tasks give many large blocks."""
+    blocks = listing.repartition(target_num_rows_per_block=rows)
+    blocks.context._max_num_blocks_in_streaming_gen_buffer = SPLIT_AHEAD_BLOCKS
+    return blocks
+
+
 def dataset(
     kind: str,
     listing: ray.data.Dataset,
@@ -499,7 +512,7 @@ def dataset(
         block = ray.data.DataContext.get_current().target_max_block_size  # None: no bound
         per_block = max(1, block // image_bytes) if block else MAX_IMAGES_PER_TASK
         per_task = images_per_task(listing.count(), cpus, config.read_batch_size, call, per_block)
-        return listing.repartition(target_num_rows_per_block=per_task).map_batches(
+        return split(listing, per_task).map_batches(
             read_listed, batch_size=config.read_batch_size, **tasks, fn_kwargs={"rules": ReadRules.of(config)}
         )
     folder, fs = records

@@ -475,9 +475,13 @@ def test_the_split_of_a_listing_of_files_runs_ahead_and_no_other_read_does(ray_s
     files = read.dataset("files", listing, config, None, ("s3://b/out/_sources", None), 32, 224 * 224 * 3)
     assert files.context._max_num_blocks_in_streaming_gen_buffer == read.SPLIT_AHEAD_BLOCKS
     assert ray.data.DataContext.get_current()._max_num_blocks_in_streaming_gen_buffer == default
+    # the listing the caller holds, and what else is made from it (the commit's digest), keep Ray's
+    assert listing.context._max_num_blocks_in_streaming_gen_buffer == default
+    assert listing.select_columns(["uri"]).context._max_num_blocks_in_streaming_gen_buffer == default
     shards = ray.data.from_arrow(pa.table({"uri": ["s3://b/in/a.tar"], "size": [1], "version": ["v"]}))
-    rows = read.dataset("webdataset", shards, config, None, ("s3://b/out/_sources", None), 32, 224 * 224 * 3)
-    assert rows.context._max_num_blocks_in_streaming_gen_buffer == default
+    for kind in ("webdataset", "parquet"):
+        rows = read.dataset(kind, shards, config, None, ("s3://b/out/_sources", None), 32, 224 * 224 * 3)
+        assert rows.context._max_num_blocks_in_streaming_gen_buffer == default
 
 
 @pytest.mark.parametrize(

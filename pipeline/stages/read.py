@@ -45,10 +45,7 @@ _ROWS_PER_BLOCK = 1024  # rows emitted at a time while expanding shards and tabl
 # The most images one read task takes from a listing of files. Fewer, larger tasks are fewer for the
 # split (`split`) to emit and for the driver to start.
 MAX_IMAGES_PER_TASK = 1024
-# The blocks a task that splits a listing block may run ahead of Ray Data's executor (its default: 2). The
-# executor takes what is ready once per step, every ~0.1 s while tasks run long, so at 2 one listing block
-# fed ~17 read tasks/s: ~1,100 images/s at 64 images per task on a 16-core GPU node, ~9k at 512
-# (benchmarks/RESULTS.md, "Second lease", and `benchmarks/split.py`). Listing rows are ~100 bytes.
+# See `split`. 32 blocks of at most MAX_IMAGES_PER_TASK listing rows (~100 bytes each): ~3 MB per task.
 SPLIT_AHEAD_BLOCKS = 32
 # read tasks fuse with the decode tasks after them, which needs the same resources
 STAGE = Stage("read", consumes=tuple(LISTING.names), produces=tuple(ROWS.names), resources=CPU_TASK)
@@ -484,11 +481,17 @@ def images_per_task(images: int, cpus: float, batch: int, call: int, per_block: 
 
 def split(listing: ray.data.Dataset, rows: int) -> ray.data.Dataset:
     """`listing` in blocks of `rows`, one per read task, split as the run goes by one task per listing
-    block, each of which may run SPLIT_AHEAD_BLOCKS ahead of the executor. Ray Data takes that bound from
-    the execution's DataContext, which this dataset shares with the ones made from it (the run's, not the
-    process's): the tasks after it give a block or two each (a read task's images fill at most one), so
-    for them the bound changes nothing. Not for shards and tables, whose tasks give many large blocks."""
-    blocks = listing.repartition(target_num_rows_per_block=rows)
+    block, each of which may run SPLIT_AHEAD_BLOCKS ahead of Ray Data's executor (its default: 2). The
+    executor takes what is ready once per step, every ~0.1 s while tasks run long, so at 2 one listing
+    block fed ~17 read tasks/s: ~1,100 images/s at 64 images per task, ~9k at 512 (benchmarks/RESULTS.md).
+
+    Ray Data reads the bound from the execution's DataContext, not from an operator's options, so the
+    tasks after the split get it too. A read task's images fill one block unless `read_batch_size` holds
+    more (those blocks then reach the object store without waiting), and actor calls and write tasks give
+    one each; until an operator's first task ends, Ray Data's estimate of its tasks' pending output counts
+    the bound, not one block. Not for shards and tables, whose tasks give many blocks of ~100 MB. The
+    dataset is a copy with a DataContext of its own: the caller's listing keeps Ray's bound."""
+    blocks = listing.materialize().repartition(target_num_rows_per_block=rows)
     blocks.context._max_num_blocks_in_streaming_gen_buffer = SPLIT_AHEAD_BLOCKS
     return blocks
 

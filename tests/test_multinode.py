@@ -21,7 +21,6 @@ from tests.data import photos
 pytestmark = pytest.mark.apart
 
 CLI = str(Path(sys.executable).parent / "dinat-batch")
-RAY = str(Path(sys.executable).parent / "ray")
 BUCKET = "multinode"
 COUNT = 32
 # on each worker node: a run whose actors ask for one holds one actor per node, as one per GPU on GPU nodes
@@ -154,39 +153,6 @@ def wait_for_actor(
     return found
 
 
-def restarts(cluster, pid: int, driver: Driver, timeout: float = 120) -> int:
-    """How often the actor in process `pid` was restarted, once it has started (Ray's state API, asked
-    through the head's dashboard, reports an actor's process once its constructor has run)."""
-    deadline = time.monotonic() + timeout
-    while (found := _restarts(cluster).get(pid)) is None:
-        assert driver.running(), f"the run ended before actor {pid} started: {driver.output()}"
-        assert time.monotonic() < deadline, f"actor {pid} did not start within {timeout:.0f} s"
-        time.sleep(2)
-    return found
-
-
-def _restarts(cluster) -> dict[int, int]:
-    dashboard = f"http://127.0.0.1:{cluster.head.dashboard_port}"
-    listed = subprocess.run(
-        [
-            RAY,
-            "list",
-            "actors",
-            "--address",
-            dashboard,
-            "--filter",
-            "state=ALIVE",
-            "--detail",
-            "--format=json",
-        ],
-        env=os.environ | cluster.driver_env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return {actor["pid"]: actor["num_restarts"] for actor in json.loads(listed.stdout) if actor["pid"]}
-
-
 def test_node_lost_without_replacement_finishes_on_what_remains(cluster, object_store, bucket, tmp_path):
     """(c) the worker node running the inference actor lost for good: the run finishes on the node left,
     within a bounded time. (Runs first: the next test replaces the nodes.)"""
@@ -203,15 +169,15 @@ def test_nodes_lost_mid_run_then_nodes_join_and_the_pool_grows_onto_them(
     cluster, object_store, bucket, tmp_path, hold
 ):
     """(a) every key once; (b) mid-run every worker node is SIGKILLed and a new one joins: the run
-    completes; (d) a second node joins while the first one's actor works: the pool grows onto it, with a
-    new actor (not one of the lost ones restarted). Each actor asks for the one `inference` slot of a
+    completes; (d) a second node joins while the first one's actor works: the pool grows onto it, to more
+    actors than were lost (Ray restarts lost actors, which alone bring back no more). Each actor asks for the one `inference` slot of a
     node, as a GPU actor for a GPU node's one GPU. The second node has more CPUs, as a GPU node has beside
     its GPU: Ray Data adds an actor only when the CPUs it shares out among the stages leave one for it (on
     two 2-CPU nodes they did not). Model calls are held from the loss until the pool has grown: however
     slowly the nodes start, the run cannot end first."""
     expected = images(bucket, "replaced", 4 * COUNT)  # still running when its nodes are lost
-    # one worker node to start on (the test before leaves one; alone, this one finds two): with two, two
-    # actors are lost, and the second node to join gets a lost one restarted, not a new one
+    # one worker node to start on, so one actor to lose (the test before leaves one; alone, this one finds
+    # two, whose two lost actors restarted would fill both joined nodes without the pool growing)
     for node in [node for node in cluster.workers if node.process.poll() is None][1:]:
         cluster.kill(node)
     driver = start_driver(
@@ -220,15 +186,16 @@ def test_nodes_lost_mid_run_then_nodes_join_and_the_pool_grows_onto_them(
     wait_for_rows(bucket, "replaced", driver)
     hold.touch()
     try:
+        lost = actors(cluster)
         for node in cluster.workers:
             cluster.kill(node)
         assert driver.running(), "the run ended before its nodes were lost: give it more images"
         first = cluster.add_worker()
         wait_for_actor(cluster, driver, on={first.name})
         second = cluster.add_worker(cpus=6)
+        # which node a restarted actor and a new one land on is a race; how many there are is not
         grown = wait_for_actor(cluster, driver, on={first.name, second.name})
-        new = next(pid for pid, node in grown.items() if node == second.name)
-        assert restarts(cluster, new, driver) == 0, "the actor on the joined node is a lost one restarted"
+        assert len(grown) > len(lost), f"{len(lost)} actors lost, {len(grown)} running: the pool did not grow"
     finally:
         hold.unlink()
     assert driver.finish(600) == 0, driver.output()

@@ -169,12 +169,13 @@ def test_nodes_lost_mid_run_then_nodes_join_and_the_pool_grows_onto_them(
     cluster, object_store, bucket, tmp_path, hold
 ):
     """(a) every key once; (b) mid-run every worker node is SIGKILLed and a new one joins: the run
-    completes; (d) a second node joins while the first one's actor works: the pool grows onto it, to more
-    actors than were lost (Ray restarts lost actors, which alone bring back no more). Each actor asks for the one `inference` slot of a
-    node, as a GPU actor for a GPU node's one GPU. The second node has more CPUs, as a GPU node has beside
-    its GPU: Ray Data adds an actor only when the CPUs it shares out among the stages leave one for it (on
-    two 2-CPU nodes they did not). Model calls are held from the loss until the pool has grown: however
-    slowly the nodes start, the run cannot end first."""
+    completes; (d) a second node joins while the first one's actor works: the pool grows onto the joined
+    nodes, an actor on each, more than were lost (Ray restarts lost actors, which alone bring back no
+    more). Each actor asks for the one `inference` slot of a node, as a GPU actor for a GPU node's one GPU.
+    The second node has more CPUs, as a GPU node has beside its GPU: Ray Data adds an actor only when the
+    CPUs it shares out among the stages leave one for it (on two 2-CPU nodes they did not). Model calls
+    are held from the loss until the pool has grown: however slowly the nodes start, the run cannot end
+    first."""
     expected = images(bucket, "replaced", 4 * COUNT)  # still running when its nodes are lost
     # one worker node to start on, so one actor to lose (the test before leaves one; alone, this one finds
     # two, whose two lost actors restarted would fill both joined nodes without the pool growing)
@@ -195,6 +196,8 @@ def test_nodes_lost_mid_run_then_nodes_join_and_the_pool_grows_onto_them(
         second = cluster.add_worker(cpus=6)
         # which node a restarted actor and a new one land on is a race; how many there are is not
         grown = wait_for_actor(cluster, driver, on={first.name, second.name})
+        # one `inference` slot per node and one node at the loss: one actor lost, two running is growth
+        assert len(lost) <= 1, f"{len(lost)} actors at the loss, on one node of one slot"
         assert len(grown) > len(lost), f"{len(lost)} actors lost, {len(grown)} running: the pool did not grow"
     finally:
         hold.unlink()

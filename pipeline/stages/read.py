@@ -488,8 +488,8 @@ def split(listing: ray.data.Dataset, rows: int) -> ray.data.Dataset:
     Ray Data reads the bound from the execution's DataContext, not from an operator's options, so the
     tasks after the split get it too. A read task's images fill one block unless `read_batch_size` holds
     more (those blocks then reach the object store without waiting), and actor calls and write tasks give
-    one each; until an operator's first task ends, Ray Data's estimate of its tasks' pending output counts
-    the bound, not one block. Not for shards and tables, whose tasks give many blocks of ~100 MB. The
+    one each; from an operator's first output until its first task ends, Ray Data's estimate of its tasks'
+    pending output counts the bound, not one block. Not for shards and tables, whose tasks give many blocks of ~100 MB. The
     dataset is a copy with a DataContext of its own: the caller's listing keeps Ray's bound."""
     blocks = listing.materialize().repartition(target_num_rows_per_block=rows)
     blocks.context._max_num_blocks_in_streaming_gen_buffer = SPLIT_AHEAD_BLOCKS

@@ -7,12 +7,14 @@ the executor's own ceiling), side by side in one Ray session.
 The read tasks sleep instead of reading and decoding, so that what is measured is Ray Data's executor
 handing out work, not this machine's cores: Ray is started declaring `--cpus` (more than the machine has),
 and each task holds half a CPU as a read task does. Images/s: the images of the tasks started between the
-fifth and the four-fifths of the run, over that time. A first pass warms up Ray's workers.
+fifth and the four-fifths of the run, over that time; each feed runs twice, in order and then in reverse
+order, and the mean is shown. A first pass warms up Ray's workers.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -71,18 +73,21 @@ def main() -> None:
         "read.split": lambda: read.split(_listing(args.images, args.images), args.per_task),
     }
     _rate(feeds["a block per task (no split)"](), args.seconds)  # starts Ray's workers
-    rates = {}
-    for name, feed in feeds.items():
-        rate, images = _rate(feed(), args.seconds)
+    measured: dict[str, list[float]] = {name: [] for name in feeds}
+    # each feed once in order and once in reverse: a machine that speeds up or slows down over the minutes
+    # of a run favours none of them
+    for name in [*feeds, *reversed(feeds)]:
+        rate, images = _rate(feeds[name](), args.seconds)
         assert images == args.images, f"{name}: {images} images of {args.images}"
-        rates[name] = rate
+        measured[name].append(rate)
         print(f"{name}: {rate:,.0f} images/s", flush=True)
+    rates = {name: statistics.mean(runs) for name, runs in measured.items()}
     ceiling, default, ours = rates.values()
     lines = [
         f"### the split's feed, {args.images} images in one listing block, {args.per_task} per task, "
         f"{args.cpus} CPUs declared, tasks of {args.seconds} s ({time.strftime('%Y-%m-%d')})",
         "",
-        "| feed | images/s | x Ray Data's repartition |",
+        "| feed | images/s (mean of two) | x Ray Data's repartition |",
         "|---|---|---|",
         *(f"| {name} | {rate:,.0f} | {rate / default:.2f} |" for name, rate in rates.items()),
     ]

@@ -70,7 +70,8 @@ def main() -> None:
     feeds = {
         "a block per task (no split)": lambda: _listing(args.images, args.per_task),
         "Ray Data's repartition": lambda: one_block.repartition(target_num_rows_per_block=args.per_task),
-        "read.split": lambda: read.split(_listing(args.images, args.images), args.per_task),
+        # on a copy of its own: `one_block` keeps Ray's bound for the feed above
+        "read.split": lambda: read.split(one_block, args.per_task),
     }
     _rate(feeds["a block per task (no split)"](), args.seconds)  # starts Ray's workers
     measured: dict[str, list[float]] = {name: [] for name in feeds}

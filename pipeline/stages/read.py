@@ -489,8 +489,9 @@ def split(listing: ray.data.Dataset, rows: int) -> ray.data.Dataset:
     tasks after the split get it too. A read task's images fill one block unless `read_batch_size` holds
     more (those blocks then reach the object store without waiting), and actor calls and write tasks give
     one each; from an operator's first output until its first task ends, Ray Data's estimate of its tasks'
-    pending output counts the bound, not one block. Not for shards and tables, whose tasks give many blocks of ~100 MB. The
-    dataset is a copy with a DataContext of its own: the caller's listing keeps Ray's bound."""
+    pending output counts the bound, not one block. Not for shards and tables, whose tasks give many
+    blocks of ~100 MB. The dataset is a copy with a DataContext of its own: the caller's listing keeps
+    Ray's bound."""
     blocks = listing.materialize().repartition(target_num_rows_per_block=rows)
     blocks.context._max_num_blocks_in_streaming_gen_buffer = SPLIT_AHEAD_BLOCKS
     return blocks
@@ -512,7 +513,7 @@ def dataset(
     tasks = {"batch_format": "pyarrow", **STAGE.resources}
     if kind == "files":
         cpus = ray.cluster_resources().get("CPU", 1)
-        block = ray.data.DataContext.get_current().target_max_block_size  # None: no bound
+        block = listing.context.target_max_block_size  # the split's copy runs with it; None: no bound
         per_block = max(1, block // image_bytes) if block else MAX_IMAGES_PER_TASK
         per_task = images_per_task(listing.count(), cpus, config.read_batch_size, call, per_block)
         return split(listing, per_task).map_batches(

@@ -48,6 +48,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from dinat_batch.pipeline.atomic import is_own_temp, put_file
 from dinat_batch.pipeline.config import SAME_JOB, ConfigError
+from dinat_batch.pipeline.deletion import delete_files
 from dinat_batch.pipeline.digest import KeyDigest
 from dinat_batch.pipeline.errors import error_kind, retryable_mask
 from dinat_batch.pipeline.faults import crash_point
@@ -291,9 +292,7 @@ class Output:
     def _remove(self, paths: list[str]) -> None:
         """Delete these files (each one the survey found to be ours), then any folder of ours they
         leave empty on a disk."""
-        for path in paths:
-            with contextlib.suppress(FileNotFoundError):
-                self.fs.rm_file(path)
+        delete_files(self.fs, paths)
         if self.local:
             for folder in sorted({os.path.dirname(path) for path in paths}, key=len, reverse=True):
                 while folder.startswith(f"{self.path}/{STAGING}"):

@@ -8,29 +8,42 @@ old chunks would resume them)."""
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 
 import s3fs
 
+from dinat_batch.pipeline.parallel import in_threads
+
 KEYS_PER_REQUEST = 1000  # S3's limit for DeleteObjects
-_THREADS = 16  # requests in flight at once
+# keys S3 reports as kept for a passing reason (AWS: retry them); the request as a whole was retried by
+# botocore already
+_TRANSIENT = frozenset({"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout"})
+_ATTEMPTS = 5
+# whole-request refusals of S3-compatible stores that want Content-MD5 (which botocore >= 1.36 no longer
+# sends, a CRC32 instead) or do not take DeleteObjects: such a store deletes one key per request
+_NO_BULK = ("MissingContentMD5", "NotImplemented", "InvalidRequest")
 
 
 def delete_files(fs, paths: list[str]) -> None:
     """Delete `paths` (files of `fs`, without the protocol), in bulk where the store can."""
-    if isinstance(fs, s3fs.S3FileSystem):
-        requests = [
-            (bucket, keys[i : i + KEYS_PER_REQUEST])
-            for bucket, keys in _keys_by_bucket(fs, paths).items()
-            for i in range(0, len(keys), KEYS_PER_REQUEST)
-        ]
-        with ThreadPoolExecutor(_THREADS) as pool:
-            list(pool.map(lambda request: _delete_objects(fs, *request), requests))
+    try:
+        if isinstance(fs, s3fs.S3FileSystem):
+            requests = [
+                (bucket, keys[i : i + KEYS_PER_REQUEST])
+                for bucket, keys in _keys_by_bucket(fs, paths).items()
+                for i in range(0, len(keys), KEYS_PER_REQUEST)
+            ]
+            # the first request alone: a store that takes no bulk deletions refuses it, and then all
+            bulk = not requests or (
+                _delete_objects(fs, *requests[0])
+                and all(in_threads(lambda request: _delete_objects(fs, *request), requests[1:]))
+            )
+            if bulk:
+                return
+        in_threads(lambda path: _delete_file(fs, path), paths)
+    finally:
         fs.invalidate_cache()
-    else:
-        with ThreadPoolExecutor(_THREADS) as pool:
-            list(pool.map(lambda path: _delete_file(fs, path), paths))
 
 
 def _keys_by_bucket(fs, paths: list[str]) -> dict[str, list[str]]:
@@ -41,20 +54,36 @@ def _keys_by_bucket(fs, paths: list[str]) -> dict[str, list[str]]:
     return keys
 
 
-def _delete_objects(fs, bucket: str, keys: list[str]) -> None:
-    # S3 answers 200 with a list of the keys it could not delete (access denied, a lock): Quiet lists
-    # only those. A key that was never there counts as deleted.
-    answer = fs.call_s3(
-        "delete_objects", Bucket=bucket, Delete={"Objects": [{"Key": key} for key in keys], "Quiet": True}
-    )
-    failed = answer.get("Errors") or []
-    if failed:
-        first = failed[0]
-        raise OSError(
-            f"the store kept {len(failed)} of {len(keys)} files it was asked to delete, e.g. "
-            f"s3://{bucket}/{first.get('Key')}: {first.get('Code')} {first.get('Message', '')}. They are "
-            "left as they are: let these credentials delete in this output (s3:DeleteObject), then run again"
+def _delete_objects(fs, bucket: str, keys: list[str]) -> bool:
+    """Delete `keys` of `bucket` in one request, retrying those kept for a passing reason; False when the
+    store takes no DeleteObjects (nothing was deleted)."""
+    for attempt in range(_ATTEMPTS):
+        try:
+            # S3 answers 200 with the keys it kept (Quiet: only those); a key never there counts as deleted
+            answer = fs.call_s3(
+                "delete_objects",
+                Bucket=bucket,
+                Delete={"Objects": [{"Key": key} for key in keys], "Quiet": True},
+            )
+        except OSError as err:
+            if any(code in str(err) for code in _NO_BULK):
+                return False
+            raise
+        kept = [entry for entry in answer.get("Errors") or [] if entry.get("Code") != "NoSuchKey"]
+        if not kept or any(entry.get("Code") not in _TRANSIENT for entry in kept):
+            break
+        keys = [entry["Key"] for entry in kept]
+        if attempt < _ATTEMPTS - 1:
+            time.sleep(0.5 * 2**attempt)
+    if kept:
+        first = kept[0]
+        denied = all(entry.get("Code") == "AccessDenied" for entry in kept)
+        raise (PermissionError if denied else OSError)(
+            f"the store kept {len(kept)} of the files it was asked to delete, e.g. "
+            f"s3://{bucket}/{first.get('Key')}: {first.get('Code')} {first.get('Message', '')}. They stay "
+            "as they are: let these credentials delete in this output (s3:DeleteObject)"
         )
+    return True
 
 
 def _delete_file(fs, path: str) -> None:

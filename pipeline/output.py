@@ -35,7 +35,6 @@ import json
 import os
 import re
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +62,7 @@ from dinat_batch.pipeline.ownership import (
     write_table,
     written_identity,
 )
+from dinat_batch.pipeline.parallel import in_threads
 from dinat_batch.pipeline.stages.write import CHUNK_PREFIX, chunk_groups, chunk_name
 
 SUCCESS = "_SUCCESS"
@@ -70,7 +70,6 @@ FAILURE = "_FAILURE"
 STAGING = "_staging"
 SOURCES = "_sources"
 PART_PREFIX = "part-"
-_THREADS = 16  # concurrent small reads (footers, key columns) against the store
 _SOURCE_RECORD = re.compile(r"^[0-9a-f]{32}\.json$")
 _STALE_RECORD = re.compile(r"^stale-[0-9a-f]{32}\.parquet$")
 
@@ -141,7 +140,7 @@ class Output:
         self.iceberg, self.scope = iceberg, scope
         self.data_path = self.path if iceberg is None else iceberg.data_path(scope)
         self._base: int | None = None  # the Iceberg snapshot this run started from
-        self._owners = Owners(self.fs, _THREADS)
+        self._owners = Owners(self.fs, spread=not self.local)
 
     def child(self, name: str) -> Output:
         return Output(f"{self.uri}/{name}", self.storage_options)
@@ -184,7 +183,7 @@ class Output:
                 kind = "directory" if folder else "file" if _plain_file(entry) else "other"
                 parquet = kind == "file" and name.endswith(".parquet")
                 identity = file_identity(self.fs, entry) if parquet else None
-                entries[name] = {"name": name, "type": kind, "identity": identity}
+                entries[name] = {"name": name, "type": kind, "identity": identity, "size": entry.get("size")}
         return list(entries.values())
 
     def wrote(self, files: list[bytes], owner: Ownership) -> None:
@@ -195,7 +194,7 @@ class Output:
     def _ours(self, files: list[dict[str, Any]]) -> list[Ownership | None]:
         """Who wrote each Parquet file (`_entries`) for this output: None where the pipeline did not, or
         did for another output (a failed read raises)."""
-        owners = self._owners.of([(entry["name"], entry["identity"]) for entry in files])
+        owners = self._owners.of([(entry["name"], entry["identity"], entry["size"]) for entry in files])
         return [owner if owner is not None and owner.output == self.identity else None for owner in owners]
 
     def _temp(self, entry: dict[str, Any]) -> bool:
@@ -418,9 +417,8 @@ class Output:
         total = KeyDigest()
         self.fs.invalidate_cache()
         paths = [entry["name"] for entry in self._entries(self.sources(attempt))]
-        with ThreadPoolExecutor(_THREADS) as pool:
-            for data in pool.map(self.fs.cat_file, paths):
-                total += KeyDigest.from_json(json.loads(data))
+        for data in in_threads(self.fs.cat_file, paths):
+            total += KeyDigest.from_json(json.loads(data))
         return total, len(paths)
 
     def compact(

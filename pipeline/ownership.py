@@ -8,15 +8,16 @@ import hashlib
 import io
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 from fsspec.implementations.local import LocalFileSystem
 
 from dinat_batch.pipeline.atomic import put_file
+from dinat_batch.pipeline.parallel import in_threads
 
 WRITER = "dinat-batch"
 METADATA_KEY = b"dinat_batch"
@@ -43,10 +44,12 @@ class Ownership:
         return {METADATA_KEY: json.dumps(record).encode()}
 
 
-def owner_of(fs, path: str) -> Ownership | None:
+def owner_of(fs, path: str, size: int | None = None) -> Ownership | None:
     """The run that wrote a Parquet file, or None when the pipeline did not write it (or it is not
-    Parquet). A read that fails (throttling, access denied, a timeout) raises: it proves nothing."""
-    with fs.open(path, "rb") as f:
+    Parquet). A read that fails (throttling, access denied, a timeout) raises: it proves nothing. `size`:
+    the file's as listed, which spares a request for it (a file changed since reads as not Parquet:
+    someone's, which stops the run rather than being deleted)."""
+    with fs.open(path, "rb", **({} if size is None else {"size": size})) as f:
         try:
             metadata = pq.read_metadata(f).metadata
         except pa.ArrowInvalid:
@@ -107,31 +110,71 @@ def written_identity(fs, path: str) -> bytes | None:
         return None
 
 
+# footers per Ray task: ~4 s of one task against a store answering ~250 a second to 16 threads; a resume
+# of 1M chunks is 1,000 tasks
+FOOTERS_PER_TASK = 1000
+
+
 class Owners:
     """`owner_of` for the files of an output's listings, one after another, each footer read once while
     the file stays the same (`file_identity`): a run surveys its output four or five times (before its
     lease, then to prepare, compact and publish), and each footer is a request to the store, which at a
     million chunk files is most of a run's bookkeeping. A file written over since is read again; the
-    run's own write tasks say what they wrote (`wrote`), which is then never read."""
+    run's own write tasks say what they wrote (`wrote`), which is then never read. `spread`: whether Ray
+    tasks may read footers (not those of a local disk, each node's own)."""
 
-    def __init__(self, fs, threads: int):
-        self.fs, self.threads = fs, threads
+    def __init__(self, fs, spread: bool):
+        self.fs, self.spread = fs, spread
         # identities as 16-byte digests, ~90 bytes a file with the dict's own: a million chunk files
         # are a million entries
         self._known: dict[bytes, Ownership | None] = {}
         self._one: dict[Ownership, Ownership] = {}  # each owner held once, not once per file
 
-    def of(self, files: list[tuple[str, bytes | None]]) -> list[Ownership | None]:
-        """The owner of each of `files` (path, `file_identity`), unknown footers read in parallel; a failed
-        read raises."""
-        unread = [i for i, (_, identity) in enumerate(files) if identity not in self._known]  # None never is
-        with ThreadPoolExecutor(self.threads) as pool:
-            owners = pool.map(lambda i: self._once(owner_of(self.fs, files[i][0])), unread)
-            read = dict(zip(unread, owners, strict=True))
+    def of(self, files: list[tuple[str, bytes | None, int | None]]) -> list[Ownership | None]:
+        """The owner of each of `files` (path, `file_identity`, size as listed), unknown footers read in
+        parallel; a failed read raises with the store's error."""
+        unread = [
+            i for i, (_, identity, _) in enumerate(files) if identity not in self._known
+        ]  # None never is
+        owners = self._read([files[i][0] for i in unread], [files[i][2] for i in unread])
+        read = dict(zip(unread, map(self._once, owners), strict=True))
         for i, owner in read.items():
             if files[i][1] is not None:
                 self._known[files[i][1]] = owner
-        return [read[i] if i in read else self._known[identity] for i, (_, identity) in enumerate(files)]
+        return [read[i] if i in read else self._known[identity] for i, (_, identity, _) in enumerate(files)]
+
+    def _read(self, paths: list[str], sizes: list[int | None]) -> list[Ownership | None]:
+        """Many footers (a resume's million chunks) are read by Ray tasks where the connected cluster has
+        CPUs, so that they spread over its nodes rather than queue on the driver's threads; should the
+        cluster lose its last CPU node meanwhile, the driver reads what is left rather than wait."""
+        if not (self.spread and len(paths) > FOOTERS_PER_TASK and _cluster_has_cpus()):
+            return _read_owners(self.fs, paths, sizes)
+        starts = range(0, len(paths), FOOTERS_PER_TASK)
+        tasks = {
+            _read_owners_in_a_task.remote(
+                self.fs, paths[i : i + FOOTERS_PER_TASK], sizes[i : i + FOOTERS_PER_TASK]
+            ): i
+            for i in starts
+        }
+        read: dict[int, list[Ownership | None]] = {}
+        pending = list(tasks)
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+                read.update({tasks[task]: ray.get(task) for task in done})
+                if pending and not _cluster_has_cpus():
+                    for task in pending:
+                        ray.cancel(task)
+                        i = tasks[task]
+                        read[i] = _read_owners(
+                            self.fs, paths[i : i + FOOTERS_PER_TASK], sizes[i : i + FOOTERS_PER_TASK]
+                        )
+                    pending = []
+        except ray.exceptions.RayTaskError as err:
+            for task in pending:
+                ray.cancel(task)
+            raise err.cause from err  # the store's own error, as from the driver's threads
+        return [owner for i in starts for owner in read[i]]
 
     def wrote(self, files: list[bytes], owner: Ownership) -> None:
         """`owner` wrote `files` (`file_identity` of each, as its writer saw it): later surveys need not
@@ -140,6 +183,23 @@ class Owners:
 
     def _once(self, owner: Ownership | None) -> Ownership | None:
         return None if owner is None else self._one.setdefault(owner, owner)
+
+
+def _read_owners(fs, paths: list[str], sizes: list[int | None]) -> list[Ownership | None]:
+    """`owner_of` each of `paths`; each distinct owner is one object, so that a Ray task's answer pickles
+    it once."""
+    one: dict[Ownership, Ownership] = {}
+    owners = in_threads(lambda i: owner_of(fs, paths[i], sizes[i]), range(len(paths)))
+    return [None if owner is None else one.setdefault(owner, owner) for owner in owners]
+
+
+_read_owners_in_a_task = ray.remote(num_cpus=0.5)(_read_owners)
+
+
+def _cluster_has_cpus() -> bool:
+    """Whether Ray tasks can run now: the driver is connected to a cluster with CPUs (an autoscaling one
+    whose head declares none and has no workers yet has none)."""
+    return ray.is_initialized() and ray.cluster_resources().get("CPU", 0) > 0
 
 
 def write_table(fs, path: str, table: pa.Table, ownership: Ownership) -> int:

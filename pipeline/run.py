@@ -327,12 +327,15 @@ def run(config: RunConfig | dict[str, Any]) -> RunSummary:
         config = RunConfig.model_validate(config)
     run_id = config.run_id or f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
     output = Output(config.output, config.storage_options, IcebergTable.of(config))
-    output.refuse_foreign()
-    # the lease before any other work: a run refused for a live holder has listed nothing
-    with cluster(config), output.lease(run_id, config.lease_timeout) as lease:
-        with planned_under_guard(config, run_id) as planned:
-            summary, compacted = execute(planned, output, lease)
-        finish(output, lease, summary, compacted, config.max_error_rate)
+    with cluster(config):
+        # on the cluster, whose tasks read a resume's many footers; before the lease, since a folder of
+        # someone's files gets none
+        output.refuse_foreign()
+        # the lease before any other work: a run refused for a live holder has listed nothing
+        with output.lease(run_id, config.lease_timeout) as lease:
+            with planned_under_guard(config, run_id) as planned:
+                summary, compacted = execute(planned, output, lease)
+            finish(output, lease, summary, compacted, config.max_error_rate)
     return summary
 
 

@@ -15,6 +15,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 
 from dinat_batch.pipeline.atomic import put_file
 from dinat_batch.pipeline.config import ConfigError
@@ -104,6 +105,87 @@ def test_a_failed_read_deletes_nothing(tmp_path, tiny_model, ray_session, monkey
     assert listing(output, {}) == before
 
 
+@pytest.fixture
+def footer_reads(monkeypatch):
+    """Where footers are read: (paths read by the driver, path groups sent to Ray tasks, the task's
+    stand-in); and a `FOOTERS_PER_TASK` of 2, so that a few files go to tasks."""
+    import dinat_batch.pipeline.ownership as ownership
+
+    monkeypatch.setattr(ownership, "FOOTERS_PER_TASK", 2)
+    in_the_driver, in_tasks = [], []
+    owner_of = ownership.owner_of
+    monkeypatch.setattr(
+        ownership, "owner_of", lambda fs, path, size: in_the_driver.append(path) or owner_of(fs, path, size)
+    )
+
+    class StandIn:
+        task = ownership._read_owners_in_a_task
+
+        @classmethod
+        def remote(cls, fs, paths, sizes):
+            in_tasks.append(paths)
+            return cls.task.remote(fs, paths, sizes)
+
+    monkeypatch.setattr(ownership, "_read_owners_in_a_task", StandIn)
+    return in_the_driver, in_tasks, StandIn
+
+
+def _unowned_chunks(fs, folder: str) -> list[tuple[str, None, None]]:
+    """Three chunk files of another output, as `Owners.of` takes them."""
+    files = [(f"{folder}/chunk-00000{i}-1.parquet", None, None) for i in range(3)]
+    for path, _, _ in files:
+        write_table(fs, path, pa.table({"key": ["a"]}), Ownership("run-1", "sha", "run-1.0", "s3://x"))
+    return files
+
+
+def test_a_footer_read_that_fails_in_a_task_raises_the_stores_error(object_store, ray_session, footer_reads):
+    """Footers read by Ray tasks fail as those read by the driver do: with the store's error, proving
+    nothing (here: credentials the store refuses)."""
+    import s3fs
+
+    from dinat_batch.pipeline.ownership import Owners
+
+    in_the_driver, in_tasks, _ = footer_reads
+    object_store.make_bucket("protocol")
+    fs = object_store.filesystem()
+    files = _unowned_chunks(fs, "protocol/unreadable")
+    assert [owner.run_id for owner in Owners(fs, spread=True).of(files)] == ["run-1"] * 3
+    refused = s3fs.S3FileSystem(
+        key="nobody",
+        secret="wrong",
+        client_kwargs={"endpoint_url": object_store.endpoint},
+        skip_instance_cache=True,
+    )
+    with pytest.raises(PermissionError) as raised:
+        Owners(refused, spread=True).of(files)
+    assert not isinstance(raised.value, ray.exceptions.RayTaskError)  # the store's error, not Ray's wrapper
+    assert len(in_tasks) == 4 and in_the_driver == []
+
+
+def test_footers_are_read_by_the_driver_where_no_task_can_run(
+    object_store, ray_session, footer_reads, monkeypatch
+):
+    """No task waits for CPUs that are not there: with none in the cluster (an autoscaling cluster that
+    has no workers yet), or once the cluster has lost them while tasks wait, the driver reads the footers."""
+    from dinat_batch.pipeline.ownership import Owners
+
+    in_the_driver, in_tasks, stand_in = footer_reads
+    object_store.make_bucket("protocol")
+    fs = object_store.filesystem()
+    files = _unowned_chunks(fs, "protocol/no-cpus")
+    paths = [path for path, _, _ in files]
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"GPU": 1.0})
+    assert [owner.run_id for owner in Owners(fs, spread=True).of(files)] == ["run-1"] * 3
+    assert in_tasks == [] and sorted(in_the_driver) == paths
+    in_the_driver.clear()
+    # tasks that no node can take, sent while the cluster has CPUs, which it has lost by the next look
+    stand_in.task = stand_in.task.options(resources={"nowhere": 1})
+    answers = iter([{"CPU": 2.0}])
+    monkeypatch.setattr(ray, "cluster_resources", lambda: next(answers, {}))
+    assert [owner.run_id for owner in Owners(fs, spread=True).of(files)] == ["run-1"] * 3
+    assert len(in_tasks) == 2 and sorted(in_the_driver) == paths
+
+
 # one store here: each run costs seconds of Ray start-up; the code path differs little between stores
 @pytest.mark.parametrize("where", ["s3"], indirect=True)
 def test_overwrite_unmarks_first_and_the_table_lists_its_files(where, tmp_path, tiny_model, ray_session):
@@ -182,7 +264,9 @@ def test_a_file_is_asked_whose_it_is_once_until_it_changes(where, monkeypatch):
     write_table(out.fs, f"{out.path}/part-x.parquet", table, theirs)
     read = []
     owner_of = ownership.owner_of
-    monkeypatch.setattr(ownership, "owner_of", lambda fs, path: read.append(path) or owner_of(fs, path))
+    monkeypatch.setattr(
+        ownership, "owner_of", lambda fs, path, size: read.append(path) or owner_of(fs, path, size)
+    )
 
     def survey():
         out.fs.invalidate_cache()
@@ -198,6 +282,29 @@ def test_a_file_is_asked_whose_it_is_once_until_it_changes(where, monkeypatch):
     again = survey()
     assert read == [chunks[0]]
     assert again.staged == [chunks[1]] and sorted(again.foreign) == sorted([chunks[0], *first.foreign])
+
+
+def test_many_footers_are_read_by_ray_tasks_and_tell_the_same(where, ray_session, footer_reads):
+    """Past a task's share of footers (a resume's million chunks), a survey of an object store reads them
+    in Ray tasks, which spread over the cluster, none in the driver; they tell ours from someone's as the
+    driver does. A local disk's are read by the driver: each node has a disk of its own."""
+    root, options = where
+    in_the_driver, in_tasks, _ = footer_reads
+    out = Output(root, options)
+    ours = Ownership("run-1", "sha", "run-1.0", out.identity)
+    theirs = Ownership("run-1", "sha", "run-1.0", "s3://elsewhere/out")
+    table = pa.table({"key": ["a", "b"]})
+    chunks = [f"{out.staging('run-1.0')}/chunk-{i:06d}-2.parquet" for i in range(5)]
+    for i, path in enumerate(chunks):
+        write_table(out.fs, path, table, theirs if i == 3 else ours)
+    survey = out.survey()
+    if out.local:
+        assert sorted(in_the_driver) == chunks and in_tasks == []
+    else:
+        assert sorted(path for paths in in_tasks for path in paths) == chunks and in_the_driver == []
+        assert sorted(map(len, in_tasks)) == [1, 2, 2]
+    assert survey.foreign == [chunks[3]] and sorted(survey.staged) == sorted(chunks[:3] + chunks[4:])
+    assert survey.models == dict.fromkeys(survey.staged, "sha")
 
 
 def test_compaction_mixes_in_no_chunk_of_someone_else_whatever_the_survey_said(tmp_path, ray_session):
@@ -274,7 +381,9 @@ def test_a_run_reads_no_footer_of_the_files_it_wrote(where, tmp_path, tiny_model
     output = f"{root}/out"
     read = []
     owner_of = ownership.owner_of
-    monkeypatch.setattr(ownership, "owner_of", lambda fs, path: read.append(path) or owner_of(fs, path))
+    monkeypatch.setattr(
+        ownership, "owner_of", lambda fs, path, size: read.append(path) or owner_of(fs, path, size)
+    )
     summary = run(config(source, output, tiny_model, options))
     assert read == [] and summary.ok == 6
     with pytest.raises(ConfigError, match="already holds a run that finished"):

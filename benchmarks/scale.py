@@ -13,9 +13,7 @@ bytes the datasets hold. The synthetic data is made by Ray tasks, not by the dri
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import os
 import sys
 import tempfile
@@ -29,7 +27,7 @@ if not __package__:
 import pyarrow as pa
 import ray
 
-from benchmarks.common import record
+from benchmarks.common import count_and_print
 from dinat_batch.jobs.nightly import Table
 from dinat_batch.pipeline.atomic import put_file
 from dinat_batch.pipeline.config import RunConfig
@@ -203,14 +201,7 @@ def measure(images: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=1_000_000)
-    parser.add_argument("--record", action="store_true", help="append the result to benchmarks/RESULTS.md")
-    args = parser.parse_args()
-    result = measure(args.images)
-    print(json.dumps(result))
-    if args.record:
-        record([f"scale.py --images {args.images}: `{json.dumps(result)}`"])
+    count_and_print(__doc__, "scale.py", "images", 1_000_000, measure)
 
 
 if __name__ == "__main__":

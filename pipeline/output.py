@@ -203,6 +203,14 @@ class Output:
 
     def survey(self) -> Survey:
         self.fs.invalidate_cache()
+        try:
+            return self._survey()
+        finally:
+            # fsspec's listing cache holds ~1 KB per file listed (s3fs: dates with their time zones), a
+            # resume's million chunk files a GB in the driver; nothing reads it after the survey
+            self.fs.invalidate_cache()
+
+    def _survey(self) -> Survey:
         found = Survey()
         top = self._entries(self.path) if self.fs.isdir(self.path) else []
         if not top and self.fs.isfile(self.path):

@@ -20,9 +20,12 @@ KEYS_PER_REQUEST = 1000  # S3's limit for DeleteObjects
 # botocore already
 _TRANSIENT = frozenset({"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout"})
 _ATTEMPTS = 5
+# DeleteObjects requests at once: S3 deletes ~3,500 keys a second per prefix (a run's chunks share one),
+# about what four requests of 1,000 keys give; more would be throttled key by key
+_REQUESTS = 4
 # whole-request refusals of S3-compatible stores that want Content-MD5 (which botocore >= 1.36 no longer
 # sends, a CRC32 instead) or do not take DeleteObjects: such a store deletes one key per request
-_NO_BULK = ("MissingContentMD5", "NotImplemented", "InvalidRequest")
+_NO_BULK = frozenset({"MissingContentMD5", "NotImplemented", "InvalidRequest"})
 
 
 def delete_files(fs, paths: list[str]) -> None:
@@ -37,7 +40,7 @@ def delete_files(fs, paths: list[str]) -> None:
             # the first request alone: a store that takes no bulk deletions refuses it, and then all
             bulk = not requests or (
                 _delete_objects(fs, *requests[0])
-                and all(in_threads(lambda request: _delete_objects(fs, *request), requests[1:]))
+                and all(in_threads(lambda request: _delete_objects(fs, *request), requests[1:], _REQUESTS))
             )
             if bulk:
                 return
@@ -66,7 +69,7 @@ def _delete_objects(fs, bucket: str, keys: list[str]) -> bool:
                 Delete={"Objects": [{"Key": key} for key in keys], "Quiet": True},
             )
         except OSError as err:
-            if any(code in str(err) for code in _NO_BULK):
+            if _code(err) in _NO_BULK:
                 return False
             raise
         kept = [entry for entry in answer.get("Errors") or [] if entry.get("Code") != "NoSuchKey"]
@@ -84,6 +87,12 @@ def _delete_objects(fs, bucket: str, keys: list[str]) -> bool:
             "as they are: let these credentials delete in this output (s3:DeleteObject)"
         )
     return True
+
+
+def _code(err: OSError) -> str | None:
+    """The S3 error code behind an s3fs error (s3fs keeps the server's message, the botocore error its
+    code)."""
+    return getattr(err.__cause__, "response", {}).get("Error", {}).get("Code")
 
 
 def _delete_file(fs, path: str) -> None:

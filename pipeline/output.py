@@ -183,7 +183,7 @@ class Output:
                 kind = "directory" if folder else "file" if _plain_file(entry) else "other"
                 parquet = kind == "file" and name.endswith(".parquet")
                 identity = file_identity(self.fs, entry) if parquet else None
-                entries[name] = {"name": name, "type": kind, "identity": identity, "size": entry.get("size")}
+                entries[name] = {"name": name, "type": kind, "identity": identity}
         return list(entries.values())
 
     def wrote(self, files: list[bytes], owner: Ownership) -> None:
@@ -194,7 +194,7 @@ class Output:
     def _ours(self, files: list[dict[str, Any]]) -> list[Ownership | None]:
         """Who wrote each Parquet file (`_entries`) for this output: None where the pipeline did not, or
         did for another output (a failed read raises)."""
-        owners = self._owners.of([(entry["name"], entry["identity"], entry["size"]) for entry in files])
+        owners = self._owners.of([(entry["name"], entry["identity"]) for entry in files])
         return [owner if owner is not None and owner.output == self.identity else None for owner in owners]
 
     def _temp(self, entry: dict[str, Any]) -> bool:
@@ -207,7 +207,7 @@ class Output:
             return self._survey()
         finally:
             # fsspec's listing cache holds ~1 KB per file listed (s3fs: dates with their time zones), a
-            # resume's million chunk files a GB in the driver; nothing reads it after the survey
+            # resume's million chunk files a GB in the driver (until the lease's next heartbeat clears it)
             self.fs.invalidate_cache()
 
     def _survey(self) -> Survey:

@@ -44,12 +44,10 @@ class Ownership:
         return {METADATA_KEY: json.dumps(record).encode()}
 
 
-def owner_of(fs, path: str, size: int | None = None) -> Ownership | None:
+def owner_of(fs, path: str) -> Ownership | None:
     """The run that wrote a Parquet file, or None when the pipeline did not write it (or it is not
-    Parquet). A read that fails (throttling, access denied, a timeout) raises: it proves nothing. `size`:
-    the file's as listed, which spares a request for it (a file changed since reads as not Parquet:
-    someone's, which stops the run rather than being deleted)."""
-    with fs.open(path, "rb", **({} if size is None else {"size": size})) as f:
+    Parquet). A read that fails (throttling, access denied, a timeout) raises: it proves nothing."""
+    with fs.open(path, "rb") as f:
         try:
             metadata = pq.read_metadata(f).metadata
         except pa.ArrowInvalid:
@@ -113,6 +111,9 @@ def written_identity(fs, path: str) -> bytes | None:
 # footers per Ray task: ~4 s of one task against a store answering ~250 a second to 16 threads; a resume
 # of 1M chunks is 1,000 tasks
 FOOTERS_PER_TASK = 1000
+# tasks reading at once: 8 x 16 threads, with s3fs's 10 connections each, ~2.7k footers/s at 30 ms a
+# request, under S3's ~5.5k GETs/s per prefix (the chunks of one attempt share one), which throttles
+TASKS_IN_FLIGHT = 8
 
 
 class Owners:
@@ -130,51 +131,55 @@ class Owners:
         self._known: dict[bytes, Ownership | None] = {}
         self._one: dict[Ownership, Ownership] = {}  # each owner held once, not once per file
 
-    def of(self, files: list[tuple[str, bytes | None, int | None]]) -> list[Ownership | None]:
-        """The owner of each of `files` (path, `file_identity`, size as listed), unknown footers read in
-        parallel; a failed read raises with the store's error."""
-        unread = [
-            i for i, (_, identity, _) in enumerate(files) if identity not in self._known
-        ]  # None never is
-        owners = self._read([files[i][0] for i in unread], [files[i][2] for i in unread])
+    def of(self, files: list[tuple[str, bytes | None]]) -> list[Ownership | None]:
+        """The owner of each of `files` (path, `file_identity`), unknown footers read in parallel; a failed
+        read raises with the store's error."""
+        unread = [i for i, (_, identity) in enumerate(files) if identity not in self._known]  # None never is
+        owners = self._read([files[i][0] for i in unread])
         read = dict(zip(unread, map(self._once, owners), strict=True))
         for i, owner in read.items():
             if files[i][1] is not None:
                 self._known[files[i][1]] = owner
-        return [read[i] if i in read else self._known[identity] for i, (_, identity, _) in enumerate(files)]
+        return [read[i] if i in read else self._known[identity] for i, (_, identity) in enumerate(files)]
 
-    def _read(self, paths: list[str], sizes: list[int | None]) -> list[Ownership | None]:
+    def _read(self, paths: list[str]) -> list[Ownership | None]:
         """Many footers (a resume's million chunks) are read by Ray tasks where the connected cluster has
-        CPUs, so that they spread over its nodes rather than queue on the driver's threads; should the
-        cluster lose its last CPU node meanwhile, the driver reads what is left rather than wait."""
+        CPUs, so that they spread over its nodes rather than queue on the driver's threads. The driver
+        never waits idle on them: it reads the last group no task has finished, so that a cluster whose
+        CPUs are taken (or lost) costs no more than reading alone. A task lost with its worker or node is
+        read again by the driver; a failed read raises the store's error."""
         if not (self.spread and len(paths) > FOOTERS_PER_TASK and _cluster_has_cpus()):
-            return _read_owners(self.fs, paths, sizes)
-        starts = range(0, len(paths), FOOTERS_PER_TASK)
-        tasks = {
-            _read_owners_in_a_task.remote(
-                self.fs, paths[i : i + FOOTERS_PER_TASK], sizes[i : i + FOOTERS_PER_TASK]
-            ): i
-            for i in starts
-        }
+            return _read_owners(self.fs, paths)
+        groups = [paths[i : i + FOOTERS_PER_TASK] for i in range(0, len(paths), FOOTERS_PER_TASK)]
+        waiting = list(range(len(groups)))  # groups no task was sent yet, in order
+        tasks: dict[ray.ObjectRef, int] = {}
         read: dict[int, list[Ownership | None]] = {}
-        pending = list(tasks)
         try:
-            while pending:
-                done, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
-                read.update({tasks[task]: ray.get(task) for task in done})
-                if pending and not _cluster_has_cpus():
-                    for task in pending:
-                        ray.cancel(task)
-                        i = tasks[task]
-                        read[i] = _read_owners(
-                            self.fs, paths[i : i + FOOTERS_PER_TASK], sizes[i : i + FOOTERS_PER_TASK]
-                        )
-                    pending = []
-        except ray.exceptions.RayTaskError as err:
-            for task in pending:
+            while waiting or tasks:
+                while waiting and len(tasks) < TASKS_IN_FLIGHT:
+                    i = waiting.pop(0)
+                    tasks[_read_owners_in_a_task.remote(self.fs, groups[i])] = i
+                done, _ = ray.wait(list(tasks), num_returns=len(tasks), timeout=0)
+                for task in done:
+                    i = tasks.pop(task)
+                    try:
+                        read[i] = ray.get(task)
+                    except ray.exceptions.RayTaskError as err:
+                        raise err.cause from err  # the store's own error, as from the driver's threads
+                    except ray.exceptions.RayError:  # its worker or node lost past Ray's retries
+                        read[i] = _read_owners(self.fs, groups[i])
+                if waiting:
+                    i = waiting.pop()
+                elif tasks:
+                    task, i = tasks.popitem()
+                    ray.cancel(task)
+                else:
+                    break
+                read[i] = _read_owners(self.fs, groups[i])
+        finally:
+            for task in tasks:
                 ray.cancel(task)
-            raise err.cause from err  # the store's own error, as from the driver's threads
-        return [owner for i in starts for owner in read[i]]
+        return [owner for i in range(len(groups)) for owner in read[i]]
 
     def wrote(self, files: list[bytes], owner: Ownership) -> None:
         """`owner` wrote `files` (`file_identity` of each, as its writer saw it): later surveys need not
@@ -185,11 +190,11 @@ class Owners:
         return None if owner is None else self._one.setdefault(owner, owner)
 
 
-def _read_owners(fs, paths: list[str], sizes: list[int | None]) -> list[Ownership | None]:
+def _read_owners(fs, paths: list[str]) -> list[Ownership | None]:
     """`owner_of` each of `paths`; each distinct owner is one object, so that a Ray task's answer pickles
     it once."""
     one: dict[Ownership, Ownership] = {}
-    owners = in_threads(lambda i: owner_of(fs, paths[i], sizes[i]), range(len(paths)))
+    owners = in_threads(lambda path: owner_of(fs, path), paths)
     return [None if owner is None else one.setdefault(owner, owner) for owner in owners]
 
 

@@ -3,6 +3,8 @@ refusal by the store never taken for a deletion, and stores without bulk deletio
 
 import fsspec
 import pytest
+from botocore.exceptions import ClientError
+from s3fs.errors import translate_boto_error
 
 from dinat_batch.pipeline.deletion import delete_files
 from dinat_batch.pipeline.parallel import in_threads
@@ -106,7 +108,8 @@ def test_a_refused_request_raises_and_a_store_without_bulk_deletions_is_served_k
         delete_files(fs, paths)
 
     def no_bulk(bucket, keys):  # older MinIO, Ceph and the like, to botocore's CRC32 in place of Content-MD5
-        raise OSError("An error occurred (MissingContentMD5) when calling the DeleteObjects operation")
+        error = {"Error": {"Code": "InvalidRequest", "Message": "Missing required header: Content-MD5"}}
+        raise translate_boto_error(ClientError(error, "DeleteObjects"))
 
     made = _requests(fs, monkeypatch, no_bulk)
     delete_files(fs, [*paths, f"{root}/never-there.parquet"])

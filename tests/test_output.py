@@ -9,7 +9,9 @@ import logging
 import os
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import pyarrow as pa
@@ -105,85 +107,118 @@ def test_a_failed_read_deletes_nothing(tmp_path, tiny_model, ray_session, monkey
     assert listing(output, {}) == before
 
 
+@dataclass
+class FooterReads:
+    """Where a test's footers are read: `in_the_driver` (paths), `in_tasks` (the groups sent to Ray
+    tasks, and `sent` their refs); `task` is the task the groups go to. The driver reads a group it takes
+    from the tasks only once every task sent has ended (`patient`), so that which group it takes is
+    fixed: the last one."""
+
+    in_the_driver: list[str] = field(default_factory=list)
+    in_tasks: list[list[str]] = field(default_factory=list)
+    sent: list = field(default_factory=list)
+    task: Any = None
+    patient: bool = True
+
+
 @pytest.fixture
-def footer_reads(monkeypatch):
-    """Where footers are read: (paths read by the driver, path groups sent to Ray tasks, the task's
-    stand-in); and a `FOOTERS_PER_TASK` of 2, so that a few files go to tasks."""
+def footer_reads(monkeypatch) -> FooterReads:
+    """A `FOOTERS_PER_TASK` of 2, so that a few files go to tasks, and the reads recorded (FooterReads)."""
     import dinat_batch.pipeline.ownership as ownership
 
     monkeypatch.setattr(ownership, "FOOTERS_PER_TASK", 2)
-    in_the_driver, in_tasks = [], []
-    owner_of = ownership.owner_of
-    monkeypatch.setattr(
-        ownership, "owner_of", lambda fs, path, size: in_the_driver.append(path) or owner_of(fs, path, size)
-    )
+    reads = FooterReads(task=ownership._read_owners_in_a_task)
+    read_owners = ownership._read_owners
 
-    class StandIn:
-        task = ownership._read_owners_in_a_task
+    def in_the_driver(fs, paths):
+        if reads.patient and reads.sent:
+            ray.wait(reads.sent, num_returns=len(reads.sent), timeout=60)
+        reads.in_the_driver.extend(paths)
+        return read_owners(fs, paths)
 
-        @classmethod
-        def remote(cls, fs, paths, sizes):
-            in_tasks.append(paths)
-            return cls.task.remote(fs, paths, sizes)
+    class Sent:
+        @staticmethod
+        def remote(fs, paths):
+            reads.in_tasks.append(paths)
+            reads.sent.append(reads.task.remote(fs, paths))
+            return reads.sent[-1]
 
-    monkeypatch.setattr(ownership, "_read_owners_in_a_task", StandIn)
-    return in_the_driver, in_tasks, StandIn
+    monkeypatch.setattr(ownership, "_read_owners", in_the_driver)
+    monkeypatch.setattr(ownership, "_read_owners_in_a_task", Sent)
+    return reads
 
 
-def _unowned_chunks(fs, folder: str) -> list[tuple[str, None, None]]:
-    """Three chunk files of another output, as `Owners.of` takes them."""
-    files = [(f"{folder}/chunk-00000{i}-1.parquet", None, None) for i in range(3)]
-    for path, _, _ in files:
+def _unowned_chunks(fs, folder: str, files: int = 5) -> list[tuple[str, None]]:
+    """Chunk files of another output, as `Owners.of` takes them."""
+    chunks = [(f"{folder}/chunk-00000{i}-1.parquet", None) for i in range(files)]
+    for path, _ in chunks:
         write_table(fs, path, pa.table({"key": ["a"]}), Ownership("run-1", "sha", "run-1.0", "s3://x"))
-    return files
+    return chunks
 
 
-def test_a_footer_read_that_fails_in_a_task_raises_the_stores_error(object_store, ray_session, footer_reads):
+def test_a_footer_read_that_fails_in_a_task_raises_the_stores_error(
+    object_store, ray_session, footer_reads, monkeypatch
+):
     """Footers read by Ray tasks fail as those read by the driver do: with the store's error, proving
-    nothing (here: credentials the store refuses)."""
+    nothing (here: credentials the store refuses), not Ray's wrapper of it."""
     import s3fs
 
+    import dinat_batch.pipeline.ownership as ownership
     from dinat_batch.pipeline.ownership import Owners
 
-    in_the_driver, in_tasks, _ = footer_reads
     object_store.make_bucket("protocol")
-    fs = object_store.filesystem()
-    files = _unowned_chunks(fs, "protocol/unreadable")
-    assert [owner.run_id for owner in Owners(fs, spread=True).of(files)] == ["run-1"] * 3
+    files = _unowned_chunks(object_store.filesystem(), "protocol/unreadable")
     refused = s3fs.S3FileSystem(
         key="nobody",
         secret="wrong",
         client_kwargs={"endpoint_url": object_store.endpoint},
         skip_instance_cache=True,
     )
+
+    # the group the driver takes reads as nobody's, once the tasks have failed: the error is theirs
+    def nobodys(fs, paths):
+        ray.wait(footer_reads.sent, num_returns=len(footer_reads.sent), timeout=60)
+        return [None] * len(paths)
+
+    monkeypatch.setattr(ownership, "_read_owners", nobodys)
     with pytest.raises(PermissionError) as raised:
         Owners(refused, spread=True).of(files)
-    assert not isinstance(raised.value, ray.exceptions.RayTaskError)  # the store's error, not Ray's wrapper
-    assert len(in_tasks) == 4 and in_the_driver == []
+    assert isinstance(raised.value.__cause__, ray.exceptions.RayTaskError)
+    assert not isinstance(raised.value, ray.exceptions.RayTaskError)
 
 
-def test_footers_are_read_by_the_driver_where_no_task_can_run(
+def test_footers_are_read_by_the_driver_where_no_task_runs(
     object_store, ray_session, footer_reads, monkeypatch
 ):
-    """No task waits for CPUs that are not there: with none in the cluster (an autoscaling cluster that
-    has no workers yet), or once the cluster has lost them while tasks wait, the driver reads the footers."""
+    """No survey waits on CPUs that are not there or are taken: with no CPU in the cluster (an
+    autoscaling cluster that has no workers yet) no task is sent, and the driver reads every group no
+    task has finished while it waits (here tasks that no node can take)."""
     from dinat_batch.pipeline.ownership import Owners
 
-    in_the_driver, in_tasks, stand_in = footer_reads
     object_store.make_bucket("protocol")
     fs = object_store.filesystem()
     files = _unowned_chunks(fs, "protocol/no-cpus")
-    paths = [path for path, _, _ in files]
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"GPU": 1.0})
-    assert [owner.run_id for owner in Owners(fs, spread=True).of(files)] == ["run-1"] * 3
-    assert in_tasks == [] and sorted(in_the_driver) == paths
-    in_the_driver.clear()
-    # tasks that no node can take, sent while the cluster has CPUs, which it has lost by the next look
-    stand_in.task = stand_in.task.options(resources={"nowhere": 1})
-    answers = iter([{"CPU": 2.0}])
-    monkeypatch.setattr(ray, "cluster_resources", lambda: next(answers, {}))
-    assert [owner.run_id for owner in Owners(fs, spread=True).of(files)] == ["run-1"] * 3
-    assert len(in_tasks) == 2 and sorted(in_the_driver) == paths
+    paths = [path for path, _ in files]
+    footer_reads.patient = False
+    with monkeypatch.context() as patch:
+        patch.setattr(ray, "cluster_resources", lambda: {"GPU": 1.0})
+        assert [owner.run_id for owner in Owners(fs, spread=True).of(files)] == ["run-1"] * 5
+    assert footer_reads.in_tasks == [] and sorted(footer_reads.in_the_driver) == paths
+    footer_reads.in_the_driver.clear()
+    footer_reads.task = footer_reads.task.options(resources={"nowhere": 1})
+    assert [owner.run_id for owner in Owners(fs, spread=True).of(files)] == ["run-1"] * 5
+    assert len(footer_reads.in_tasks) == 3 and sorted(footer_reads.in_the_driver) == paths
+    ray.wait(footer_reads.sent, num_returns=3, timeout=30)  # each cancelled
+    # tasks whose worker dies (past Ray's retries): the driver reads their groups
+    footer_reads.in_the_driver.clear()
+    footer_reads.patient, footer_reads.task = True, _worker_dies
+    assert [owner.run_id for owner in Owners(fs, spread=True).of(files)] == ["run-1"] * 5
+    assert sorted(footer_reads.in_the_driver) == paths
+
+
+@ray.remote(num_cpus=0.5, max_retries=0)
+def _worker_dies(fs, paths):
+    os._exit(1)
 
 
 # one store here: each run costs seconds of Ray start-up; the code path differs little between stores
@@ -264,9 +299,7 @@ def test_a_file_is_asked_whose_it_is_once_until_it_changes(where, monkeypatch):
     write_table(out.fs, f"{out.path}/part-x.parquet", table, theirs)
     read = []
     owner_of = ownership.owner_of
-    monkeypatch.setattr(
-        ownership, "owner_of", lambda fs, path, size: read.append(path) or owner_of(fs, path, size)
-    )
+    monkeypatch.setattr(ownership, "owner_of", lambda fs, path: read.append(path) or owner_of(fs, path))
 
     def survey():
         out.fs.invalidate_cache()
@@ -285,11 +318,11 @@ def test_a_file_is_asked_whose_it_is_once_until_it_changes(where, monkeypatch):
 
 
 def test_many_footers_are_read_by_ray_tasks_and_tell_the_same(where, ray_session, footer_reads):
-    """Past a task's share of footers (a resume's million chunks), a survey of an object store reads them
-    in Ray tasks, which spread over the cluster, none in the driver; they tell ours from someone's as the
-    driver does. A local disk's are read by the driver: each node has a disk of its own."""
+    """Past a task's share of footers (a resume's million chunks), a survey of an object store sends them
+    to Ray tasks, which spread over the cluster, the driver reading the last group itself rather than wait;
+    they tell ours from someone's as the driver alone does. A local disk's are read by the driver: each node
+    has a disk of its own."""
     root, options = where
-    in_the_driver, in_tasks, _ = footer_reads
     out = Output(root, options)
     ours = Ownership("run-1", "sha", "run-1.0", out.identity)
     theirs = Ownership("run-1", "sha", "run-1.0", "s3://elsewhere/out")
@@ -299,10 +332,17 @@ def test_many_footers_are_read_by_ray_tasks_and_tell_the_same(where, ray_session
         write_table(out.fs, path, table, theirs if i == 3 else ours)
     survey = out.survey()
     if out.local:
-        assert sorted(in_the_driver) == chunks and in_tasks == []
+        assert sorted(footer_reads.in_the_driver) == chunks and footer_reads.in_tasks == []
     else:
-        assert sorted(path for paths in in_tasks for path in paths) == chunks and in_the_driver == []
-        assert sorted(map(len, in_tasks)) == [1, 2, 2]
+        sent = footer_reads.in_tasks
+        assert sorted(path for paths in sent for path in paths) == chunks and sorted(map(len, sent)) == [
+            1,
+            2,
+            2,
+        ]
+        assert (
+            footer_reads.in_the_driver == sent[-1]
+        )  # the last group sent, taken back; the others the tasks'
     assert survey.foreign == [chunks[3]] and sorted(survey.staged) == sorted(chunks[:3] + chunks[4:])
     assert survey.models == dict.fromkeys(survey.staged, "sha")
     assert len(out.fs.dircache) == 0  # fsspec's listing cache, ~1 KB a file listed: not kept past a survey
@@ -382,9 +422,7 @@ def test_a_run_reads_no_footer_of_the_files_it_wrote(where, tmp_path, tiny_model
     output = f"{root}/out"
     read = []
     owner_of = ownership.owner_of
-    monkeypatch.setattr(
-        ownership, "owner_of", lambda fs, path, size: read.append(path) or owner_of(fs, path, size)
-    )
+    monkeypatch.setattr(ownership, "owner_of", lambda fs, path: read.append(path) or owner_of(fs, path))
     summary = run(config(source, output, tiny_model, options))
     assert read == [] and summary.ok == 6
     with pytest.raises(ConfigError, match="already holds a run that finished"):

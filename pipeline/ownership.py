@@ -114,6 +114,9 @@ FOOTERS_PER_TASK = 1000
 # tasks reading at once: 8 x 16 threads, with s3fs's 10 connections each, ~2.7k footers/s at 30 ms a
 # request, under S3's ~5.5k GETs/s per prefix (the chunks of one attempt share one), which throttles
 TASKS_IN_FLIGHT = 8
+# seconds without a task finishing after which the driver reads a group itself: 8 tasks of ~4 s each end
+# about every half second while the cluster runs them
+STEAL_AFTER = 1.0
 
 
 class Owners:
@@ -145,9 +148,10 @@ class Owners:
     def _read(self, paths: list[str]) -> list[Ownership | None]:
         """Many footers (a resume's million chunks) are read by Ray tasks where the connected cluster has
         CPUs, so that they spread over its nodes rather than queue on the driver's threads. The driver
-        never waits idle on them: it reads the last group no task has finished, so that a cluster whose
-        CPUs are taken (or lost) costs no more than reading alone. A task lost with its worker or node is
-        read again by the driver; a failed read raises the store's error."""
+        does not wait on them for long: when no task has finished for STEAL_AFTER seconds it reads the last
+        group no task has finished itself, so that a cluster whose CPUs are taken (or lost) costs no more
+        than reading alone. A task lost with its worker or node is read again by the driver; a failed read
+        raises the store's error."""
         if not (self.spread and len(paths) > FOOTERS_PER_TASK and _cluster_has_cpus()):
             return _read_owners(self.fs, paths)
         groups = [paths[i : i + FOOTERS_PER_TASK] for i in range(0, len(paths), FOOTERS_PER_TASK)]
@@ -159,7 +163,7 @@ class Owners:
                 while waiting and len(tasks) < TASKS_IN_FLIGHT:
                     i = waiting.pop(0)
                     tasks[_read_owners_in_a_task.remote(self.fs, groups[i])] = i
-                done, _ = ray.wait(list(tasks), num_returns=len(tasks), timeout=0)
+                done, _ = ray.wait(list(tasks), num_returns=1, timeout=STEAL_AFTER)
                 for task in done:
                     i = tasks.pop(task)
                     try:
@@ -168,13 +172,13 @@ class Owners:
                         raise err.cause from err  # the store's own error, as from the driver's threads
                     except ray.exceptions.RayError:  # its worker or node lost past Ray's retries
                         read[i] = _read_owners(self.fs, groups[i])
+                if done:
+                    continue
                 if waiting:
                     i = waiting.pop()
-                elif tasks:
+                else:
                     task, i = tasks.popitem()
                     ray.cancel(task)
-                else:
-                    break
                 read[i] = _read_owners(self.fs, groups[i])
         finally:
             for task in tasks:

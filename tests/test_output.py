@@ -111,8 +111,7 @@ def test_a_failed_read_deletes_nothing(tmp_path, tiny_model, ray_session, monkey
 class FooterReads:
     """Where a test's footers are read: `in_the_driver` (paths), `in_tasks` (the groups sent to Ray
     tasks, and `sent` their refs); `task` is the task the groups go to. The driver reads a group it takes
-    from the tasks only once every task sent has ended (`patient`), so that which group it takes is
-    fixed: the last one."""
+    from the tasks only once every task sent has ended (`patient`), so that it takes one at most."""
 
     in_the_driver: list[str] = field(default_factory=list)
     in_tasks: list[list[str]] = field(default_factory=list)
@@ -319,8 +318,7 @@ def test_a_file_is_asked_whose_it_is_once_until_it_changes(where, monkeypatch):
 
 def test_many_footers_are_read_by_ray_tasks_and_tell_the_same(where, ray_session, footer_reads):
     """Past a task's share of footers (a resume's million chunks), a survey of an object store sends them
-    to Ray tasks, which spread over the cluster, the driver reading the last group itself rather than wait;
-    they tell ours from someone's as the driver alone does. A local disk's are read by the driver: each node
+    to Ray tasks, which spread over the cluster; they tell ours from someone's as the driver alone does. A local disk's are read by the driver: each node
     has a disk of its own."""
     root, options = where
     out = Output(root, options)
@@ -335,14 +333,10 @@ def test_many_footers_are_read_by_ray_tasks_and_tell_the_same(where, ray_session
         assert sorted(footer_reads.in_the_driver) == chunks and footer_reads.in_tasks == []
     else:
         sent = footer_reads.in_tasks
-        assert sorted(path for paths in sent for path in paths) == chunks and sorted(map(len, sent)) == [
-            1,
-            2,
-            2,
-        ]
-        assert (
-            footer_reads.in_the_driver == sent[-1]
-        )  # the last group sent, taken back; the others the tasks'
+        assert sorted(path for paths in sent for path in paths) == chunks
+        assert sorted(map(len, sent)) == [1, 2, 2]
+        # the tasks' unless none ended within STEAL_AFTER (a worker starting): then the last one sent
+        assert footer_reads.in_the_driver in ([], sent[-1])
     assert survey.foreign == [chunks[3]] and sorted(survey.staged) == sorted(chunks[:3] + chunks[4:])
     assert survey.models == dict.fromkeys(survey.staged, "sha")
     assert len(out.fs.dircache) == 0  # fsspec's listing cache, ~1 KB a file listed: not kept past a survey

@@ -10,7 +10,6 @@ does not grow with the corpus").
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -20,6 +19,7 @@ import ray
 from fsspec.implementations.local import LocalFileSystem
 
 from dinat_batch.pipeline.digest import KeyDigest
+from dinat_batch.pipeline.parallel import in_threads
 from dinat_batch.pipeline.stages import CPU_TASK
 from dinat_batch.pipeline.stages.write import chunk_groups
 
@@ -31,16 +31,15 @@ SMALL = 200_000
 TASK = {"batch_format": "pyarrow", **CPU_TASK}
 FILE = "file"  # the column `table_files` names each row's file in
 # chunk files per read call: a resume of small chunks (one inference batch each, 32 rows on a CPU) keeps
-# some hundred calls in flight across the cluster, each reading its files on READ_THREADS threads
+# some hundred calls in flight across the cluster, each reading its files on 16 threads (`in_threads`)
 GROUP_FILES = 256
-READ_THREADS = 16
 
 
 def table_files(fs, paths: list[str], columns: list[str], chunks: bool = False) -> ray.data.Dataset:
     """The rows of Parquet files (or Arrow IPC files, `.arrow`), read in Ray tasks through `fs` (None:
     each worker's local disk), each with the file it came from in a `file` column. Each call of the read
     function takes one file, or with `chunks` (files named by `chunk_name`) consecutive ones up to
-    ROWS_PER_PARTITION rows and GROUP_FILES files, read by READ_THREADS threads: the driver keeps memory
+    ROWS_PER_PARTITION rows and GROUP_FILES files, read by `in_threads`: the driver keeps memory
     for each block an execution is given (benchmarks/RESULTS.md), which a block per chunk of a large
     resume would add up to."""
     groups = chunk_groups(paths, ROWS_PER_PARTITION, GROUP_FILES) if chunks else [[path] for path in paths]
@@ -60,8 +59,8 @@ def _read_files(batch: pa.Table, fs, columns: list[str]) -> pa.Table:
         table = whole.select(columns).replace_schema_metadata(None)
         return table.append_column(FILE, pa.repeat(pa.scalar(path, pa.string()), table.num_rows))
 
-    with ThreadPoolExecutor(READ_THREADS) as pool:  # small chunk files: a request's latency each
-        return pa.concat_tables(list(pool.map(read, batch.column("paths")[0].as_py())))
+    # small chunk files: a request's latency each
+    return pa.concat_tables(in_threads(read, batch.column("paths")[0].as_py()))
 
 
 def without(

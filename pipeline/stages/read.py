@@ -28,6 +28,7 @@ import ray
 
 from dinat_batch.pipeline.config import IMAGE_EXTENSIONS, ConfigError, RunConfig
 from dinat_batch.pipeline.errors import error_text, read_error
+from dinat_batch.pipeline.listing import pages
 from dinat_batch.pipeline.locations import GLOB_CHARS, Location, glob_prefix, resolve
 from dinat_batch.pipeline.output import record_source
 from dinat_batch.pipeline.selection import ROWS_PER_PARTITION, attach, each_group, without
@@ -38,6 +39,9 @@ LOCATED = pa.schema(
     [("key", pa.string()), ("uri", pa.string()), ("error", pa.string()), ("size", pa.int64())]
 )
 LISTING = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("version", pa.string())])
+# rows per block of a listing task (~100 bytes each): a folder of 100M images is listed in 100 blocks,
+# none of which the task holds all of; `choose_kind` takes blocks of about this many rows anyway
+LISTING_BLOCK_ROWS = ROWS_PER_PARTITION
 _KIND_EXTENSIONS = {"files": IMAGE_EXTENSIONS, "webdataset": (".tar",), "parquet": (".parquet",)}
 DONE = "done"  # a listing column: the keys of a container that earlier attempts finished
 UNREADABLE = "<unreadable"  # the key of a shard's error row: `SHARD#<unreadable from its start>`, ...
@@ -112,10 +116,23 @@ def _fresh(uri: str, storage_options: dict[str, Any]):
     return fs, path
 
 
-@ray.remote(num_cpus=0.25)
-def _find(uri: str, storage_options: dict[str, Any]) -> pa.Table:
+def _blocks(found: Iterator[list[dict[str, Any]]], where: Spelling, root: str) -> Iterator[pa.Table]:
+    """Listing rows of pages of entries, in blocks of up to `LISTING_BLOCK_ROWS` (at least one block)."""
+    tables, rows, first = [], 0, True
+    for page in found:
+        tables.append(_listing(page, where, root))
+        rows += tables[-1].num_rows
+        if rows >= LISTING_BLOCK_ROWS:
+            yield pa.concat_tables(tables).combine_chunks()
+            tables, rows, first = [], 0, False
+    if tables or first:
+        yield pa.concat_tables(tables or [_listing([], where, root)]).combine_chunks()
+
+
+@ray.remote(num_cpus=0.25, num_returns="streaming")
+def _find(uri: str, storage_options: dict[str, Any]) -> Iterator[pa.Table]:
     fs, path = _fresh(uri, storage_options)
-    return _listing(list(fs.find(path, detail=True).values()), Spelling.of(uri), path)
+    yield from _blocks(pages(fs, path, recursive=True), Spelling.of(uri), path)
 
 
 @ray.remote(num_cpus=0.25)
@@ -124,14 +141,25 @@ def _glob(uri: str, storage_options: dict[str, Any]) -> pa.Table:
     return _listing(list(fs.glob(path, detail=True).values()), Spelling.of(uri), _glob_root(path))
 
 
-@ray.remote(num_cpus=0.25, num_returns=2)
-def _top(uri: str, storage_options: dict[str, Any]) -> tuple[pa.Table, list[str]]:
-    """The files directly under a prefix, and the URIs of its folders (each listed by its own task)."""
+@ray.remote(num_cpus=0.25, num_returns="streaming")
+def _top(uri: str, storage_options: dict[str, Any]) -> Iterator[pa.Table | list[str]]:
+    """The files directly under a prefix, in blocks, then the URIs of its folders (each listed by its
+    own task)."""
     fs, path = _fresh(uri, storage_options)
-    top = fs.ls(path, detail=True)
     where = Spelling.of(uri)
-    folders = [i["name"] for i in top if i["type"] == "directory" and not _hidden(f"{i['name']}/x", path)]
-    return _listing(top, where, path), [where.uri(folder) for folder in folders]
+    folders: list[str] = []
+
+    def files() -> Iterator[list[dict[str, Any]]]:
+        for page in pages(fs, path, recursive=False):
+            folders.extend(
+                where.uri(i["name"])
+                for i in page
+                if i["type"] == "directory" and not _hidden(f"{i['name']}/x", path)
+            )
+            yield page
+
+    yield from _blocks(files(), where, path)
+    yield folders
 
 
 def _glob_root(pattern: str) -> str:
@@ -141,7 +169,7 @@ def _glob_root(pattern: str) -> str:
 
 def list_objects(uri: str, storage_options: dict[str, Any]) -> ray.data.MaterializedDataset:
     """Every object under a prefix, matching a glob, or the one file named: `uri`, `size`, `version`.
-    Listed in Ray tasks, one per top-level folder; the rows stay in Ray's object store."""
+    Listed in Ray tasks, one per top-level folder, page by page; the rows stay in Ray's object store."""
     fs, path = _fresh(uri, storage_options)
     if any(c in path for c in GLOB_CHARS):
         return ray.data.from_arrow_refs([_glob.remote(uri, storage_options)])
@@ -149,10 +177,10 @@ def list_objects(uri: str, storage_options: dict[str, Any]) -> ray.data.Material
         return ray.data.from_arrow(_listing([fs.info(path)], Spelling.of(uri), path))
     if not fs.isdir(path):
         raise ConfigError(f"input {uri!r} does not exist (no object or prefix of that name); check the URI")
-    files, folders = _top.remote(uri, storage_options)
-    return ray.data.from_arrow_refs(
-        [files] + [_find.remote(folder, storage_options) for folder in ray.get(folders)]
-    )
+    *files, folders = _top.remote(uri, storage_options)
+    # every folder's task starts before the driver waits on any of their blocks
+    found = [_find.remote(folder, storage_options) for folder in ray.get(folders)]
+    return ray.data.from_arrow_refs(files + [block for blocks in found for block in blocks])
 
 
 def _has_extension(uris: pa.ChunkedArray, ext: tuple[str, ...]) -> pa.ChunkedArray:

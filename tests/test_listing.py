@@ -78,7 +78,7 @@ def test_a_listing_task_gives_every_object_once_in_blocks(s3_tree, object_store,
     _, root = s3_tree
     monkeypatch.setattr(read, "LISTING_BLOCK_ROWS", 3)
     uri = f"s3://{root}"
-    blocks = list(read._find._function(uri, object_store.storage_options))
+    blocks = list(read._find._function([uri], object_store.storage_options))
     assert len(blocks) > 1 and all(block.num_rows < 3 + listing.PAGE_KEYS for block in blocks)
     uris = [uri for block in blocks for uri in block.column("uri").to_pylist()]
     visible = [name for name in FILES if not name.startswith("_")]
@@ -92,7 +92,7 @@ def test_a_listing_task_gives_every_object_once_in_blocks(s3_tree, object_store,
 
 def test_a_listing_task_of_nothing_gives_one_empty_block(object_store):
     object_store.make_bucket("listing")
-    blocks = list(read._find._function("s3://listing/empty-folder", object_store.storage_options))
+    blocks = list(read._find._function(["s3://listing/empty-folder"], object_store.storage_options))
     assert [block.num_rows for block in blocks] == [0] and blocks[0].schema == read.LISTING
 
 
@@ -103,3 +103,34 @@ def test_an_input_is_listed_by_tasks_every_object_once(s3_tree, object_store, ra
     visible = [name for name in FILES if not name.startswith("_")]
     assert sorted(row["uri"] for row in rows) == sorted(f"{uri}/{name}" for name in visible)
     assert {row["uri"]: row["size"] for row in rows}[f"{uri}/sub/d.jpg"] == len(b"sub/d.jpg")
+
+
+class _Calls:
+    """A Ray remote function whose `.remote` calls are recorded (their first argument)."""
+
+    def __init__(self, function, calls: list):
+        self.function, self.calls = function, calls
+
+    def remote(self, *args):
+        self.calls.append(args[0])
+        return self.function.remote(*args)
+
+
+def test_a_level_of_few_folders_is_listed_one_level_deeper(object_store, ray_session, monkeypatch, tmp_path):
+    """Below one folder `only/`, ten folders: with 2 listing tasks wanted, the input's level and `only/`
+    are each listed by a task of their own, and the ten folders shared by 8 tasks."""
+    object_store.make_bucket("listing")
+    fs, root = object_store.filesystem(), "listing/deeper"
+    names = ["top.jpg", "only/mid.jpg", "only/_hidden/h.jpg", "only/f0/_h/z.jpg"]
+    names += [f"only/f{i}/{j}.jpg" for i in range(10) for j in range(3)]
+    in_threads(lambda name: fs.pipe_file(f"{root}/{name}", b"x"), names)
+    levels, below = [], []
+    monkeypatch.setattr(read, "_top", _Calls(read._top, levels))
+    monkeypatch.setattr(read, "_find", _Calls(read._find, below))
+    monkeypatch.setattr(read, "LISTING_TASKS", 2)
+    uri = f"s3://{root}"
+    rows = read.list_objects(uri, object_store.storage_options).take_all()
+    assert sorted(row["uri"] for row in rows) == sorted(f"{uri}/{name}" for name in names if "_h" not in name)
+    assert levels == [uri, f"{uri}/only"]
+    assert len(below) == 8
+    assert sorted(folder for group in below for folder in group) == [f"{uri}/only/f{i}" for i in range(10)]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import tarfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -42,6 +42,11 @@ LISTING = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("version", pa.
 # rows per block of a listing task (~100 bytes each): a folder of 100M images is listed in 100 blocks,
 # none of which the task holds all of; `choose_kind` takes blocks of about this many rows anyway
 LISTING_BLOCK_ROWS = ROWS_PER_PARTITION
+# A level of fewer folders is listed one level deeper (an input of one `2024/` folder is not one task's
+# listing); the folders of a level with more go to at most four times as many tasks (a task and a block
+# per folder were 100k of each for a tree of 100k folders). Four: folders differ in size, and a CPU whose
+# task ended early starts one of the others.
+LISTING_TASKS = 64
 _KIND_EXTENSIONS = {"files": IMAGE_EXTENSIONS, "webdataset": (".tar",), "parquet": (".parquet",)}
 DONE = "done"  # a listing column: the keys of a container that earlier attempts finished
 UNREADABLE = "<unreadable"  # the key of a shard's error row: `SHARD#<unreadable from its start>`, ...
@@ -116,23 +121,30 @@ def _fresh(uri: str, storage_options: dict[str, Any]):
     return fs, path
 
 
-def _blocks(found: Iterator[list[dict[str, Any]]], where: Spelling, root: str) -> Iterator[pa.Table]:
-    """Listing rows of pages of entries, in blocks of up to `LISTING_BLOCK_ROWS` (at least one block)."""
-    tables, rows, first = [], 0, True
-    for page in found:
-        tables.append(_listing(page, where, root))
-        rows += tables[-1].num_rows
+def _blocks(tables: Iterable[pa.Table]) -> Iterator[pa.Table]:
+    """Listing rows in blocks of up to `LISTING_BLOCK_ROWS`, at least one block."""
+    pending, rows, first = [], 0, True
+    for table in tables:
+        pending.append(table)
+        rows += table.num_rows
         if rows >= LISTING_BLOCK_ROWS:
-            yield pa.concat_tables(tables).combine_chunks()
-            tables, rows, first = [], 0, False
-    if tables or first:
-        yield pa.concat_tables(tables or [_listing([], where, root)]).combine_chunks()
+            yield pa.concat_tables(pending).combine_chunks()
+            pending, rows, first = [], 0, False
+    if pending or first:
+        yield pa.concat_tables(pending or [LISTING.empty_table()]).combine_chunks()
 
 
 @ray.remote(num_cpus=0.25, num_returns="streaming")
-def _find(uri: str, storage_options: dict[str, Any]) -> Iterator[pa.Table]:
-    fs, path = _fresh(uri, storage_options)
-    yield from _blocks(pages(fs, path, recursive=True), Spelling.of(uri), path)
+def _find(uris: list[str], storage_options: dict[str, Any]) -> Iterator[pa.Table]:
+    """Every file below each of these folders, one folder after another, in blocks."""
+
+    def listed() -> Iterator[pa.Table]:
+        for uri in uris:
+            fs, path = _fresh(uri, storage_options)
+            for page in pages(fs, path, recursive=True):
+                yield _listing(page, Spelling.of(uri), path)
+
+    yield from _blocks(listed())
 
 
 @ray.remote(num_cpus=0.25)
@@ -143,22 +155,21 @@ def _glob(uri: str, storage_options: dict[str, Any]) -> pa.Table:
 
 @ray.remote(num_cpus=0.25, num_returns="streaming")
 def _top(uri: str, storage_options: dict[str, Any]) -> Iterator[pa.Table | list[str]]:
-    """The files directly under a prefix, in blocks, then the URIs of its folders (each listed by its
-    own task)."""
+    """The files directly in a folder, in blocks, then the URIs of its folders."""
     fs, path = _fresh(uri, storage_options)
     where = Spelling.of(uri)
     folders: list[str] = []
 
-    def files() -> Iterator[list[dict[str, Any]]]:
+    def listed() -> Iterator[pa.Table]:
         for page in pages(fs, path, recursive=False):
             folders.extend(
                 where.uri(i["name"])
                 for i in page
                 if i["type"] == "directory" and not _hidden(f"{i['name']}/x", path)
             )
-            yield page
+            yield _listing(page, where, path)
 
-    yield from _blocks(files(), where, path)
+    yield from _blocks(listed())
     yield folders
 
 
@@ -169,7 +180,9 @@ def _glob_root(pattern: str) -> str:
 
 def list_objects(uri: str, storage_options: dict[str, Any]) -> ray.data.MaterializedDataset:
     """Every object under a prefix, matching a glob, or the one file named: `uri`, `size`, `version`.
-    Listed in Ray tasks, one per top-level folder, page by page; the rows stay in Ray's object store."""
+    Listed in Ray tasks, page by page; the rows stay in Ray's object store. A prefix is listed a level at
+    a time, a task for each folder, until a level has `LISTING_TASKS` folders or more; those are shared
+    among at most four times as many tasks, each listing every file below its folders."""
     fs, path = _fresh(uri, storage_options)
     if any(c in path for c in GLOB_CHARS):
         return ray.data.from_arrow_refs([_glob.remote(uri, storage_options)])
@@ -177,10 +190,19 @@ def list_objects(uri: str, storage_options: dict[str, Any]) -> ray.data.Material
         return ray.data.from_arrow(_listing([fs.info(path)], Spelling.of(uri), path))
     if not fs.isdir(path):
         raise ConfigError(f"input {uri!r} does not exist (no object or prefix of that name); check the URI")
-    *files, folders = _top.remote(uri, storage_options)
-    # every folder's task starts before the driver waits on any of their blocks
-    found = [_find.remote(folder, storage_options) for folder in ray.get(folders)]
-    return ray.data.from_arrow_refs(files + [block for blocks in found for block in blocks])
+    blocks: list[ray.ObjectRef] = []
+    level = [uri]
+    while level and len(level) < LISTING_TASKS:
+        listed = [_top.remote(folder, storage_options) for folder in level]
+        level = []
+        for found in listed:
+            *files, folders = found
+            blocks += files
+            level += ray.get(folders)
+    tasks = min(len(level), 4 * LISTING_TASKS)
+    # every task starts before the driver waits on any of their blocks
+    below = [_find.remote(level[i::tasks], storage_options) for i in range(tasks)]
+    return ray.data.from_arrow_refs(blocks + [block for found in below for block in found])
 
 
 def _has_extension(uris: pa.ChunkedArray, ext: tuple[str, ...]) -> pa.ChunkedArray:

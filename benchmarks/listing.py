@@ -1,0 +1,97 @@
+"""One big folder listed, against the local S3 server (SeaweedFS on loopback):
+
+    .venv/bin/python benchmarks/listing.py --files 20000 [--record]
+
+A folder of N objects listed two ways, side by side: by fsspec (`find` and `ls`, every entry at once, as
+the pipeline did before `pipeline/listing.py`) and page by page (`pages`), each way twice, A B B A.
+Recursively into listing rows, as an input's listing task does, and one level into entries, as a survey
+of an output's chunk files does. Prints one JSON line: objects per second, and the peak of Python memory
+while listing, for each of the way's two runs (tracemalloc; Arrow's buffers, ~100 bytes a listing row, are
+not in it). fsspec's peak grows with the folder; that of the pages stays about one page's (~3 MB).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+if not __package__:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import pyarrow as pa
+
+from benchmarks.common import count_and_print
+from dinat_batch.infra.object_store import LocalObjectStore
+from dinat_batch.pipeline.listing import pages
+from dinat_batch.pipeline.parallel import in_threads
+from dinat_batch.pipeline.stages.read import Spelling, _listing
+
+FOLDER = "bench/corpus"
+
+
+def _rows_by_fsspec(fs) -> int:
+    where = Spelling.of(f"s3://{FOLDER}")
+    return _listing(list(fs.find(FOLDER, detail=True).values()), where, FOLDER).num_rows
+
+
+def _rows_by_pages(fs) -> int:
+    where = Spelling.of(f"s3://{FOLDER}")
+    return pa.concat_tables(
+        [_listing(page, where, FOLDER) for page in pages(fs, FOLDER, recursive=True)]
+    ).num_rows
+
+
+def _level_by_fsspec(fs) -> int:
+    return len([entry["name"] for entry in fs.ls(FOLDER, detail=True)])
+
+
+def _level_by_pages(fs) -> int:
+    return len([entry["name"] for page in pages(fs, FOLDER, recursive=False) for entry in page])
+
+
+def _measured(fs, way, files: int) -> tuple[float, int]:
+    """Seconds, and the peak of Python memory in bytes, of one listing from a cold cache."""
+    fs.invalidate_cache()
+    tracemalloc.start()
+    start = time.monotonic()
+    found = way(fs)
+    seconds = time.monotonic() - start
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    fs.invalidate_cache()
+    assert found == files, (way.__name__, found)
+    return seconds, peak
+
+
+def measure(files: int) -> dict:
+    with LocalObjectStore() as store:
+        store.make_bucket("bench")
+        fs = store.filesystem()
+        in_threads(lambda i: fs.pipe_file(f"{FOLDER}/{i:09d}-{i * 7919 % 10007:05d}.jpg", b"x"), range(files))
+        result = {"files": files}
+        for step, fsspec_way, paged_way in (
+            ("rows", _rows_by_fsspec, _rows_by_pages),
+            ("one_level", _level_by_fsspec, _level_by_pages),
+        ):
+            taken = {"fsspec": [], "pages": []}
+            for way in ("fsspec", "pages", "pages", "fsspec"):
+                taken[way].append(_measured(fs, fsspec_way if way == "fsspec" else paged_way, files))
+            for way, runs in taken.items():
+                result[f"{step}_{way}"] = {
+                    "files_per_second": round(files * len(runs) / sum(seconds for seconds, _ in runs)),
+                    "peak_mb": [round(peak / 2**20, 1) for _, peak in runs],
+                }
+            result[f"{step}_speed_ratio"] = round(
+                result[f"{step}_pages"]["files_per_second"] / result[f"{step}_fsspec"]["files_per_second"], 2
+            )
+    return result
+
+
+def main() -> None:
+    count_and_print(__doc__, "listing.py", "files", 20000, measure)
+
+
+if __name__ == "__main__":
+    main()

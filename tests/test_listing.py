@@ -1,15 +1,19 @@
 """Listing page by page: the same entries fsspec lists, on S3 from pages of ListObjectsV2 (here two keys a
-page), and an input listing task's rows in blocks, every object once."""
+page), and the input's listing tasks: every object once, level by level, whole where a level is too wide
+or holds a folder without a name."""
 
 import fsspec
 import pytest
+import s3fs
 
 from dinat_batch.pipeline import listing
 from dinat_batch.pipeline.listing import pages
+from dinat_batch.pipeline.output import Output
 from dinat_batch.pipeline.parallel import in_threads
 from dinat_batch.pipeline.stages import read
 
 FILES = ["a.jpg", "b.jpg", "c.txt", "sub/d.jpg", "sub/deeper/e.jpg", "sub-f.jpg", "_hidden/g.jpg", "h/i.jpg"]
+VISIBLE = [name for name in FILES if not name.startswith("_")]
 
 
 def _tree(fs, root: str) -> None:
@@ -38,7 +42,6 @@ def test_s3_pages_list_every_file_below_with_what_fsspec_tells_of_each(s3_tree):
     files = {name for name, entry in entries.items() if entry["type"] == "file"}
     assert files == {f"{root}/{name}" for name in FILES}
     assert {name for name, entry in entries.items() if entry["type"] == "directory"} == {f"{root}/marker"}
-    assert fs.dircache == {}  # nothing kept beyond the page
     for name in files:
         info = fs.info(name)
         assert (entries[name]["size"], entries[name]["ETag"]) == (info["size"], info["ETag"])
@@ -55,12 +58,54 @@ def test_s3_pages_of_one_level_hold_its_files_and_folders(s3_tree):
     assert set(entries) == {entry["name"].rstrip("/") for entry in fs.ls(root, detail=True)}
 
 
+def _store_answers(monkeypatch, answer) -> None:
+    """S3's ListObjectsV2 answered by `answer(request)` (SeaweedFS folds `//` in keys into `/`; S3 keeps it)."""
+    monkeypatch.setattr(s3fs.S3FileSystem, "call_s3", lambda fs, method, **request: answer(request))
+
+
+def _keys(prefix: str, keys: list[str], delimiter: str | None) -> dict:
+    """What S3 answers for these keys: one page, folders folded where a delimiter is asked."""
+    below = [key[len(prefix) :] for key in keys if key.startswith(prefix)]
+    if delimiter is None:
+        return {"Contents": [{"Key": prefix + rest, "Size": 1, "ETag": '"e"'} for rest in below]}
+    folders = sorted({prefix + rest.split("/")[0] + "/" for rest in below if "/" in rest})
+    contents = [{"Key": prefix + rest, "Size": 1, "ETag": '"e"'} for rest in below if "/" not in rest]
+    return {"Contents": contents, "CommonPrefixes": [{"Prefix": folder} for folder in folders]}
+
+
+# keys S3 keeps as they are: the folder's own marker and a folder without a name (`a//`)
+ODD_KEYS = ["in/", "in/top.jpg", "in/a/", "in/a/x.jpg", "in/a//y.jpg", "in/a///z.jpg", "in/b/w.jpg"]
+
+
+def test_s3_pages_never_give_the_folder_itself_and_keep_keys_with_empty_names(monkeypatch):
+    _store_answers(monkeypatch, lambda request: _keys(request["Prefix"], ODD_KEYS, request.get("Delimiter")))
+    fs = s3fs.S3FileSystem(anon=True, skip_instance_cache=True)
+    _, below = _entries(fs, "bkt/in", recursive=True)
+    files = sorted(name for name, entry in below.items() if entry["type"] == "file")
+    assert files == sorted(f"bkt/{key}" for key in ODD_KEYS if not key.endswith("/"))
+    _, level = _entries(fs, "bkt/in", recursive=False)
+    assert sorted(level) == ["bkt/in/a", "bkt/in/b", "bkt/in/top.jpg"]
+    _, inner = _entries(fs, "bkt/in/a", recursive=False)
+    assert sorted(inner) == ["bkt/in/a/", "bkt/in/a/x.jpg"] and inner["bkt/in/a/"]["type"] == "directory"
+
+
+def test_a_level_holding_a_folder_without_a_name_is_listed_whole(monkeypatch):
+    _store_answers(monkeypatch, lambda request: _keys(request["Prefix"], ODD_KEYS, request.get("Delimiter")))
+    files, folders = read._top._function("s3://bkt/in/a", {"anon": True}, 10)
+    assert folders == []
+    assert sorted(files.column("uri").to_pylist()) == [
+        "s3://bkt/in/a///z.jpg",
+        "s3://bkt/in/a//y.jpg",
+        "s3://bkt/in/a/x.jpg",
+    ]
+
+
 def test_pages_of_what_is_not_there_are_empty(object_store, tmp_path):
     fs = object_store.filesystem()
     assert [entry for page in pages(fs, "listing-no-such-bucket/x", True) for entry in page] == []
     object_store.make_bucket("listing")
     assert [entry for page in pages(fs, "listing/no-such-folder", False) for entry in page] == []
-    assert list(pages(fsspec.filesystem("file", auto_mkdir=True), str(tmp_path / "absent"), False)) == []
+    assert list(pages(fsspec.filesystem("file"), str(tmp_path / "absent"), False)) == []
 
 
 def test_other_stores_are_listed_by_fsspec(tmp_path):
@@ -74,34 +119,28 @@ def test_other_stores_are_listed_by_fsspec(tmp_path):
     assert set(level) == {f"{root}/{name.split('/')[0]}" for name in FILES} and root not in level
 
 
-def test_a_listing_task_gives_every_object_once_in_blocks(s3_tree, object_store, monkeypatch):
+def test_listing_tasks_give_each_object_once(s3_tree, object_store):
     _, root = s3_tree
-    monkeypatch.setattr(read, "LISTING_BLOCK_ROWS", 3)
-    uri = f"s3://{root}"
-    blocks = list(read._find._function([uri], object_store.storage_options))
-    assert len(blocks) > 1 and all(block.num_rows < 3 + listing.PAGE_KEYS for block in blocks)
-    uris = [uri for block in blocks for uri in block.column("uri").to_pylist()]
-    visible = [name for name in FILES if not name.startswith("_")]
-    assert sorted(uris) == sorted(f"{uri}/{name}" for name in visible)
-    *files, folders = read._top._function(uri, object_store.storage_options)
-    assert sorted(u for block in files for u in block.column("uri").to_pylist()) == [
-        f"{uri}/{name}" for name in FILES if "/" not in name
+    uri, options = f"s3://{root}", object_store.storage_options
+    below = read._below([f"{uri}/sub", f"{uri}/h", f"{uri}/nothing-here"], options)
+    assert sorted(below.column("uri").to_pylist()) == [
+        f"{uri}/{name}" for name in ("h/i.jpg", "sub/d.jpg", "sub/deeper/e.jpg")
     ]
+    assert read._below([f"{uri}/nothing-here"], options).schema == read.LISTING
+    files, folders = read._top._function(uri, options, 10)
+    assert sorted(files.column("uri").to_pylist()) == [f"{uri}/{name}" for name in FILES if "/" not in name]
     assert sorted(folders) == [f"{uri}/h", f"{uri}/marker", f"{uri}/sub"]
-
-
-def test_a_listing_task_of_nothing_gives_one_empty_block(object_store):
-    object_store.make_bucket("listing")
-    blocks = list(read._find._function(["s3://listing/empty-folder"], object_store.storage_options))
-    assert [block.num_rows for block in blocks] == [0] and blocks[0].schema == read.LISTING
+    files, folders = read._top._function(uri, options, 2)  # more folders than it may hand on: all below
+    assert folders == [] and sorted(files.column("uri").to_pylist()) == sorted(
+        f"{uri}/{name}" for name in VISIBLE
+    )
 
 
 def test_an_input_is_listed_by_tasks_every_object_once(s3_tree, object_store, ray_session):
     _, root = s3_tree
     uri = f"s3://{root}"
     rows = read.list_objects(uri, object_store.storage_options).take_all()
-    visible = [name for name in FILES if not name.startswith("_")]
-    assert sorted(row["uri"] for row in rows) == sorted(f"{uri}/{name}" for name in visible)
+    assert sorted(row["uri"] for row in rows) == sorted(f"{uri}/{name}" for name in VISIBLE)
     assert {row["uri"]: row["size"] for row in rows}[f"{uri}/sub/d.jpg"] == len(b"sub/d.jpg")
 
 
@@ -116,21 +155,54 @@ class _Calls:
         return self.function.remote(*args)
 
 
-def test_a_level_of_few_folders_is_listed_one_level_deeper(object_store, ray_session, monkeypatch, tmp_path):
-    """Below one folder `only/`, ten folders: with 2 listing tasks wanted, the input's level and `only/`
-    are each listed by a task of their own, and the ten folders shared by 8 tasks."""
+def _deeper_tree(object_store, root: str) -> list[str]:
+    """Below one folder `only/`, ten folders of three images, and hidden files."""
     object_store.make_bucket("listing")
-    fs, root = object_store.filesystem(), "listing/deeper"
     names = ["top.jpg", "only/mid.jpg", "only/_hidden/h.jpg", "only/f0/_h/z.jpg"]
     names += [f"only/f{i}/{j}.jpg" for i in range(10) for j in range(3)]
+    fs = object_store.filesystem()
     in_threads(lambda name: fs.pipe_file(f"{root}/{name}", b"x"), names)
+    return [name for name in names if "_h" not in name]
+
+
+@pytest.fixture
+def listing_calls(monkeypatch) -> tuple[list, list]:
     levels, below = [], []
     monkeypatch.setattr(read, "_top", _Calls(read._top, levels))
     monkeypatch.setattr(read, "_find", _Calls(read._find, below))
     monkeypatch.setattr(read, "LISTING_TASKS", 2)
-    uri = f"s3://{root}"
+    return levels, below
+
+
+def test_a_level_of_few_folders_is_listed_one_level_deeper(object_store, ray_session, listing_calls):
+    """With 2 listing tasks wanted, the input's level and `only/` are each listed by a task of their own,
+    and the ten folders below shared by 8 tasks."""
+    visible = _deeper_tree(object_store, "listing/deeper")
+    uri = "s3://listing/deeper"
     rows = read.list_objects(uri, object_store.storage_options).take_all()
-    assert sorted(row["uri"] for row in rows) == sorted(f"{uri}/{name}" for name in names if "_h" not in name)
+    assert sorted(row["uri"] for row in rows) == sorted(f"{uri}/{name}" for name in visible)
+    levels, below = listing_calls
     assert levels == [uri, f"{uri}/only"]
     assert len(below) == 8
     assert sorted(folder for group in below for folder in group) == [f"{uri}/only/f{i}" for i in range(10)]
+
+
+def test_a_level_of_too_many_folders_is_listed_whole(object_store, ray_session, listing_calls, monkeypatch):
+    """`only/` holds more folders than a level may hand the driver: its task lists all below it."""
+    monkeypatch.setattr(read, "FOLDERS_PER_LEVEL", 5)
+    visible = _deeper_tree(object_store, "listing/wide")
+    uri = "s3://listing/wide"
+    rows = read.list_objects(uri, object_store.storage_options).take_all()
+    assert sorted(row["uri"] for row in rows) == sorted(f"{uri}/{name}" for name in visible)
+    levels, below = listing_calls
+    assert levels == [uri, f"{uri}/only"] and below == []
+
+
+def test_a_survey_takes_a_folder_without_a_name_for_someone_elses(monkeypatch):
+    """An output holding `out//x`: not the output folder itself, and nothing the pipeline wrote."""
+    _store_answers(monkeypatch, lambda request: _keys(request["Prefix"], ["out/_SUCCESS", "out//x"], "/"))
+    entries = Output("s3://bkt/out", {"anon": True})._entries("bkt/out")
+    assert sorted((entry.name, entry.type) for entry in entries) == [
+        ("bkt/out//", "other"),
+        ("bkt/out/_SUCCESS", "file"),
+    ]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import tarfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -39,14 +39,15 @@ LOCATED = pa.schema(
     [("key", pa.string()), ("uri", pa.string()), ("error", pa.string()), ("size", pa.int64())]
 )
 LISTING = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("version", pa.string())])
-# rows per block of a listing task (~100 bytes each): a folder of 100M images is listed in 100 blocks,
-# none of which the task holds all of; `choose_kind` takes blocks of about this many rows anyway
-LISTING_BLOCK_ROWS = ROWS_PER_PARTITION
 # A level of fewer folders is listed one level deeper (an input of one `2024/` folder is not one task's
 # listing); the folders of a level with more go to at most four times as many tasks (a task and a block
 # per folder were 100k of each for a tree of 100k folders). Four: folders differ in size, and a CPU whose
 # task ended early starts one of the others.
 LISTING_TASKS = 64
+# A folder with more folders in it than this is listed whole by one task, not a level at a time: with a
+# folder per image (`2024/ID/image.jpg`) their names would be per-image state in the driver (~100 bytes
+# each: 100 MB at this bound).
+FOLDERS_PER_LEVEL = 1_000_000
 _KIND_EXTENSIONS = {"files": IMAGE_EXTENSIONS, "webdataset": (".tar",), "parquet": (".parquet",)}
 DONE = "done"  # a listing column: the keys of a container that earlier attempts finished
 UNREADABLE = "<unreadable"  # the key of a shard's error row: `SHARD#<unreadable from its start>`, ...
@@ -121,30 +122,19 @@ def _fresh(uri: str, storage_options: dict[str, Any]):
     return fs, path
 
 
-def _blocks(tables: Iterable[pa.Table]) -> Iterator[pa.Table]:
-    """Listing rows in blocks of up to `LISTING_BLOCK_ROWS`, at least one block."""
-    pending, rows, first = [], 0, True
-    for table in tables:
-        pending.append(table)
-        rows += table.num_rows
-        if rows >= LISTING_BLOCK_ROWS:
-            yield pa.concat_tables(pending).combine_chunks()
-            pending, rows, first = [], 0, False
-    if pending or first:
-        yield pa.concat_tables(pending or [LISTING.empty_table()]).combine_chunks()
+def _below(uris: list[str], storage_options: dict[str, Any]) -> pa.Table:
+    """Every file below each of these folders, listed page by page."""
+    tables = []
+    for uri in uris:
+        fs, path = _fresh(uri, storage_options)
+        tables += [_listing(page, Spelling.of(uri), path) for page in pages(fs, path, recursive=True)]
+    return pa.concat_tables(tables or [LISTING.empty_table()]).combine_chunks()
 
 
-@ray.remote(num_cpus=0.25, num_returns="streaming")
-def _find(uris: list[str], storage_options: dict[str, Any]) -> Iterator[pa.Table]:
-    """Every file below each of these folders, one folder after another, in blocks."""
-
-    def listed() -> Iterator[pa.Table]:
-        for uri in uris:
-            fs, path = _fresh(uri, storage_options)
-            for page in pages(fs, path, recursive=True):
-                yield _listing(page, Spelling.of(uri), path)
-
-    yield from _blocks(listed())
+# Listing tasks return their rows as one block, not a stream of blocks: Ray replays a generator whose
+# worker died from its start and keeps the blocks already handed on, so a folder written to meanwhile
+# would shift rows across blocks, a key listed twice or not at all. A retried task lists its folders anew.
+_find = ray.remote(num_cpus=0.25)(_below)
 
 
 @ray.remote(num_cpus=0.25)
@@ -153,24 +143,21 @@ def _glob(uri: str, storage_options: dict[str, Any]) -> pa.Table:
     return _listing(list(fs.glob(path, detail=True).values()), Spelling.of(uri), _glob_root(path))
 
 
-@ray.remote(num_cpus=0.25, num_returns="streaming")
-def _top(uri: str, storage_options: dict[str, Any]) -> Iterator[pa.Table | list[str]]:
-    """The files directly in a folder, in blocks, then the URIs of its folders."""
+@ray.remote(num_cpus=0.25, num_returns=2)
+def _top(uri: str, storage_options: dict[str, Any], most: int) -> tuple[pa.Table, list[str]]:
+    """The files directly in a folder and the URIs of its folders; or, where it holds more than `most`
+    folders, or one without a name (keys with `//`, which no path names apart from this one), every file
+    below it and no folders."""
     fs, path = _fresh(uri, storage_options)
     where = Spelling.of(uri)
-    folders: list[str] = []
-
-    def listed() -> Iterator[pa.Table]:
-        for page in pages(fs, path, recursive=False):
-            folders.extend(
-                where.uri(i["name"])
-                for i in page
-                if i["type"] == "directory" and not _hidden(f"{i['name']}/x", path)
-            )
-            yield _listing(page, where, path)
-
-    yield from _blocks(listed())
-    yield folders
+    tables, folders = [], []
+    for page in pages(fs, path, recursive=False):
+        tables.append(_listing(page, where, path))
+        found = [i["name"] for i in page if i["type"] == "directory" and not _hidden(f"{i['name']}/x", path)]
+        folders += found
+        if len(folders) > most or any(folder.rstrip("/") == path.rstrip("/") for folder in found):
+            return _below([uri], storage_options), []
+    return pa.concat_tables(tables).combine_chunks(), [where.uri(folder) for folder in folders]
 
 
 def _glob_root(pattern: str) -> str:
@@ -193,16 +180,12 @@ def list_objects(uri: str, storage_options: dict[str, Any]) -> ray.data.Material
     blocks: list[ray.ObjectRef] = []
     level = [uri]
     while level and len(level) < LISTING_TASKS:
-        listed = [_top.remote(folder, storage_options) for folder in level]
-        level = []
-        for found in listed:
-            *files, folders = found
-            blocks += files
-            level += ray.get(folders)
+        listed = [_top.remote(folder, storage_options, FOLDERS_PER_LEVEL) for folder in level]
+        blocks += [files for files, _ in listed]
+        level = [folder for folders in ray.get([folders for _, folders in listed]) for folder in folders]
     tasks = min(len(level), 4 * LISTING_TASKS)
-    # every task starts before the driver waits on any of their blocks
-    below = [_find.remote(level[i::tasks], storage_options) for i in range(tasks)]
-    return ray.data.from_arrow_refs(blocks + [block for found in below for block in found])
+    blocks += [_find.remote(level[i::tasks], storage_options) for i in range(tasks)]
+    return ray.data.from_arrow_refs(blocks)
 
 
 def _has_extension(uris: pa.ChunkedArray, ext: tuple[str, ...]) -> pa.ChunkedArray:

@@ -44,9 +44,9 @@ LISTING = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("version", pa.
 # per folder were 100k of each for a tree of 100k folders). Four: folders differ in size, and a CPU whose
 # task ended early starts one of the others.
 LISTING_TASKS = 64
-# A folder with more folders in it than this is listed whole by one task, not a level at a time: with a
-# folder per image (`2024/ID/image.jpg`) their names would be per-image state in the driver (~100 bytes
-# each: 100 MB at this bound).
+# The most folder names a level hands the driver (~100 bytes each: 100 MB), each of its N folders at most
+# 1/N of them; a folder with more is listed whole by its task, not a level at a time: with a folder per
+# image (`2024/ID/image.jpg`) the names would be per-image state in the driver.
 FOLDERS_PER_LEVEL = 1_000_000
 _KIND_EXTENSIONS = {"files": IMAGE_EXTENSIONS, "webdataset": (".tar",), "parquet": (".parquet",)}
 DONE = "done"  # a listing column: the keys of a container that earlier attempts finished
@@ -180,7 +180,7 @@ def list_objects(uri: str, storage_options: dict[str, Any]) -> ray.data.Material
     blocks: list[ray.ObjectRef] = []
     level = [uri]
     while level and len(level) < LISTING_TASKS:
-        listed = [_top.remote(folder, storage_options, FOLDERS_PER_LEVEL) for folder in level]
+        listed = [_top.remote(folder, storage_options, FOLDERS_PER_LEVEL // len(level)) for folder in level]
         blocks += [files for files, _ in listed]
         level = [folder for folders in ray.get([folders for _, folders in listed]) for folder in folders]
     tasks = min(len(level), 4 * LISTING_TASKS)

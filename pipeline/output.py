@@ -117,6 +117,7 @@ class _Entry(NamedTuple):
     name: str  # without a trailing `/`
     type: str  # file, directory or other
     identity: bytes | None  # a Parquet file's `file_identity`
+    size: int | None  # a Parquet file's, as listed: its footer is then one request (`owner_of`)
 
 
 def _plain_file(entry: dict[str, Any]) -> bool:
@@ -185,12 +186,14 @@ class Output:
                 name = entry["name"].rstrip("/")
                 folder = entry["type"] == "directory" or entry["name"].endswith("/")
                 if name == path.rstrip("/"):  # a folder without a name (keys with `//`): not ours
-                    entries[f"{name}//"] = _Entry(f"{name}//", "other", None)
+                    entries[f"{name}//"] = _Entry(f"{name}//", "other", None, None)
                 elif folder or name not in entries:
                     kind = "directory" if folder else "file" if _plain_file(entry) else "other"
                     parquet = kind == "file" and name.endswith(".parquet")
-                    identity = file_identity(self.fs, entry) if parquet else None
-                    entries[name] = _Entry(name, kind, identity)
+                    identity, size = (
+                        (file_identity(self.fs, entry), entry.get("size")) if parquet else (None, None)
+                    )
+                    entries[name] = _Entry(name, kind, identity, size)
         return list(entries.values())
 
     def wrote(self, files: list[bytes], owner: Ownership) -> None:
@@ -201,7 +204,7 @@ class Output:
     def _ours(self, files: list[_Entry]) -> list[Ownership | None]:
         """Who wrote each Parquet file (`_entries`) for this output: None where the pipeline did not, or
         did for another output (a failed read raises)."""
-        owners = self._owners.of([(entry.name, entry.identity) for entry in files])
+        owners = self._owners.of([(entry.name, entry.identity, entry.size) for entry in files])
         return [owner if owner is not None and owner.output == self.identity else None for owner in owners]
 
     def _temp(self, entry: _Entry) -> bool:

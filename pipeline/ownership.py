@@ -44,15 +44,34 @@ class Ownership:
         return {METADATA_KEY: json.dumps(record).encode()}
 
 
-def owner_of(fs, path: str) -> Ownership | None:
+# The last bytes of a file read for its footer, where its size is known: the pipeline's footers are a few
+# KB (its metadata and the schema)
+FOOTER_TAIL = 64 * 1024
+_MAGIC = b"PAR1"  # a Parquet file's last 4 bytes, after the footer and the footer's length (4 bytes)
+
+
+def owner_of(fs, path: str, size: int | None = None) -> Ownership | None:
     """The run that wrote a Parquet file, or None when the pipeline did not write it (or it is not
-    Parquet). A read that fails (throttling, access denied, a timeout) raises: it proves nothing."""
-    with fs.open(path, "rb") as f:
-        try:
-            metadata = pq.read_metadata(f).metadata
-        except pa.ArrowInvalid:
+    Parquet). A read that fails (throttling, access denied, a timeout) raises: it proves nothing. With its
+    `size` (from a listing) the footer is one request, the file's last `FOOTER_TAIL` bytes; without, the
+    store is asked for the size first (s3fs: a HEAD, then the read)."""
+    if size is not None:
+        if size < 2 * len(_MAGIC) + 4:
             return None
-    return owner_in(metadata)
+        tail = fs.cat_file(path, start=max(0, size - FOOTER_TAIL))
+        if tail[-4:] != _MAGIC:
+            return None
+        if int.from_bytes(tail[-8:-4], "little") + 8 <= len(tail) or size <= FOOTER_TAIL:
+            return _owner_in_footer(pa.BufferReader(tail))
+    with fs.open(path, "rb") as f:
+        return _owner_in_footer(f)
+
+
+def _owner_in_footer(source) -> Ownership | None:
+    try:
+        return owner_in(pq.read_metadata(source).metadata)
+    except pa.ArrowInvalid:
+        return None
 
 
 def owner_in(metadata: dict[bytes, bytes] | None) -> Ownership | None:
@@ -134,27 +153,29 @@ class Owners:
         self._known: dict[bytes, Ownership | None] = {}
         self._one: dict[Ownership, Ownership] = {}  # each owner held once, not once per file
 
-    def of(self, files: list[tuple[str, bytes | None]]) -> list[Ownership | None]:
-        """The owner of each of `files` (path, `file_identity`), unknown footers read in parallel; a failed
-        read raises with the store's error."""
-        unread = [i for i, (_, identity) in enumerate(files) if identity not in self._known]  # None never is
-        owners = [self._known.get(identity) for _, identity in files]  # the unread ones set below
-        for i, owner in zip(unread, self._read([files[i][0] for i in unread]), strict=True):
+    def of(self, files: list[tuple[str, bytes | None, int | None]]) -> list[Ownership | None]:
+        """The owner of each of `files` (path, `file_identity`, size where listed), unknown footers read in
+        parallel; a failed read raises with the store's error."""
+        unread = [
+            i for i, (_, identity, _) in enumerate(files) if identity not in self._known
+        ]  # None never is
+        owners = [self._known.get(identity) for _, identity, _ in files]  # the unread ones set below
+        for i, owner in zip(unread, self._read([(files[i][0], files[i][2]) for i in unread]), strict=True):
             owners[i] = self._once(owner)
             if files[i][1] is not None:
                 self._known[files[i][1]] = owners[i]
         return owners
 
-    def _read(self, paths: list[str]) -> list[Ownership | None]:
+    def _read(self, files: list[tuple[str, int | None]]) -> list[Ownership | None]:
         """Many footers (a resume's million chunks) are read by Ray tasks where the connected cluster has
         CPUs, so that they spread over its nodes rather than queue on the driver's threads. The driver
         does not wait on them for long: when no task has finished for STEAL_AFTER seconds it reads the last
         group no task has finished itself, so that a cluster whose CPUs are taken (or lost) costs no more
         than reading alone. A task lost with its worker or node is read again by the driver; a failed read
         raises the store's error."""
-        if not (self.spread and len(paths) > FOOTERS_PER_TASK and _cluster_has_cpus()):
-            return _read_owners(self.fs, paths)
-        groups = [paths[i : i + FOOTERS_PER_TASK] for i in range(0, len(paths), FOOTERS_PER_TASK)]
+        if not (self.spread and len(files) > FOOTERS_PER_TASK and _cluster_has_cpus()):
+            return _read_owners(self.fs, files)
+        groups = [files[i : i + FOOTERS_PER_TASK] for i in range(0, len(files), FOOTERS_PER_TASK)]
         waiting = list(range(len(groups)))  # groups no task was sent yet, in order
         tasks: dict[ray.ObjectRef, int] = {}
         read: dict[int, list[Ownership | None]] = {}
@@ -194,17 +215,17 @@ class Owners:
         return None if owner is None else self._one.setdefault(owner, owner)
 
 
-def _read_owners(fs, paths: list[str]) -> list[Ownership | None]:
-    """`owner_of` each of `paths`; each distinct owner is one object, so that a Ray task's answer pickles
+def _read_owners(fs, files: list[tuple[str, int | None]]) -> list[Ownership | None]:
+    """`owner_of` each of `files` (path, size); each distinct owner is one object, so that a Ray task's answer pickles
     it once. Made one as each is read, not after the whole group: each read owner is new strings (~300
     bytes a file more at the peak of a resume's survey, measured)."""
     one: dict[Ownership, Ownership] = {}
 
-    def read(path: str) -> Ownership | None:
-        owner = owner_of(fs, path)
+    def read(file: tuple[str, int | None]) -> Ownership | None:
+        owner = owner_of(fs, *file)
         return None if owner is None else one.setdefault(owner, owner)
 
-    return in_threads(read, paths)
+    return in_threads(read, files)
 
 
 _read_owners_in_a_task = ray.remote(num_cpus=0.5)(_read_owners)

@@ -129,17 +129,17 @@ def footer_reads(monkeypatch) -> FooterReads:
     reads = FooterReads(task=ownership._read_owners_in_a_task)
     read_owners = ownership._read_owners
 
-    def in_the_driver(fs, paths):
+    def in_the_driver(fs, files):
         if reads.patient and reads.sent:
             ray.wait(reads.sent, num_returns=len(reads.sent), timeout=60)
-        reads.in_the_driver.extend(paths)
-        return read_owners(fs, paths)
+        reads.in_the_driver.extend(path for path, _ in files)
+        return read_owners(fs, files)
 
     class Sent:
         @staticmethod
-        def remote(fs, paths):
-            reads.in_tasks.append(paths)
-            reads.sent.append(reads.task.remote(fs, paths))
+        def remote(fs, files):
+            reads.in_tasks.append([path for path, _ in files])
+            reads.sent.append(reads.task.remote(fs, files))
             return reads.sent[-1]
 
     monkeypatch.setattr(ownership, "_read_owners", in_the_driver)
@@ -147,10 +147,10 @@ def footer_reads(monkeypatch) -> FooterReads:
     return reads
 
 
-def _unowned_chunks(fs, folder: str, files: int = 5) -> list[tuple[str, None]]:
-    """Chunk files of another output, as `Owners.of` takes them."""
-    chunks = [(f"{folder}/chunk-00000{i}-1.parquet", None) for i in range(files)]
-    for path, _ in chunks:
+def _unowned_chunks(fs, folder: str, files: int = 5) -> list[tuple[str, None, None]]:
+    """Chunk files of another output, as `Owners.of` takes them (no identity, size unknown)."""
+    chunks = [(f"{folder}/chunk-00000{i}-1.parquet", None, None) for i in range(files)]
+    for path, _, _ in chunks:
         write_table(fs, path, pa.table({"key": ["a"]}), Ownership("run-1", "sha", "run-1.0", "s3://x"))
     return chunks
 
@@ -175,9 +175,9 @@ def test_a_footer_read_that_fails_in_a_task_raises_the_stores_error(
     )
 
     # the group the driver takes reads as nobody's, once the tasks have failed: the error is theirs
-    def nobodys(fs, paths):
+    def nobodys(fs, files):
         ray.wait(footer_reads.sent, num_returns=len(footer_reads.sent), timeout=60)
-        return [None] * len(paths)
+        return [None] * len(files)
 
     monkeypatch.setattr(ownership, "_read_owners", nobodys)
     with pytest.raises(PermissionError) as raised:
@@ -197,7 +197,7 @@ def test_footers_are_read_by_the_driver_where_no_task_runs(
     object_store.make_bucket("protocol")
     fs = object_store.filesystem()
     files = _unowned_chunks(fs, "protocol/no-cpus")
-    paths = [path for path, _ in files]
+    paths = [path for path, _, _ in files]
     footer_reads.patient = False
     with monkeypatch.context() as patch:
         patch.setattr(ray, "cluster_resources", lambda: {"GPU": 1.0})
@@ -298,7 +298,9 @@ def test_a_file_is_asked_whose_it_is_once_until_it_changes(where, monkeypatch):
     write_table(out.fs, f"{out.path}/part-x.parquet", table, theirs)
     read = []
     owner_of = ownership.owner_of
-    monkeypatch.setattr(ownership, "owner_of", lambda fs, path: read.append(path) or owner_of(fs, path))
+    monkeypatch.setattr(
+        ownership, "owner_of", lambda fs, path, size=None: read.append(path) or owner_of(fs, path, size)
+    )
 
     def survey():
         out.fs.invalidate_cache()
@@ -416,7 +418,9 @@ def test_a_run_reads_no_footer_of_the_files_it_wrote(where, tmp_path, tiny_model
     output = f"{root}/out"
     read = []
     owner_of = ownership.owner_of
-    monkeypatch.setattr(ownership, "owner_of", lambda fs, path: read.append(path) or owner_of(fs, path))
+    monkeypatch.setattr(
+        ownership, "owner_of", lambda fs, path, size=None: read.append(path) or owner_of(fs, path, size)
+    )
     summary = run(config(source, output, tiny_model, options))
     assert read == [] and summary.ok == 6
     with pytest.raises(ConfigError, match="already holds a run that finished"):
@@ -533,3 +537,45 @@ def test_failed_reads_are_retried_by_the_same_command(where, tmp_path, tiny_mode
             assert after[key]["processed_at"] == row["processed_at"]  # kept, not recomputed
     with pytest.raises(ConfigError, match="already holds a run that finished"):
         run(config(source, output, tiny_model, options))
+
+
+def test_a_surveys_footer_read_is_one_request(object_store, monkeypatch):
+    """The survey knows each file's size from its listing: a footer is one ranged GET of the file's end,
+    no HEAD first."""
+    import s3fs
+
+    object_store.make_bucket("protocol")
+    out = Output("s3://protocol/one-request", object_store.storage_options)
+    table, ours = pa.table({"key": ["a"]}), Ownership("run-1", "0" * 64, "run-1.0", out.identity)
+    for i in range(3):
+        write_table(out.fs, f"{out.staging('run-1.0')}/chunk-{i:06d}-1.parquet", table, ours)
+    made = []
+    call = s3fs.S3FileSystem._call_s3
+
+    async def recorded(fs, method, *args, **kwargs):
+        made.append(method)
+        return await call(fs, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", recorded)
+    survey = Output(out.uri, out.storage_options).survey()
+    assert len(survey.chunks["run-1.0"]) == 3 and survey.foreign == []
+    assert made.count("get_object") == 3 and "head_object" not in made
+
+
+def test_a_footer_is_read_from_the_files_end_whatever_its_size(tmp_path, monkeypatch):
+    """With the listed size: files too small or not Parquet are nobody's without a footer read, and a
+    footer longer than the end read is read whole."""
+    import dinat_batch.pipeline.ownership as ownership
+
+    fs = fsspec.filesystem("file")
+    owner = Ownership("run-1", "sha", "run-1.0", "s3://x")
+    ours = str(tmp_path / "ours.parquet")
+    write_table(fs, ours, pa.table({"key": ["a"] * 1000}), owner)
+    (tmp_path / "tiny").write_bytes(b"PAR1")
+    (tmp_path / "text").write_bytes(b"x" * 100)
+    size = os.path.getsize(ours)
+    assert ownership.owner_of(fs, ours, size) == owner == ownership.owner_of(fs, ours)
+    assert ownership.owner_of(fs, str(tmp_path / "tiny"), 4) is None
+    assert ownership.owner_of(fs, str(tmp_path / "text"), 100) is None
+    monkeypatch.setattr(ownership, "FOOTER_TAIL", 64)  # shorter than the footer and than the file
+    assert ownership.owner_of(fs, ours, size) == owner

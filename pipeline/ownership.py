@@ -44,24 +44,26 @@ class Ownership:
         return {METADATA_KEY: json.dumps(record).encode()}
 
 
-# The last bytes of a file read for its footer, where its size is known: the pipeline's footers are a few
-# KB (its metadata and the schema)
+# The last bytes of a file read for its footer: the pipeline's footers are a few KB (its metadata and the
+# schema)
 FOOTER_TAIL = 64 * 1024
 _MAGIC = b"PAR1"  # a Parquet file's last 4 bytes, after the footer and the footer's length (4 bytes)
 
 
 def owner_of(fs, path: str, size: int | None = None) -> Ownership | None:
     """The run that wrote a Parquet file, or None when the pipeline did not write it (or it is not
-    Parquet). A read that fails (throttling, access denied, a timeout) raises: it proves nothing. With its
-    `size` (from a listing) the footer is one request, the file's last `FOOTER_TAIL` bytes; without, the
-    store is asked for the size first (s3fs: a HEAD, then the read)."""
+    Parquet; an encrypted footer's `PARE` is not the pipeline's either). A read that fails (throttling,
+    access denied, a timeout) raises: it proves nothing. Where a listing gave its `size` the footer is one
+    request, a suffix range of the file's last `FOOTER_TAIL` bytes, whatever the file's size now; without,
+    the store is asked for the size first (s3fs: a HEAD, then the read). The size only tells that a file
+    is too small to be Parquet (an empty object has no last bytes to ask for)."""
     if size is not None:
         if size < 2 * len(_MAGIC) + 4:
             return None
-        tail = fs.cat_file(path, start=max(0, size - FOOTER_TAIL))
+        tail = fs.cat_file(path, start=-FOOTER_TAIL)
         if tail[-4:] != _MAGIC:
             return None
-        if int.from_bytes(tail[-8:-4], "little") + 8 <= len(tail) or size <= FOOTER_TAIL:
+        if int.from_bytes(tail[-8:-4], "little") + 8 <= len(tail) or len(tail) < FOOTER_TAIL:
             return _owner_in_footer(pa.BufferReader(tail))
     with fs.open(path, "rb") as f:
         return _owner_in_footer(f)

@@ -546,8 +546,9 @@ def test_a_surveys_footer_read_is_one_request(object_store, monkeypatch):
 
     object_store.make_bucket("protocol")
     out = Output("s3://protocol/one-request", object_store.storage_options)
-    table, ours = pa.table({"key": ["a"]}), Ownership("run-1", "0" * 64, "run-1.0", out.identity)
-    for i in range(3):
+    ours = Ownership("run-1", "0" * 64, "run-1.0", out.identity)
+    for i, rows in enumerate((1, 1, 10_000)):  # the last ~340 KB: its footer in the end read, not the file
+        table = pa.table({"key": [os.urandom(16).hex() for _ in range(rows)]})
         write_table(out.fs, f"{out.staging('run-1.0')}/chunk-{i:06d}-1.parquet", table, ours)
     made = []
     call = s3fs.S3FileSystem._call_s3
@@ -579,3 +580,6 @@ def test_a_footer_is_read_from_the_files_end_whatever_its_size(tmp_path, monkeyp
     assert ownership.owner_of(fs, str(tmp_path / "text"), 100) is None
     monkeypatch.setattr(ownership, "FOOTER_TAIL", 64)  # shorter than the footer and than the file
     assert ownership.owner_of(fs, ours, size) == owner
+    monkeypatch.undo()
+    write_table(fs, ours, pa.table({"key": ["a"]}), owner)  # smaller than listed: read as it is now
+    assert os.path.getsize(ours) < size and ownership.owner_of(fs, ours, size) == owner

@@ -50,6 +50,12 @@ def pages(fs, path: str, recursive: bool) -> Iterator[list[dict[str, Any]]]:
         request["ContinuationToken"] = page["NextContinuationToken"]
 
 
+def unnamed(name: str, path: str) -> bool:
+    """Whether the entry `name` of `pages(fs, path, ...)` is the folder without a name there (keys with
+    `//`): it is `path/`, a path that fsspec reads as `path` itself, so it cannot be listed by its name."""
+    return name.rstrip("/") == path.rstrip("/")
+
+
 def _folder(bucket: str, prefix: str) -> dict[str, Any]:
     # one `/` off, as s3fs does: a folder without a name (keys with `//`) is `folder/`, not the folder
     return {"name": f"{bucket}/{prefix.removesuffix('/')}", "type": "directory", "size": 0}

@@ -53,7 +53,7 @@ from dinat_batch.pipeline.errors import error_kind, retryable_mask
 from dinat_batch.pipeline.faults import crash_point
 from dinat_batch.pipeline.iceberg import DATA, METADATA, PARTITION, IcebergTable
 from dinat_batch.pipeline.lease import LEASES, Lease, LeaseLost
-from dinat_batch.pipeline.listing import pages
+from dinat_batch.pipeline.listing import pages, unnamed
 from dinat_batch.pipeline.locations import resolve
 from dinat_batch.pipeline.ownership import (
     Owners,
@@ -185,7 +185,7 @@ class Output:
             for entry in page:
                 name = entry["name"].rstrip("/")
                 folder = entry["type"] == "directory" or entry["name"].endswith("/")
-                if name == path.rstrip("/"):  # a folder without a name (keys with `//`): not ours
+                if unnamed(name, path):  # nothing the pipeline writes
                     entries[f"{name}//"] = _Entry(f"{name}//", "other", None, None)
                 elif folder or name not in entries:
                     kind = "directory" if folder else "file" if _plain_file(entry) else "other"

@@ -28,7 +28,7 @@ import ray
 
 from dinat_batch.pipeline.config import IMAGE_EXTENSIONS, ConfigError, RunConfig
 from dinat_batch.pipeline.errors import error_text, read_error
-from dinat_batch.pipeline.listing import pages
+from dinat_batch.pipeline.listing import pages, unnamed
 from dinat_batch.pipeline.locations import GLOB_CHARS, Location, glob_prefix, resolve
 from dinat_batch.pipeline.output import record_source
 from dinat_batch.pipeline.selection import ROWS_PER_PARTITION, attach, each_group, without
@@ -155,7 +155,7 @@ def _top(uri: str, storage_options: dict[str, Any], most: int) -> tuple[pa.Table
         tables.append(_listing(page, where, path))
         found = [i["name"] for i in page if i["type"] == "directory" and not _hidden(f"{i['name']}/x", path)]
         folders += found
-        if len(folders) > most or any(folder.rstrip("/") == path.rstrip("/") for folder in found):
+        if len(folders) > most or any(unnamed(folder, path) for folder in found):
             return _below([uri], storage_options), []
     return pa.concat_tables(tables).combine_chunks(), [where.uri(folder) for folder in folders]
 

@@ -27,7 +27,6 @@ import time
 from functools import cached_property
 from typing import Any
 
-import fsspec
 import pyarrow as pa
 from pyiceberg.catalog import Catalog, load_catalog
 from pyiceberg.exceptions import NoSuchTableError
@@ -40,7 +39,7 @@ from pyiceberg.transforms import IdentityTransform
 
 from dinat_batch.pipeline.config import SAME_JOB, ConfigError, RunConfig
 from dinat_batch.pipeline.faults import crash_point
-from dinat_batch.pipeline.locations import resolve
+from dinat_batch.pipeline.locations import filesystem, resolve
 from dinat_batch.pipeline.ownership import owner_of
 from dinat_batch.pipeline.stages.write import output_schema
 
@@ -92,7 +91,7 @@ class IcebergTable:
         self, identifier: str, catalog: dict[str, str], location: str, storage_options: dict[str, Any]
     ):
         self.identifier = identifier
-        self._fs, path = fsspec.core.url_to_fs(location, **storage_options)
+        self._fs, path = filesystem(location, storage_options)
         # one spelling, absolute: a relative local path would name another place from another folder
         self.location = self._fs.unstrip_protocol(path.rstrip("/"))
         self._properties = file_io_properties(storage_options) | catalog

@@ -3,18 +3,44 @@
 `file:///data/x/`, `/data/x`, `./x` (run from /data) and `/data/y/../x` are one location; so are
 `s3://b/k`, `s3a://b/k/` and `s3n://b//k`. Comparing these forms, not strings, is what lets the
 pipeline refuse an output that overlaps its input however either is written, and refuse table URIs that
-point outside the places a job may read.
+point outside the places a job may read. What is checked is what is opened: every URI the pipeline reads
+or writes is opened through `filesystem`, which takes it as one name, as `resolve` does.
 """
 
 from __future__ import annotations
 
 import os
 import posixpath
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
+
+import fsspec
 
 GLOB_CHARS = "*?["
 # spellings of one protocol; the canonical one is what fsspec registers
 _ALIASES = {"s3a": "s3", "s3n": "s3", "gcs": "gs", "local": "file", "abfss": "abfs", "az": "abfs"}
+# a URI scheme (RFC 3986) of two letters or more: `C://x` is a Windows drive, as fsspec reads it
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+")
+
+
+def split_protocol(uri: str) -> tuple[str | None, str]:
+    """The protocol a URI starts with (`s3` of `s3://b/k`) and the rest, or None and the whole for a plain
+    path. Only the first `://` counts: keys may hold URLs (`s3://b/crawl/https://host/a.jpg`)."""
+    head, separator, rest = uri.partition("://")
+    return (head, rest) if separator and _SCHEME.fullmatch(head) else (None, uri)
+
+
+def filesystem(uri: str, storage_options: dict[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and path of `uri`, taken as one name. fsspec's own `url_to_fs` and `open` split a URI
+    at `::` to chain filesystems: `s3://b/a::b/x.jpg` would open `b/a`, and a table's cell
+    `s3://other/k.jpg::/../../allowed/x.jpg`, which `resolve` places under `allowed/`, would open
+    `other/k.jpg`."""
+    protocol = split_protocol(uri)[0] or "file"
+    kind = fsspec.get_filesystem_class(protocol)
+    options = {**kind._get_kwargs_from_urls(uri), **storage_options}
+    return fsspec.filesystem(protocol, **options), kind._strip_protocol(uri)
 
 
 def glob_prefix(pattern: str) -> str:
@@ -59,8 +85,9 @@ def resolve(uri: str, pattern: bool = True) -> Location:
         text = "file://" + text.removeprefix("file:")
     prefix = glob_prefix(text) if pattern else text
     partial = prefix != text and not prefix.endswith("/")
-    protocol, _, rest = prefix.rpartition("://")
-    protocol = _ALIASES.get(protocol.lower(), protocol.lower()) or "file"
+    scheme, rest = split_protocol(prefix)
+    protocol = (scheme or "file").lower()
+    protocol = _ALIASES.get(protocol, protocol)
     if protocol == "file":
         # realpath: `..`, `.`, relative paths and symlinked folders all end at the same absolute path
         rest = os.path.expanduser(rest)
@@ -71,3 +98,14 @@ def resolve(uri: str, pattern: bool = True) -> Location:
     else:
         path = posixpath.normpath("/" + rest).lstrip("/")
     return Location(protocol, path, partial)
+
+
+def inside(places: Iterable[Location], uri: str) -> bool:
+    """Whether the one object `uri` (a table's cell, a row's key) lies in one of `places` as it will be
+    opened: whole, wildcards and spaces included, so that `/in/[x]/../../etc` is not checked as `/in/`. On
+    an object store a `.` or `..` in its path lies nowhere: stores and their HTTP clients read them
+    differently (kept in the key, refused, or taken as a step up, over the bucket's name too)."""
+    where = resolve(uri, pattern=False)
+    if where.protocol != "file" and {".", ".."} & set(split_protocol(uri)[1].split("/")):
+        return False
+    return any(place.covers(where) for place in places)

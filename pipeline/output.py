@@ -38,7 +38,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -54,7 +53,7 @@ from dinat_batch.pipeline.faults import crash_point
 from dinat_batch.pipeline.iceberg import DATA, METADATA, PARTITION, IcebergTable
 from dinat_batch.pipeline.lease import LEASES, Lease, LeaseLost
 from dinat_batch.pipeline.listing import pages, unnamed
-from dinat_batch.pipeline.locations import resolve
+from dinat_batch.pipeline.locations import filesystem, resolve
 from dinat_batch.pipeline.ownership import (
     Owners,
     Ownership,
@@ -142,7 +141,7 @@ class Output:
     ):
         self.uri = uri.rstrip("/")
         self.storage_options = storage_options
-        self.fs, path = fsspec.core.url_to_fs(self.uri, **storage_options)
+        self.fs, path = filesystem(self.uri, storage_options)
         self.path = path.rstrip("/")
         self.local = isinstance(self.fs, LocalFileSystem)
         # what this output's files carry in their metadata: the same place however it is spelled

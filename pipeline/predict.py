@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import fsspec
-
 from dinat_batch.pipeline.config import DEFAULT_MAX_PIXELS
 from dinat_batch.pipeline.errors import read_error
 from dinat_batch.pipeline.images import ImageDecodeError, cpu_pixels
+from dinat_batch.pipeline.locations import filesystem
 from dinat_batch.pipeline.model import Dinat
 from dinat_batch.pipeline.model.runtime import Runner, label_names
 
@@ -24,8 +23,8 @@ def top_k(
     results: list[tuple[str, list | str]] = []
     for uri in images:
         try:
-            with fsspec.open(uri, "rb", **(storage_options or {})) as f:
-                data = f.read()
+            fs, path = filesystem(uri, storage_options or {})
+            data = fs.cat_file(path)
         except OSError as err:
             results.append((uri, read_error(uri, err)))
             continue

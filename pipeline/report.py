@@ -20,7 +20,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import numpy as np
 import plotly.graph_objects as go
 import pyarrow as pa
@@ -30,7 +29,7 @@ from plotly.offline import get_plotlyjs
 from dinat_batch.pipeline.config import RunConfig
 from dinat_batch.pipeline.iceberg import IcebergTable
 from dinat_batch.pipeline.images import open_image
-from dinat_batch.pipeline.locations import Location, resolve
+from dinat_batch.pipeline.locations import Location, filesystem, inside, resolve
 from dinat_batch.pipeline.output import Output, leaf
 from dinat_batch.pipeline.query import read_output
 from dinat_batch.pipeline.stages.read import ReadRules
@@ -90,11 +89,11 @@ class Thumbnails:
 
     def _read(self, key: str) -> str | None:
         # keys with '#' name a member of a shard or a row of a table: no file to show
-        where = resolve(key, pattern=False)  # the key as it will be opened: no glob cut, no trimming
-        if "#" in key or not any(place.covers(where) for place in self.places):
+        if "#" in key or not inside(self.places, key):
             return None
         try:
-            with fsspec.open(key, "rb", **self.storage_options) as f:
+            fs, path = filesystem(key, self.storage_options)
+            with fs.open(path, "rb") as f:
                 data = f.read(MAX_IMAGE_BYTES + 1)
             if len(data) > MAX_IMAGE_BYTES:
                 return None

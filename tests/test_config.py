@@ -74,6 +74,7 @@ def test_output_beside_the_input_is_fine():
         ("s3a://b/x/in/", "s3://b//x/in/out"),
         ("s3://b/img*", "s3://b/img-out"),  # the glob would match the output's own files
         ("s3://b/x/in/**/*.jpg", "s3://b/x/in/out"),
+        ("s3://b/x/in", "s3://b/x/in/http://out"),  # a URL inside a key is no protocol
     ],
 )
 def test_overlapping_input_and_output_are_refused_however_spelled(input, output):

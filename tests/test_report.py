@@ -95,6 +95,7 @@ def test_thumbnails_come_only_from_where_the_run_read(tmp_path):
     (images / "[x]").mkdir()  # a folder name with a glob character must not shorten the checked path
     assert thumbnails(f"{images}/[x]/../../elsewhere.jpg") is None
     assert thumbnails(f" {inside}") is None  # opened as written: not the file the check would see
+    assert thumbnails(f"{outside}::/../in/{Path(inside).name}") is None  # inside by its path, not opened
     bomb = images / "bomb.png"  # inside, but declares 36M pixels in a few kB: never decoded
     Image.new("L", (6000, 6000)).save(bomb)
     assert thumbnails(str(bomb)) is None

@@ -25,6 +25,7 @@ from ray.data.context import AutoscalingConfig
 
 from dinat_batch.pipeline import run as run_module
 from dinat_batch.pipeline.config import ConfigError, RunConfig
+from dinat_batch.pipeline.locations import filesystem
 from dinat_batch.pipeline.model import ModelLoadError, load_model
 from dinat_batch.pipeline.output import Output
 from dinat_batch.pipeline.run import (
@@ -64,13 +65,12 @@ class Place:
 
     def put(self, files: dict[str, bytes], under: str) -> dict[str, bytes]:
         """Write files; returns them keyed by the URI the pipeline will report."""
-        fs, _ = fsspec.core.url_to_fs(self.root, **self.storage_options)
         written = {}
         for name, data in files.items():
             uri = self.uri(f"{under}/{name}")
-            fs.makedirs(fs._parent(fsspec.core.url_to_fs(uri, **self.storage_options)[1]), exist_ok=True)
-            with fsspec.open(uri, "wb", **self.storage_options) as f:
-                f.write(data)
+            fs, path = filesystem(uri, self.storage_options)
+            fs.makedirs(fs._parent(path), exist_ok=True)
+            fs.pipe_file(path, data)
             written[uri] = data
         return written
 
@@ -155,6 +155,8 @@ def test_image_files_with_broken_ones(place, tiny_model, ray_session):
     good |= place.put(
         {"UPPER.JPEG": photo(50), "_underscore.jpg": photo(51), ".dotted.png": photo(52, "PNG")}, "images"
     )
+    # names fsspec alone reads as chains of filesystems (`images/a`), listed and read as they are
+    good |= place.put({"x::y.jpg": photo(54)}, "images") | place.put({"c.jpg": photo(55)}, "images/a::b")
     place.put({"skipped.jpg": photo(53)}, "images/_staging")  # a bookkeeping folder, not input
     broken = broken_files()
     errors = {

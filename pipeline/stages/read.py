@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
-import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -29,7 +28,15 @@ import ray
 from dinat_batch.pipeline.config import IMAGE_EXTENSIONS, ConfigError, RunConfig
 from dinat_batch.pipeline.errors import error_text, read_error
 from dinat_batch.pipeline.listing import pages, unnamed
-from dinat_batch.pipeline.locations import GLOB_CHARS, Location, glob_prefix, resolve
+from dinat_batch.pipeline.locations import (
+    GLOB_CHARS,
+    Location,
+    filesystem,
+    glob_prefix,
+    inside,
+    resolve,
+    split_protocol,
+)
 from dinat_batch.pipeline.output import record_source
 from dinat_batch.pipeline.selection import ROWS_PER_PARTITION, attach, each_group, without
 from dinat_batch.pipeline.stages import CPU_TASK, Stage
@@ -88,7 +95,7 @@ class Spelling:
 
     @classmethod
     def of(cls, uri: str) -> Spelling:
-        return cls(uri.split("://", 1)[0] if "://" in uri else None)
+        return cls(split_protocol(uri)[0])
 
     def uri(self, path: str) -> str:
         return f"{self.protocol}://{path}" if self.protocol else path
@@ -117,7 +124,7 @@ def _listing(infos: list[dict[str, Any]], where: Spelling, root: str) -> pa.Tabl
 def _fresh(uri: str, storage_options: dict[str, Any]):
     """The filesystem and path of `uri`, without listings cached by an earlier run in this (reused)
     worker process."""
-    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+    fs, path = filesystem(uri, storage_options)
     fs.invalidate_cache()
     return fs, path
 
@@ -261,7 +268,7 @@ class ReadRules:
         return cls(config.storage_options, config.max_bytes_per_image, allowed)
 
     def refusal(self, uri: str) -> str | None:
-        if self.allowed is None or any(place.covers(resolve(uri, pattern=False)) for place in self.allowed):
+        if self.allowed is None or inside(self.allowed, uri):
             return None
         where = ", ".join(str(place) for place in self.allowed) or "nowhere (local input)"
         return error_text(
@@ -284,7 +291,7 @@ def _fetch(
     if size is not None and size > rules.max_bytes:
         return None, _too_large(size, rules.max_bytes)
     try:
-        fs, path = fsspec.core.url_to_fs(uri, **rules.storage_options)
+        fs, path = filesystem(uri, rules.storage_options)
         if size is not None:  # listed: its size is known and within the limit
             data = fs.cat_file(path)
         else:  # one byte past the limit tells "too large" without reading the rest (/dev/zero ends)
@@ -348,9 +355,10 @@ def _tar_rows(shard: str, rules: ReadRules) -> Iterator[Row]:
     one row."""
     sample, key, members, last = None, "", [], None
     seen: Counter[str] = Counter()
+    fs, path = filesystem(shard, rules.storage_options)
     try:
         with (
-            fsspec.open(shard, "rb", **rules.storage_options) as f,
+            fs.open(path, "rb") as f,
             tarfile.open(fileobj=f, mode="r|") as tar,
         ):
             for member in tar:
@@ -419,7 +427,7 @@ def check_column(table_uri: str, names: list[str], config: RunConfig) -> None:
 
 def check_table(table_uri: str, config: RunConfig) -> None:
     """Fail before the run when the (first) table lacks the configured column."""
-    fs, path = fsspec.core.url_to_fs(table_uri, **config.storage_options)
+    fs, path = filesystem(table_uri, config.storage_options)
     check_column(table_uri, pq.read_schema(path, filesystem=fs).names, config)
 
 
@@ -433,7 +441,7 @@ def _table_rows(table_uri: str, config: RunConfig) -> Iterator[pa.Table]:
     """A URI is keyed by itself the first time the table lists it, by its row after that (and when
     null), so that a table listing one image twice still gives one row per key."""
     column = config.uri_column or config.image_column
-    fs, path = fsspec.core.url_to_fs(table_uri, **config.storage_options)
+    fs, path = filesystem(table_uri, config.storage_options)
     seen: set[str] = set()
     with fs.open(path, "rb") as f:
         parquet = pq.ParquetFile(f)

@@ -1,0 +1,76 @@
+"""URIs taken as one name: what `resolve` and `inside` place is what `filesystem` opens, with `::`, URLs
+inside keys and dot segments."""
+
+import pyarrow as pa
+import pytest
+from fsspec.implementations.local import LocalFileSystem
+
+from dinat_batch.pipeline.locations import filesystem, inside, resolve, split_protocol
+from dinat_batch.pipeline.stages.read import LOCATED, ReadRules, read_objects
+
+
+@pytest.mark.parametrize(
+    "uri, expected",
+    [
+        ("s3://b/k.jpg", ("s3", "b/k.jpg")),
+        ("s3://b/crawl/https://host/a.jpg", ("s3", "b/crawl/https://host/a.jpg")),  # a URL in a key
+        ("/in/a::b/c.jpg", (None, "/in/a::b/c.jpg")),
+        ("/in/x://y", (None, "/in/x://y")),  # `/in/x` is no protocol
+        ("C://data", (None, "C://data")),  # a Windows drive, as fsspec reads it
+    ],
+)
+def test_only_a_leading_scheme_is_a_protocol(uri, expected):
+    assert split_protocol(uri) == expected
+
+
+def test_a_name_with_double_colons_is_opened_as_written(tmp_path):
+    """fsspec alone reads `a::b/c.jpg` as a chain of filesystems and opens `a`."""
+    (tmp_path / "a").write_bytes(b"the wrong file")
+    (tmp_path / "a::b").mkdir()
+    (tmp_path / "a::b" / "c.jpg").write_bytes(b"the image")
+    for uri in (f"{tmp_path}/a::b/c.jpg", f"file://{tmp_path}/a::b/c.jpg"):
+        fs, path = filesystem(uri, {})
+        assert isinstance(fs, LocalFileSystem) and fs.cat_file(path) == b"the image"
+    fs, path = filesystem("s3://b/a::b/c.jpg", {"anon": True})
+    assert path == "b/a::b/c.jpg" and fs.split_path(path)[:2] == ("b", "a::b/c.jpg")
+
+
+def test_an_output_behind_a_url_in_a_key_lies_inside_the_input():
+    assert resolve("s3://b/in").covers(resolve("s3://b/in/x://y"))
+    assert resolve("s3://b/crawl/https://host/a.jpg").path == "b/crawl/https:/host/a.jpg"
+
+
+def _fetched(cell: str, allowed: str) -> tuple[bytes | None, str | None]:
+    rules = ReadRules({}, 1 << 20, (resolve(allowed),))
+    row = pa.table([[cell], [cell], pa.nulls(1, pa.string()), pa.nulls(1, pa.int64())], schema=LOCATED)
+    read = read_objects(row, rules).to_pylist()[0]
+    return read["data"], read["error"]
+
+
+def test_a_cell_cannot_reach_past_its_allowed_places_by_double_colons(tmp_path):
+    """`SECRET::/../../listed/x.jpg` is under `listed/` by its path, and fsspec alone would open SECRET."""
+    (tmp_path / "listed").mkdir()
+    (tmp_path / "listed" / "x.jpg").write_bytes(b"allowed")
+    (tmp_path / "secret").mkdir()
+    (tmp_path / "secret" / "s.jpg").write_bytes(b"secret")
+    allowed = str(tmp_path / "listed")
+    assert _fetched(f"{tmp_path}/listed/x.jpg", allowed) == (b"allowed", None)
+    cell = f"{tmp_path}/secret/s.jpg::/../../listed/x.jpg"
+    assert inside([resolve(allowed)], cell)  # where its path points; opened as written, it is not there
+    data, error = _fetched(cell, allowed)
+    assert data is None and error.startswith("ReadError")
+
+
+@pytest.mark.parametrize(
+    "cell",
+    [
+        "s3://other/k.jpg::/../../allowed/x.jpg",
+        "s3://allowed/a/../x.jpg",  # kept in the key, refused, or a step up: stores differ
+        "s3://allowed/./x.jpg",
+        "s3://other/../allowed/x.jpg",
+    ],
+)
+def test_dot_segments_on_an_object_store_lie_nowhere(cell):
+    assert resolve(cell, pattern=False).path.startswith("allowed/")
+    assert not inside([resolve("s3://allowed")], cell)
+    assert inside([resolve("s3://allowed")], "s3://allowed/a/x.jpg")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dinat_batch.pipeline.locations import filesystem
+import fsspec
 
 CONFIG = "config.json"
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
@@ -54,7 +54,7 @@ def _from_folder(source: str, folder: Path) -> CheckpointFiles:
 
 def _from_fsspec(uri: str, storage_options: dict[str, Any]) -> CheckpointFiles:
     """Download once into a cache folder keyed by the remote objects' identity (ETag or checksum)."""
-    fs, root = filesystem(uri.rstrip("/"), storage_options)
+    fs, root = fsspec.core.url_to_fs(uri.rstrip("/"), **storage_options)
     fs.invalidate_cache()  # fsspec reuses filesystem instances with their listings: always ask afresh
     try:
         present = {Path(p).name for p in fs.ls(root, detail=False)}

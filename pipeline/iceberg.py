@@ -40,6 +40,7 @@ from pyiceberg.transforms import IdentityTransform
 from dinat_batch.pipeline.config import SAME_JOB, ConfigError, RunConfig
 from dinat_batch.pipeline.faults import crash_point
 from dinat_batch.pipeline.locations import filesystem, resolve
+from dinat_batch.pipeline.objects import read_object
 from dinat_batch.pipeline.ownership import owner_of
 from dinat_batch.pipeline.stages.write import output_schema
 
@@ -344,7 +345,7 @@ class IcebergTable:
             data = self.data_path(
                 folder.rsplit("/", 1)[1].removeprefix(f"{PARTITION}=") if folder != root else None
             )
-            for entry in json.loads(self._fs.cat_file(marker)).get("files", []):
+            for entry in json.loads(read_object(self._fs, marker)).get("files", []):
                 found.add(self.canonical(f"{data}/{entry['name']}"))
         return found
 

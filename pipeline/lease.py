@@ -33,6 +33,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from dinat_batch.pipeline.atomic import create_local, put_file
 from dinat_batch.pipeline.config import ConfigError
+from dinat_batch.pipeline.objects import read_object
 
 LEASES = "_lease"
 logger = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ class Lease:
             if not stem.isdigit():
                 continue
             try:
-                found.append(Holder(**json.loads(self.fs.cat_file(name))))
+                found.append(Holder(**json.loads(read_object(self.fs, name))))
             except FileNotFoundError:
                 continue
             except (ValueError, TypeError):

@@ -54,6 +54,7 @@ from dinat_batch.pipeline.iceberg import DATA, METADATA, PARTITION, IcebergTable
 from dinat_batch.pipeline.lease import LEASES, Lease, LeaseLost
 from dinat_batch.pipeline.listing import pages, unnamed
 from dinat_batch.pipeline.locations import filesystem, resolve
+from dinat_batch.pipeline.objects import read_object
 from dinat_batch.pipeline.ownership import (
     Owners,
     Ownership,
@@ -233,7 +234,7 @@ class Output:
             marker = name == FAILURE or (name == SUCCESS and self.iceberg is None)
             if marker and entry.type == "file":
                 found.marker = name
-                found.manifest = json.loads(self.fs.cat_file(entry.name))
+                found.manifest = json.loads(read_object(self.fs, entry.name))
             elif name in table_folders and entry.type == "directory":
                 continue  # the table's metadata is pyiceberg's; its data folder is surveyed below
             elif self._temp(entry):
@@ -408,7 +409,7 @@ class Output:
         self.fs.invalidate_cache()
         for name in (FAILURE, SUCCESS) if self.iceberg else (SUCCESS, FAILURE):
             try:
-                return name, json.loads(self.fs.cat_file(f"{self.path}/{name}"))
+                return name, json.loads(read_object(self.fs, f"{self.path}/{name}"))
             except FileNotFoundError:
                 continue
         committed = self.iceberg.committed(self.scope) if self.iceberg else None
@@ -435,7 +436,7 @@ class Output:
         total = KeyDigest()
         self.fs.invalidate_cache()
         paths = [entry.name for entry in self._entries(self.sources(attempt))]
-        for data in in_threads(self.fs.cat_file, paths):
+        for data in in_threads(lambda path: read_object(self.fs, path), paths):
             total += KeyDigest.from_json(json.loads(data))
         return total, len(paths)
 
@@ -534,10 +535,9 @@ def _compact(
     attempt read those inputs again, and so are the keys their stale record names. Returns the file's
     size, its `file_identity` and the counts the commit checks and reports."""
     fs = fs or LocalFileSystem()
-    tables = []
-    for path in chunks:
-        with fs.open(path, "rb") as f:
-            table = pq.read_table(f)
+
+    def read(path: str) -> pa.Table:
+        table = pq.read_table(pa.BufferReader(read_object(fs, path)))
         owner = owner_in(table.schema.metadata)
         if owner is None or owner.output != ownership.output:  # the survey said otherwise: never mix it in
             raise ForeignFiles(
@@ -547,8 +547,10 @@ def _compact(
         if not path.startswith(staging + "/"):
             keep = pc.invert(pc.is_in(table.column("key"), _stale_keys(fs, stale_record(staging, path))))
             table = table.filter(pc.and_(keep, pc.invert(retryable_mask(table.column("error")))))
-        tables.append(table.replace_schema_metadata(None))
-    table = pa.concat_tables(tables)
+        return table.replace_schema_metadata(None)
+
+    # a part's chunks are small files: a request's latency each, at once rather than one after another
+    table = pa.concat_tables(in_threads(read, chunks))
     for name, value in constants.items():
         table = table.append_column(
             pa.field(name, pa.string(), nullable=False), pa.array([value] * len(table))

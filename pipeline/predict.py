@@ -11,6 +11,7 @@ from dinat_batch.pipeline.images import ImageDecodeError, cpu_pixels
 from dinat_batch.pipeline.locations import filesystem
 from dinat_batch.pipeline.model import Dinat
 from dinat_batch.pipeline.model.runtime import Runner, label_names
+from dinat_batch.pipeline.objects import read_object
 
 
 def top_k(
@@ -24,7 +25,7 @@ def top_k(
     for uri in images:
         try:
             fs, path = filesystem(uri, storage_options or {})
-            data = fs.cat_file(path)
+            data = read_object(fs, path)
         except OSError as err:
             results.append((uri, read_error(uri, err)))
             continue

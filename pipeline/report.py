@@ -30,6 +30,7 @@ from dinat_batch.pipeline.config import RunConfig
 from dinat_batch.pipeline.iceberg import IcebergTable
 from dinat_batch.pipeline.images import open_image
 from dinat_batch.pipeline.locations import Location, filesystem, inside, resolve
+from dinat_batch.pipeline.objects import read_object
 from dinat_batch.pipeline.output import Output, leaf
 from dinat_batch.pipeline.query import read_output
 from dinat_batch.pipeline.stages.read import ReadRules
@@ -93,8 +94,7 @@ class Thumbnails:
             return None
         try:
             fs, path = filesystem(key, self.storage_options)
-            with fs.open(path, "rb") as f:
-                data = f.read(MAX_IMAGE_BYTES + 1)
+            data = read_object(fs, path, limit=MAX_IMAGE_BYTES + 1)
             if len(data) > MAX_IMAGE_BYTES:
                 return None
             # the header's declared size is checked before any pixel is decoded, as the pipeline checks it

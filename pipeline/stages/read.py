@@ -37,6 +37,7 @@ from dinat_batch.pipeline.locations import (
     resolve,
     split_protocol,
 )
+from dinat_batch.pipeline.objects import read_object
 from dinat_batch.pipeline.output import record_source
 from dinat_batch.pipeline.selection import ROWS_PER_PARTITION, attach, each_group, without
 from dinat_batch.pipeline.stages import CPU_TASK, Stage
@@ -292,11 +293,9 @@ def _fetch(
         return None, _too_large(size, rules.max_bytes)
     try:
         fs, path = filesystem(uri, rules.storage_options)
-        if size is not None:  # listed: its size is known and within the limit
-            data = fs.cat_file(path)
-        else:  # one byte past the limit tells "too large" without reading the rest (/dev/zero ends)
-            with fs.open(path, "rb") as f:
-                data = f.read(rules.max_bytes + 1)
+        # listed: its size is known and within the limit; else one byte past the limit tells "too large"
+        # without reading the rest (/dev/zero ends)
+        data = read_object(fs, path, size, None if size is not None else rules.max_bytes + 1)
     except Exception as err:  # any failure to read is this image's row, not the run's end
         return None, read_error(uri, err)
     if len(data) > rules.max_bytes:

@@ -33,12 +33,16 @@ from pydantic import BaseModel
 
 from dinat_batch.pipeline.atomic import is_own_temp
 from dinat_batch.pipeline.config import RunConfig
+from dinat_batch.pipeline.deletion import delete_files
 from dinat_batch.pipeline.errors import retryable_mask
 from dinat_batch.pipeline.faults import crash_point
 from dinat_batch.pipeline.iceberg import DATA, METADATA, IcebergTable
 from dinat_batch.pipeline.lease import LEASES
+from dinat_batch.pipeline.listing import pages
+from dinat_batch.pipeline.objects import read_object
 from dinat_batch.pipeline.output import SUCCESS, Compacted, ForeignFiles, Output, leaf
-from dinat_batch.pipeline.ownership import Ownership, owner_of
+from dinat_batch.pipeline.ownership import Owners, Ownership, file_identity
+from dinat_batch.pipeline.parallel import in_threads
 from dinat_batch.pipeline.run import RunSummary, cluster, execute, finish, planned_under_guard
 from dinat_batch.pipeline.selection import TASK, table_files, without
 from dinat_batch.pipeline.stages.read import LISTING, UNREADABLE
@@ -74,6 +78,7 @@ class Table:
         self.root = Output(uri, storage_options)
         self.fs = self.root.fs
         self.iceberg = iceberg
+        self._owners = Owners(self.fs, spread=not self.root.local)
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root.path, *parts])
@@ -93,12 +98,20 @@ class Table:
                 for scope, summary in self.iceberg.commits().items()
                 if (day := _date(scope)) is not None
             }
-        found = {}
-        for marker in self.fs.glob(self.path(f"{PARTITION}=*", SUCCESS)):
-            day = _date(marker.rsplit("/", 2)[1].removeprefix(f"{PARTITION}="))
-            if day is not None:
-                found[day] = json.loads(self.fs.cat_file(marker)).get("run_id")
-        return found
+        folders = {}
+        for page in pages(self.fs, self.root.path, recursive=False):
+            for entry in page:
+                name = leaf(entry["name"])
+                day = _date(name.removeprefix(f"{PARTITION}=")) if name.startswith(f"{PARTITION}=") else None
+                if day is not None and entry["type"] == "directory":
+                    folders[day] = entry["name"]
+        # a marker each, at once: a year of dates is 365 requests
+        markers = in_threads(lambda folder: _marker(self.fs, f"{folder}/{SUCCESS}"), list(folders.values()))
+        return {
+            day: marker.get("run_id")
+            for day, marker in zip(folders, markers, strict=True)
+            if marker is not None
+        }
 
     def check_root(self) -> None:
         """The root holds partitions, ledgers and the lease only (and an Iceberg table's data and metadata):
@@ -127,30 +140,39 @@ class Table:
         have their row there."""
         self.fs.invalidate_cache()
         committed = self.committed_runs()
-        files = []
-        for entry in self.fs.glob(self.path(LEDGERS, "*")):
-            name = leaf(entry)
-            day = _date(name.removesuffix(OLD_LEDGER))
-            if day is None or day == date or day not in committed:
-                continue
-            # a date committed by a version that wrote one Arrow file per date is read as it is
-            files += [entry] if name.endswith(OLD_LEDGER) else self._ledger_files(entry, committed[day])[0]
+        runs = {day: run for day, run in committed.items() if day != date}
+        files = self._ledger_files(self.path(LEDGERS), runs)[0]
         if not files:
             return None
-        return table_files(self.root.ray_fs, files, ["uri", "version"])
+        return table_files(self.root.ray_fs, files, ["uri", "version"], chunks=True)
 
-    def _ledger_files(self, folder: str, run_id: str | None) -> tuple[list[str], list[str]]:
-        """A date's ledger files written by `run_id` (any run's when None), and the rest: other runs' and
-        writes cut off before their rename (on a disk). Anything else in its folder is someone else's."""
-        found = self.fs.find(folder)
-        cut_off = [path for path in found if self.root.local and is_own_temp(path.rsplit("/", 1)[1])]
-        found = [path for path in found if path not in cut_off]
-        owners = [
-            owner_of(self.fs, path) if _LEDGER_FILE.match(path.rsplit("/", 1)[1]) else None for path in found
-        ]
-        foreign = [
-            path
-            for path, owner in zip(found, owners, strict=True)
+    def _ledger_files(self, folder: str, runs: dict[dt.date, str | None]) -> tuple[list[str], list[str]]:
+        """The ledger files below `folder` (the ledgers' or one date's) of the dates in `runs` written by
+        the run given for each (any run's when None), and the rest: other runs' and writes cut off before
+        their rename (on a disk). A date's ledger as versions before 2026-11-29 wrote it, one Arrow file
+        beside the dates' folders, is read as it is. Anything else in a date's folder is someone else's.
+        One listing for all the dates and their footers read at once (`Owners`): a year of dates is a year
+        of ledgers."""
+        top = len(self.path(LEDGERS)) + 1
+        old, found = [], []  # the old ledgers' paths; (date, entry) of the files in dates' folders
+        for page in pages(self.fs, folder, recursive=True):
+            for entry in page:
+                first, *below = entry["name"][top:].split("/", 1)
+                day = _date(first if below else first.removesuffix(OLD_LEDGER))
+                if day not in runs or entry["type"] != "file":
+                    continue
+                if below:
+                    found.append((day, entry))
+                elif first.endswith(OLD_LEDGER):
+                    old.append(entry["name"])
+        cut_off = [e["name"] for _, e in found if self.root.local and is_own_temp(leaf(e["name"]))]
+        found = [(day, e) for day, e in found if e["name"] not in cut_off]
+        foreign = [e["name"] for _, e in found if not _LEDGER_FILE.match(leaf(e["name"]))]
+        ledgers = [(day, e) for day, e in found if _LEDGER_FILE.match(leaf(e["name"]))]
+        owners = self._owners.of([(e["name"], file_identity(self.fs, e), e.get("size")) for _, e in ledgers])
+        foreign += [
+            e["name"]
+            for (_, e), owner in zip(ledgers, owners, strict=True)
             if owner is None or owner.output != self.root.identity
         ]
         if foreign:
@@ -158,8 +180,11 @@ class Table:
                 f"the nightly table's ledger folder {folder!r} holds files dinat-batch did not write: "
                 f"{', '.join(foreign[:5])}. Move them away"
             )
-        mine = [path for path, owner in zip(found, owners, strict=True) if run_id in (None, owner.run_id)]
-        return mine, cut_off + [path for path in found if path not in mine]
+        of_run = [runs[day] in (None, owner.run_id) for (day, _), owner in zip(ledgers, owners, strict=True)]
+        mine = [e["name"] for (_, e), ours in zip(ledgers, of_run, strict=True) if ours]
+        return old + mine, cut_off + [
+            e["name"] for (_, e), ours in zip(ledgers, of_run, strict=True) if not ours
+        ]
 
     def write_ledger(self, date: dt.date, read: ray.data.Dataset, ownership: Ownership) -> None:
         """Write what this run `read` as the date's next ledger. The ledgers of runs that did not commit
@@ -174,10 +199,16 @@ class Table:
         """Remove the date's ledger files that `run_id` did not write."""
         folder = self.ledger(date)
         if self.fs.isdir(folder):
-            for path in self._ledger_files(folder, run_id)[1]:
-                self.fs.rm_file(path)
+            delete_files(self.fs, self._ledger_files(folder, {date: run_id})[1])
         if self.fs.isfile(folder + OLD_LEDGER):
             self.fs.rm_file(folder + OLD_LEDGER)
+
+
+def _marker(fs, path: str) -> dict | None:
+    try:
+        return json.loads(read_object(fs, path))
+    except FileNotFoundError:  # a date not committed (yet, or its run died)
+        return None
 
 
 def _date(name: str) -> dt.date | None:

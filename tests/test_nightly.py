@@ -302,3 +302,56 @@ def test_ledgers_of_an_earlier_version_count_and_cut_off_writes_do_not_block(tmp
     with pytest.raises(ForeignFiles, match=r"notes\.parquet"):
         table.write_ledger(dt.date(2026, 11, 21), ray.data.from_arrow(new), owner)
     assert (tmp_path / "table" / "_runs" / "2026-11-21" / "notes.parquet").read_bytes() == b"someone's"
+
+
+def test_a_long_history_is_one_listing_and_its_ledgers_are_read_together(
+    object_store, ray_session, monkeypatch
+):
+    """Every night reads the ledgers of all other committed dates: however many dates, the partitions and
+    the ledgers are a listing each (not one per date), a marker and a footer one request each, and the
+    ledgers are read by a few Ray tasks, not one per file. A date without a marker and another run's
+    ledger beside the committed one's are not read."""
+    import pyarrow as pa
+    import s3fs
+    from fsspec.asyn import sync_wrapper
+
+    from dinat_batch.pipeline.ownership import Ownership, write_table
+    from dinat_batch.pipeline.stages.write import chunk_name
+
+    object_store.make_bucket("nightly")
+    table = Table("s3://nightly/history", object_store.storage_options)
+
+    def ledger(date: dt.date, run_id: str, index: int) -> str:
+        uri = f"s3://b/{run_id}/{index}.jpg"
+        rows = pa.table({"uri": [uri], "size": [1], "version": ["1"]})
+        owner = Ownership(run_id, "0" * 64, f"{run_id}.0", table.root.identity)
+        write_table(
+            table.fs, table.path("_runs", str(date), chunk_name(index, 1, f"ledger-{run_id}-")), rows, owner
+        )
+        return uri
+
+    dates = [DAY1 - dt.timedelta(days=i) for i in range(30)]
+    expected = []
+    for date in dates:
+        expected += [ledger(date, f"nightly-{date}", i) for i in range(2)]
+        table.fs.pipe_file(
+            table.path(f"run_date={date}", "_SUCCESS"), json.dumps({"run_id": f"nightly-{date}"}).encode()
+        )
+    ledger(dates[0], "a-rerun-cut-short", 0)
+    ledger(DAY2, "nightly-uncommitted", 0)
+    table.fs.pipe_file(table.path(f"run_date={DAY2}", "_staging", "x"), b"")
+    made = []
+    call = s3fs.S3FileSystem._call_s3
+
+    async def recorded(fs, method, *args, **kwargs):
+        made.append(method)
+        return await call(fs, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", recorded)
+    monkeypatch.setattr(s3fs.S3FileSystem, "call_s3", sync_wrapper(recorded))
+    seen = table.seen_elsewhere(DAY3).materialize()
+    assert made.count("list_objects_v2") == 2
+    assert made.count("get_object") == (len(dates) + 1) + (2 * len(dates) + 1)  # markers, footers
+    assert len(made) == made.count("list_objects_v2") + made.count("get_object")
+    assert sorted(row["uri"] for row in seen.take_all()) == sorted(expected)
+    assert seen.num_blocks() == 1

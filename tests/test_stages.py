@@ -73,6 +73,8 @@ def test_chunk_groups_fill_up_to_the_rows_in_order_and_a_larger_chunk_goes_alone
     assert write.chunk_groups(names, 7, files=1) == [[name] for name in names]
     empty_first = [write.chunk_name(0, 0), write.chunk_name(1, 3)]
     assert write.chunk_groups(empty_first, 7) == [empty_first]
+    untold = ["s3://b/t/_runs/2026-11-20.arrow", *names[:2]]  # a name without rows goes alone
+    assert write.chunk_groups(untold, 7) == [untold[:1], untold[1:]]
 
 
 def test_the_pool_sheds_actors_at_the_calls_in_flight_of_one_call_per_actor():

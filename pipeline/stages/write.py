@@ -109,18 +109,21 @@ def chunk_name(index: int, rows: int, prefix: str = CHUNK_PREFIX) -> str:
     return f"{prefix}{index:06d}-{rows}.parquet"
 
 
-def chunk_rows(name: str) -> int:
-    """Rows of a chunk file, from its name (see `chunk_name`)."""
-    return int(name.rsplit("/", 1)[-1].removesuffix(".parquet").rsplit("-", 1)[1])
+def chunk_rows(name: str) -> int | None:
+    """Rows of a chunk file, from its name (see `chunk_name`); None for a name that tells none."""
+    count = name.rsplit("/", 1)[-1].removesuffix(".parquet").rsplit("-", 1)[-1]
+    return int(count) if name.endswith(".parquet") and count.isdigit() else None
 
 
 def chunk_groups(paths: Iterable[str], rows: int, files: int | None = None) -> list[list[str]]:
-    """Consecutive chunk files in groups of up to `rows` rows, counted from their names (a larger file
-    alone), and of up to `files` files when given."""
+    """Consecutive chunk files in groups of up to `rows` rows, counted from their names (a larger file,
+    or one whose name tells no rows, alone), and of up to `files` files when given."""
     groups: list[list[str]] = []
     total = 0
     for path in paths:
         count = chunk_rows(path)
+        if count is None:
+            count = rows + 1
         if not groups or total + count > rows or len(groups[-1]) == files:
             groups.append([])
             total = 0

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 GLOB_CHARS = "*?["
 # spellings of one protocol; the canonical one is what fsspec registers
@@ -81,20 +82,19 @@ def resolve(uri: str, pattern: bool = True) -> Location:
     URI of one object (a table's cell, a row's key): taken whole, as it will be opened, wildcards and spaces
     included, so that `/in/[x]/../../etc` is not checked as `/in/`."""
     text = uri.strip() if pattern else uri
-    if text.startswith("file:") and not text.startswith("file://"):  # file:/x, as some writers spell it
-        text = "file://" + text.removeprefix("file:")
     prefix = glob_prefix(text) if pattern else text
     partial = prefix != text and not prefix.endswith("/")
     scheme, rest = split_protocol(prefix)
     protocol = (scheme or "file").lower()
     protocol = _ALIASES.get(protocol, protocol)
     if protocol == "file":
-        # realpath: `..`, `.`, relative paths and symlinked folders all end at the same absolute path
-        rest = os.path.expanduser(rest)
+        # the path fsspec opens (`file:/x`, `local:/x`, `~`, relative paths: `filesystem`), then realpath:
+        # `..`, `.` and symlinked folders all end at the same absolute path
+        rest = LocalFileSystem._strip_protocol(prefix)
         if partial:
-            path = os.path.join(os.path.realpath(os.path.dirname(rest) or "."), os.path.basename(rest))
+            path = os.path.join(os.path.realpath(os.path.dirname(rest)), os.path.basename(rest))
         else:
-            path = os.path.realpath(rest or ".")
+            path = os.path.realpath(rest)
     else:
         path = posixpath.normpath("/" + rest).lstrip("/")
     return Location(protocol, path, partial)
@@ -102,10 +102,13 @@ def resolve(uri: str, pattern: bool = True) -> Location:
 
 def inside(places: Iterable[Location], uri: str) -> bool:
     """Whether the one object `uri` (a table's cell, a row's key) lies in one of `places` as it will be
-    opened: whole, wildcards and spaces included, so that `/in/[x]/../../etc` is not checked as `/in/`. On
-    an object store a `.` or `..` in its path lies nowhere: stores and their HTTP clients read them
-    differently (kept in the key, refused, or taken as a step up, over the bucket's name too)."""
+    opened: whole, wildcards and spaces included, so that `/in/[x]/../../etc` is not checked as `/in/`.
+    Elsewhere than on a disk, a path with an empty, `.` or `..` name lies nowhere: stores and their HTTP
+    clients read them differently (kept in the key, folded, refused, or taken as a step up, over the
+    bucket's name too), and so does a web URL with a `%` (its client decodes `%2e%2e` into `..`)."""
     where = resolve(uri, pattern=False)
-    if where.protocol != "file" and {".", ".."} & set(split_protocol(uri)[1].split("/")):
-        return False
+    if where.protocol != "file":
+        names = set(split_protocol(uri)[1].split("/"))
+        if names & {"", ".", ".."} or (where.protocol in ("http", "https") and "%" in uri):
+            return False
     return any(place.covers(where) for place in places)

@@ -47,7 +47,7 @@ def _fetched(cell: str, allowed: str) -> tuple[bytes | None, str | None]:
     return read["data"], read["error"]
 
 
-def test_a_cell_cannot_reach_past_its_allowed_places_by_double_colons(tmp_path):
+def test_a_cell_cannot_reach_past_its_allowed_places_by_double_colons(tmp_path, monkeypatch):
     """`SECRET::/../../listed/x.jpg` is under `listed/` by its path, and fsspec alone would open SECRET."""
     (tmp_path / "listed").mkdir()
     (tmp_path / "listed" / "x.jpg").write_bytes(b"allowed")
@@ -59,6 +59,10 @@ def test_a_cell_cannot_reach_past_its_allowed_places_by_double_colons(tmp_path):
     assert inside([resolve(allowed)], cell)  # where its path points; opened as written, it is not there
     data, error = _fetched(cell, allowed)
     assert data is None and error.startswith("ReadError")
+    # fsspec opens `local:/x` as `/x`; it is not a name in the working folder, here an allowed one
+    monkeypatch.chdir(tmp_path / "listed")
+    data, error = _fetched(f"local:{tmp_path}/secret/s.jpg", allowed)
+    assert data is None and error.startswith("ForbiddenURI")
 
 
 @pytest.mark.parametrize(
@@ -68,9 +72,12 @@ def test_a_cell_cannot_reach_past_its_allowed_places_by_double_colons(tmp_path):
         "s3://allowed/a/../x.jpg",  # kept in the key, refused, or a step up: stores differ
         "s3://allowed/./x.jpg",
         "s3://other/../allowed/x.jpg",
+        "s3://allowed//x.jpg",  # the key `/x.jpg` on S3, folded into `x.jpg` by some stores
+        "https://allowed/a/%2e%2e/x.jpg",  # decoded by the web client into a step up
     ],
 )
-def test_dot_segments_on_an_object_store_lie_nowhere(cell):
+def test_dot_segments_and_empty_names_lie_nowhere_but_on_a_disk(cell):
+    protocol = cell.split("://")[0]
     assert resolve(cell, pattern=False).path.startswith("allowed/")
-    assert not inside([resolve("s3://allowed")], cell)
-    assert inside([resolve("s3://allowed")], "s3://allowed/a/x.jpg")
+    assert not inside([resolve(f"{protocol}://allowed")], cell)
+    assert inside([resolve(f"{protocol}://allowed")], f"{protocol}://allowed/a/x.jpg")

@@ -141,7 +141,7 @@ class Table:
         self.fs.invalidate_cache()
         committed = self.committed_runs()
         runs = {day: run for day, run in committed.items() if day != date}
-        files = self._ledger_files(self.path(LEDGERS), runs)[0]
+        files = self._ledger_files(self.path(LEDGERS), runs)[0] if runs else []
         if not files:
             return None
         return table_files(self.root.ray_fs, files, ["uri", "version"], chunks=True)
@@ -167,24 +167,21 @@ class Table:
                     old.append(entry["name"])
         cut_off = [e["name"] for _, e in found if self.root.local and is_own_temp(leaf(e["name"]))]
         found = [(day, e) for day, e in found if e["name"] not in cut_off]
-        foreign = [e["name"] for _, e in found if not _LEDGER_FILE.match(leaf(e["name"]))]
         ledgers = [(day, e) for day, e in found if _LEDGER_FILE.match(leaf(e["name"]))]
+        foreign = [e["name"] for _, e in found if not _LEDGER_FILE.match(leaf(e["name"]))]
         owners = self._owners.of([(e["name"], file_identity(self.fs, e), e.get("size")) for _, e in ledgers])
-        foreign += [
-            e["name"]
-            for (_, e), owner in zip(ledgers, owners, strict=True)
-            if owner is None or owner.output != self.root.identity
-        ]
+        mine, others = [], []
+        for (day, entry), owner in zip(ledgers, owners, strict=True):
+            if owner is None or owner.output != self.root.identity:
+                foreign.append(entry["name"])
+            else:
+                (mine if runs[day] in (None, owner.run_id) else others).append(entry["name"])
         if foreign:
             raise ForeignFiles(
                 f"the nightly table's ledger folder {folder!r} holds files dinat-batch did not write: "
                 f"{', '.join(foreign[:5])}. Move them away"
             )
-        of_run = [runs[day] in (None, owner.run_id) for (day, _), owner in zip(ledgers, owners, strict=True)]
-        mine = [e["name"] for (_, e), ours in zip(ledgers, of_run, strict=True) if ours]
-        return old + mine, cut_off + [
-            e["name"] for (_, e), ours in zip(ledgers, of_run, strict=True) if not ours
-        ]
+        return old + mine, cut_off + others
 
     def write_ledger(self, date: dt.date, read: ray.data.Dataset, ownership: Ownership) -> None:
         """Write what this run `read` as the date's next ledger. The ledgers of runs that did not commit
@@ -212,10 +209,13 @@ def _marker(fs, path: str) -> dict | None:
 
 
 def _date(name: str) -> dt.date | None:
+    """The date a folder is named for, written as the pipeline writes it (`fromisoformat` also takes
+    `20261120`, which would stand for a date it did not write)."""
     try:
-        return dt.date.fromisoformat(name)
+        day = dt.date.fromisoformat(name)
     except ValueError:
         return None
+    return day if day.isoformat() == name else None
 
 
 def _failed_source(batch: pa.Table) -> pa.Table:

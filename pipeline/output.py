@@ -572,8 +572,11 @@ def _compact(
 
 def _stale_keys(fs, record: str) -> pa.Array:
     try:
-        with fs.open(record, "rb") as f:
-            return pq.read_table(f, columns=["key"]).column("key").combine_chunks()
+        return (
+            pq.read_table(pa.BufferReader(read_object(fs, record)), columns=["key"])
+            .column("key")
+            .combine_chunks()
+        )
     except FileNotFoundError:
         return pa.array([], pa.string())
 

@@ -12,6 +12,8 @@ kills only its own process tree's, never another lane's. A standalone test must 
 
 import pytest
 import ray
+import s3fs
+from fsspec.asyn import sync_wrapper
 
 from dinat_batch.infra.object_store import LocalObjectStore
 from tests.data import tiny_checkpoint
@@ -75,3 +77,19 @@ def model_cache(tmp_path, monkeypatch):
     """A private download cache for models fetched from URIs."""
     monkeypatch.setenv("DINAT_BATCH_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache" / "models"
+
+
+@pytest.fixture
+def s3_requests(monkeypatch) -> list[str]:
+    """The S3 requests this process makes from here on, by method (`list_objects_v2`, `get_object`...).
+    s3fs's `call_s3` was made of `_call_s3` when its class was: both are replaced."""
+    made: list[str] = []
+    call = s3fs.S3FileSystem._call_s3
+
+    async def recorded(fs, method, *args, **kwargs):
+        made.append(method)
+        return await call(fs, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", recorded)
+    monkeypatch.setattr(s3fs.S3FileSystem, "call_s3", sync_wrapper(recorded))
+    return made

@@ -1,43 +1,56 @@
-"""An object read whole or up to a limit in one GET, empty ones included, on the S3 server and a disk."""
+"""An object read whole or up to a limit: on the S3 server in one GET, empty ones included; on a disk and
+a web server as fsspec reads them, the limit kept."""
 
+import functools
+import http.server
+import threading
+
+import fsspec
 import pytest
-import s3fs
 
 from dinat_batch.pipeline.objects import read_object
 
 
-@pytest.fixture
-def requests(monkeypatch) -> list[str]:
-    made = []
-    call = s3fs.S3FileSystem._call_s3
-
-    async def recorded(fs, method, *args, **kwargs):
-        made.append(method)
-        return await call(fs, method, *args, **kwargs)
-
-    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", recorded)
-    return made
-
-
-def test_an_object_is_one_get(object_store, requests):
+def test_an_object_is_one_get(object_store, s3_requests):
     object_store.make_bucket("objects")
     fs = object_store.filesystem()
     fs.pipe_file("objects/small.jpg", b"0123456789")
     fs.pipe_file("objects/empty.jpg", b"")
-    requests.clear()
+    s3_requests.clear()
     assert read_object(fs, "objects/small.jpg") == b"0123456789"
     assert read_object(fs, "objects/small.jpg", limit=4) == b"0123"
     assert read_object(fs, "objects/small.jpg", size=10) == b"0123456789"
-    assert requests == ["get_object"] * 3  # no HEAD for the size first, as a plain cat_file asks
-    assert read_object(fs, "objects/empty.jpg", size=0) == b"" and len(requests) == 3  # listed empty: none
-    assert read_object(fs, "objects/empty.jpg") == b""  # a range from byte 0 of nothing: asked again
+    assert s3_requests == ["get_object"] * 3  # no HEAD for the size first, as a plain cat_file asks
+    assert read_object(fs, "objects/empty.jpg", size=0) == b"" and len(s3_requests) == 3  # listed empty: none
+    # a range from byte 0 of nothing is refused (416): the size, asked then, says it is empty
+    assert read_object(fs, "objects/empty.jpg") == b"" and s3_requests[3:] == ["get_object", "head_object"]
     with pytest.raises(FileNotFoundError):
         read_object(fs, "objects/missing.jpg")
+    assert s3_requests[5:] == ["get_object"]
+
+
+class _Files(http.server.SimpleHTTPRequestHandler):
+    """A web server that answers every GET whole, as if it had never heard of ranges."""
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_limit_holds_on_a_web_server_that_ignores_ranges(tmp_path):
+    """fsspec's HTTP filesystem reads a whole answer whatever range it asked for: the limit is read
+    through a file."""
+    (tmp_path / "big.jpg").write_bytes(b"x" * 1_000_000)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Files, directory=tmp_path))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/big.jpg"
+        assert read_object(fsspec.filesystem("http"), url, limit=11) == b"x" * 11
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_a_file_on_disk_too(tmp_path):
-    import fsspec
-
     fs = fsspec.filesystem("file")
     (tmp_path / "a").write_bytes(b"abc")
     (tmp_path / "empty").write_bytes(b"")

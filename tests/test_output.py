@@ -539,28 +539,19 @@ def test_failed_reads_are_retried_by_the_same_command(where, tmp_path, tiny_mode
         run(config(source, output, tiny_model, options))
 
 
-def test_a_surveys_footer_read_is_one_request(object_store, monkeypatch):
+def test_a_surveys_footer_read_is_one_request(object_store, s3_requests):
     """The survey knows each file's size from its listing: a footer is one ranged GET of the file's end,
     no HEAD first."""
-    import s3fs
-
     object_store.make_bucket("protocol")
     out = Output("s3://protocol/one-request", object_store.storage_options)
     ours = Ownership("run-1", "0" * 64, "run-1.0", out.identity)
     for i, rows in enumerate((1, 1, 10_000)):  # the last ~340 KB: its footer in the end read, not the file
         table = pa.table({"key": [os.urandom(16).hex() for _ in range(rows)]})
         write_table(out.fs, f"{out.staging('run-1.0')}/chunk-{i:06d}-1.parquet", table, ours)
-    made = []
-    call = s3fs.S3FileSystem._call_s3
-
-    async def recorded(fs, method, *args, **kwargs):
-        made.append(method)
-        return await call(fs, method, *args, **kwargs)
-
-    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", recorded)
+    s3_requests.clear()
     survey = Output(out.uri, out.storage_options).survey()
     assert len(survey.chunks["run-1.0"]) == 3 and survey.foreign == []
-    assert made.count("get_object") == 3 and "head_object" not in made
+    assert s3_requests.count("get_object") == 3 and "head_object" not in s3_requests
 
 
 def test_a_footer_is_read_from_the_files_end_whatever_its_size(tmp_path, monkeypatch):

@@ -112,7 +112,7 @@ def chunk_name(index: int, rows: int, prefix: str = CHUNK_PREFIX) -> str:
 def chunk_rows(name: str) -> int | None:
     """Rows of a chunk file, from its name (see `chunk_name`); None for a name that tells none."""
     count = name.rsplit("/", 1)[-1].removesuffix(".parquet").rsplit("-", 1)[-1]
-    return int(count) if name.endswith(".parquet") and count.isdigit() else None
+    return int(count) if name.endswith(".parquet") and count.isdecimal() and count.isascii() else None
 
 
 def chunk_groups(paths: Iterable[str], rows: int, files: int | None = None) -> list[list[str]]:

@@ -100,6 +100,16 @@ def test_a_level_holding_a_folder_without_a_name_is_listed_whole(monkeypatch):
     ]
 
 
+def test_folders_named_dot_or_dot_dot_are_hidden_as_any_dot_folder(monkeypatch):
+    """S3 keeps `in/./x.jpg` and `in/../y.jpg` as keys of their own; a path library folds the names away."""
+    keys = ["in/ok.jpg", "in/./x.jpg", "in/../y.jpg", "in/a/../z.jpg", "in/.git/w.jpg", "in/a//v.jpg"]
+    _store_answers(monkeypatch, lambda request: _keys(request["Prefix"], keys, request.get("Delimiter")))
+    below = read._below(["s3://bkt/in"], {"anon": True})
+    assert sorted(below.column("uri").to_pylist()) == ["s3://bkt/in/a//v.jpg", "s3://bkt/in/ok.jpg"]
+    files, folders = read._top._function("s3://bkt/in", {"anon": True}, 10)
+    assert files.column("uri").to_pylist() == ["s3://bkt/in/ok.jpg"] and folders == ["s3://bkt/in/a"]
+
+
 def test_pages_of_what_is_not_there_are_empty(object_store, tmp_path):
     fs = object_store.filesystem()
     assert [entry for page in pages(fs, "listing-no-such-bucket/x", True) for entry in page] == []

@@ -17,7 +17,6 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 from typing import Any
 
 import pyarrow as pa
@@ -81,11 +80,11 @@ def is_image_name(name: str) -> bool:
 
 def _hidden(path: str, root: str) -> bool:
     """In a folder below `root` whose name starts with `_` or `.` (_staging/, _runs/, .git/: bookkeeping,
-    as Hive and Spark treat them). Files are never hidden by their own name: `_cat.jpg` is an image."""
-    relative = (
-        PurePosixPath(path).relative_to(root) if path != root and path.startswith(root) else PurePosixPath()
-    )
-    return any(part.startswith(("_", ".")) for part in relative.parts[:-1])
+    as Hive and Spark treat them; and `.` or `..` themselves, names on an object store, which a path
+    library would fold away). Files are never hidden by their own name: `_cat.jpg` is an image."""
+    below = root.rstrip("/") + "/"
+    folders = path[len(below) :].split("/")[:-1] if path.startswith(below) else []
+    return any(name.startswith(("_", ".")) for name in folders)
 
 
 @dataclass(frozen=True)

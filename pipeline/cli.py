@@ -442,6 +442,7 @@ def orphans(
     """List the files of an Iceberg output that no snapshot reaches (left by commits that did not land, or
     by expired snapshots); --delete removes them. Runs remove their own scope's data files by themselves."""
     from dinat_batch.pipeline.config import ConfigError
+    from dinat_batch.pipeline.deletion import KEYS_PER_REQUEST
     from dinat_batch.pipeline.lease import LeaseHeld
     from dinat_batch.pipeline.output import Output
 
@@ -455,9 +456,11 @@ def orphans(
             found = table.orphans(older_than * 60)
             for path in found:
                 typer.echo(path)
-                if lease is not None:
-                    lease.check()
-                    table.remove(path)
+            # a bulk request's files at a time, the lease checked before each: a run that took the table
+            # over since stops the removal there
+            for start in range(0, len(found) if lease is not None else 0, KEYS_PER_REQUEST):
+                lease.check()
+                table.remove(found[start : start + KEYS_PER_REQUEST])
     except (LeaseHeld, ConfigError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err

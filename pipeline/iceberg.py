@@ -38,10 +38,13 @@ from pyiceberg.table import Table
 from pyiceberg.transforms import IdentityTransform
 
 from dinat_batch.pipeline.config import SAME_JOB, ConfigError, RunConfig
+from dinat_batch.pipeline.deletion import delete_files
 from dinat_batch.pipeline.faults import crash_point
+from dinat_batch.pipeline.listing import pages
 from dinat_batch.pipeline.locations import filesystem, resolve
 from dinat_batch.pipeline.objects import read_object
 from dinat_batch.pipeline.ownership import owner_of
+from dinat_batch.pipeline.parallel import in_threads
 from dinat_batch.pipeline.stages.write import output_schema
 
 PARTITION = "run_date"
@@ -149,7 +152,7 @@ class IcebergTable:
         layout = "nightly" if partitioned else "run"
         table = self.load()
         root = self.path(self.location)
-        if table is None and (self._find(f"{root}/{METADATA}") or self._find(f"{root}/{DATA}")):
+        if table is None and (self._files(f"{root}/{METADATA}") or self._files(f"{root}/{DATA}")):
             raise ConfigError(
                 f"{self.location} holds an Iceberg table's files, but the catalog has no table "
                 f"{self.identifier} there (a lost or other catalog, or a renamed table). A new table would "
@@ -305,7 +308,8 @@ class IcebergTable:
         if table is None:
             return []
         root = self.path(self.location)
-        metadata = self._find(f"{root}/{METADATA}")
+        listed = self._files(f"{root}/{METADATA}")
+        metadata = [entry["name"] for entry in listed]
         if self.canonical(table.metadata_location) not in {self.canonical(path) for path in metadata}:
             raise ConfigError(
                 f"the table's current metadata {table.metadata_location} is not among the files listed under "
@@ -313,14 +317,16 @@ class IcebergTable:
                 "nothing is removed"
             )
         identity = str(resolve(self.location))
-        data = [path for path in self._find(f"{root}/{DATA}") if path.endswith(".parquet")]
+        data = [entry for entry in self._files(f"{root}/{DATA}") if entry["name"].endswith(".parquet")]
         kept = self.referenced() | self._failed_runs_files(root)
+        # a footer each (one request with the listed size), at once: a table's data files are thousands
+        owners = in_threads(lambda entry: owner_of(self._fs, entry["name"], entry.get("size")), data)
         ours = [
-            path
-            for path, owner in zip(data, [owner_of(self._fs, path) for path in data], strict=True)
+            entry["name"]
+            for entry, owner in zip(data, owners, strict=True)
             if owner is not None
             and (owner.output == identity or owner.output.startswith(f"{identity}/{PARTITION}="))
-            and self.canonical(path) not in kept
+            and self.canonical(entry["name"]) not in kept
         ]
         reached = {table.metadata_location, *(entry.metadata_file for entry in table.metadata.metadata_log)}
         reached |= {stats.statistics_path for stats in table.metadata.statistics}
@@ -331,9 +337,9 @@ class IcebergTable:
         reached = {self.canonical(uri) for uri in reached}
         now = time.time()
         unreached = [
-            path
-            for path in metadata
-            if self.canonical(path) not in reached and now - self._modified(path) > older_than_s
+            entry["name"]
+            for entry in listed
+            if self.canonical(entry["name"]) not in reached and now - _modified(entry) > older_than_s
         ]
         return sorted(ours) + sorted(unreached)
 
@@ -349,19 +355,27 @@ class IcebergTable:
                 found.add(self.canonical(f"{data}/{entry['name']}"))
         return found
 
-    def _modified(self, path: str) -> float:
-        info = self._fs.info(path)
-        moment = info.get("mtime") or info.get("LastModified") or info.get("created")
-        if moment is None:  # unknown: taken as new, so never removed for its age
-            return time.time()
-        return moment.timestamp() if isinstance(moment, dt.datetime) else float(moment)
+    def remove(self, paths: list[str]) -> None:
+        """Delete these files (`orphans`), in bulk where the store can."""
+        delete_files(self._fs, paths)
 
-    def remove(self, path: str) -> None:
-        self._fs.rm_file(path)
-
-    def _find(self, folder: str) -> list[str]:
+    def _files(self, folder: str) -> list[dict[str, Any]]:
+        """The listing entries of every file below `folder`, with their sizes and times."""
         self._fs.invalidate_cache()
-        return self._fs.find(folder) if self._fs.isdir(folder) else []
+        return [
+            entry
+            for page in pages(self._fs, folder, recursive=True)
+            for entry in page
+            if entry["type"] == "file"
+        ]
+
+
+def _modified(entry: dict[str, Any]) -> float:
+    """When a listed file was last written, in seconds since the epoch."""
+    moment = entry.get("mtime") or entry.get("LastModified") or entry.get("created")
+    if moment is None:  # unknown: taken as new, so never removed for its age
+        return time.time()
+    return moment.timestamp() if isinstance(moment, dt.datetime) else float(moment)
 
 
 def _tasks(table: Table, scope: str | None) -> list:

@@ -454,13 +454,18 @@ def orphans(
         name = f"orphans-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}"
         with root.lease(name, lease_timeout) if delete else nullcontext() as lease:
             found = table.orphans(older_than * 60)
-            for path in found:
-                typer.echo(path)
-            # a bulk request's files at a time, the lease checked before each: a run that took the table
-            # over since stops the removal there
-            for start in range(0, len(found) if lease is not None else 0, KEYS_PER_REQUEST):
-                lease.check()
-                table.remove(found[start : start + KEYS_PER_REQUEST])
+            if lease is None:
+                for path in found:
+                    typer.echo(path)
+            else:
+                # a bulk request's files at a time, the lease checked before each (a run that took the
+                # table over since stops the removal there), each file named once it is gone
+                for start in range(0, len(found), KEYS_PER_REQUEST):
+                    group = found[start : start + KEYS_PER_REQUEST]
+                    lease.check()
+                    table.remove(group)
+                    for path in group:
+                        typer.echo(path)
     except (LeaseHeld, ConfigError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err

@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
+from collections.abc import Iterator
 from functools import cached_property
 from typing import Any
 
@@ -152,7 +153,7 @@ class IcebergTable:
         layout = "nightly" if partitioned else "run"
         table = self.load()
         root = self.path(self.location)
-        if table is None and (self._files(f"{root}/{METADATA}") or self._files(f"{root}/{DATA}")):
+        if table is None and (any(self._files(f"{root}/{METADATA}")) or any(self._files(f"{root}/{DATA}"))):
             raise ConfigError(
                 f"{self.location} holds an Iceberg table's files, but the catalog has no table "
                 f"{self.identifier} there (a lost or other catalog, or a renamed table). A new table would "
@@ -308,7 +309,7 @@ class IcebergTable:
         if table is None:
             return []
         root = self.path(self.location)
-        listed = self._files(f"{root}/{METADATA}")
+        listed = list(self._files(f"{root}/{METADATA}"))
         metadata = [entry["name"] for entry in listed]
         if self.canonical(table.metadata_location) not in {self.canonical(path) for path in metadata}:
             raise ConfigError(
@@ -359,15 +360,12 @@ class IcebergTable:
         """Delete these files (`orphans`), in bulk where the store can."""
         delete_files(self._fs, paths)
 
-    def _files(self, folder: str) -> list[dict[str, Any]]:
-        """The listing entries of every file below `folder`, with their sizes and times."""
+    def _files(self, folder: str) -> Iterator[dict[str, Any]]:
+        """The listing entries of every file below `folder`, with their sizes and times, a page at a time
+        (whether there is any is one request)."""
         self._fs.invalidate_cache()
-        return [
-            entry
-            for page in pages(self._fs, folder, recursive=True)
-            for entry in page
-            if entry["type"] == "file"
-        ]
+        for page in pages(self._fs, folder, recursive=True):
+            yield from (entry for entry in page if entry["type"] == "file")
 
 
 def _modified(entry: dict[str, Any]) -> float:

@@ -15,8 +15,10 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 import fsspec
+import yarl
 from fsspec.implementations.local import LocalFileSystem
 
 GLOB_CHARS = "*?["
@@ -82,21 +84,23 @@ def resolve(uri: str, pattern: bool = True) -> Location:
     URI of one object (a table's cell, a row's key): taken whole, as it will be opened, wildcards and spaces
     included, so that `/in/[x]/../../etc` is not checked as `/in/`."""
     text = uri.strip() if pattern else uri
-    prefix = glob_prefix(text) if pattern else text
-    partial = prefix != text and not prefix.endswith("/")
-    scheme, rest = split_protocol(prefix)
+    scheme, rest = split_protocol(text)
     protocol = (scheme or "file").lower()
     protocol = _ALIASES.get(protocol, protocol)
     if protocol == "file":
-        # the path fsspec opens (`file:/x`, `local:/x`, `~`, relative paths: `filesystem`), then realpath:
-        # `..`, `.` and symlinked folders all end at the same absolute path
-        rest = LocalFileSystem._strip_protocol(prefix)
+        # the path fsspec opens (`file:/x`, `local:/x`, `~`, relative paths: `filesystem`), made whole
+        # before the glob's prefix is cut (`*.jpg` is the working folder's, not a name beside it)
+        rest = LocalFileSystem._strip_protocol(text)
+    prefix = glob_prefix(rest) if pattern else rest
+    partial = prefix != rest and not prefix.endswith("/")
+    if protocol == "file":
+        # realpath: `..`, `.` and symlinked folders all end at the same absolute path
         if partial:
-            path = os.path.join(os.path.realpath(os.path.dirname(rest)), os.path.basename(rest))
+            path = os.path.join(os.path.realpath(os.path.dirname(prefix)), os.path.basename(prefix))
         else:
-            path = os.path.realpath(rest)
+            path = os.path.realpath(prefix)
     else:
-        path = posixpath.normpath("/" + rest).lstrip("/")
+        path = posixpath.normpath("/" + prefix).lstrip("/")
     return Location(protocol, path, partial)
 
 
@@ -105,10 +109,15 @@ def inside(places: Iterable[Location], uri: str) -> bool:
     opened: whole, wildcards and spaces included, so that `/in/[x]/../../etc` is not checked as `/in/`.
     Elsewhere than on a disk, a path with an empty, `.` or `..` name lies nowhere: stores and their HTTP
     clients read them differently (kept in the key, folded, refused, or taken as a step up, over the
-    bucket's name too), and so does a web URL with a `%` (its client decodes `%2e%2e` into `..`)."""
+    bucket's name too). A web URL is checked as its client sends it (yarl, under fsspec's HTTP
+    filesystem: `%2e%2e` decoded into a step up and taken), with no name that decodes into a `/`."""
     where = resolve(uri, pattern=False)
-    if where.protocol != "file":
-        names = set(split_protocol(uri)[1].split("/"))
-        if names & {"", ".", ".."} or (where.protocol in ("http", "https") and "%" in uri):
+    if where.protocol in ("http", "https"):
+        sent = yarl.URL(uri, encoded=False)
+        names = [unquote(name) for name in sent.raw_path.split("/")[1:]]
+        if any(name in ("", ".", "..") or "/" in name or "\\" in name for name in names):
             return False
+        where = resolve(str(sent), pattern=False)
+    elif where.protocol != "file" and {"", ".", ".."} & set(split_protocol(uri)[1].split("/")):
+        return False
     return any(place.covers(where) for place in places)

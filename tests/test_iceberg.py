@@ -3,6 +3,7 @@ a commit cut short at any step invisible to readers, time travel, and the tables
 
 import datetime as dt
 import json
+import time
 
 import duckdb
 import fsspec
@@ -258,3 +259,14 @@ def test_nightly_dates_on_s3_with_commits_cut_short(
     page = build(config.output, tmp_path / "report.html", options, IcebergTable.of(config)).read_text()
     assert f"<td>{DAY1.isoformat()}</td>" in page and f"<td>{DAY2.isoformat()}</td>" in page
     assert page.count("data:image/jpeg;base64,") >= 4
+
+
+def test_an_orphans_age_comes_from_its_listing_and_an_unknown_one_is_new():
+    """S3's pages give `LastModified` (a datetime), a disk's listing `mtime` (seconds): a metadata file
+    whose age is unknown is never old enough to remove."""
+    from dinat_batch.pipeline import iceberg
+
+    written = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+    assert iceberg._modified({"LastModified": written}) == written.timestamp()
+    assert iceberg._modified({"mtime": 1_700_000_000.5}) == 1_700_000_000.5
+    assert iceberg._modified({}) >= time.time() - 1

@@ -73,11 +73,49 @@ def test_a_cell_cannot_reach_past_its_allowed_places_by_double_colons(tmp_path, 
         "s3://allowed/./x.jpg",
         "s3://other/../allowed/x.jpg",
         "s3://allowed//x.jpg",  # the key `/x.jpg` on S3, folded into `x.jpg` by some stores
-        "https://allowed/a/%2e%2e/x.jpg",  # decoded by the web client into a step up
     ],
 )
-def test_dot_segments_and_empty_names_lie_nowhere_but_on_a_disk(cell):
-    protocol = cell.split("://")[0]
+def test_dot_segments_and_empty_names_on_an_object_store_lie_nowhere(cell):
     assert resolve(cell, pattern=False).path.startswith("allowed/")
-    assert not inside([resolve(f"{protocol}://allowed")], cell)
-    assert inside([resolve(f"{protocol}://allowed")], f"{protocol}://allowed/a/x.jpg")
+    assert not inside([resolve("s3://allowed")], cell)
+    assert inside([resolve("s3://allowed")], "s3://allowed/a/x.jpg")
+
+
+@pytest.mark.parametrize(
+    "cell",
+    [
+        "https://host/in/%2e%2e/x.jpg",  # the client decodes it into a step up and takes it: /x.jpg
+        "https://host/in/..%2Fx.jpg",  # a name that decodes into a step up, for some servers
+        "https://host/in//x.jpg",
+    ],
+)
+def test_a_web_url_is_checked_as_its_client_sends_it(cell):
+    assert resolve(cell, pattern=False).path.startswith("host/in/")
+    assert not inside([resolve("https://host/in")], cell)
+    assert inside([resolve("https://host/in")], "https://host/in/x.jpg")
+
+
+@pytest.mark.parametrize(
+    "cell",
+    [
+        "https://allowed/a/my%20photo.jpg",
+        "https://allowed/a/Caf%C3%A9.jpg",
+        "https://allowed/a/x.jpg?X-Amz-Credential=AK%2F2026&X-Amz-Signature=ab",  # a presigned URL
+        "https://allowed/a/x.jpg?u=https://elsewhere/y.jpg",  # a query is not a path
+        "s3://allowed/a/my photo+1=2 Café.jpg",
+    ],
+)
+def test_encoded_and_unusual_names_in_an_allowed_place_are_inside(cell):
+    protocol = cell.split("://")[0]
+    assert inside([resolve(f"{protocol}://allowed/a")], cell)
+
+
+def test_a_glob_with_nothing_before_its_wildcard_is_the_working_folders(tmp_path, monkeypatch):
+    """Not a prefix of the folders beside it (`/tmp/rv*` would cover `/tmp/rv-secret/`)."""
+    (tmp_path / "rv").mkdir()
+    monkeypatch.chdir(tmp_path / "rv")
+    for pattern in ("*.jpg", "file:*.jpg", "local:*"):
+        assert resolve(pattern) == resolve(str(tmp_path / "rv")), pattern
+    assert not resolve("*.jpg").covers(resolve(str(tmp_path / "rv-secret" / "x.jpg")))
+    assert resolve(".*.jpg").covers(resolve(str(tmp_path / "rv" / ".hidden.jpg")))
+    assert not resolve(".*.jpg").covers(resolve(str(tmp_path / "rv" / "visible.jpg")))

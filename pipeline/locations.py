@@ -24,6 +24,7 @@ from fsspec.implementations.local import LocalFileSystem
 GLOB_CHARS = "*?["
 # spellings of one protocol; the canonical one is what fsspec registers
 _ALIASES = {"s3a": "s3", "s3n": "s3", "gcs": "gs", "local": "file", "abfss": "abfs", "az": "abfs"}
+_WEB = ("http", "https")
 # a URI scheme (RFC 3986) of two letters or more: `C://x` is a Windows drive, as fsspec reads it
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+")
 
@@ -99,9 +100,21 @@ def resolve(uri: str, pattern: bool = True) -> Location:
             path = os.path.join(os.path.realpath(os.path.dirname(prefix)), os.path.basename(prefix))
         else:
             path = os.path.realpath(prefix)
-    else:
-        path = posixpath.normpath("/" + prefix).lstrip("/")
-    return Location(protocol, path, partial)
+        return Location(protocol, path, partial)
+    sent = _sent(f"{protocol}://{prefix}") if protocol in _WEB else None
+    if sent is not None and sent.raw_host is not None:
+        prefix = sent.host_port_subcomponent + sent.raw_path
+    return Location(protocol, posixpath.normpath("/" + prefix).lstrip("/"), partial)
+
+
+def _sent(url: str) -> yarl.URL | None:
+    """A web URL as fsspec's HTTP filesystem sends it (yarl: the host lowercased, its default port,
+    userinfo, query and fragment no part of where it goes, `%2e%2e` decoded into a step up and taken), or
+    None where it cannot be sent."""
+    try:
+        return yarl.URL(url, encoded=False)
+    except ValueError:
+        return None
 
 
 def inside(places: Iterable[Location], uri: str) -> bool:
@@ -111,13 +124,17 @@ def inside(places: Iterable[Location], uri: str) -> bool:
     clients read them differently (kept in the key, folded, refused, or taken as a step up, over the
     bucket's name too). A web URL is checked as its client sends it (yarl, under fsspec's HTTP
     filesystem: `%2e%2e` decoded into a step up and taken), with no name that decodes into a `/`."""
-    where = resolve(uri, pattern=False)
-    if where.protocol in ("http", "https"):
-        sent = yarl.URL(uri, encoded=False)
+    try:
+        where = resolve(uri, pattern=False)
+    except ValueError:  # a NUL byte in a local path (realpath refuses it): nothing is opened there
+        return False
+    if where.protocol in _WEB:
+        sent = _sent(uri)
+        if sent is None or sent.raw_host is None:
+            return False
         names = [unquote(name) for name in sent.raw_path.split("/")[1:]]
         if any(name in ("", ".", "..") or "/" in name or "\\" in name for name in names):
             return False
-        where = resolve(str(sent), pattern=False)
     elif where.protocol != "file" and {"", ".", ".."} & set(split_protocol(uri)[1].split("/")):
         return False
     return any(place.covers(where) for place in places)

@@ -44,7 +44,27 @@ def filesystem(uri: str, storage_options: dict[str, Any]) -> tuple[fsspec.Abstra
     protocol = split_protocol(uri)[0] or "file"
     kind = fsspec.get_filesystem_class(protocol)
     options = {**kind._get_kwargs_from_urls(uri), **storage_options}
+    if protocol.lower() in _WEB:
+        # a redirect would take the read past the place `inside` checked (an allowed host's open
+        # redirect to the cloud's instance credentials): refused, unless the options ask for them
+        client = {"raise_for_status": _no_redirect, **options.get("client_kwargs", {})}
+        options = {"allow_redirects": False, **options, "client_kwargs": client}
     return fsspec.filesystem(protocol, **options), kind._strip_protocol(uri)
+
+
+class Redirected(OSError):
+    """A web server answered with a redirect, which reads do not follow."""
+
+
+async def _no_redirect(response) -> None:
+    if 300 <= response.status < 400:
+        raise Redirected("the server redirects elsewhere; not followed")
+
+
+def redirected(err: BaseException) -> bool:
+    """Whether a read failed on a refused redirect (fsspec raises FileNotFoundError from it when it was
+    asking for the size)."""
+    return isinstance(err, Redirected) or isinstance(err.__cause__, Redirected)
 
 
 def glob_prefix(pattern: str) -> str:

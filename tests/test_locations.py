@@ -1,6 +1,10 @@
 """URIs taken as one name: what `resolve` and `inside` place is what `filesystem` opens, with `::`, URLs
 inside keys and dot segments."""
 
+import functools
+import http.server
+import threading
+
 import pyarrow as pa
 import pytest
 from fsspec.implementations.local import LocalFileSystem
@@ -136,3 +140,39 @@ def test_a_glob_with_nothing_before_its_wildcard_is_the_working_folders(tmp_path
     assert not resolve("*.jpg").covers(resolve(str(tmp_path / "rv-secret" / "x.jpg")))
     assert resolve(".*.jpg").covers(resolve(str(tmp_path / "rv" / ".hidden.jpg")))
     assert not resolve(".*.jpg").covers(resolve(str(tmp_path / "rv" / "visible.jpg")))
+
+
+class _Redirecting(http.server.SimpleHTTPRequestHandler):
+    """A web server whose `/in/moved.jpg` redirects to `/secret.jpg`, outside `/in/`."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        if self.path == "/in/moved.jpg":
+            self.send_response(302)
+            self.send_header("Location", "/secret.jpg")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        super().do_GET()
+
+    do_HEAD = do_GET
+
+
+def test_a_redirect_out_of_an_allowed_web_place_is_not_followed(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "x.jpg").write_bytes(b"allowed")
+    (tmp_path / "secret.jpg").write_bytes(b"secret")
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_Redirecting, directory=tmp_path)
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        root = f"http://127.0.0.1:{server.server_address[1]}"
+        assert _fetched(f"{root}/in/x.jpg", f"{root}/in") == (b"allowed", None)
+        data, error = _fetched(f"{root}/in/moved.jpg", f"{root}/in")
+        assert data is None and error.startswith("ForbiddenURI") and "secret" not in error
+    finally:
+        server.shutdown()
+        server.server_close()

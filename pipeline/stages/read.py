@@ -33,6 +33,7 @@ from dinat_batch.pipeline.locations import (
     filesystem,
     glob_prefix,
     inside,
+    redirected,
     resolve,
     split_protocol,
 )
@@ -296,6 +297,10 @@ def _fetch(
         # without reading the rest (/dev/zero ends)
         data = read_object(fs, path, size, None if size is not None else rules.max_bytes + 1)
     except Exception as err:  # any failure to read is this image's row, not the run's end
+        if redirected(err):  # final, as a refusal: the same URL redirects the next time too
+            return None, error_text(
+                "ForbiddenURI", "the server redirects elsewhere, which may lie outside the places it may read"
+            )
         return None, read_error(uri, err)
     if len(data) > rules.max_bytes:
         return None, _too_large(len(data), rules.max_bytes)

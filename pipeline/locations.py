@@ -36,7 +36,9 @@ def split_protocol(uri: str) -> tuple[str | None, str]:
     return (head, rest) if separator and _SCHEME.fullmatch(head) else (None, uri)
 
 
-def filesystem(uri: str, storage_options: dict[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:
+def filesystem(
+    uri: str, storage_options: dict[str, Any], redirects: bool = False
+) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and path of `uri`, taken as one name. fsspec's own `url_to_fs` and `open` split a URI
     at `::` to chain filesystems: `s3://b/a::b/x.jpg` would open `b/a`, and a table's cell
     `s3://other/k.jpg::/../../allowed/x.jpg`, which `resolve` places under `allowed/`, would open
@@ -44,11 +46,11 @@ def filesystem(uri: str, storage_options: dict[str, Any]) -> tuple[fsspec.Abstra
     protocol = split_protocol(uri)[0] or "file"
     kind = fsspec.get_filesystem_class(protocol)
     options = {**kind._get_kwargs_from_urls(uri), **storage_options}
-    if protocol.lower() in _WEB:
+    if protocol.lower() in _WEB and not redirects:
         # a redirect would take the read past the place `inside` checked (an allowed host's open
-        # redirect to the cloud's instance credentials): refused, unless the options ask for them
-        client = {"raise_for_status": _no_redirect, **options.get("client_kwargs", {})}
-        options = {"allow_redirects": False, **options, "client_kwargs": client}
+        # redirect to the cloud's instance credentials): refused (`redirects` for URLs no list limits)
+        client = {**(options.get("client_kwargs") or {}), "raise_for_status": _no_redirect}
+        options = {**options, "allow_redirects": False, "client_kwargs": client}
     return fsspec.filesystem(protocol, **options), kind._strip_protocol(uri)
 
 

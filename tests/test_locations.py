@@ -9,7 +9,8 @@ import pyarrow as pa
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
-from dinat_batch.pipeline.locations import filesystem, inside, resolve, split_protocol
+from dinat_batch.pipeline.locations import filesystem, inside, redirected, resolve, split_protocol
+from dinat_batch.pipeline.objects import read_object
 from dinat_batch.pipeline.stages.read import LOCATED, ReadRules, read_objects
 
 
@@ -173,6 +174,14 @@ def test_a_redirect_out_of_an_allowed_web_place_is_not_followed(tmp_path):
         assert _fetched(f"{root}/in/x.jpg", f"{root}/in") == (b"allowed", None)
         data, error = _fetched(f"{root}/in/moved.jpg", f"{root}/in")
         assert data is None and error.startswith("ForbiddenURI") and "secret" not in error
+        # the user's own client options neither lift the refusal nor break it
+        for options in ({"client_kwargs": {"raise_for_status": True}}, {"client_kwargs": None}):
+            fs, path = filesystem(f"{root}/in/moved.jpg", options)
+            with pytest.raises(OSError) as raised:
+                read_object(fs, path)
+            assert redirected(raised.value)
+        fs, path = filesystem(f"{root}/in/moved.jpg", {}, redirects=True)  # `dinat-batch predict`
+        assert read_object(fs, path) == b"secret"
     finally:
         server.shutdown()
         server.server_close()

@@ -20,6 +20,7 @@ from dinat_batch.pipeline.errors import retryable_mask
 from dinat_batch.pipeline.output import Output, stale_record
 from dinat_batch.pipeline.ownership import Ownership, write_table
 from dinat_batch.pipeline.selection import FILE, TASK, each_group, table_files, without
+from dinat_batch.pipeline.stages.read import container_of
 
 
 @dataclass
@@ -30,8 +31,8 @@ class Resume:
 
 def source_of(key: str, by_container: bool) -> str:
     """The listed object a row's key came from: the key itself for an image file, the shard or table
-    before `#` for a container's rows."""
-    return key.split("#", 1)[0] if by_container else key
+    for a container's rows."""
+    return container_of(key) if by_container else key
 
 
 def _finished(batch: pa.Table, by_container: bool) -> pa.Table:

@@ -35,15 +35,18 @@ def test_shard_rows_finished_failed_and_gone(tmp_path, ray_session):
             "s3://b/1.tar#b": error_text("ImageDecodeError", "truncated"),  # final: kept
             "s3://b/2.tar#<unreadable from its start>": error_text("ReadError", "timed out"),  # read again
             "s3://b/3.tar#a": None,  # its shard is gone: stale
+            "s3://b/4#x.tar#a#1": None,  # a `#` in the shard's name and in the sample's: its shard's
         },
     )
     owner = Ownership("run", "sha", "run.1", out.identity)
-    kept = resume(out, chunks, listing("s3://b/1.tar", "s3://b/2.tar"), "webdataset", False, owner)
-    assert kept.resumed == 2
+    shards = listing("s3://b/1.tar", "s3://b/2.tar", "s3://b/4#x.tar")
+    kept = resume(out, chunks, shards, "webdataset", False, owner)
+    assert kept.resumed == 3
     assert sorted(row["key"] for row in kept.done.take_all()) == [
         "s3://b/1.tar#a",
         "s3://b/1.tar#b",
         "s3://b/3.tar#a",
+        "s3://b/4#x.tar#a#1",
     ]
     with open(stale_record(out.staging(owner.attempt), chunks[0]), "rb") as f:
         assert pq.read_table(f).column("key").to_pylist() == ["s3://b/3.tar#a"]

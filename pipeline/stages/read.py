@@ -12,6 +12,7 @@ top-level folders of a prefix in parallel Ray tasks rather than one object at a 
 from __future__ import annotations
 
 import math
+import re
 import tarfile
 from collections import Counter
 from collections.abc import Iterator
@@ -57,6 +58,14 @@ LISTING_TASKS = 64
 # image (`2024/ID/image.jpg`) the names would be per-image state in the driver.
 FOLDERS_PER_LEVEL = 1_000_000
 _KIND_EXTENSIONS = {"files": IMAGE_EXTENSIONS, "webdataset": (".tar",), "parquet": (".parquet",)}
+# a container's row key, `SHARD#sample` or `TABLE#row`: the container ends at the first `#` after its
+# extension, so that a `#` in its own URI stays in it
+_CONTAINER_KEY = re.compile(
+    "^(.*?(?:{}))#".format(
+        "|".join(re.escape(e) for k in ("webdataset", "parquet") for e in _KIND_EXTENSIONS[k])
+    ),
+    re.IGNORECASE,
+)
 DONE = "done"  # a listing column: the keys of a container that earlier attempts finished
 UNREADABLE = "<unreadable"  # the key of a shard's error row: `SHARD#<unreadable from its start>`, ...
 _ROWS_PER_BLOCK = 1024  # rows emitted at a time while expanding shards and tables
@@ -73,6 +82,12 @@ def _rows(keys: list[str], data: list[bytes | None], errors: list[str | None]) -
     return pa.table(
         [pa.array(keys, pa.string()), pa.array(data, pa.binary()), pa.array(errors, pa.string())], schema=ROWS
     )
+
+
+def container_of(key: str) -> str:
+    """The shard or table whose row `key` is (see `_CONTAINER_KEY`)."""
+    found = _CONTAINER_KEY.match(key)
+    return found.group(1) if found else key.split("#", 1)[0]
 
 
 def is_image_name(name: str) -> bool:

@@ -1,10 +1,6 @@
 """URIs taken as one name: what `resolve` and `inside` place is what `filesystem` opens, with `::`, URLs
 inside keys and dot segments."""
 
-import functools
-import http.server
-import threading
-
 import pyarrow as pa
 import pytest
 from fsspec.implementations.local import LocalFileSystem
@@ -12,6 +8,7 @@ from fsspec.implementations.local import LocalFileSystem
 from dinat_batch.pipeline.locations import filesystem, inside, redirected, resolve, split_protocol
 from dinat_batch.pipeline.objects import read_object
 from dinat_batch.pipeline.stages.read import LOCATED, ReadRules, read_objects
+from tests.web import QuietFiles, serving
 
 
 @pytest.mark.parametrize(
@@ -143,11 +140,8 @@ def test_a_glob_with_nothing_before_its_wildcard_is_the_working_folders(tmp_path
     assert not resolve(".*.jpg").covers(resolve(str(tmp_path / "rv" / "visible.jpg")))
 
 
-class _Redirecting(http.server.SimpleHTTPRequestHandler):
+class _Redirecting(QuietFiles):
     """A web server whose `/in/moved.jpg` redirects to `/secret.jpg`, outside `/in/`."""
-
-    def log_message(self, *args):
-        pass
 
     def do_GET(self):
         if self.path == "/in/moved.jpg":
@@ -165,12 +159,7 @@ def test_a_redirect_out_of_an_allowed_web_place_is_not_followed(tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "x.jpg").write_bytes(b"allowed")
     (tmp_path / "secret.jpg").write_bytes(b"secret")
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(_Redirecting, directory=tmp_path)
-    )
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        root = f"http://127.0.0.1:{server.server_address[1]}"
+    with serving(tmp_path, _Redirecting) as root:
         assert _fetched(f"{root}/in/x.jpg", f"{root}/in") == (b"allowed", None)
         data, error = _fetched(f"{root}/in/moved.jpg", f"{root}/in")
         assert data is None and error.startswith("ForbiddenURI") and "secret" not in error
@@ -182,6 +171,3 @@ def test_a_redirect_out_of_an_allowed_web_place_is_not_followed(tmp_path):
             assert redirected(raised.value)
         fs, path = filesystem(f"{root}/in/moved.jpg", {}, redirects=True)  # `dinat-batch predict`
         assert read_object(fs, path) == b"secret"
-    finally:
-        server.shutdown()
-        server.server_close()

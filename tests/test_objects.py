@@ -1,14 +1,11 @@
 """An object read whole or up to a limit: on the S3 server in one GET, empty ones included; on a disk and
 a web server as fsspec reads them, the limit kept."""
 
-import functools
-import http.server
-import threading
-
 import fsspec
 import pytest
 
 from dinat_batch.pipeline.objects import read_object
+from tests.web import serving
 
 
 def test_an_object_is_one_get(object_store, s3_requests):
@@ -29,25 +26,12 @@ def test_an_object_is_one_get(object_store, s3_requests):
     assert s3_requests[5:] == ["get_object"]
 
 
-class _Files(http.server.SimpleHTTPRequestHandler):
-    """A web server that answers every GET whole, as if it had never heard of ranges."""
-
-    def log_message(self, *args):
-        pass
-
-
 def test_a_limit_holds_on_a_web_server_that_ignores_ranges(tmp_path):
     """fsspec's HTTP filesystem reads a whole answer whatever range it asked for: the limit is read
     through a file."""
     (tmp_path / "big.jpg").write_bytes(b"x" * 1_000_000)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Files, directory=tmp_path))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/big.jpg"
-        assert read_object(fsspec.filesystem("http"), url, limit=11) == b"x" * 11
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(tmp_path) as root:
+        assert read_object(fsspec.filesystem("http"), f"{root}/big.jpg", limit=11) == b"x" * 11
 
 
 def test_a_file_on_disk_too(tmp_path):

@@ -9,6 +9,8 @@
 #   bash benchmarks/device_checks.sh                      # every step
 #   bash benchmarks/device_checks.sh gpu-tests pipeline   # some, in the order given
 #   PIPELINE_RUNS=cpu,base bash benchmarks/device_checks.sh pipeline   # some of gpu.py's pipeline runs
+#   PIPELINE_CORES=8 bash benchmarks/device_checks.sh pipeline          # as a node of 8 CPUs per GPU
+#   KERNEL_CASES="7x7 or 9x21" bash benchmarks/device_checks.sh kernel-tests  # some shapes (pytest -k)
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit
 OUT=${OUT:-/tmp/device-checks}
@@ -30,7 +32,7 @@ step() {
 nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.max.sm,driver_version --format=csv
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
 # limits from the first lease (2026-11-30): the GPU tests ~40 s plus ~10 s per kernel case (flex
-# compiles), an eager model row a few seconds, a pipeline run ~40 s; compiled rows run only where
+# compiles), an eager model row a few seconds, a pipeline run ~30-40 s (eight fit in the step); compiled rows run only where
 # `compile: auto` compiles (a failing compile took ~50 s on torch 2.11)
 run_step() {
     case $1 in
@@ -38,7 +40,8 @@ run_step() {
         -k "not every_backend" ;;
     pipeline)
         touch /tmp/before-pipeline
-        step 300 pipeline python3 benchmarks/gpu.py --only pipeline --record ${PIPELINE_RUNS:+--pipeline-runs "$PIPELINE_RUNS"}
+        step 330 pipeline python3 benchmarks/gpu.py --only pipeline --record ${PIPELINE_RUNS:+--pipeline-runs "$PIPELINE_RUNS"} \
+            ${PIPELINE_CORES:+--cores "$PIPELINE_CORES"}
         # Ray Data's executor logs in full (gpu.py prints a summary of each run's)
         for session in $(find /tmp/ray -maxdepth 1 -name 'session_2*' -newer /tmp/before-pipeline); do
             tar -C "$session/logs" -czf "$OUT/ray-data-$(basename "$session").tar.gz" ray-data
@@ -47,7 +50,7 @@ run_step() {
     decode) step 30 decode python3 benchmarks/gpu.py --only decode --record ;;
     accuracy) step 30 accuracy python3 benchmarks/gpu.py --only accuracy --record ;;
     kernel-tests) step 150 kernel-tests python3 -m pytest -v -rA --tb=short -p no:cacheprovider \
-        tests/test_gpu.py -k every_backend ;;
+        tests/test_gpu.py -k "every_backend${KERNEL_CASES:+ and ($KERNEL_CASES)}" ;;
     kernels) step 60 kernels python3 benchmarks/gpu.py --only kernels --record ;;
     *) echo "no step $1" && failed+=("$1") ;;
     esac

@@ -236,11 +236,21 @@ PIPELINE_RUNS = {
         {"decode": "cpu"},
         lambda: mock.patch.object(infer, "CALLS_PER_ACTOR", 1),
     ),
-    "gpu": ("decode on the GPU", MINI, {"decode": "auto"}, contextlib.nullcontext),
+    "gpu": ("decode on the GPU", MINI, {"decode": "gpu", "device_decode_share": 1.0}, contextlib.nullcontext),
+    "share": ("as shipped (decode: auto)", MINI, {"decode": "auto"}, contextlib.nullcontext),
     "base": ("decode on CPU", BASE, {"decode": "cpu"}, contextlib.nullcontext),
+    "base-share": ("as shipped (decode: auto)", BASE, {"decode": "auto"}, contextlib.nullcontext),
+} | {
+    f"share-{share}": (
+        f"{share:.0%} decoded on the GPU",
+        MINI,
+        {"device_decode_share": share},
+        contextlib.nullcontext,
+    )
+    for share in (0.1, 0.15, 0.25, 0.4, 0.5)
 }
 # the first run of a Ray also starts its workers: the shipped run comes again after it
-DEFAULT_RUNS = {"cuda": "cpu,cpu-one-call,cpu,gpu,base", "cpu": "cpu"}
+DEFAULT_RUNS = {"cuda": "cpu,cpu,share,gpu,base,base-share", "cpu": "cpu"}
 
 
 def pipeline_table(
@@ -249,7 +259,7 @@ def pipeline_table(
     data = photos(images)
     lines = [
         f"#### pipeline end to end, {images} JPEGs 500x375 from {store}, batch {batch or 'auto'}, {dtype}, "
-        f"compile {compile}, {os.cpu_count()} CPU cores",
+        f"compile {compile}, {len(os.sched_getaffinity(0))} CPU cores",
         "",
         "| model | measured | images/s while the actors ran | x bare | after listing | whole call | GPU utilisation |",
         "|---|---|---|---|---|---|---|",
@@ -318,8 +328,16 @@ def main() -> None:
         help=f"comma-separated, in order, of {', '.join(PIPELINE_RUNS)} (default: {DEFAULT_RUNS['cuda']} on a "
         "GPU)",
     )
+    parser.add_argument(
+        "--cores",
+        type=int,
+        help="run on this many of the machine's cores (this process, Ray and its workers), as a node with "
+        "fewer CPUs per GPU would",
+    )
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
+    if args.cores:
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cores])  # Ray's processes inherit it
     warnings.filterwarnings("ignore")
     logging.basicConfig(format="%(name)s: %(message)s")
     logging.getLogger(runtime.__name__).setLevel(logging.DEBUG)  # a compile that fails shows where

@@ -92,7 +92,7 @@ def pipeline_runs(
     store: str = "s3",
 ) -> Iterator[Measured]:
     """Runs each `(config, setting)` on the same inputs in SeaweedFS (`s3`) or a local folder (`local`), one
-    local Ray with every core for all of them, each into an output of its own; `setting()` is a context
+    local Ray with every core this process may use, for all of them, each into an output of its own; `setting()` is a context
     manager that the run happens inside (what a variant changes in this process). Yields each run's
     measures as it ends."""
     import pyarrow.compute as pc
@@ -127,7 +127,7 @@ def pipeline_runs(
                 (root / "images" / f"{i:06d}.jpg").write_bytes(d)
             where = {"input": str(root / "images")}
             output_root = str(root / "out")
-        ray.init(include_dashboard=False, logging_level="ERROR", num_cpus=os.cpu_count())
+        ray.init(include_dashboard=False, logging_level="ERROR", num_cpus=len(os.sched_getaffinity(0)))
         stack.callback(ray.shutdown)
         for n, (config, setting) in enumerate(configs):
             output = f"{output_root}/{n}"

@@ -133,6 +133,14 @@ class RunConfig(BaseModel):
     decode: Literal["auto", "cpu", "gpu"] = Field(
         "auto", description="where JPEGs are decoded; auto: on the GPU when the actors have one and nvJPEG"
     )
+    device_decode_share: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="with decoding on the GPU: the share of JPEGs it decodes, chosen by key; the CPU tasks "
+        "decode the rest. Default: all with decode: gpu; with auto, what the cluster's CPUs cannot decode "
+        "(none at 11 or more CPUs per GPU, a quarter at 8)",
+    )
     cpu_threads: int | None = Field(None, ge=1, description="torch threads per CPU actor; default: all cores")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="larger declared images are decode errors")
     max_bytes_per_image: int = Field(

@@ -34,6 +34,11 @@ logger = logging.getLogger(__name__)
 DECODE_BUDGET = 2**30
 # per source pixel at that peak: RGB as decoded (3 bytes), stacked by size (3) and as float to resize (12)
 PEAK_BYTES_PER_PIXEL = 18
+# CPUs per GPU that decode JPEGs as fast as an H200 runs dinat-mini, the fastest DiNAT; fewer leave it a
+# share to decode with nvJPEG, whose time on the GPU the model loses. Fitted to the third lease's runs
+# (benchmarks/RESULTS.md): the CPUs alone gave 0.98 of the bare rate at 16 CPUs and 0.95 at 12, more than
+# any share of nvJPEG (0.83 at 12 with 10%); at 8, a quarter on the GPU gave 0.88, the CPUs alone 0.51.
+CPUS_PER_GPU = 11
 
 
 def unsupported(config: PreprocessConfig, device: str) -> str | None:
@@ -47,6 +52,14 @@ def unsupported(config: PreprocessConfig, device: str) -> str | None:
             "equivalent (bilinear and bicubic have)"
         )
     return None
+
+
+def default_share(cpus: float, gpus: float) -> float:
+    """The share of JPEGs sent to the GPUs by default (`decode: auto`): what the cluster's CPUs would not
+    decode at the rate the GPUs infer, taking `CPUS_PER_GPU` CPUs to keep a GPU fed. nvJPEG's decoding
+    takes the GPU's time from the model, so a cluster with enough CPUs decodes everything on them; one
+    that has no GPU yet (an autoscaler's) too."""
+    return max(0.0, 1 - cpus / (gpus * CPUS_PER_GPU)) if gpus else 0.0
 
 
 def bisected(decode_many: Callable[[list], list], items: list) -> list:

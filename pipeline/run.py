@@ -26,7 +26,7 @@ from pydantic import BaseModel
 from ray.data.exceptions import ExecutionTimeoutError
 
 from dinat_batch.pipeline.config import BUILTIN_RESOURCES, ConfigError, RunConfig
-from dinat_batch.pipeline.gpu_decoding import unsupported
+from dinat_batch.pipeline.gpu_decoding import default_share, unsupported
 from dinat_batch.pipeline.iceberg import IcebergTable
 from dinat_batch.pipeline.lease import Lease
 from dinat_batch.pipeline.locations import resolve
@@ -58,7 +58,8 @@ class RunSummary(BaseModel):
     model: str
     model_sha256: str
     device: str
-    decode: str  # where JPEGs were decoded: cpu or gpu
+    decode: str  # where JPEGs were decoded: cpu, or gpu for a share of them
+    device_decode_share: float  # the share of JPEGs decoded on the GPU
     images: int
     resumed: int  # rows kept from earlier attempts that died before their marker
     ok: int
@@ -89,7 +90,7 @@ class Plan:
     model_sha256: str
     num_features: int
     actors: Actors
-    jpegs_to_device: bool
+    device_share: float  # of the JPEGs, decoded by the GPU actors; 0: every image decoded on the CPU
     started_at: datetime
     listing_seconds: float
     guard: StallGuard  # the stall guard it is carried out under: the stages add an actor's node to its needs
@@ -114,12 +115,19 @@ def _actors(config: RunConfig) -> Actors:
     return Actors(device, num_gpus, min_size, max_size, dict(config.actor_resources))
 
 
-def _decode_on_device(config: RunConfig, device: str, preprocessing: PreprocessConfig) -> bool:
-    """Whether the CPU stage sends JPEGs on to be decoded by the GPU actors."""
+def _device_share(
+    config: RunConfig, device: str, preprocessing: PreprocessConfig, resources: dict[str, float]
+) -> float:
+    """The share of JPEGs the CPU stage sends on to be decoded by the GPU actors, on a cluster of
+    `resources` (Ray's totals)."""
     reason = unsupported(preprocessing, device)
     if config.decode == "gpu" and reason is not None:
         raise ConfigError(f"decode: gpu cannot run here: {reason}. Set decode to auto or cpu (--decode)")
-    return config.decode != "cpu" and reason is None
+    if config.decode == "cpu" or reason is not None:
+        return 0.0
+    if config.device_decode_share is not None:
+        return config.device_decode_share
+    return 1.0 if config.decode == "gpu" else default_share(resources.get("CPU", 0), resources.get("GPU", 0))
 
 
 @contextmanager
@@ -214,7 +222,7 @@ def plan(config: RunConfig, run_id: str, model: CheckedModel, guard: StallGuard)
             ", ".join(undeclared),
             config.stall_timeout,
         )
-    jpegs_to_device = _decode_on_device(config, actors.device, preprocessing)
+    device_share = _device_share(config, actors.device, preprocessing, ray.cluster_resources())
     t0 = time.monotonic()
     listing = read.list_objects(config.input, config.storage_options)
     kind, listing = read.choose_kind(config, listing)
@@ -230,7 +238,7 @@ def plan(config: RunConfig, run_id: str, model: CheckedModel, guard: StallGuard)
         model.sha256,
         model.num_features,
         actors,
-        jpegs_to_device,
+        device_share,
         model.started_at,
         round(time.monotonic() - t0, 3),
         guard,
@@ -278,7 +286,8 @@ def execute(
         model=config.model,
         model_sha256=plan.model_sha256,
         device=plan.actors.device,
-        decode="gpu" if plan.jpegs_to_device else "cpu",
+        decode="gpu" if plan.device_share else "cpu",
+        device_decode_share=plan.device_share,
         images=images,
         resumed=kept.resumed,
         ok=compacted.ok,
@@ -480,11 +489,11 @@ def _execute(
     that earlier attempts finished."""
     config = plan.config
     records = output.ray_target(output.sources(plan.attempt))
-    settings = ActorSettings.of(config, plan.run_id, plan.actors.device, plan.jpegs_to_device)
+    settings = ActorSettings.of(config, plan.run_id, plan.actors.device, plan.device_share > 0)
     done = kept.done if kept else None
     image_bytes = plan.preprocessing.height * plan.preprocessing.width * 3
     rows = read.dataset(plan.kind, listing, config, done, records, infer.call_batch(settings), image_bytes)
-    decoded = decode.apply(rows, plan.preprocessing, config.max_pixels, plan.jpegs_to_device)
+    decoded = decode.apply(rows, plan.preprocessing, config.max_pixels, plan.device_share)
     predicted = infer.apply(decoded, settings, plan.actors)
     folder, filesystem = output.ray_target(output.staging(plan.attempt))
     # Ray Data's own guard against an execution without progress, read from the written dataset's context

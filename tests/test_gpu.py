@@ -105,7 +105,7 @@ def test_the_actor_decodes_jpegs_on_the_gpu_with_the_same_rows(tiny_model):
         )
     )
     config = PreprocessConfig(size=64)
-    on_gpu = actor(decode_batch(batch, config, MAX_PIXELS, jpegs_to_device=True)).to_pylist()
+    on_gpu = actor(decode_batch(batch, config, MAX_PIXELS, device_share=1.0)).to_pylist()
     on_cpu = actor(decode_batch(batch, config, MAX_PIXELS)).to_pylist()
     for near, far in zip(on_gpu, on_cpu, strict=True):
         assert (near["status"], near["width"], near["height"]) == (far["status"], far["width"], far["height"])
@@ -135,11 +135,12 @@ class CountingPredictor(Predictor):
         )
 
 
-def test_the_default_gpu_path_through_a_ray_actor(tiny_model, ray_session):
+@pytest.mark.parametrize("share", [1.0, 0.5])
+def test_the_default_gpu_path_through_a_ray_actor(tiny_model, ray_session, share):
     """What users get by default on a GPU: CUDA graphs where `auto` compiles (torch >= 2.13) and nvJPEG
-    decoding (when the actor has it) in a real Ray Data actor, built on one thread and called on others;
-    rows against float32 eager on the CPU; one compilation per actor there (none before 2.13); memory flat
-    over the batches."""
+    decoding (when the actor has it) in a real Ray Data actor, built on one thread and called on others,
+    for all JPEGs or a share (batches then mix JPEG bytes and pixels); rows against float32 eager on the
+    CPU; one compilation per actor there (none before 2.13); memory flat over the batches."""
     import ray
 
     from dinat_batch.pipeline.stages import decode
@@ -153,7 +154,7 @@ def test_the_default_gpu_path_through_a_ray_actor(tiny_model, ray_session):
     settings = ActorSettings(
         model=str(tiny_model), run_id="gpu", top_k=3, device="cuda", batch_size=8, jpegs_to_device=True
     )
-    decoded = decode.apply(rows, PreprocessConfig(size=64), MAX_PIXELS, jpegs_to_device=True)
+    decoded = decode.apply(rows, PreprocessConfig(size=64), MAX_PIXELS, device_share=share)
     out = decoded.map_batches(
         CountingPredictor,
         fn_constructor_kwargs={"settings": settings},
@@ -169,8 +170,8 @@ def test_the_default_gpu_path_through_a_ray_actor(tiny_model, ray_session):
     expected = direct_predictions(tiny_model, good, top_k=3)
     for key, (ids, scores, embedding) in expected.items():
         row = by_key[key]
-        # random weights leave near ties (a gap of 3e-4 measured on CPU) that nvJPEG's rounding may flip
-        assert row["label_ids"][0] == ids[0] or scores[0] - scores[1] < 1e-3, key
+        # random weights leave near ties that nvJPEG's pixels may flip: a gap of 1.2e-3 flipped on an H200
+        assert row["label_ids"][0] == ids[0] or scores[0] - scores[1] < 5e-3, key
         # nvJPEG's pixels (see the test above), float32 both ways: 0.99898 at the worst on an H200
         assert cosine(np.array(row["embedding"]), embedding) >= 0.998, key
     # graphs recorded once, on the actor's device thread, where `auto` compiles (torch >= 2.13)

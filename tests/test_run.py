@@ -295,7 +295,7 @@ def test_jpeg_bytes_sent_on_to_the_actors_give_the_same_rows(tmp_path, tiny_mode
         for uri in place.put({n: d for n, (d, _) in broken.items()}, "images")
     }
     summary, table = run_on(place, tiny_model, "images", decode="gpu")
-    assert summary.decode == "gpu" and summary.device == "cpu"
+    assert (summary.decode, summary.device_decode_share, summary.device) == ("gpu", 1.0, "cpu")
     check_table(table, good, errors, tiny_model)
 
 

@@ -1,6 +1,9 @@
 """The stages' declared contracts against what they really give, and the chain they form."""
 
 import itertools
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -33,7 +36,7 @@ def test_the_decode_stage_gives_what_it_declares():
     rows = raw_rows()
     on_cpu = decode_batch(rows, TINY_INPUT, MAX_PIXELS)
     assert set(on_cpu) == set(decode.STAGE.produces)
-    routed = decode_batch(rows, TINY_INPUT, MAX_PIXELS, jpegs_to_device=True)
+    routed = decode_batch(rows, TINY_INPUT, MAX_PIXELS, device_share=1.0)
     assert set(routed) == set(decode.STAGE.produces) | set(decode.STAGE.may_produce)
     assert list(on_cpu["error"]) == [None, None, "x: y"]
 
@@ -57,13 +60,47 @@ def test_the_output_columns_are_declared_once():
 def test_rows_carry_either_their_jpeg_or_their_pixels():
     rows = raw_rows()
     on_cpu = decode_batch(rows, TINY_INPUT, MAX_PIXELS)
-    routed = decode_batch(rows, TINY_INPUT, MAX_PIXELS, jpegs_to_device=True)
+    routed = decode_batch(rows, TINY_INPUT, MAX_PIXELS, device_share=1.0)
     assert routed["data"][0] is not None and routed["pixels"][0] == b""  # the JPEG goes on as bytes
     assert routed["data"][1] is None  # the PNG as pixels, the same as on the CPU route
     png = np.array([False, True, False])
     size = (TINY_INPUT.height, TINY_INPUT.width)
     np.testing.assert_array_equal(host_pixels(routed["pixels"], png, size), on_cpu["pixels"][png])
     np.testing.assert_array_equal(host_pixels(on_cpu["pixels"], png, size), on_cpu["pixels"][png])
+
+
+def test_a_device_share_sends_that_share_of_the_jpegs_and_decodes_the_rest():
+    names = [f"{i}.jpg" for i in range(40)]
+    table = read._rows(names, [photo(i) for i in range(40)], [None] * 40)
+    rows = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.schema.names}
+    on_cpu = decode_batch(rows, TINY_INPUT, MAX_PIXELS)
+    mixed = decode_batch(rows, TINY_INPUT, MAX_PIXELS, device_share=0.5)
+    sent = np.array([data is not None for data in mixed["data"]])
+    assert list(sent) == [decode.to_device(name, 0.5) for name in names] and 10 < sent.sum() < 30
+    assert all(pixels == b"" for pixels in mixed["pixels"][sent])
+    size = (TINY_INPUT.height, TINY_INPUT.width)
+    np.testing.assert_array_equal(host_pixels(mixed["pixels"], ~sent, size), on_cpu["pixels"][~sent])
+    assert list(mixed["width"]) == list(on_cpu["width"]) and list(mixed["error"]) == [None] * 40
+
+
+def test_the_share_is_chosen_by_key_alike_in_every_process():
+    keys = [f"s3://bucket/day/{i}.jpg" for i in range(20_000)]
+    assert 0.24 < sum(decode.to_device(key, 0.25) for key in keys) / len(keys) < 0.26
+    assert not any(decode.to_device(key, 0.0) for key in keys)
+    assert all(decode.to_device(key, 1.0) for key in keys)
+    # a Ray worker has its own hash seed: a rerun must still decode each image where it did before
+    script = (
+        "import sys; from dinat_batch.pipeline.stages.decode import to_device; "
+        "print([to_device(key, 0.25) for key in sys.argv[1:]])"
+    )
+    elsewhere = subprocess.run(
+        [sys.executable, "-c", script, *keys[:200]],
+        env=os.environ | {"PYTHONHASHSEED": "12345"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert elsewhere.stdout.strip() == str([decode.to_device(key, 0.25) for key in keys[:200]])
 
 
 def test_chunk_groups_fill_up_to_the_rows_in_order_and_a_larger_chunk_goes_alone():

@@ -1,9 +1,11 @@
 """The CPU decoding stage: encoded bytes -> uint8 pixels at the model's size, in Ray tasks beside the
-inference actors. Every row comes out, failed ones as error rows; with `jpegs_to_device` the JPEGs a GPU
-decoder takes are passed on as bytes for the actor to decode (`pipeline/gpu_decoding.py`).
+inference actors. Every row comes out, failed ones as error rows; with a `device_share` a share of the
+JPEGs a GPU decoder takes are passed on as bytes for the actor to decode (`pipeline/gpu_decoding.py`).
 """
 
 from __future__ import annotations
+
+import zlib
 
 import numpy as np
 import ray
@@ -18,21 +20,28 @@ STAGE = Stage(
     consumes=("key", "data", "error"),
     produces=("key", "pixels", "width", "height", "error"),
     resources=CPU_TASK,
-    may_produce=("data", "orientation"),  # with jpegs_to_device
+    may_produce=("data", "orientation"),  # with a device share
 )
 BATCH = 16  # images per decode task call: small enough to spread over cores, big enough to amortise
 
 
+def to_device(key: str, share: float) -> bool:
+    """Whether the image `key` is among the `share` of JPEGs decoded on the GPU. Chosen by a hash of the
+    key, not at random, so that a rerun decodes each image where it did before (the two decoders' pixels
+    differ by a few levels)."""
+    return share >= 1 or zlib.crc32(key.encode()) < share * 2**32
+
+
 def decode_batch(
-    batch: dict[str, np.ndarray], config: PreprocessConfig, max_pixels: int, jpegs_to_device: bool = False
+    batch: dict[str, np.ndarray], config: PreprocessConfig, max_pixels: int, device_share: float = 0.0
 ) -> dict[str, np.ndarray]:
     """`(key, data, error)` rows -> `(key, pixels, width, height, error)`: `pixels` uint8 [n, height, width,
     3] at the model's size.
 
     Rows that fail keep their place with zero pixels, size 0 and the error text, so every image reaches
-    the output as exactly one row. With `jpegs_to_device`, JPEGs that a GPU decoder takes are only looked
-    at: they keep their bytes in a `data` column (None for the others) and their EXIF orientation in an
-    `orientation` column, and are decoded next to the model. Each row then carries either its JPEG or its
+    the output as exactly one row. With a `device_share`, that share of the JPEGs a GPU decoder takes
+    (`to_device`) are only looked at: they keep their bytes in a `data` column (None for the others) and
+    their EXIF orientation in an `orientation` column, and are decoded next to the model. Each row then carries either its JPEG or its
     pixels, not both: `pixels` holds each row's pixel bytes (see `host_pixels`), empty for rows sent on as
     JPEG and for errors, so that ~150 KB of zeros per JPEG do not travel through the object store."""
     keys, datas, errors = batch["key"], batch["data"], error_column(batch["error"])
@@ -44,7 +53,9 @@ def decode_batch(
         if errors[i] is not None:
             continue
         data = bytes(data) if data is not None else b""
-        header = device_decodable(data, max_pixels) if jpegs_to_device else None
+        header = (
+            device_decodable(data, max_pixels) if device_share and to_device(keys[i], device_share) else None
+        )
         if header is not None:
             passed[i] = data
             sizes[i] = header.width, header.height
@@ -55,7 +66,7 @@ def decode_batch(
             sizes[i] = width, height
         except ImageDecodeError as err:
             errors[i] = err.text()
-    if jpegs_to_device:
+    if device_share:
         # an object array: numpy's fixed-width bytes would drop each row's trailing zero bytes
         decoded = [e is None and p is None for e, p in zip(errors, passed, strict=True)]
         as_bytes = [p.tobytes() if row else b"" for p, row in zip(pixels, decoded, strict=True)]
@@ -68,12 +79,12 @@ def decode_batch(
         "height": sizes[:, 1],
         "error": np.array(errors, dtype=object),
     }
-    return decoded | {"data": passed, "orientation": orientations} if jpegs_to_device else decoded
+    return decoded | {"data": passed, "orientation": orientations} if device_share else decoded
 
 
 def host_pixels(column: np.ndarray, rows: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """The pixels of `rows` (a boolean mask) as uint8 [n, height, width, 3], from either form of the
-    `pixels` column: an array of pixels, or per row the bytes of one (`jpegs_to_device`)."""
+    `pixels` column: an array of pixels, or per row the bytes of one (with a device share)."""
     if column.dtype != object:
         # all rows valid is the common case: no copy of ~150 KB per image then (torch.from_numpy wants a
         # writable array)
@@ -86,12 +97,12 @@ def host_pixels(column: np.ndarray, rows: np.ndarray, size: tuple[int, int]) -> 
 
 
 def apply(
-    dataset: ray.data.Dataset, config: PreprocessConfig, max_pixels: int, jpegs_to_device: bool
+    dataset: ray.data.Dataset, config: PreprocessConfig, max_pixels: int, device_share: float
 ) -> ray.data.Dataset:
     return dataset.map_batches(
         decode_batch,
         batch_size=BATCH,
         batch_format="numpy",
         **STAGE.resources,
-        fn_kwargs={"config": config, "max_pixels": max_pixels, "jpegs_to_device": jpegs_to_device},
+        fn_kwargs={"config": config, "max_pixels": max_pixels, "device_share": device_share},
     )

@@ -40,8 +40,8 @@ run_step() {
         -k "not every_backend" ;;
     pipeline)
         touch /tmp/before-pipeline
-        step 330 pipeline python3 benchmarks/gpu.py --only pipeline --record ${PIPELINE_RUNS:+--pipeline-runs "$PIPELINE_RUNS"} \
-            ${PIPELINE_CORES:+--cores "$PIPELINE_CORES"}
+        step 330 pipeline python3 benchmarks/gpu.py --only pipeline --record \
+            ${PIPELINE_RUNS:+--pipeline-runs "$PIPELINE_RUNS"} ${PIPELINE_CORES:+--cores "$PIPELINE_CORES"}
         # Ray Data's executor logs in full (gpu.py prints a summary of each run's)
         for session in $(find /tmp/ray -maxdepth 1 -name 'session_2*' -newer /tmp/before-pipeline); do
             tar -C "$session/logs" -czf "$OUT/ray-data-$(basename "$session").tar.gz" ray-data

@@ -80,7 +80,7 @@ class Measured(NamedTuple):
     whole: float  # images/s over the whole run() call
     after_listing: float  # images/s after listing, as the run summary reports
     actors: float  # images/s while the actors made rows: from their first batch's rows to their last
-    decode: str  # where JPEGs were decoded
+    decode: str  # where JPEGs were decoded: cpu, gpu, or gpu with the share it decoded
     first_row: float  # seconds from the call to the first row the actors made: the run's fixed cost
     stages: str  # what Ray Data's executor logged of each stage during the run (see `stage_log`)
 
@@ -154,7 +154,9 @@ def pipeline_runs(
                 len(data) / wall,
                 summary.images_per_second,
                 after_first / span if span > 0 else float("nan"),
-                summary.decode,
+                f"{summary.decode}, {summary.device_decode_share:.0%}"
+                if 0 < summary.device_decode_share < 1
+                else summary.decode,
                 (times[0][0] - called).total_seconds(),
                 stage_log(start_time=called.timestamp()),
             )

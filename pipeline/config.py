@@ -131,15 +131,17 @@ class RunConfig(BaseModel):
         description="torch.compile the model (graphs: with CUDA graphs); auto: graphs on a GPU with torch >= 2.13",
     )
     decode: Literal["auto", "cpu", "gpu"] = Field(
-        "auto", description="where JPEGs are decoded; auto: on the GPU when the actors have one and nvJPEG"
+        "auto",
+        description="where JPEGs are decoded: cpu, gpu (nvJPEG in the actors) or auto: on the CPUs, with "
+        "a share on the GPU where the cluster has few CPUs per GPU (device_decode_share)",
     )
     device_decode_share: float | None = Field(
         None,
         ge=0,
         le=1,
-        description="with decoding on the GPU: the share of JPEGs it decodes, chosen by key; the CPU tasks "
-        "decode the rest. Default: all with decode: gpu; with auto, what the cluster's CPUs cannot decode "
-        "(none at 11 or more CPUs per GPU, a quarter at 8)",
+        description="the share of JPEGs the GPU actors decode, chosen by key; the CPU tasks decode the rest. "
+        "Default: all with decode: gpu; with auto, 1 - CPUs / (11 x GPUs): none at 11 or more CPUs per GPU, "
+        "a quarter at 8 (fitted on 500 x 375 JPEGs; larger photos cost the CPUs more)",
     )
     cpu_threads: int | None = Field(None, ge=1, description="torch threads per CPU actor; default: all cores")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="larger declared images are decode errors")
@@ -224,6 +226,20 @@ class RunConfig(BaseModel):
             raise ValueError(
                 f"the input {self.input!r} lies inside the output {self.output!r} ({source} is under "
                 f"{target}): --overwrite would delete it. Choose an output beside the input, not above it"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _decode_share_applies(self) -> RunConfig:
+        if self.device_decode_share is not None and self.decode == "cpu":
+            raise ValueError(
+                "device_decode_share is for decode auto or gpu: decode cpu decodes every image on the CPUs. "
+                "Remove the share, or set decode to auto or gpu"
+            )
+        if self.device_decode_share == 0 and self.decode == "gpu":
+            raise ValueError(
+                "decode gpu with device_decode_share 0 would decode nothing on the GPU: set decode to cpu, "
+                "or the share above 0"
             )
         return self
 

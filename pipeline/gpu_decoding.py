@@ -1,8 +1,9 @@
 """Decoding next to the model: JPEGs decoded by nvJPEG on the GPU, oriented and resized there, so that their
-pixels never cross to the host and the CPU workers only read headers.
+pixels never cross to the host and the CPU workers only read their headers.
 
-The CPU stage (`pipeline/stages/decode.py`) only reads the headers of JPEGs (`images.device_decodable`) and sends on
-the bytes of those a GPU decoder takes; everything else arrives decoded. Whatever nvJPEG still rejects is
+The CPU stage (`pipeline/stages/decode.py`) reads the headers of the share of JPEGs the plan sends to the
+GPU (`run._device_share`; by default `default_share`: where the cluster has few CPUs per GPU) and sends
+on the bytes of those a GPU decoder takes (`images.device_decodable`); everything else arrives decoded. Whatever nvJPEG still rejects is
 decoded here by the CPU path, one image at a time, so one bad image never fails a batch. The pixels differ
 from the CPU path's by ~2 levels of 255 on average and by up to ~60 at sharp colour edges (measured on an
 H200: nvJPEG decodes differently from libjpeg-turbo; the resize adds ~0.2), and go through the same
@@ -34,10 +35,11 @@ logger = logging.getLogger(__name__)
 DECODE_BUDGET = 2**30
 # per source pixel at that peak: RGB as decoded (3 bytes), stacked by size (3) and as float to resize (12)
 PEAK_BYTES_PER_PIXEL = 18
-# CPUs per GPU that decode JPEGs as fast as an H200 runs dinat-mini, the fastest DiNAT; fewer leave it a
-# share to decode with nvJPEG, whose time on the GPU the model loses. Fitted to the third lease's runs
-# (benchmarks/RESULTS.md): the CPUs alone gave 0.98 of the bare rate at 16 CPUs and 0.95 at 12, more than
-# any share of nvJPEG (0.83 at 12 with 10%); at 8, a quarter on the GPU gave 0.88, the CPUs alone 0.51.
+# CPUs per GPU from which the CPUs alone keep an H200 running dinat-mini, the fastest DiNAT, busier than
+# any share of nvJPEG (whose time on the GPU the model loses): a threshold between the 8 and 12 measured. Fitted to the third lease's runs
+# (benchmarks/RESULTS.md), 500 x 375 JPEGs: the CPUs alone gave 0.98 of the bare rate at 16 CPUs and 0.95
+# at 12, more than the shares tried (0.83 at 12 with 10%); at 8, a quarter on the GPU gave 0.88, the CPUs
+# alone 0.51. Larger photos cost the CPUs more per image.
 CPUS_PER_GPU = 11
 
 
@@ -55,10 +57,10 @@ def unsupported(config: PreprocessConfig, device: str) -> str | None:
 
 
 def default_share(cpus: float, gpus: float) -> float:
-    """The share of JPEGs sent to the GPUs by default (`decode: auto`): what the cluster's CPUs would not
-    decode at the rate the GPUs infer, taking `CPUS_PER_GPU` CPUs to keep a GPU fed. nvJPEG's decoding
-    takes the GPU's time from the model, so a cluster with enough CPUs decodes everything on them; one
-    that has no GPU yet (an autoscaler's) too."""
+    """The share of JPEGs sent to the GPUs by default (`decode: auto`), an empirical fit: none from
+    `CPUS_PER_GPU` CPUs per GPU up, growing as the CPUs get fewer. nvJPEG's decoding takes the GPU's time
+    from the model, so a cluster with enough CPUs decodes everything on them; one that has no GPU yet (an
+    autoscaler's) too."""
     return max(0.0, 1 - cpus / (gpus * CPUS_PER_GPU)) if gpus else 0.0
 
 

@@ -99,13 +99,14 @@ class Plan:
         return Ownership(self.run_id, self.model_sha256, self.attempt, output.identity)
 
 
-def _actors(config: RunConfig) -> Actors:
+def _actors(config: RunConfig, resources: dict[str, float]) -> Actors:
     """GPU actors where GPUs exist (or are asked for, for autoscaling clusters that start without any), so
     that a CPU-only cluster never waits for a GPU that will not come. A GPU pool has no default bound: it
     grows onto each GPU node that joins while the run goes on, as far as the autoscaler lets the cluster
     grow. A CPU actor runs its model on all of its machine's cores, so by default there is one: CPU
-    clusters are for trying things out (set max_actors, with cpu_threads, to use more machines)."""
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    clusters are for trying things out (set max_actors, with cpu_threads, to use more machines).
+    `resources`: the cluster's, as Ray totals them."""
+    gpus = int(resources.get("GPU", 0))
     if config.device == "cuda" or (config.device == "auto" and gpus > 0):
         device, num_gpus, default_max = "cuda", 1, None
     else:
@@ -116,18 +117,21 @@ def _actors(config: RunConfig) -> Actors:
 
 
 def _device_share(
-    config: RunConfig, device: str, preprocessing: PreprocessConfig, resources: dict[str, float]
+    config: RunConfig, actors: Actors, preprocessing: PreprocessConfig, resources: dict[str, float]
 ) -> float:
     """The share of JPEGs the CPU stage sends on to be decoded by the GPU actors, on a cluster of
-    `resources` (Ray's totals)."""
-    reason = unsupported(preprocessing, device)
+    `resources`. The default weighs the cluster's CPUs against the GPUs the pool can use."""
+    reason = unsupported(preprocessing, actors.device)
     if config.decode == "gpu" and reason is not None:
         raise ConfigError(f"decode: gpu cannot run here: {reason}. Set decode to auto or cpu (--decode)")
     if config.decode == "cpu" or reason is not None:
         return 0.0
     if config.device_decode_share is not None:
         return config.device_decode_share
-    return 1.0 if config.decode == "gpu" else default_share(resources.get("CPU", 0), resources.get("GPU", 0))
+    if config.decode == "gpu":
+        return 1.0
+    gpus = resources.get("GPU", 0)
+    return default_share(resources.get("CPU", 0), min(gpus, actors.max_size or gpus))
 
 
 @contextmanager
@@ -213,7 +217,8 @@ def plan(config: RunConfig, run_id: str, model: CheckedModel, guard: StallGuard)
     """List the inputs (on the connected Ray) and settle the actors; raises ConfigError before any image
     is read. `guard`: the stall guard the plan is carried out under."""
     preprocessing = model.preprocessing
-    actors = _actors(config)
+    resources = ray.cluster_resources()
+    actors = _actors(config, resources)
     undeclared = _undeclared(actors.resources, _live_nodes())
     if undeclared:
         logger.warning(
@@ -222,7 +227,16 @@ def plan(config: RunConfig, run_id: str, model: CheckedModel, guard: StallGuard)
             ", ".join(undeclared),
             config.stall_timeout,
         )
-    device_share = _device_share(config, actors.device, preprocessing, ray.cluster_resources())
+    device_share = _device_share(config, actors, preprocessing, resources)
+    if actors.device == "cuda":
+        logger.info(
+            "decode %s: %.0f%% of the JPEGs decoded on the GPUs, the rest on the CPUs (the cluster has %g "
+            "CPUs, %g GPUs)",
+            config.decode,
+            100 * device_share,
+            resources.get("CPU", 0),
+            resources.get("GPU", 0),
+        )
     t0 = time.monotonic()
     listing = read.list_objects(config.input, config.storage_options)
     kind, listing = read.choose_kind(config, listing)

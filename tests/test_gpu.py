@@ -115,7 +115,7 @@ def test_the_actor_decodes_jpegs_on_the_gpu_with_the_same_rows(tiny_model):
 class CountingPredictor(Predictor):
     """The actor as Ray Data runs it, adding per batch: Dynamo's compilations so far in this process and
     the GPU memory allocated after a call's device work, taken on the device thread (the other call in
-    flight may hold an upload then, no more)."""
+    flight may hold an upload then, no more); per row, whether it came as JPEG bytes."""
 
     def __init__(self, settings):
         super().__init__(settings)
@@ -127,19 +127,22 @@ class CountingPredictor(Predictor):
         return done
 
     def __call__(self, batch):
+        sent = dict(zip(batch["key"], [isinstance(data, bytes) for data in batch["data"]], strict=True))
         table = super().__call__(batch)
         compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         n = table.num_rows
-        return table.append_column("compiled", pa.array([compiled] * n)).append_column(
-            "allocated", pa.array([self.allocated] * n)
+        return (
+            table.append_column("compiled", pa.array([compiled] * n))
+            .append_column("allocated", pa.array([self.allocated] * n))
+            .append_column("sent", pa.array([sent[key] for key in table.column("key").to_pylist()]))
         )
 
 
 @pytest.mark.parametrize("share", [1.0, 0.5])
 def test_the_default_gpu_path_through_a_ray_actor(tiny_model, ray_session, share):
-    """What users get by default on a GPU: CUDA graphs where `auto` compiles (torch >= 2.13) and nvJPEG
-    decoding (when the actor has it) in a real Ray Data actor, built on one thread and called on others,
-    for all JPEGs or a share (batches then mix JPEG bytes and pixels); rows against float32 eager on the
+    """The GPU path in a real Ray Data actor, built on one thread and called on others: CUDA graphs where
+    `auto` compiles (torch >= 2.13) and nvJPEG decoding (when the actor has it) for all JPEGs or a share
+    (batches then mix JPEG bytes and pixels), as nodes with few CPUs per GPU get by default; rows against float32 eager on the
     CPU; one compilation per actor there (none before 2.13); memory flat over the batches."""
     import ray
 
@@ -164,8 +167,12 @@ def test_the_default_gpu_path_through_a_ray_actor(tiny_model, ray_session, share
         num_gpus=1,
     ).take_all()
     by_key = {row["key"]: row for row in out}
-    assert by_key.keys() == items.keys()
+    assert by_key.keys() == items.keys() and len(out) == len(items)
     assert {key for key, row in by_key.items() if row["status"] == "error"} == broken.keys()
+    jpegs = {key for key in good if key.endswith(".jpg")}
+    assert {key for key, row in by_key.items() if row["sent"]} == {
+        k for k in jpegs if decode.to_device(k, share)
+    }
     assert by_key["cut.jpg"]["error"].startswith("ImageDecodeError(truncated)")
     expected = direct_predictions(tiny_model, good, top_k=3)
     for key, (ids, scores, embedding) in expected.items():

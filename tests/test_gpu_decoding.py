@@ -29,7 +29,7 @@ from dinat_batch.pipeline.model.export import random_model, save_checkpoint
 from dinat_batch.pipeline.model.preprocessing import PreprocessConfig
 from dinat_batch.pipeline.run import _device_share
 from dinat_batch.pipeline.stages.decode import decode_batch
-from dinat_batch.pipeline.stages.infer import ActorSettings, Predictor
+from dinat_batch.pipeline.stages.infer import Actors, ActorSettings, Predictor
 from tests.data import MAX_PIXELS, TINY, TINY_INPUT, photo
 
 pytestmark = pytest.mark.standalone
@@ -206,17 +206,25 @@ def test_the_cpus_decode_what_they_can_and_the_gpus_the_rest():
 
 
 def test_the_run_settles_its_share_from_the_config_and_the_cluster():
-    def share(resources=None, **config):
+    gpu_pool = Actors("cuda", 1, 1, None, {})
+
+    def share(resources=None, actors=gpu_pool, **config):
         run_config = RunConfig(input="/in", output="/out", **config)
-        return _device_share(run_config, "cuda", PreprocessConfig(), resources or {"CPU": 8, "GPU": 1})
+        return _device_share(run_config, actors, PreprocessConfig(), resources or {"CPU": 8, "GPU": 1})
 
     assert share() == default_share(8, 1) > 0 and share({"CPU": 64, "GPU": 2}) == 0.0
     assert share(decode="gpu") == 1.0 and share(decode="gpu", device_decode_share=0.3) == 0.3
-    assert share(device_decode_share=0.3) == 0.3 and share(decode="cpu", device_decode_share=0.3) == 0.0
-    cpu_actors = RunConfig(input="/in", output="/out", device_decode_share=1.0)
-    assert _device_share(cpu_actors, "cpu", PreprocessConfig(), {"CPU": 1, "GPU": 0}) == 0.0
-    with pytest.raises(ValidationError):
+    assert share(device_decode_share=0.3) == 0.3 and share(decode="cpu") == 0.0
+    # a pool held to one actor weighs the CPUs against one GPU, not the cluster's eight
+    assert share({"CPU": 64, "GPU": 8}) > 0 and share({"CPU": 64, "GPU": 8}, Actors("cuda", 1, 1, 1, {})) == 0
+    assert share(actors=Actors("cpu", 0, 1, 1, {}), device_decode_share=1.0) == 0.0
+    assert share({"CPU": 4, "GPU": 0}, Actors("cuda", 1, 1, 2, {})) == 0.0  # an autoscaler's, no GPU yet
+    with pytest.raises(ValidationError, match="less than or equal to 1"):
         RunConfig(input="/in", output="/out", device_decode_share=1.5)
+    with pytest.raises(ValidationError, match="for decode auto or gpu"):
+        RunConfig(input="/in", output="/out", decode="cpu", device_decode_share=0.3)
+    with pytest.raises(ValidationError, match="would decode nothing on the GPU"):
+        RunConfig(input="/in", output="/out", decode="gpu", device_decode_share=0)
 
 
 def test_a_filter_without_a_gpu_equivalent_keeps_the_cpu_path(tmp_path):

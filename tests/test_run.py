@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from dinat_batch.pipeline.run import (
     run,
     stall_guard,
 )
-from dinat_batch.pipeline.stages import infer, read
+from dinat_batch.pipeline.stages import decode, infer, read
 from dinat_batch.pipeline.stages.infer import Actors, ActorSettings
 from dinat_batch.pipeline.stages.write import output_schema
 from tests.data import (
@@ -283,19 +284,34 @@ def test_refusals_before_any_work(place, tiny_model, ray_session):
         run_on(place, tiny_model, "images")
 
 
-def test_jpeg_bytes_sent_on_to_the_actors_give_the_same_rows(tmp_path, tiny_model, ray_session, monkeypatch):
+@pytest.mark.parametrize("some", [False, True], ids=["all", "some"])
+def test_jpeg_bytes_sent_on_to_the_actors_give_the_same_rows(
+    tmp_path, tiny_model, ray_session, monkeypatch, some
+):
     """The GPU decoding route through Ray on a CPU: the driver is told GPU decoding can run, so the CPU
-    stage sends JPEG bytes on; the CPU actor has no GPU decoder and decodes them itself, image by image."""
+    stage sends JPEG bytes on, all of them or a share (actor calls then mix bytes and pixels); the CPU
+    actor has no GPU decoder and decodes them itself, image by image."""
     monkeypatch.setattr("dinat_batch.pipeline.run.unsupported", lambda preprocessing, device: None)
+    apply = decode.apply
     place = Place(str(tmp_path), {})
-    good = place.put(photos(6), "images")
+    good = place.put(photos(12), "images")
     broken = broken_files()
     errors = {
         uri: broken[uri.rsplit("/", 1)[1]][1]
         for uri in place.put({n: d for n, (d, _) in broken.items()}, "images")
     }
-    summary, table = run_on(place, tiny_model, "images", decode="gpu")
-    assert (summary.decode, summary.device_decode_share, summary.device) == ("gpu", 1.0, "cpu")
+    # a share that sends some of these JPEGs and keeps others, whatever the folder's name hashes to
+    jpegs = [uri for uri in good if uri.endswith(".jpg")]
+    hashes = sorted(zlib.crc32(uri.encode()) / 2**32 for uri in jpegs)
+    share = (hashes[0] + hashes[-1]) / 2 if some else 1.0
+    assert {decode.to_device(uri, share) for uri in jpegs} == ({True, False} if some else {True})
+    given = []
+    monkeypatch.setattr(decode, "apply", lambda *args: given.append(args[3]) or apply(*args))
+    summary, table = run_on(
+        place, tiny_model, "images", decode="gpu", **({"device_decode_share": share} if some else {})
+    )
+    assert (summary.decode, summary.device_decode_share, summary.device) == ("gpu", share, "cpu")
+    assert given == [share]  # what the decode stage was built with
     check_table(table, good, errors, tiny_model)
 
 
@@ -451,10 +467,9 @@ def test_a_run_on_several_nodes_refuses_a_local_output_before_any_write(
         (0, {"max_actors": 3, "cpu_threads": 1}, ("cpu", 0, 1, 3)),
     ],
 )
-def test_actor_pool_grows_with_the_cluster_by_default(gpus, settings, expected, monkeypatch):
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8, "GPU": gpus})
+def test_actor_pool_grows_with_the_cluster_by_default(gpus, settings, expected):
     config = RunConfig(input="s3://b/in", output="s3://b/out", model="m", **settings)
-    actors = _actors(config)
+    actors = _actors(config, {"CPU": 8, "GPU": gpus})
     assert (actors.device, actors.num_gpus, actors.min_size, actors.max_size) == expected
 
 
@@ -495,11 +510,10 @@ def test_the_split_of_a_listing_of_files_runs_ahead_and_no_other_read_does(ray_s
         (0, {"slot": 0.5}, {"slot": 0.5}),
     ],
 )
-def test_actors_ask_for_their_gpu_and_custom_resources(gpus, custom, asks, monkeypatch):
+def test_actors_ask_for_their_gpu_and_custom_resources(gpus, custom, asks):
     """What a node must have for an actor to start: the stall guard waits for one that has it all."""
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8, "GPU": gpus})
     config = RunConfig(input="s3://b/in", output="s3://b/out", model="m", actor_resources=custom)
-    actors = _actors(config)
+    actors = _actors(config, {"CPU": 8, "GPU": gpus})
     assert actors.resources == custom and actors.asks() == asks
 
 

@@ -28,8 +28,8 @@ BATCH = 16  # images per decode task call: small enough to spread over cores, bi
 def to_device(key: str, share: float) -> bool:
     """Whether the image `key` is among the `share` of JPEGs decoded on the GPU. Chosen by a hash of the
     key, not at random, so that a rerun decodes each image where it did before (the two decoders' pixels
-    differ by a few levels)."""
-    return share >= 1 or zlib.crc32(key.encode()) < share * 2**32
+    differ by a few levels), and a larger share takes the keys of a smaller one."""
+    return zlib.crc32(key.encode()) < share * 2**32
 
 
 def decode_batch(
@@ -41,9 +41,10 @@ def decode_batch(
     Rows that fail keep their place with zero pixels, size 0 and the error text, so every image reaches
     the output as exactly one row. With a `device_share`, that share of the JPEGs a GPU decoder takes
     (`to_device`) are only looked at: they keep their bytes in a `data` column (None for the others) and
-    their EXIF orientation in an `orientation` column, and are decoded next to the model. Each row then carries either its JPEG or its
-    pixels, not both: `pixels` holds each row's pixel bytes (see `host_pixels`), empty for rows sent on as
-    JPEG and for errors, so that ~150 KB of zeros per JPEG do not travel through the object store."""
+    their EXIF orientation in an `orientation` column, and are decoded next to the model. Each row then
+    carries either its JPEG or its pixels, not both: `pixels` holds each row's pixel bytes (see
+    `host_pixels`), empty for rows sent on as JPEG and for errors, so that ~150 KB of zeros per JPEG do not
+    travel through the object store."""
     keys, datas, errors = batch["key"], batch["data"], error_column(batch["error"])
     pixels = np.zeros((len(keys), config.height, config.width, 3), dtype=np.uint8)
     sizes = np.zeros((len(keys), 2), dtype=np.int32)

@@ -94,7 +94,7 @@ def run_demo(echo: Callable[[str], None] = print) -> None:
     from dinat_batch.infra.object_store import LocalObjectStore
     from dinat_batch.pipeline.query import read_output, sql
     from dinat_batch.pipeline.report import build
-    from dinat_batch.pipeline.run import run
+    from dinat_batch.pipeline.run import local_cpus, run
 
     offline = not _hub_reachable()
     if offline:
@@ -103,7 +103,7 @@ def run_demo(echo: Callable[[str], None] = print) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with LocalObjectStore() as store:
         echo(f"local S3 (SeaweedFS) on {store.endpoint}, loopback only, generated credentials")
-        ray.init(address="local", include_dashboard=False, logging_level="ERROR", num_cpus=os.cpu_count())
+        ray.init(address="local", include_dashboard=False, logging_level="ERROR", num_cpus=local_cpus())
         try:
             store.make_bucket(BUCKET)
             fs = store.filesystem()

@@ -134,6 +134,13 @@ def _device_share(
     return default_share(resources.get("CPU", 0), min(gpus, actors.max_size or gpus))
 
 
+def local_cpus() -> float:
+    """The CPUs a local Ray declares: the machine's, as Ray counts them (a container's CPU quota too), and
+    at least two. An inference actor holds one of Ray's CPUs for the whole run; on a machine of one, the
+    read and decode tasks beside it would never start, and the run would wait out its stall_timeout."""
+    return max(2, ray._private.utils.get_num_cpus())
+
+
 @contextmanager
 def ray_connection(address: str | None) -> Iterator[None]:
     """Join the configured or ambient Ray cluster, else start a local one; leave it (or stop the local
@@ -146,7 +153,7 @@ def ray_connection(address: str | None) -> Iterator[None]:
         if address or os.environ.get("RAY_ADDRESS"):
             ray.init(address=address, logging_level="WARNING")
         else:
-            ray.init(address="local", include_dashboard=False, logging_level="WARNING")
+            ray.init(address="local", include_dashboard=False, logging_level="WARNING", num_cpus=local_cpus())
     try:
         yield
     finally:

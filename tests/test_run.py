@@ -322,9 +322,11 @@ def test_without_an_address_a_run_starts_its_own_ray(monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
     monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
+    monkeypatch.setattr(ray._private.utils, "get_num_cpus", lambda: 1)
     with ray_connection(None):
         pass
-    assert calls[0]["address"] == "local" and calls[1] == "shutdown"
+    # one CPU of Ray's would go to the inference actor, leaving the decode tasks none: two are declared
+    assert calls[0]["address"] == "local" and calls[0]["num_cpus"] == 2 and calls[1] == "shutdown"
     with ray_connection("ray://head:10001"):
         pass
     # it leaves a cluster it joined (the cluster stays up), and touches none it found joined

@@ -16,6 +16,7 @@ import typer
 from pydantic.fields import FieldInfo
 
 from dinat_batch.pipeline.config import RunConfig, flag_name
+from dinat_batch.pipeline.locations import options_for
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Batch inference for DiNAT image models.")
 
@@ -57,7 +58,7 @@ def predict(
 
     options = _storage_options(storage_options)
     try:
-        loaded = load_model(model, device=device, storage_options=options)
+        loaded = load_model(model, device=device, storage_options=options_for(model, options))
     except ModelLoadError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err

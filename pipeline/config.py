@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dinat_batch.pipeline.locations import resolve
+from dinat_batch.pipeline.locations import protocol_entry, resolve
 
 DEFAULT_MODEL = "shi-labs/dinat-mini-in1k-224"
 DEFAULT_MAX_PIXELS = 100_000_000  # ~10k x 10k; bigger declared sizes are treated as decompression bombs
@@ -192,7 +192,11 @@ class RunConfig(BaseModel):
         description="default: UTC time and a random suffix",
     )
     ray_address: str | None = Field(None, description="default: RAY_ADDRESS, else a local Ray")
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options, may hold keys")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description='fsspec options, may hold keys; a protocol\'s own under its name ({"https": {...}}), '
+        "used for its URIs instead of the others, which web URLs never get",
+    )
 
     @field_validator("input", "output", "model")
     @classmethod
@@ -269,11 +273,15 @@ def is_secret_name(name: str) -> bool:
 
 
 def redact(value: Any, name: str = "") -> Any:
-    """storage_options with every value outside SAFE_STORAGE_OPTIONS replaced by '***'."""
+    """storage_options with every value outside SAFE_STORAGE_OPTIONS replaced by '***' (a protocol's own
+    entry, `{"s3": {...}}`, is redacted as the options it holds)."""
     if name and name not in SAFE_STORAGE_OPTIONS:
         return "***"
     if isinstance(value, dict):
-        return {k: redact(v, str(k)) for k, v in value.items()}
+        # a protocol's entry, at the top only (where `options_for` reads them), holds options of its own
+        return {
+            k: redact(v, "" if not name and protocol_entry(str(k), v) else str(k)) for k, v in value.items()
+        }
     if isinstance(value, list):
         return [redact(v, name) for v in value]
     return _USERINFO.sub("://***@", value) if isinstance(value, str) else value

@@ -42,7 +42,7 @@ from dinat_batch.pipeline.config import SAME_JOB, ConfigError, RunConfig
 from dinat_batch.pipeline.deletion import delete_files
 from dinat_batch.pipeline.faults import crash_point
 from dinat_batch.pipeline.listing import pages
-from dinat_batch.pipeline.locations import filesystem, resolve
+from dinat_batch.pipeline.locations import filesystem, options_for, resolve
 from dinat_batch.pipeline.objects import read_object
 from dinat_batch.pipeline.ownership import owner_of
 from dinat_batch.pipeline.parallel import in_threads
@@ -99,7 +99,7 @@ class IcebergTable:
         self._fs, path = filesystem(location, storage_options)
         # one spelling, absolute: a relative local path would name another place from another folder
         self.location = self._fs.unstrip_protocol(path.rstrip("/"))
-        self._properties = file_io_properties(storage_options) | catalog
+        self._properties = file_io_properties(options_for(location, storage_options)) | catalog
 
     @classmethod
     def of(cls, config: RunConfig) -> IcebergTable | None:

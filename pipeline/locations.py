@@ -36,16 +36,48 @@ def split_protocol(uri: str) -> tuple[str | None, str]:
     return (head, rest) if separator and _SCHEME.fullmatch(head) else (None, uri)
 
 
+_PROTOCOLS = frozenset(fsspec.available_protocols()) | _ALIASES.keys()
+
+
+def _canonical(protocol: str) -> str:
+    return _ALIASES.get(protocol.lower(), protocol.lower())
+
+
+def protocol_entry(name: str, value: Any) -> bool:
+    """Whether `storage_options[name]` holds the options of one protocol (`{"https": {"headers": ...}}`)
+    rather than an option."""
+    return isinstance(value, dict) and name.lower() in _PROTOCOLS
+
+
+def options_for(uri: str, storage_options: dict[str, Any]) -> dict[str, Any]:
+    """The fsspec options to open `uri` with: the entry of its protocol in `storage_options` when there is
+    one (an alias counts as its protocol: `s3` serves `s3a://`), else the options outside such entries.
+    Web URLs never get those: an object store's client settings break aiohttp's session (a table on a
+    custom S3 endpoint listing https URLs failed every row), and its credentials are not for other hosts.
+    A chained model URI (`simplecache::s3://...`) gets them all: fsspec gives each link its own entry."""
+    scheme = split_protocol(uri)[0]
+    if scheme is None and "::" in uri:
+        return storage_options
+    protocol = _canonical(scheme or "file")
+    shared = {}
+    for name, value in storage_options.items():
+        if not protocol_entry(name, value):
+            shared[name] = value
+        elif _canonical(name) == protocol:
+            return value
+    return {} if protocol in _WEB else shared
+
+
 def filesystem(
     uri: str, storage_options: dict[str, Any], redirects: bool = False
 ) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and path of `uri`, taken as one name. fsspec's own `url_to_fs` and `open` split a URI
     at `::` to chain filesystems: `s3://b/a::b/x.jpg` would open `b/a`, and a table's cell
     `s3://other/k.jpg::/../../allowed/x.jpg`, which `resolve` places under `allowed/`, would open
-    `other/k.jpg`."""
+    `other/k.jpg`. `storage_options`: the run's, of which it takes what `options_for` gives `uri`."""
     protocol = split_protocol(uri)[0] or "file"
     kind = fsspec.get_filesystem_class(protocol)
-    options = {**kind._get_kwargs_from_urls(uri), **storage_options}
+    options = {**kind._get_kwargs_from_urls(uri), **options_for(uri, storage_options)}
     if protocol.lower() in _WEB and not redirects:
         # a redirect would take the read past the place `inside` checked (an allowed host's open
         # redirect to the cloud's instance credentials): refused (`redirects` for URLs no list limits)
@@ -108,8 +140,7 @@ def resolve(uri: str, pattern: bool = True) -> Location:
     included, so that `/in/[x]/../../etc` is not checked as `/in/`."""
     text = uri.strip() if pattern else uri
     scheme, rest = split_protocol(text)
-    protocol = (scheme or "file").lower()
-    protocol = _ALIASES.get(protocol, protocol)
+    protocol = _canonical(scheme or "file")
     if protocol == "file":
         # the path fsspec opens (`file:/x`, `local:/x`, `~`, relative paths: `filesystem`), made whole
         # before the glob's prefix is cut (`*.jpg` is the working folder's, not a name beside it)

@@ -29,7 +29,7 @@ from dinat_batch.pipeline.config import BUILTIN_RESOURCES, ConfigError, RunConfi
 from dinat_batch.pipeline.gpu_decoding import default_share, unsupported
 from dinat_batch.pipeline.iceberg import IcebergTable
 from dinat_batch.pipeline.lease import Lease
-from dinat_batch.pipeline.locations import resolve
+from dinat_batch.pipeline.locations import options_for, resolve
 from dinat_batch.pipeline.model import load_model
 from dinat_batch.pipeline.model.preprocessing import PreprocessConfig
 from dinat_batch.pipeline.output import FAILURE, SUCCESS, Compacted, Output, VerificationFailed
@@ -212,7 +212,9 @@ def check_model(config: RunConfig) -> CheckedModel:
     """Load the model once in the driver, so that a missing, corrupt or mis-shaped checkpoint fails before
     any work (ConfigError, ModelLoadError)."""
     started_at = datetime.now(UTC)
-    model = load_model(config.model, device="cpu", storage_options=config.storage_options)
+    model = load_model(
+        config.model, device="cpu", storage_options=options_for(config.model, config.storage_options)
+    )
     if not model.preprocessing.do_resize:
         raise ConfigError(
             f"{config.model}: its preprocessor does not resize; batched inference needs one size"

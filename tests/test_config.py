@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from dinat_batch.pipeline.config import ConfigError, RunConfig, load_config
+from dinat_batch.pipeline.config import ConfigError, RunConfig, load_config, redact
 
 pytestmark = pytest.mark.standalone
 
@@ -108,10 +108,26 @@ def test_redacted_hides_credentials_only():
             "connection_string": "AccountName=a;AccountKey=conn-key",
             "endpoint_url": "http://ep-user:ep-pass@10.0.0.1:9000",  # a safe setting, a password in it
             "some_future_option": "unknown-value",
+            # a protocol's own options: redacted as options, not hidden whole
+            "https": {"headers": {"Cookie": "web-cookie"}, "client_kwargs": {"endpoint_url": "http://web:1"}},
         },
     )
     shown = json.dumps(config.redacted())
-    for secret in ("AKIA123", "s3cr3t", 'tok"', "bearer-token", "conn-key", "unknown-value", "ep-pass"):
+    secrets = (
+        "AKIA123",
+        "s3cr3t",
+        'tok"',
+        "bearer-token",
+        "conn-key",
+        "unknown-value",
+        "ep-pass",
+        "web-cookie",
+    )
+    for secret in secrets:
         assert secret not in shown
     for safe in ("http://127.0.0.1:9000", "http://***@10.0.0.1:9000", '"adaptive"', '"read_timeout": 5'):
         assert safe in shown
+    assert "http://web:1" in shown
+    # an entry is one at the top only: below, a protocol's name is a setting like any other
+    nested = redact({"client_kwargs": {"data": {"password": "pw", "endpoint_url": "e"}}})
+    assert nested == {"client_kwargs": {"data": "***"}}

@@ -270,3 +270,15 @@ def test_an_orphans_age_comes_from_its_listing_and_an_unknown_one_is_new():
     assert iceberg._modified({"LastModified": written}) == written.timestamp()
     assert iceberg._modified({"mtime": 1_700_000_000.5}) == 1_700_000_000.5
     assert iceberg._modified({}) >= time.time() - 1
+
+
+def test_the_catalogs_files_go_where_the_tables_store_options_say():
+    """pyiceberg reads the table's metadata with the S3 settings of its location: an `s3` entry's too."""
+    s3 = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": "http://127.0.0.1:8333"}}
+    for options in (s3, {"s3": s3, "https": {"headers": {}}}):
+        table = IcebergTable("ns.t", {"type": "sql"}, "s3://bucket/table", options)
+        assert table._properties["s3.endpoint"] == "http://127.0.0.1:8333"
+        assert (table._properties["s3.access-key-id"], table._properties["s3.secret-access-key"]) == (
+            "k",
+            "s",
+        )

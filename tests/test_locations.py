@@ -5,7 +5,14 @@ import pyarrow as pa
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
-from dinat_batch.pipeline.locations import filesystem, inside, redirected, resolve, split_protocol
+from dinat_batch.pipeline.locations import (
+    filesystem,
+    inside,
+    options_for,
+    redirected,
+    resolve,
+    split_protocol,
+)
 from dinat_batch.pipeline.objects import read_object
 from dinat_batch.pipeline.stages.read import LOCATED, ReadRules, read_objects
 from tests.web import QuietFiles, serving
@@ -164,10 +171,37 @@ def test_a_redirect_out_of_an_allowed_web_place_is_not_followed(tmp_path):
         data, error = _fetched(f"{root}/in/moved.jpg", f"{root}/in")
         assert data is None and error.startswith("ForbiddenURI") and "secret" not in error
         # the user's own client options neither lift the refusal nor break it
-        for options in ({"client_kwargs": {"raise_for_status": True}}, {"client_kwargs": None}):
+        for web in (
+            {"client_kwargs": {"raise_for_status": True}},
+            {"client_kwargs": None},
+            {"allow_redirects": True},
+        ):
+            options = {"http": web}
             fs, path = filesystem(f"{root}/in/moved.jpg", options)
             with pytest.raises(OSError) as raised:
                 read_object(fs, path)
             assert redirected(raised.value)
         fs, path = filesystem(f"{root}/in/moved.jpg", {}, redirects=True)  # `dinat-batch predict`
         assert read_object(fs, path) == b"secret"
+
+
+def test_each_protocol_gets_its_own_options_and_web_urls_none_of_a_stores():
+    store = {"key": "k", "client_kwargs": {"endpoint_url": "http://127.0.0.1:8333"}}
+    web = {"headers": {"User-Agent": "dinat-batch"}}
+    assert options_for("s3://b/x.jpg", store) == options_for("/data/x.jpg", store) == store
+    assert options_for("https://host/x.jpg", store) == options_for("HTTP://host/x.jpg", store) == {}
+    both = store | {"https": web, "s3": {"anon": True}}
+    assert options_for("https://host/x.jpg", both) == web and options_for("http://host/x.jpg", both) == {}
+    assert options_for("s3a://b/x.jpg", both) == options_for("s3://b/x.jpg", both) == {"anon": True}
+    assert options_for("gs://b/x.jpg", both) == store  # the shared ones, without the protocols' entries
+    assert options_for("simplecache::s3://b/model", both) == both  # fsspec picks each link's entry
+
+
+def test_a_web_url_reads_beside_an_object_stores_options(tmp_path):
+    """S3's client settings given to aiohttp's session failed every web row of a table on a custom S3
+    endpoint (ClientSession got endpoint_url)."""
+    (tmp_path / "x.jpg").write_bytes(b"pixels")
+    store = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": "http://127.0.0.1:1"}}
+    with serving(tmp_path) as root:
+        fs, path = filesystem(f"{root}/x.jpg", store)
+        assert read_object(fs, path, None, 100) == b"pixels"

@@ -52,6 +52,7 @@ from tests.data import (
     photos,
     tar_shard,
 )
+from tests.web import serving
 
 
 @dataclass
@@ -225,7 +226,7 @@ def test_webdataset_shards(place, tiny_model, ray_session):
     check_table(table, good, errors, tiny_model)
 
 
-def test_parquet_bytes_and_uris(place, tiny_model, ray_session):
+def test_parquet_bytes_and_uris(place, tiny_model, ray_session, tmp_path):
     images = [photo(20), photo(21, "PNG"), None, b""]
     plain = pa.table({"id": [1, 2, 3, 4], "image": pa.array(images, pa.binary())})
     hf = pa.table({"image": pa.array([{"bytes": photo(22), "path": "x.jpg"}])})
@@ -248,15 +249,26 @@ def test_parquet_bytes_and_uris(place, tiny_model, ray_session):
         place.uri("listed/[x]/../../../../elsewhere/x.jpg"),  # a glob character is no cut-off point
     ]
     first = next(iter(files))
-    uris = pa.table({"uri": [*files, missing, None, *forbidden, first]})
-    (index,) = place.put({"index.parquet": parquet_file(uris)}, "index")
-    # the local place has no bucket: it names where the table may point (an S3 table: its own bucket)
-    allowed = {"allowed_uri_prefixes": [place.uri("listed")]} if place.root.startswith("/") else {}
-    summary, table = run_on(place, tiny_model, "index", uri_column="uri", overwrite=True, **allowed)
+    served = photos(2, start=30)
+    for name, data in served.items():
+        (tmp_path / name).write_bytes(data)
+    with serving(tmp_path) as web:
+        # web URLs beside the store's: they must not get its options (an S3 endpoint broke aiohttp)
+        web_files = {f"{web}/{name}": data for name, data in served.items()}
+        uris = pa.table({"uri": [*files, missing, None, *forbidden, first, *web_files]})
+        (index,) = place.put({"index.parquet": parquet_file(uris)}, "index")
+        # the local place has no bucket: it names where the table may point (an S3 table: its own bucket)
+        own = place.uri("listed") if place.root.startswith("/") else "s3://" + place.uri("").split("/")[2]
+        summary, table = run_on(
+            place, tiny_model, "index", uri_column="uri", overwrite=True, allowed_uri_prefixes=[own, web]
+        )
     refused = {uri: "ForbiddenURI" for uri in forbidden}
-    repeated = {f"{index}#{len(uris) - 1}": files[first]}  # listed twice: its second row keyed by row
+    repeated = {f"{index}#{len(files) + 2 + len(forbidden)}": files[first]}  # listed twice: keyed by row
     check_table(
-        table, files | repeated, {missing: "ReadError", f"{index}#4": "MissingImage"} | refused, tiny_model
+        table,
+        files | repeated | web_files,
+        {missing: "ReadError", f"{index}#4": "MissingImage"} | refused,
+        tiny_model,
     )
     assert summary.retryable_errors == 1 and summary.errors_by_kind["ForbiddenURI"] == len(forbidden)
     errors = " ".join(table.column("error").drop_null().to_pylist())

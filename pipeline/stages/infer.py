@@ -21,6 +21,7 @@ from dinat_batch.pipeline.config import DEFAULT_MAX_PIXELS, RunConfig
 from dinat_batch.pipeline.errors import error_column
 from dinat_batch.pipeline.faults import slow_call
 from dinat_batch.pipeline.gpu_decoding import DECODE_BUDGET, DeviceDecoder, nvjpeg, probe, unsupported
+from dinat_batch.pipeline.locations import options_for
 from dinat_batch.pipeline.model import load_model
 from dinat_batch.pipeline.model.runtime import (
     CPU_BATCH,
@@ -105,7 +106,8 @@ class Predictor:
         if settings.device == "cpu":
             # Ray pins OMP threads to the actor's num_cpus (1); inference should use the cores it was given
             torch.set_num_threads(settings.cpu_threads or os.cpu_count() or 1)
-        loaded = load_model(settings.model, device=settings.device, storage_options=settings.storage_options)
+        options = options_for(settings.model, settings.storage_options)
+        loaded = load_model(settings.model, device=settings.device, storage_options=options)
         self.provenance = Provenance(loaded.source, loaded.weights_sha256, settings.run_id)
         self.num_features = loaded.config.num_features
         self.labels = label_names(loaded.config)

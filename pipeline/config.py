@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dinat_batch.pipeline.locations import protocol_entry, resolve
+from dinat_batch.pipeline.locations import canonical_protocol, protocol_entry, resolve
 
 DEFAULT_MODEL = "shi-labs/dinat-mini-in1k-224"
 DEFAULT_MAX_PIXELS = 100_000_000  # ~10k x 10k; bigger declared sizes are treated as decompression bombs
@@ -204,6 +204,21 @@ class RunConfig(BaseModel):
         if not value.strip():
             raise ValueError("must not be empty")
         return value.strip()
+
+    @field_validator("storage_options")
+    @classmethod
+    def _one_entry_per_protocol(cls, value: dict[str, Any]) -> dict[str, Any]:
+        seen: dict[str, str] = {}
+        for name, options in value.items():
+            if protocol_entry(name, options):
+                protocol = canonical_protocol(name)
+                if protocol in seen:
+                    raise ValueError(
+                        f"storage_options has two entries for {protocol} URIs ({seen[protocol]!r} and "
+                        f"{name!r}): only one would be used. Keep one"
+                    )
+                seen[protocol] = name
+        return value
 
     @field_validator("actor_resources")
     @classmethod

@@ -39,7 +39,8 @@ def split_protocol(uri: str) -> tuple[str | None, str]:
 _PROTOCOLS = frozenset(fsspec.available_protocols()) | _ALIASES.keys()
 
 
-def _canonical(protocol: str) -> str:
+def canonical_protocol(protocol: str) -> str:
+    """The protocol fsspec registers for a spelling of it (`s3` for `S3A`)."""
     return _ALIASES.get(protocol.lower(), protocol.lower())
 
 
@@ -58,12 +59,12 @@ def options_for(uri: str, storage_options: dict[str, Any]) -> dict[str, Any]:
     scheme = split_protocol(uri)[0]
     if scheme is None and "::" in uri:
         return storage_options
-    protocol = _canonical(scheme or "file")
+    protocol = canonical_protocol(scheme or "file")
     shared = {}
     for name, value in storage_options.items():
         if not protocol_entry(name, value):
             shared[name] = value
-        elif _canonical(name) == protocol:
+        elif canonical_protocol(name) == protocol:
             return value
     return {} if protocol in _WEB else shared
 
@@ -140,7 +141,7 @@ def resolve(uri: str, pattern: bool = True) -> Location:
     included, so that `/in/[x]/../../etc` is not checked as `/in/`."""
     text = uri.strip() if pattern else uri
     scheme, rest = split_protocol(text)
-    protocol = _canonical(scheme or "file")
+    protocol = canonical_protocol(scheme or "file")
     if protocol == "file":
         # the path fsspec opens (`file:/x`, `local:/x`, `~`, relative paths: `filesystem`), made whole
         # before the glob's prefix is cut (`*.jpg` is the working folder's, not a name beside it)

@@ -131,3 +131,9 @@ def test_redacted_hides_credentials_only():
     # an entry is one at the top only: below, a protocol's name is a setting like any other
     nested = redact({"client_kwargs": {"data": {"password": "pw", "endpoint_url": "e"}}})
     assert nested == {"client_kwargs": {"data": "***"}}
+
+
+def test_a_protocol_has_one_entry_of_storage_options():
+    with pytest.raises(ValueError, match="two entries for s3 URIs"):
+        RunConfig(input="s3://b/i", output="s3://b/o", storage_options={"s3": {}, "S3A": {"anon": True}})
+    RunConfig(input="s3://b/i", output="s3://b/o", storage_options={"s3": {}, "https": {}, "gs": {}})

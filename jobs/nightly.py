@@ -22,7 +22,6 @@ joins (`pipeline/selection.py`): the driver never holds what a date read.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import re
 import uuid
 from typing import Any
@@ -39,7 +38,7 @@ from dinat_batch.pipeline.faults import crash_point
 from dinat_batch.pipeline.iceberg import DATA, METADATA, IcebergTable
 from dinat_batch.pipeline.lease import LEASES
 from dinat_batch.pipeline.listing import pages
-from dinat_batch.pipeline.objects import read_object
+from dinat_batch.pipeline.objects import read_json
 from dinat_batch.pipeline.output import SUCCESS, Compacted, ForeignFiles, Output, leaf
 from dinat_batch.pipeline.ownership import Owners, Ownership, file_identity
 from dinat_batch.pipeline.parallel import in_threads
@@ -105,8 +104,9 @@ class Table:
                 day = _date(name.removeprefix(f"{PARTITION}=")) if name.startswith(f"{PARTITION}=") else None
                 if day is not None and entry["type"] == "directory":
                     folders[day] = entry["name"]
-        # a marker each, at once: a year of dates is 365 requests
-        markers = in_threads(lambda folder: _marker(self.fs, f"{folder}/{SUCCESS}"), list(folders.values()))
+        # a marker each, at once: a year of dates is 365 requests; none for a date not committed (yet, or
+        # its run died)
+        markers = in_threads(lambda folder: read_json(self.fs, f"{folder}/{SUCCESS}"), list(folders.values()))
         return {
             day: marker.get("run_id")
             for day, marker in zip(folders, markers, strict=True)
@@ -154,21 +154,24 @@ class Table:
         One listing for all the dates and their footers read at once (`Owners`): a year of dates is a year
         of ledgers."""
         top = len(self.path(LEDGERS)) + 1
-        old, found = [], []  # the old ledgers' paths; (date, entry) of the files in dates' folders
+        old, cut_off, foreign = [], [], []  # paths: the old ledgers', cut-off writes', someone else's
+        ledgers = []  # (date, entry) of the ledger files in the dates' folders
         for page in pages(self.fs, folder, recursive=True):
             for entry in page:
                 first, *below = entry["name"][top:].split("/", 1)
                 day = _date(first if below else first.removesuffix(OLD_LEDGER))
                 if day not in runs or entry["type"] != "file":
                     continue
-                if below:
-                    found.append((day, entry))
-                elif first.endswith(OLD_LEDGER):
-                    old.append(entry["name"])
-        cut_off = [e["name"] for _, e in found if self.root.local and is_own_temp(leaf(e["name"]))]
-        found = [(day, e) for day, e in found if e["name"] not in cut_off]
-        ledgers = [(day, e) for day, e in found if _LEDGER_FILE.match(leaf(e["name"]))]
-        foreign = [e["name"] for _, e in found if not _LEDGER_FILE.match(leaf(e["name"]))]
+                name = leaf(entry["name"])
+                if not below:
+                    if first.endswith(OLD_LEDGER):
+                        old.append(entry["name"])
+                elif self.root.local and is_own_temp(name):
+                    cut_off.append(entry["name"])
+                elif _LEDGER_FILE.match(name):
+                    ledgers.append((day, entry))
+                else:
+                    foreign.append(entry["name"])
         owners = self._owners.of([(e["name"], file_identity(self.fs, e), e.get("size")) for _, e in ledgers])
         mine, others = [], []
         for (day, entry), owner in zip(ledgers, owners, strict=True):
@@ -199,13 +202,6 @@ class Table:
             delete_files(self.fs, self._ledger_files(folder, {date: run_id})[1])
         if self.fs.isfile(folder + OLD_LEDGER):
             self.fs.rm_file(folder + OLD_LEDGER)
-
-
-def _marker(fs, path: str) -> dict | None:
-    try:
-        return json.loads(read_object(fs, path))
-    except FileNotFoundError:  # a date not committed (yet, or its run died)
-        return None
 
 
 def _date(name: str) -> dt.date | None:

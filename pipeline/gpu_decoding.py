@@ -3,11 +3,11 @@ pixels never cross to the host and the CPU workers only read their headers.
 
 The CPU stage (`pipeline/stages/decode.py`) reads the headers of the share of JPEGs the plan sends to the
 GPU (`run._device_share`; by default `default_share`: where the cluster has few CPUs per GPU) and sends
-on the bytes of those a GPU decoder takes (`images.device_decodable`); everything else arrives decoded. Whatever nvJPEG still rejects is
-decoded here by the CPU path, one image at a time, so one bad image never fails a batch. The pixels differ
-from the CPU path's by ~2 levels of 255 on average and by up to ~60 at sharp colour edges (measured on an
-H200: nvJPEG decodes differently from libjpeg-turbo; the resize adds ~0.2), and go through the same
-`normalize`.
+on the bytes of those a GPU decoder takes (`images.device_decodable`); everything else arrives decoded.
+Whatever nvJPEG still rejects is decoded here by the CPU path, one image at a time, so one bad image never
+fails a batch. The pixels differ from the CPU path's by ~2 levels of 255 on average and by up to ~60 at
+sharp colour edges (measured on an H200: nvJPEG decodes differently from libjpeg-turbo; the resize adds
+~0.2), and go through the same `normalize`.
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ DECODE_BUDGET = 2**30
 # per source pixel at that peak: RGB as decoded (3 bytes), stacked by size (3) and as float to resize (12)
 PEAK_BYTES_PER_PIXEL = 18
 # CPUs per GPU from which the CPUs alone keep an H200 running dinat-mini, the fastest DiNAT, busier than
-# any share of nvJPEG (whose time on the GPU the model loses): a threshold between the 8 and 12 measured. Fitted to the third lease's runs
-# (benchmarks/RESULTS.md), 500 x 375 JPEGs: the CPUs alone gave 0.98 of the bare rate at 16 CPUs and 0.95
-# at 12, more than the shares tried (0.83 at 12 with 10%); at 8, a quarter on the GPU gave 0.88, the CPUs
-# alone 0.51. Larger photos cost the CPUs more per image.
+# any share of nvJPEG (whose time on the GPU the model loses): a threshold between the 8 and 12 measured,
+# fitted to the third lease's runs (benchmarks/RESULTS.md), 500 x 375 JPEGs: the CPUs alone gave 0.98 of
+# the bare rate at 16 CPUs and 0.95 at 12, more than the shares tried (0.83 at 12 with 10%); at 8, a
+# quarter on the GPU gave 0.88, the CPUs alone 0.51. Larger photos cost the CPUs more per image.
 CPUS_PER_GPU = 11
 
 

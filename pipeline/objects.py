@@ -8,6 +8,8 @@ there is kept by reading through a file."""
 from __future__ import annotations
 
 import errno
+import json
+from typing import Any
 
 import s3fs
 
@@ -36,3 +38,11 @@ def read_object(fs, path: str, size: int | None = None, limit: int | None = None
         if empty:
             return b""
         raise
+
+
+def read_json(fs, path: str) -> Any | None:
+    """The JSON document at `path` (a marker, a manifest), or None when there is none."""
+    try:
+        return json.loads(read_object(fs, path))
+    except FileNotFoundError:
+        return None

@@ -54,7 +54,7 @@ from dinat_batch.pipeline.iceberg import DATA, METADATA, PARTITION, IcebergTable
 from dinat_batch.pipeline.lease import LEASES, Lease, LeaseLost
 from dinat_batch.pipeline.listing import pages, unnamed
 from dinat_batch.pipeline.locations import filesystem, resolve
-from dinat_batch.pipeline.objects import read_object
+from dinat_batch.pipeline.objects import read_json, read_object
 from dinat_batch.pipeline.ownership import (
     Owners,
     Ownership,
@@ -408,10 +408,9 @@ class Output:
         summary), or None."""
         self.fs.invalidate_cache()
         for name in (FAILURE, SUCCESS) if self.iceberg else (SUCCESS, FAILURE):
-            try:
-                return name, json.loads(read_object(self.fs, f"{self.path}/{name}"))
-            except FileNotFoundError:
-                continue
+            manifest = read_json(self.fs, f"{self.path}/{name}")
+            if manifest is not None:
+                return name, manifest
         committed = self.iceberg.committed(self.scope) if self.iceberg else None
         return (SUCCESS, committed) if committed else None
 

@@ -275,6 +275,7 @@ def execute(
     and check its rows; `finish` then commits them. `replace`: see `Output.prepare`."""
     config = plan.config
     listing = (plan.listing if listing is None else listing).materialize()
+    listed = listing.count()  # from its blocks' metadata: what it held when it was made
     owner = plan.owner(output)
     if output.iceberg is not None:
         output.iceberg.ensure(plan.num_features, partitioned=output.scope is not None)
@@ -288,8 +289,16 @@ def execute(
         if todo.count():
             _execute(plan, todo, output, owner, None)
         expected = digest(listing, "uri")
+        if expected.count != listed:
+            # Ray rebuilt a lost block of the listing by listing again, from a folder that changed since
+            # (a listing task may then cut a folder it listed whole, and give none of its rows)
+            raise VerificationFailed(
+                f"the input's listing holds {expected.count} images now and held {listed} when the run "
+                "began: Ray listed a part of it again after a node was lost, and the input had changed; "
+                "nothing was committed; run the same command again"
+            )
     else:
-        sources = listing.count()
+        sources = listed
         if sources:
             _execute(plan, listing, output, owner, kept)
         expected, recorded = output.source_digest(plan.attempt)

@@ -28,7 +28,7 @@ from dinat_batch.pipeline import run as run_module
 from dinat_batch.pipeline.config import ConfigError, RunConfig
 from dinat_batch.pipeline.locations import filesystem
 from dinat_batch.pipeline.model import ModelLoadError, load_model
-from dinat_batch.pipeline.output import Output
+from dinat_batch.pipeline.output import Output, VerificationFailed
 from dinat_batch.pipeline.run import (
     Stalled,
     StallGuard,
@@ -397,6 +397,28 @@ def test_the_stall_guard_covers_the_steps_before_and_after_the_stages(
     assert [path.parent.name for path in (tmp_path / "out").rglob("_SUCCESS")] == (
         [] if step == "listing" else ["run_date=2026-11-24"]
     )
+
+
+def test_a_listing_ray_rebuilt_with_other_rows_commits_nothing(
+    tmp_path, tiny_model, ray_session, monkeypatch
+):
+    """Ray rebuilds a lost block of the listing by running its listing task again; if the folder changed
+    meanwhile (and that task cut a folder the first one listed whole), the block holds other rows. Here
+    the rebuilt listing lacks one image: the run refuses to commit rather than call the rest the input."""
+    source = tmp_path / "images"
+    source.mkdir()
+    for i in range(3):
+        (source / f"{i}.jpg").write_bytes(photo(i))
+    real = run_module.digest
+
+    def rebuilt(listing, column):
+        return real(listing.filter(lambda row: not row["uri"].endswith("0.jpg")), column)
+
+    monkeypatch.setattr(run_module, "digest", rebuilt)
+    config = RunConfig(input=str(source), output=str(tmp_path / "out"), model=str(tiny_model))
+    with pytest.raises(VerificationFailed, match="holds 2 images now and held 3 when the run began"):
+        run(config)
+    assert not list((tmp_path / "out").rglob("_SUCCESS"))
 
 
 @pytest.mark.parametrize("kind", ["files", "parquet"])

@@ -8,6 +8,11 @@ Recursively into listing rows, as an input's listing task does, and one level in
 of an output's chunk files does. Prints one JSON line: objects per second, and the peak of Python memory
 while listing, for each of the way's two runs (tracemalloc; Arrow's buffers, ~100 bytes a listing row, are
 not in it). fsspec's peak grows with the folder; that of the pages stays about one page's (~3 MB).
+
+Then the folder as a run's input (`list_objects`, in a local Ray), A B B A, through a proxy that answers
+each request `LATENCY` late (a remote store's round trip; the loopback server answers in about a
+millisecond): by one listing task, and cut by its names into parts for tasks side by side (`SPAN_ENTRIES`
+at a sixteenth of the folder). Seconds, the requests each way made, and its largest block's rows.
 """
 
 from __future__ import annotations
@@ -21,14 +26,21 @@ if not __package__:
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import pyarrow as pa
+import ray
 
 from benchmarks.common import count_and_print
 from dinat_batch.infra.object_store import LocalObjectStore
 from dinat_batch.pipeline.listing import pages
 from dinat_batch.pipeline.parallel import in_threads
+from dinat_batch.pipeline.run import local_cpus
+from dinat_batch.pipeline.stages import read
 from dinat_batch.pipeline.stages.read import Spelling, _listing
+from tests.fault_proxy import FaultProxy
 
 FOLDER = "bench/corpus"
+# S3 answers a ListObjectsV2 page of 1,000 keys in ~100 ms in its region (a request of one key in ~20 ms:
+# the same delay for both is the cut's worst case, whose one-key requests are most of its own)
+LATENCY = 0.1
 
 
 def _rows_by_fsspec(fs) -> int:
@@ -65,6 +77,20 @@ def _measured(fs, way, files: int) -> tuple[float, int]:
     return seconds, peak
 
 
+def _as_input(options: dict, proxy: FaultProxy, files: int, span_entries: int) -> tuple[float, int, int]:
+    """Seconds and requests to list the folder as a run's input, its spans cut past `span_entries`, and
+    the rows of its largest block (a listing task's)."""
+    read.SPAN_ENTRIES = span_entries  # the driver hands it to the listing tasks
+    start, before = time.monotonic(), proxy.requests
+    listed = read.list_objects(f"s3://{FOLDER}", options)
+    seconds = time.monotonic() - start
+    blocks = [
+        entry.metadata.num_rows for bundle in listed.iter_internal_ref_bundles() for entry in bundle.blocks
+    ]
+    assert sum(blocks) == files, (span_entries, sum(blocks))
+    return seconds, proxy.requests - before, max(blocks)
+
+
 def measure(files: int) -> dict:
     with LocalObjectStore() as store:
         store.make_bucket("bench")
@@ -86,6 +112,28 @@ def measure(files: int) -> dict:
             result[f"{step}_speed_ratio"] = round(
                 result[f"{step}_pages"]["files_per_second"] / result[f"{step}_fsspec"]["files_per_second"], 2
             )
+        ray.init(address="local", num_cpus=local_cpus(), include_dashboard=False, logging_level="ERROR")
+        try:
+            with FaultProxy(store.endpoint, latency=LATENCY) as proxy:
+                client = store.storage_options["client_kwargs"] | {"endpoint_url": proxy.endpoint}
+                options = store.storage_options | {"client_kwargs": client}
+                taken = {"one_task": [], "cut": []}
+                for way in ("one_task", "cut", "cut", "one_task"):
+                    span = files + 1 if way == "one_task" else files // 16
+                    taken[way].append(_as_input(options, proxy, files, span))
+        finally:
+            ray.shutdown()
+        for way, runs in taken.items():
+            result[f"input_{way}"] = {
+                "files_per_second": round(files * len(runs) / sum(seconds for seconds, _, _ in runs)),
+                "seconds": [round(seconds, 1) for seconds, _, _ in runs],
+                "requests": [requests for _, requests, _ in runs],
+                "largest_block_rows": max(rows for _, _, rows in runs),
+            }
+        result["input_speed_ratio"] = round(
+            result["input_cut"]["files_per_second"] / result["input_one_task"]["files_per_second"], 2
+        )
+        result["latency_s"] = LATENCY
     return result
 
 

@@ -5,33 +5,55 @@ classes, and keep them all in the filesystem's cache: ~1.2 KB of Python an objec
 images listed by one Ray task was ~12 GB in that worker, and a resume's 1M chunk files ~2 GB in the
 driver while it surveyed them. On S3 the pages come from ListObjectsV2 (1,000 keys each) and only the fields the pipeline
 reads are kept; other stores are listed by fsspec, whole, as before.
+
+A folder too big for one listing task is cut by the first characters of its names (`cut`): a prefix
+lists exactly the keys that start with it, and one-key requests find which prefixes have keys, walking
+the names in S3's order (UTF-8 bytes); another order is noticed where it shows in an answer or in the
+keys listed before the cut, not always.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import bisect
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import s3fs
 
+from dinat_batch.pipeline.parallel import in_threads
+
 PAGE_KEYS = 1000  # S3's most per ListObjectsV2 page
+# A cut finds at least this many prefixes where the names allow (a folder of hexadecimal names: 16 after
+# one character), so that the tasks listing them run side by side rather than one cut after another.
+CUT_FANOUT = 16
+# The most stems a cut gives: past it, it keeps the round before. A place in the names with more
+# characters than this (a large alphabet) is not cut at all, rather than walked a request per character.
+CUT_MOST = 1024
+# Sorts after any character of a name (U+10FFFF, the last one), so that the first name past
+# `StartAfter=prefix + c + _LAST` is past those starting `prefix + c`. A folder with a name that holds it
+# right there is not cut.
+_LAST = "\U0010ffff"
 
 
-def pages(fs, path: str, recursive: bool) -> Iterator[list[dict[str, Any]]]:
+def pages(fs, path: str, recursive: bool, stem: str = "") -> Iterator[list[dict[str, Any]]]:
     """The entries under folder `path` (without the protocol), a page at a time, in fsspec's shape:
     `name`, `type` (`file` or `directory`), `size`, and what the store tells the content by (S3's `ETag`
     and `LastModified`). One level (subfolders as `directory` entries) or, `recursive`, every file below.
     A folder that does not exist has no entries; the folder itself is never among them (a folder without a
-    name, of keys with `//`, is `path/`)."""
+    name, of keys with `//`, is `path/`). A `stem` (S3 only, from `cut`) keeps the entries whose names in
+    the folder start with it."""
     if not isinstance(fs, s3fs.S3FileSystem):
+        if stem:
+            raise ValueError(f"only S3 folders are listed by stems; got {type(fs).__name__} and {stem!r}")
         try:
             listed = fs.find(path, detail=True).values() if recursive else fs.ls(path, detail=True)
         except FileNotFoundError:
             return
         yield [entry for entry in listed if entry["name"].rstrip("/") != path.rstrip("/")]
         return
-    bucket, key, _ = fs.split_path(path)
-    prefix = f"{key.rstrip('/')}/" if key else ""
+    bucket, folder = _folder_prefix(fs, path)
+    prefix = folder + stem
     request = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": PAGE_KEYS, **fs.req_kw}
     if not recursive:
         request["Delimiter"] = "/"
@@ -43,11 +65,132 @@ def pages(fs, path: str, recursive: bool) -> Iterator[list[dict[str, Any]]]:
                 raise
             return
         entries = [_folder(bucket, found["Prefix"]) for found in page.get("CommonPrefixes", [])]
-        entries += [_object(bucket, found) for found in page.get("Contents", []) if found["Key"] != prefix]
+        entries += [_object(bucket, found) for found in page.get("Contents", []) if found["Key"] != folder]
         yield entries
         if not page.get("IsTruncated"):
             return
         request["ContinuationToken"] = page["NextContinuationToken"]
+
+
+@dataclass(frozen=True)
+class Cut:
+    """A folder's entries whose names start with a stem, cut into longer stems: each entry is one of
+    `exact` (the files named by a stem that was cut further), or below exactly one of `stems` (a stem
+    ending in `/` is the folder of that name), all of them sorted."""
+
+    exact: list[dict[str, Any]]
+    stems: list[str]
+
+    def covers(self, folder: str, names: Iterable[str]) -> bool:
+        """Whether each of these keys (in `folder`, a folder's as `name/`) is one of `exact` or starts
+        with one of `stems`. The stems start with no other stem, so the last one before a name is the
+        only one it may start with."""
+        exact = {entry["name"].split("/", 1)[1] for entry in self.exact}
+        for name in names:
+            rest = name[len(folder) :]
+            below = bisect.bisect_right(self.stems, rest) - 1
+            if name not in exact and not (below >= 0 and rest.startswith(self.stems[below])):
+                return False
+        return True
+
+
+def cut(fs, path: str, stem: str, listed: Iterable[str]) -> Cut | None:
+    """The entries of `pages(fs, path, ..., stem)` cut into at least `CUT_FANOUT` longer stems where the
+    names allow, so that tasks can list them side by side; None where they cannot be cut: not S3, a
+    folder without a name (keys with `//`), a store whose `StartAfter` does not follow S3's order (UTF-8
+    bytes) in an answer, or whose stems miss one of the keys `listed` so far ("bucket/key", a folder's
+    with a `/` at its end), or an error in a request (the folder is listed whole then, as before)."""
+    if not isinstance(fs, s3fs.S3FileSystem):
+        return None
+    bucket, folder = _folder_prefix(fs, path)
+    exact: list[dict[str, Any]] = []
+    stems = [stem]
+    try:
+        while len(stems) < CUT_FANOUT:
+            # a stem ending in `/` is a folder, cut no further, unless it is the one to cut
+            parts = [part for part in stems if not part.endswith("/") or part == stem]
+            if not parts:
+                break
+            asked = in_threads(lambda part: _beginnings(fs, bucket, folder, part), parts)
+            if None in asked:
+                return None
+            longer = {part + c for part, (found, _) in zip(parts, asked, strict=True) for c in found}
+            if stems != [stem] and len(stems) - len(parts) + len(longer) > CUT_MOST:
+                break
+            exact += [file for _, files in asked for file in files]
+            stems = sorted({*stems} - {*parts} | longer)
+    except OSError:
+        return None
+    found = Cut(sorted(exact, key=lambda entry: entry["name"]), stems)
+    return found if found.covers(folder, (name.split("/", 1)[1] for name in listed)) else None
+
+
+def _folder_prefix(fs, path: str) -> tuple[str, str]:
+    """The bucket of `path`, and the prefix of its keys (the folder's own marker key)."""
+    bucket, key, _ = fs.split_path(path)
+    return bucket, f"{key.rstrip('/')}/" if key else ""
+
+
+def _beginnings(fs, bucket: str, folder: str, part: str) -> tuple[set[str], list[dict[str, Any]]] | None:
+    """The characters that follow `folder + part` in the names below it, and the file named by `part`
+    itself if any; None as `cut` says. The walk is one request after another; the rest go beside it."""
+    prefix = folder + part
+    request = {"Bucket": bucket, "Prefix": prefix, "Delimiter": "/", **fs.req_kw}
+    # Stores sort a folder named by `part` in different places: S3 as `part/`, after `part!`; SeaweedFS as
+    # `part`, before it. So `/` is asked apart, by its prefix, and the walk starts past `part`, which both
+    # take as past the key and the folder of that name. (Not where `part` starts a folder's names, at its
+    # own level or a folder below, where `/` would be a folder without a name, met by the walk on S3;
+    # SeaweedFS folds `//` and answers a prefix ending in it with folders that are not there.)
+    named_by_part = bool(part) and not part.endswith("/")
+    jobs = [lambda: _walk(fs, request | {"MaxKeys": 1}, prefix, named_by_part)]
+    if named_by_part:
+        jobs.append(lambda: _named(fs, request))
+        jobs.append(lambda: {"/"} if _first(fs, request | {"Prefix": prefix + "/", "MaxKeys": 1}) else set())
+    walked, *named = in_threads(lambda job: job(), jobs)
+    if walked is None:
+        return None
+    return (walked | named[1], named[0]) if named else (walked, [])
+
+
+def _walk(fs, request: dict[str, Any], prefix: str, named_by_part: bool) -> set[str] | None:
+    """The characters after `prefix` in the names past it: a request of one key each, the first key past
+    the names that start with the last character found. A `/` right after a prefix that ends a folder's
+    path (not `named_by_part`) is a folder without a name: None, as for another order than S3's."""
+    found: set[str] = set()
+    after = prefix
+    for _ in range(CUT_MOST + 1):  # each finds a character or ends the walk
+        first = _first(fs, request | {"StartAfter": after})
+        if first is None:
+            return found
+        if first <= after:  # not S3's order
+            return None
+        character = first[len(prefix)]
+        if character == "/" and not named_by_part:
+            return None
+        if after != prefix and character == after[len(prefix)]:  # a name holding `_LAST` right after it
+            return None
+        found.add(character)
+        after = prefix + character + _LAST
+    return None
+
+
+def _first(fs, request: dict[str, Any]) -> str | None:
+    """The first key or folder (`prefix/`) that a ListObjectsV2 request answers, if any."""
+    page = fs.call_s3("list_objects_v2", **request)
+    names = [found["Key"] for found in page.get("Contents", [])]
+    names += [found["Prefix"] for found in page.get("CommonPrefixes", [])]
+    return min(names, default=None)
+
+
+def _named(fs, request: dict[str, Any]) -> list[dict[str, Any]]:
+    """The file named by the request's prefix itself ([] if none). Asked by a listing of two entries: the
+    key and the folder of that name come first, in whichever order."""
+    page = fs.call_s3("list_objects_v2", **request, MaxKeys=2)
+    return [
+        _object(request["Bucket"], found)
+        for found in page.get("Contents", [])
+        if found["Key"] == request["Prefix"]
+    ]
 
 
 def unnamed(name: str, path: str) -> bool:

@@ -1,6 +1,7 @@
 """An HTTP proxy on loopback in front of the S3 server that fails requests on purpose: 503 SlowDown,
 connection resets and slow answers (past the client's read timeout), in a fixed cycle so that runs are
-repeatable; or every request, for a store that is down for good."""
+repeatable; or every request, for a store that is down for good. Or none, each answer late by a fixed
+`latency`: a remote store's round trip for the benchmarks (a loopback server answers in a millisecond)."""
 
 from __future__ import annotations
 
@@ -23,13 +24,16 @@ _SKIP = {"transfer-encoding", "connection", "content-encoding"}
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, permanent: bool = False, slow_seconds: float = 3.0):
+    def __init__(
+        self, upstream: str, permanent: bool = False, slow_seconds: float = 3.0, latency: float | None = None
+    ):
         self.upstream = upstream.rstrip("/")
         self.permanent = permanent
         self.slow_seconds = slow_seconds
+        self.latency = latency
         self.port = free_port()
         self.injected: Counter[str] = Counter()
-        self._requests = 0
+        self.requests = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
 
@@ -38,10 +42,12 @@ class FaultProxy:
         return f"http://127.0.0.1:{self.port}"
 
     def _fault(self) -> str | None:
-        self._requests += 1
+        self.requests += 1
+        if self.latency is not None:
+            return None
         if self.permanent:
             return "slow_down"
-        return {2: "slow_down", 5: "reset", 8: "slow"}.get(self._requests % 9)
+        return {2: "slow_down", 5: "reset", 8: "slow"}.get(self.requests % 9)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         fault = self._fault()
@@ -54,6 +60,8 @@ class FaultProxy:
             return web.Response(status=500)
         if fault == "slow":
             await asyncio.sleep(self.slow_seconds)
+        elif self.latency is not None:
+            await asyncio.sleep(self.latency)
         body = await request.read()
         # SigV4 signs the Host header: it travels unchanged
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _SKIP | {"content-length"}}

@@ -1,6 +1,8 @@
 """Listing page by page: the same entries fsspec lists, on S3 from pages of ListObjectsV2 (here two keys a
 page), and the input's listing tasks: every object once, level by level, whole where a level is too wide
-or holds a folder without a name."""
+or holds a folder without a name, and a big folder cut by its names into parts listed side by side."""
+
+import random
 
 import fsspec
 import pytest
@@ -11,6 +13,7 @@ from dinat_batch.pipeline.listing import pages
 from dinat_batch.pipeline.output import Output
 from dinat_batch.pipeline.parallel import in_threads
 from dinat_batch.pipeline.stages import read
+from dinat_batch.pipeline.stages.read import Span
 
 FILES = ["a.jpg", "b.jpg", "c.txt", "sub/d.jpg", "sub/deeper/e.jpg", "sub-f.jpg", "_hidden/g.jpg", "h/i.jpg"]
 VISIBLE = [name for name in FILES if not name.startswith("_")]
@@ -91,9 +94,10 @@ def test_s3_pages_never_give_the_folder_itself_and_keep_keys_with_empty_names(mo
 
 def test_a_level_holding_a_folder_without_a_name_is_listed_whole(monkeypatch):
     _store_answers(monkeypatch, lambda request: _keys(request["Prefix"], ODD_KEYS, request.get("Delimiter")))
-    files, folders = read._top._function("s3://bkt/in/a", {"anon": True}, 10)
-    assert folders == []
-    assert sorted(files.column("uri").to_pylist()) == [
+    files, (deeper, below) = read._top._function(Span("s3://bkt/in/a"), {"anon": True}, 10, 100)
+    assert files.num_rows == 0 and deeper == [] and below == [Span("s3://bkt/in/a")]
+    files, more = read._below(below, {"anon": True}, 100)
+    assert more == [] and sorted(files.column("uri").to_pylist()) == [
         "s3://bkt/in/a///z.jpg",
         "s3://bkt/in/a//y.jpg",
         "s3://bkt/in/a/x.jpg",
@@ -104,10 +108,10 @@ def test_folders_named_dot_or_dot_dot_are_hidden_as_any_dot_folder(monkeypatch):
     """S3 keeps `in/./x.jpg` and `in/../y.jpg` as keys of their own; a path library folds the names away."""
     keys = ["in/ok.jpg", "in/./x.jpg", "in/../y.jpg", "in/a/../z.jpg", "in/.git/w.jpg", "in/a//v.jpg"]
     _store_answers(monkeypatch, lambda request: _keys(request["Prefix"], keys, request.get("Delimiter")))
-    below = read._below(["s3://bkt/in"], {"anon": True})
+    below, _ = read._below([Span("s3://bkt/in")], {"anon": True}, 100)
     assert sorted(below.column("uri").to_pylist()) == ["s3://bkt/in/a//v.jpg", "s3://bkt/in/ok.jpg"]
-    files, folders = read._top._function("s3://bkt/in", {"anon": True}, 10)
-    assert files.column("uri").to_pylist() == ["s3://bkt/in/ok.jpg"] and folders == ["s3://bkt/in/a"]
+    files, (deeper, _) = read._top._function(Span("s3://bkt/in"), {"anon": True}, 10, 100)
+    assert files.column("uri").to_pylist() == ["s3://bkt/in/ok.jpg"] and deeper == [Span("s3://bkt/in/a")]
 
 
 def test_pages_of_what_is_not_there_are_empty(object_store, tmp_path):
@@ -132,18 +136,18 @@ def test_other_stores_are_listed_by_fsspec(tmp_path):
 def test_listing_tasks_give_each_object_once(s3_tree, object_store):
     _, root = s3_tree
     uri, options = f"s3://{root}", object_store.storage_options
-    below = read._below([f"{uri}/sub", f"{uri}/h", f"{uri}/nothing-here"], options)
+    below, _ = read._below([Span(f"{uri}/{name}") for name in ("sub", "h", "nothing-here")], options, 100)
     assert sorted(below.column("uri").to_pylist()) == [
         f"{uri}/{name}" for name in ("h/i.jpg", "sub/d.jpg", "sub/deeper/e.jpg")
     ]
-    assert read._below([f"{uri}/nothing-here"], options).schema == read.LISTING
-    files, folders = read._top._function(uri, options, 10)
+    assert read._below([Span(f"{uri}/nothing-here")], options, 100)[0].schema == read.LISTING
+    files, (deeper, below) = read._top._function(Span(uri), options, 10, 100)
     assert sorted(files.column("uri").to_pylist()) == [f"{uri}/{name}" for name in FILES if "/" not in name]
-    assert sorted(folders) == [f"{uri}/h", f"{uri}/marker", f"{uri}/sub"]
-    files, folders = read._top._function(uri, options, 2)  # more folders than it may hand on: all below
-    assert folders == [] and sorted(files.column("uri").to_pylist()) == sorted(
-        f"{uri}/{name}" for name in VISIBLE
-    )
+    assert sorted(span.uri for span in deeper) == [f"{uri}/h", f"{uri}/marker", f"{uri}/sub"] and below == []
+    files, (deeper, below) = read._top._function(
+        Span(uri), options, 2, 100
+    )  # more folders than it may hand on
+    assert files.num_rows == 0 and deeper == [] and below == [Span(uri)]
 
 
 def test_an_input_is_listed_by_tasks_every_object_once(s3_tree, object_store, ray_session):
@@ -192,20 +196,20 @@ def test_a_level_of_few_folders_is_listed_one_level_deeper(object_store, ray_ses
     rows = read.list_objects(uri, object_store.storage_options).take_all()
     assert sorted(row["uri"] for row in rows) == sorted(f"{uri}/{name}" for name in visible)
     levels, below = listing_calls
-    assert levels == [uri, f"{uri}/only"]
+    assert levels == [Span(uri), Span(f"{uri}/only")]
     assert len(below) == 8
-    assert sorted(folder for group in below for folder in group) == [f"{uri}/only/f{i}" for i in range(10)]
+    assert sorted(span.uri for group in below for span in group) == [f"{uri}/only/f{i}" for i in range(10)]
 
 
 def test_a_level_of_too_many_folders_is_listed_whole(object_store, ray_session, listing_calls, monkeypatch):
-    """`only/` holds more folders than a level may hand the driver: its task lists all below it."""
+    """`only/` holds more folders than a level may hand the driver: it is handed on, to be listed whole."""
     monkeypatch.setattr(read, "FOLDERS_PER_LEVEL", 5)
     visible = _deeper_tree(object_store, "listing/wide")
     uri = "s3://listing/wide"
     rows = read.list_objects(uri, object_store.storage_options).take_all()
     assert sorted(row["uri"] for row in rows) == sorted(f"{uri}/{name}" for name in visible)
     levels, below = listing_calls
-    assert levels == [uri, f"{uri}/only"] and below == []
+    assert levels == [Span(uri), Span(f"{uri}/only")] and below == [[Span(f"{uri}/only")]]
 
 
 def test_a_survey_takes_a_folder_without_a_name_for_someone_elses(monkeypatch):
@@ -216,3 +220,142 @@ def test_a_survey_takes_a_folder_without_a_name_for_someone_elses(monkeypatch):
         ("bkt/out//", "other"),
         ("bkt/out/_SUCCESS", "file"),
     ]
+
+
+class _S3:
+    """ListObjectsV2 as S3 answers it, in its order (UTF-8 bytes: Python's for `str`): `Prefix`,
+    `Delimiter` folding folders, `StartAfter`, `MaxKeys` and continuation. Or a store of another order
+    (`order`, a sort key also used against `StartAfter`), or one that ignores `StartAfter`."""
+
+    def __init__(self, keys: list[str], start_after: bool = True, order=None):
+        self.order = order or (lambda name: name)
+        self.keys, self.start_after = sorted(keys, key=self.order), start_after
+
+    def answer(self, method: str, request: dict) -> dict:
+        assert method == "list_objects_v2", method
+        prefix, delimiter = request["Prefix"], request.get("Delimiter")
+        after = request.get("ContinuationToken") or (
+            request.get("StartAfter", "") if self.start_after else ""
+        )
+        names = []
+        for key in self.keys:
+            rest = key[len(prefix) :]
+            name = prefix + rest.split("/")[0] + "/" if delimiter and "/" in rest else key
+            # nothing at or before the place asked, a folder given on the page before included
+            if key.startswith(prefix) and self.order(name) > self.order(after) and name not in names[-1:]:
+                names.append(name)
+        page, more = names[: request["MaxKeys"]], len(names) > request["MaxKeys"]
+        return {
+            "Contents": [{"Key": name, "Size": 1, "ETag": '"e"'} for name in page if name in self.keys],
+            "CommonPrefixes": [{"Prefix": name} for name in page if name not in self.keys],
+            "IsTruncated": more,
+            **({"NextContinuationToken": page[-1]} if more else {}),
+        }
+
+
+def _served(monkeypatch, store: _S3) -> None:
+    monkeypatch.setattr(
+        s3fs.S3FileSystem, "call_s3", lambda fs, method, **request: store.answer(method, request)
+    )
+
+
+def _listed_by_parts(monkeypatch, store: _S3, wide: int, most: int = 1000) -> tuple[list[str], list[Span]]:
+    """The files of `s3://bkt/in`, listed one level at a time and then whole, as `list_objects` does
+    without Ray, every span cut where it has more than `wide` entries, a level listed whole where it has
+    more than `most` folders; and the spans that were listed."""
+    _served(monkeypatch, store)
+    monkeypatch.setattr(listing, "PAGE_KEYS", 3)
+    options, files, listed = {"anon": True}, [], []
+    level, whole = [Span("s3://bkt/in")], []
+    while level:
+        span = level.pop()
+        table, (deeper, below) = read._top._function(span, options, most, wide)
+        files, level, whole, listed = (
+            files + table.column("uri").to_pylist(),
+            level + deeper,
+            whole + below,
+            [*listed, span],
+        )
+    while whole:
+        assert len(listed) < 10_000, "a span cut into itself, listed without end"
+        table, more = read._below(whole[:1], options, wide)
+        files, whole, listed = files + table.column("uri").to_pylist(), whole[1:] + more, [*listed, whole[0]]
+    return files, listed
+
+
+def _odd_names(count: int, unnamed: bool = False) -> list[str]:
+    """Names that stores sort differently (`a/` against `a!`), keys that are stems of others (`a`, `a/b`),
+    folders' marker objects (`a/`), empty names (`a//b`; `//b` at the top too, if `unnamed`), characters
+    past ASCII and capitals; and hexadecimal names, as big flat folders have."""
+    draw = random.Random(13)
+    names = {"".join(draw.choice("aAb/!.0é~_") for _ in range(draw.randint(1, 6))) for _ in range(count)}
+    names |= {f"{draw.getrandbits(32):08x}.jpg" for _ in range(count)}
+    return [f"in/{name}" for name in names if unnamed or not name.startswith("/")]
+
+
+def _visible(keys: list[str]) -> list[str]:
+    return sorted(f"s3://bkt/{key}" for key in keys if not key.endswith("/") and not read._hidden(key, "in"))
+
+
+@pytest.mark.parametrize(("wide", "most"), [(4, 1000), (40, 1000), (4, 3), (10**6, 1000)])
+def test_a_folder_cut_by_its_names_lists_every_key_once(monkeypatch, wide, most):
+    keys = _odd_names(300)
+    files, listed = _listed_by_parts(monkeypatch, _S3(keys), wide, most)
+    assert sorted(files) == _visible(keys)
+    assert (len([span for span in listed if span.stem]) > 16) == (wide < 10**6)
+
+
+def test_folders_below_too_big_for_a_task_are_cut_in_turn(monkeypatch):
+    """Folders handed on to be listed whole (a level of more than `most`), each with more than `wide`
+    keys: cut into the folders' own names, not handed back whole."""
+    keys = [f"in/{i}/{j:02d}.jpg" for i in range(5) for j in range(40)] + [f"in/{c}.jpg" for c in "abcdefgh"]
+    files, listed = _listed_by_parts(monkeypatch, _S3(keys), 4, most=2)
+    assert sorted(files) == _visible(keys)
+    stems = {span.stem for span in listed if span.uri == "s3://bkt/in"}
+    assert {f"{i}/" for i in range(5)} <= stems and any(len(stem) > 2 and stem[1] == "/" for stem in stems)
+
+
+@pytest.mark.parametrize(
+    "store",
+    [
+        pytest.param(lambda keys: _S3(keys, start_after=False), id="StartAfter ignored"),
+        pytest.param(lambda keys: _S3(keys, order=lambda name: (name.lower(), name)), id="lower case first"),
+        pytest.param(_S3, id="a folder without a name at the top"),
+    ],
+)
+def test_a_folder_that_cannot_be_cut_is_listed_whole(monkeypatch, store):
+    keys = _odd_names(100, unnamed=True)
+    files, listed = _listed_by_parts(monkeypatch, store(keys), 4)
+    assert sorted(files) == _visible(keys)
+    assert not [span for span in listed if span.uri == "s3://bkt/in" and span.stem]
+
+
+def test_cut_parts_cover_each_name_once_and_names_that_cannot_be_cut(monkeypatch):
+    store = _S3(["in/a", "in/a!", "in/a/b", "in/a0", "in/b", "in/c\U0010ffffd", "in/c"])
+    _served(monkeypatch, store)
+    fs = s3fs.S3FileSystem(anon=True, skip_instance_cache=True)
+    parts = listing.cut(fs, "bkt/in", "a", ["bkt/in/a", "bkt/in/a/"])
+    # cut on to single names, short of 16 parts: `a!` and `a0` are names, `a/` a folder
+    assert [entry["name"] for entry in parts.exact] == ["bkt/in/a", "bkt/in/a!", "bkt/in/a0"]
+    assert parts.stems == ["a/"]
+    assert listing.cut(fs, "bkt/in", "", []) is None  # `c` + the last character
+    assert listing.cut(fsspec.filesystem("memory"), "in", "", []) is None
+    # keys listed before the cut that its parts do not hold: a store whose order is not S3's
+    assert listing.cut(fs, "bkt/in", "a", ["bkt/in/a", "bkt/in/A1"]) is None
+
+
+def test_a_flat_folder_is_cut_for_tasks_side_by_side(object_store, ray_session, listing_calls, monkeypatch):
+    """Against SeaweedFS, which sorts a folder `a/` before `a!`: every object once; the input's level is
+    cut into more spans than the 2 listing tasks wanted, each listed whole (and cut again) by a task."""
+    object_store.make_bucket("listing")
+    # SeaweedFS takes no key with an empty name or one named `.` or `..` in it
+    names = [name.removeprefix("in/") for name in _odd_names(60)]
+    names = [name for name in names if not {"", ".", ".."} & set(name.split("/")) and name[-1] != "/"]
+    fs, uri = object_store.filesystem(), "s3://listing/flat"
+    in_threads(lambda name: fs.pipe_file(f"listing/flat/{name}", b"x"), names)
+    monkeypatch.setattr(read, "SPAN_ENTRIES", 10)
+    rows = read.list_objects(uri, object_store.storage_options).take_all()
+    visible = [name for name in names if not read._hidden(f"flat/{name}", "flat")]
+    assert sorted(row["uri"] for row in rows) == sorted(f"{uri}/{name}" for name in visible)
+    levels, below = listing_calls
+    assert levels == [Span(uri)] and len([span for group in below for span in group if span.stem]) >= 16

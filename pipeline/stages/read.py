@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -27,7 +27,7 @@ import ray
 
 from dinat_batch.pipeline.config import IMAGE_EXTENSIONS, ConfigError, RunConfig
 from dinat_batch.pipeline.errors import error_text, read_error
-from dinat_batch.pipeline.listing import pages, unnamed
+from dinat_batch.pipeline.listing import Cut, cut, pages, unnamed
 from dinat_batch.pipeline.locations import (
     GLOB_CHARS,
     Location,
@@ -57,6 +57,10 @@ LISTING_TASKS = 64
 # 1/N of them; a folder with more is listed whole by its task, not a level at a time: with a folder per
 # image (`2024/ID/image.jpg`) the names would be per-image state in the driver.
 FOLDERS_PER_LEVEL = 1_000_000
+# A listing task that has listed more entries of one span stops and cuts it (`Span`): a flat folder
+# of 100M images is 100k requests, hours for one task. What it listed is listed again by the parts: ~15 s
+# at S3's pace (~7k keys a second), against a part's share of the folder.
+SPAN_ENTRIES = 100_000
 _KIND_EXTENSIONS = {"files": IMAGE_EXTENSIONS, "webdataset": (".tar",), "parquet": (".parquet",)}
 # a container's row key, `SHARD#sample` or `TABLE#row`: the container ends at the first `#` after its
 # extension, so that a `#` in its own URI stays in it
@@ -145,19 +149,83 @@ def _fresh(uri: str, storage_options: dict[str, Any]):
     return fs, path
 
 
-def _below(uris: list[str], storage_options: dict[str, Any]) -> pa.Table:
-    """Every file below each of these folders, listed page by page."""
-    tables = []
-    for uri in uris:
-        fs, path = _fresh(uri, storage_options)
-        tables += [_listing(page, Spelling.of(uri), path) for page in pages(fs, path, recursive=True)]
-    return pa.concat_tables(tables or [LISTING.empty_table()]).combine_chunks()
+@dataclass(frozen=True)
+class Span:
+    """What a listing task is given: the entries of folder `uri` whose names there start with `stem` (all
+    of them: ""). A folder too big for one task is cut into spans of longer stems (`listing.cut`)."""
+
+    uri: str
+    stem: str = ""
+
+
+class _Parts(NamedTuple):
+    """What a cut span is listed as: the files its cut names exactly, and the spans to list instead."""
+
+    files: pa.Table
+    spans: list[Span]
+
+
+class _Paged:
+    """The pages of a span, until it has more than `wide` entries and can be cut (`listing.cut`): then
+    `parts` says what to list instead, and what was listed of it is to be dropped. One level at a time, a cut's folders are folders of the next level; below,
+    spans of the same folder, whose stems are never made back into URIs (s3fs would read `?versionId=`
+    in a name as a version)."""
+
+    def __init__(self, span: Span, storage_options: dict[str, Any], recursive: bool, wide: int):
+        self.span, self.recursive, self.wide = span, recursive, wide
+        self.fs, self.path = _fresh(span.uri, storage_options)
+        self.where = Spelling.of(span.uri)
+        self.parts: _Parts | None = None
+
+    def __iter__(self) -> Iterator[list[dict[str, Any]]]:
+        names: list[str] | None = []  # what a cut must cover, until it is tried
+        for page in pages(self.fs, self.path, self.recursive, self.span.stem):
+            yield page
+            if names is None:
+                continue
+            names += [e["name"] + ("/" if e["type"] == "directory" else "") for e in page]
+            if len(names) > self.wide:
+                parts = cut(self.fs, self.path, self.span.stem, names)
+                if parts is not None:
+                    self.parts = self._spans(parts)
+                    return
+                names = None
+
+    def _spans(self, parts: Cut) -> _Parts:
+        root = self.path.rstrip("/")
+        stems = [stem for stem in parts.stems if not _hidden(f"{root}/{stem}x", self.path)]
+        if self.recursive:
+            spans = [Span(self.span.uri, stem) for stem in stems]
+        else:
+            spans = [
+                Span(self.where.uri(f"{root}/{stem[:-1]}"))
+                if stem.endswith("/")
+                else Span(self.span.uri, stem)
+                for stem in stems
+            ]
+        return _Parts(_listing(parts.exact, self.where, self.path), spans)
+
+
+def _below(spans: list[Span], storage_options: dict[str, Any], wide: int) -> tuple[pa.Table, list[Span]]:
+    """Every file below each of these spans, listed page by page; and the spans still to list, where a
+    span had more than `wide` entries and was cut (what had been listed of it is not kept)."""
+    tables, more = [], []
+    for span in spans:
+        paged = _Paged(span, storage_options, recursive=True, wide=wide)
+        listed = [_listing(page, paged.where, paged.path) for page in paged]
+        if paged.parts is not None:
+            listed, more = [paged.parts.files], more + paged.parts.spans
+        tables += listed
+    return pa.concat_tables(tables or [LISTING.empty_table()]).combine_chunks(), more
 
 
 # Listing tasks return their rows as one block, not a stream of blocks: Ray replays a generator whose
 # worker died from its start and keeps the blocks already handed on, so a folder written to meanwhile
-# would shift rows across blocks, a key listed twice or not at all. A retried task lists its folders anew.
-_find = ray.remote(num_cpus=0.25)(_below)
+# would shift rows across blocks, a key listed twice or not at all. A retried task lists its spans anew;
+# one that Ray runs again to rebuild a lost block may cut where the first did not (the folder grew), and
+# give other rows: a run whose stages read such a block commits nothing (`run.execute`); one rebuilt
+# while the run is planned, before its listing is materialized, goes unseen.
+_find = ray.remote(num_cpus=0.25, num_returns=2)(_below)
 
 
 @ray.remote(num_cpus=0.25)
@@ -167,20 +235,26 @@ def _glob(uri: str, storage_options: dict[str, Any]) -> pa.Table:
 
 
 @ray.remote(num_cpus=0.25, num_returns=2)
-def _top(uri: str, storage_options: dict[str, Any], most: int) -> tuple[pa.Table, list[str]]:
-    """The files directly in a folder and the URIs of its folders; or, where it holds more than `most`
-    folders, or one without a name (keys with `//`, which no path names apart from this one), every file
-    below it and no folders."""
-    fs, path = _fresh(uri, storage_options)
-    where = Spelling.of(uri)
+def _top(
+    span: Span, storage_options: dict[str, Any], most: int, wide: int
+) -> tuple[pa.Table, tuple[list[Span], list[Span]]]:
+    """The files directly in a span of a folder, and the spans of the next level (its folders, or where
+    it had more than `wide` entries, the parts it was cut into) and those to list whole. A span holding
+    more than `most` folders, or one without a name (keys with `//`, which no path names apart from this
+    one), is listed whole (by `_below`), not a level at a time."""
+    paged = _Paged(span, storage_options, recursive=False, wide=wide)
     tables, folders = [], []
-    for page in pages(fs, path, recursive=False):
-        tables.append(_listing(page, where, path))
-        found = [i["name"] for i in page if i["type"] == "directory" and not _hidden(f"{i['name']}/x", path)]
+    for page in paged:
+        tables.append(_listing(page, paged.where, paged.path))
+        found = [
+            i["name"] for i in page if i["type"] == "directory" and not _hidden(f"{i['name']}/x", paged.path)
+        ]
         folders += found
-        if len(folders) > most or any(unnamed(folder, path) for folder in found):
-            return _below([uri], storage_options), []
-    return pa.concat_tables(tables).combine_chunks(), [where.uri(folder) for folder in folders]
+        if len(folders) > most or any(unnamed(folder, paged.path) for folder in found):
+            return LISTING.empty_table(), ([], [span])
+    if paged.parts is not None:
+        return paged.parts.files, (paged.parts.spans, [])
+    return pa.concat_tables(tables).combine_chunks(), ([Span(paged.where.uri(f)) for f in folders], [])
 
 
 def _glob_root(pattern: str) -> str:
@@ -192,7 +266,8 @@ def list_objects(uri: str, storage_options: dict[str, Any]) -> ray.data.Material
     """Every object under a prefix, matching a glob, or the one file named: `uri`, `size`, `version`.
     Listed in Ray tasks, page by page; the rows stay in Ray's object store. A prefix is listed a level at
     a time, a task for each folder, until a level has `LISTING_TASKS` folders or more; those are shared
-    among at most four times as many tasks, each listing every file below its folders."""
+    among at most four times as many tasks, each listing every file below its folders. A folder of more
+    than `SPAN_ENTRIES` entries is cut by the first characters of its names, for tasks side by side."""
     fs, path = _fresh(uri, storage_options)
     if any(c in path for c in GLOB_CHARS):
         return ray.data.from_arrow_refs([_glob.remote(uri, storage_options)])
@@ -201,13 +276,30 @@ def list_objects(uri: str, storage_options: dict[str, Any]) -> ray.data.Material
     if not fs.isdir(path):
         raise ConfigError(f"input {uri!r} does not exist (no object or prefix of that name); check the URI")
     blocks: list[ray.ObjectRef] = []
-    level = [uri]
+    level, whole = [Span(uri)], []
     while level and len(level) < LISTING_TASKS:
-        listed = [_top.remote(folder, storage_options, FOLDERS_PER_LEVEL // len(level)) for folder in level]
+        most = FOLDERS_PER_LEVEL // len(level)
+        listed = [_top.remote(span, storage_options, most, SPAN_ENTRIES) for span in level]
         blocks += [files for files, _ in listed]
-        level = [folder for folders in ray.get([folders for _, folders in listed]) for folder in folders]
-    tasks = min(len(level), 4 * LISTING_TASKS)
-    blocks += [_find.remote(level[i::tasks], storage_options) for i in range(tasks)]
+        level = []
+        for deeper, below in ray.get([rest for _, rest in listed]):
+            level, whole = level + deeper, whole + below
+    # At most four tasks per wanted one at a time, each given a share of the spans waiting: a cut span's
+    # parts start as soon as its task ends, not after the slowest of the others, and the driver waits on
+    # a bounded list however many spans a big folder is cut into.
+    queue, waiting = whole + level, []
+    while queue or waiting:
+        tasks = min(len(queue), 4 * LISTING_TASKS)
+        groups = [queue[i::tasks] for i in range(tasks)]
+        free = 4 * LISTING_TASKS - len(waiting)
+        for group in groups[:free]:
+            files, more = _find.remote(group, storage_options, SPAN_ENTRIES)
+            blocks.append(files)
+            waiting.append(more)
+        queue = [span for group in groups[free:] for span in group]
+        ray.wait(waiting, num_returns=1)
+        done, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=0)
+        queue += [span for spans in ray.get(done) for span in spans]
     return ray.data.from_arrow_refs(blocks)
 
 

@@ -421,6 +421,20 @@ def test_a_listing_ray_rebuilt_with_other_rows_commits_nothing(
     assert not list((tmp_path / "out").rglob("_SUCCESS"))
 
 
+def test_a_listing_that_changed_while_the_run_was_planned_is_refused(
+    tmp_path, tiny_model, ray_session, monkeypatch
+):
+    """The same, while the input kind is chosen: the listing read again holds one object fewer than its
+    blocks did when they were made."""
+    rows = [{"uri": f"{tmp_path}/images/{i}.jpg", "size": 1, "version": ""} for i in range(3)]
+    listing = ray.data.from_arrow(pa.Table.from_pylist(rows, schema=read.LISTING)).materialize()
+    real = read._kind_counts
+    monkeypatch.setattr(read, "_kind_counts", lambda batch: real(batch.slice(1)))
+    config = RunConfig(input=str(tmp_path / "images"), output=str(tmp_path / "out"), model=str(tiny_model))
+    with pytest.raises(VerificationFailed, match="held 3 objects and holds 2 now"):
+        read.choose_kind(config, listing)
+
+
 @pytest.mark.parametrize("kind", ["files", "parquet"])
 def test_actors_asking_for_a_resource_no_node_has_stall_naming_it(
     kind, tmp_path, tiny_model, ray_session, caplog

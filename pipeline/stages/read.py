@@ -39,7 +39,7 @@ from dinat_batch.pipeline.locations import (
     split_protocol,
 )
 from dinat_batch.pipeline.objects import read_object
-from dinat_batch.pipeline.output import record_source
+from dinat_batch.pipeline.output import VerificationFailed, record_source
 from dinat_batch.pipeline.selection import ROWS_PER_PARTITION, attach, each_group, without
 from dinat_batch.pipeline.stages import CPU_TASK, Stage
 
@@ -223,8 +223,8 @@ def _below(spans: list[Span], storage_options: dict[str, Any], wide: int) -> tup
 # worker died from its start and keeps the blocks already handed on, so a folder written to meanwhile
 # would shift rows across blocks, a key listed twice or not at all. A retried task lists its spans anew;
 # one that Ray runs again to rebuild a lost block may cut where the first did not (the folder grew), and
-# give other rows: a run whose stages read such a block commits nothing (`run.execute`); one rebuilt
-# while the run is planned, before its listing is materialized, goes unseen.
+# give other rows: a run refuses a listing whose rows differ from those first read (`choose_kind`, and
+# `run.execute` for the stages); a nightly selection made from a rebuilt block goes unseen.
 _find = ray.remote(num_cpus=0.25, num_returns=2)(_below)
 
 
@@ -332,6 +332,7 @@ def choose_kind(config: RunConfig, listing: ray.data.Dataset) -> tuple[str, ray.
     counts = Counter[str]()
     for row in listing.map_batches(_kind_counts, **tasks).take_all():
         counts.update(row)
+    _unchanged(counts["objects"], listing.count())
     kind = config.input_format
     if kind == "auto":
         kind = next((k for k in _KIND_EXTENSIONS if counts[k]), None)
@@ -345,7 +346,20 @@ def choose_kind(config: RunConfig, listing: ray.data.Dataset) -> tuple[str, ray.
         raise ConfigError(
             f"input_format is {kind!r} but no {'/'.join(ext)} objects are under {config.input!r}"
         )
-    return kind, listing.map_batches(_of_kind, fn_kwargs={"ext": ext}, **tasks).materialize()
+    chosen = listing.map_batches(_of_kind, fn_kwargs={"ext": ext}, **tasks).materialize()
+    _unchanged(chosen.count(), counts[kind])
+    return kind, chosen
+
+
+def _unchanged(now: int, before: int) -> None:
+    """Refuse a listing whose rows are not the ones read before: Ray rebuilt a lost block of it by
+    listing again (see `_find`), and the input had changed since."""
+    if now != before:
+        raise VerificationFailed(
+            f"the input's listing held {before} objects and holds {now} now: Ray listed a part of it "
+            "again after a node was lost, and the input had changed; nothing was written; run the same "
+            "command again"
+        )
 
 
 def _too_large(size: int, limit: int) -> str:

@@ -167,9 +167,9 @@ class _Parts(NamedTuple):
 
 class _Paged:
     """The pages of a span, until it has more than `wide` entries and can be cut (`listing.cut`): then
-    `parts` says what to list instead, and what was listed of it is to be dropped. One level at a time, a cut's folders are folders of the next level; below,
-    spans of the same folder, whose stems are never made back into URIs (s3fs would read `?versionId=`
-    in a name as a version)."""
+    `parts` says what to list instead, and what was listed of it is to be dropped. One level at a time,
+    a cut's folders are folders of the next level; below, spans of the same folder, whose stems are never
+    made back into URIs (s3fs would read `?versionId=` in a name as a version)."""
 
     def __init__(self, span: Span, storage_options: dict[str, Any], recursive: bool, wide: int):
         self.span, self.recursive, self.wide = span, recursive, wide

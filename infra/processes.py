@@ -1,5 +1,5 @@
-"""What the local services (SeaweedFS, a Ray head) share: free loopback ports, stopping a process group,
-and use as a context manager so that nothing is left running."""
+"""What the local services (SeaweedFS, a Ray head) share: free loopback ports, starting again one that gave
+up, stopping a process group, and use as a context manager so that nothing is left running."""
 
 from __future__ import annotations
 
@@ -8,12 +8,40 @@ import os
 import signal
 import socket
 import subprocess
+from collections.abc import Callable
+from typing import TypeVar
+
+# a service's process can give up at startup for a reason the next start need not meet: a free port taken
+# by another process before the service bound it, a node the GCS did not register in time on a loaded
+# machine ("The current node timed out during startup"); such a service is started again
+STARTS = 3
+T = TypeVar("T")
+
+
+class GaveUp(RuntimeError):
+    """A service's process exited while it started, for a reason another start may not meet."""
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def started(start: Callable[[], T], may_retry: Callable[[], bool] = lambda: True) -> T:
+    """`start()`, called again when it raises GaveUp, up to STARTS times while `may_retry()`; the last
+    GaveUp carries the earlier ones as notes."""
+    earlier: list[str] = []
+    for attempt in range(1, STARTS + 1):
+        try:
+            return start()
+        except GaveUp as err:
+            if attempt == STARTS or not may_retry():
+                for reason in earlier:
+                    err.add_note(f"an earlier start: {reason}")
+                raise
+            earlier.append(str(err))
+    raise AssertionError("unreachable")
 
 
 def stop_group(process: subprocess.Popen | None, first: signal.Signals, timeout: float) -> None:

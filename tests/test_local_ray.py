@@ -9,7 +9,8 @@ import time
 import pytest
 
 from dinat_batch.infra import local_ray
-from dinat_batch.infra.local_ray import STARTS, LocalRayHead, NodeExited
+from dinat_batch.infra.local_ray import LocalRayHead, NodeExited
+from dinat_batch.infra.processes import STARTS
 
 pytestmark = pytest.mark.standalone
 

@@ -1,11 +1,15 @@
 """The local S3 server used by the demo and the tests: real auth, loopback only, nothing left running."""
 
 import os
+import socket
 
 import pytest
 import s3fs
 
+from dinat_batch.infra import object_store as store_module
+from dinat_batch.infra import processes
 from dinat_batch.infra.object_store import LocalObjectStore
+from dinat_batch.infra.processes import GaveUp, free_port
 
 
 def test_round_trip_and_wrong_credentials_refused(object_store):
@@ -31,3 +35,56 @@ def test_stop_leaves_no_process_and_no_files():
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert not data_dir.exists()
+
+
+@pytest.fixture
+def taken_port():
+    """A loopback port another process listens on and never answers: handed out as the first free port
+    of every launch, as when another process takes it between the pick and weed's bind."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield taken.getsockname()[1]
+
+
+def _launches(monkeypatch, taken: int, spoiled: int) -> list[int]:
+    """The pids of weed's launches from now on; the first `spoiled` pick `taken` as their first port."""
+    pids: list[int] = []
+    launch = LocalObjectStore._launch
+
+    def launch_counted(store):
+        picks = iter([taken] if len(pids) < spoiled else [])
+        monkeypatch.setattr(store_module, "free_port", lambda: next(picks, None) or free_port())
+        launch(store)
+        pids.append(store._process.pid)
+
+    monkeypatch.setattr(LocalObjectStore, "_launch", launch_counted)
+    return pids
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_a_port_taken_before_weed_binds_it_starts_weed_again_on_others(monkeypatch, taken_port):
+    pids = _launches(monkeypatch, taken_port, spoiled=1)
+    with LocalObjectStore() as store:
+        assert len(pids) == 2 and store.port != taken_port and _gone(pids[0])
+        store.make_bucket("retried")
+        store.filesystem().pipe("retried/a.bin", b"payload")
+        assert store.filesystem().cat("retried/a.bin") == b"payload"
+
+
+def test_a_port_taken_at_every_start_gives_up_with_the_reason_and_leaves_nothing(monkeypatch, taken_port):
+    pids = _launches(monkeypatch, taken_port, spoiled=2)
+    monkeypatch.setattr(processes, "STARTS", 2)
+    store = LocalObjectStore()
+    with pytest.raises(GaveUp, match=f"127.0.0.1:{taken_port}.*address already in use") as raised:
+        store.start()
+    assert len(pids) == 2 and all(map(_gone, pids))
+    assert any("an earlier start: weed exited" in note for note in raised.value.__notes__)
+    assert not store.data_dir.exists()

@@ -289,14 +289,7 @@ def execute(
         if todo.count():
             _execute(plan, todo, output, owner, None)
         expected = digest(listing, "uri")
-        if expected.count != listed:
-            # Ray rebuilt a lost block of the listing by listing again, from a folder that changed since
-            # (a listing task may then cut a folder it listed whole, and give none of its rows)
-            raise VerificationFailed(
-                f"the input's listing holds {expected.count} images now and held {listed} when the run "
-                "began: Ray listed a part of it again after a node was lost, and the input had changed; "
-                "nothing was committed; run the same command again"
-            )
+        read.unchanged(expected.count, listed, "nothing was committed")
     else:
         sources = listed
         if sources:

@@ -3,8 +3,9 @@
 fsspec's listings (`ls`, `find`) return every entry at once, each a dict with the store's dates and
 classes, and keep them all in the filesystem's cache: ~1.2 KB of Python an object on S3. A folder of 10M
 images listed by one Ray task was ~12 GB in that worker, and a resume's 1M chunk files ~2 GB in the
-driver while it surveyed them. On S3 the pages come from ListObjectsV2 (1,000 keys each) and only the fields the pipeline
-reads are kept; other stores are listed by fsspec, whole, as before.
+driver while it surveyed them. On S3 the pages come from ListObjectsV2 (1,000 keys each) and only the
+fields the pipeline reads are kept; a local disk (or a shared mount) is read by `os.scandir`, each entry
+made by fsspec's own `info` as its `ls` does; other stores are listed by fsspec, whole.
 
 A folder too big for one listing task is cut by the first characters of its names (`cut`): a prefix
 lists exactly the keys that start with it, and one-key requests find which prefixes have keys, walking
@@ -15,11 +16,13 @@ keys listed before the cut, not always.
 from __future__ import annotations
 
 import bisect
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import s3fs
+from fsspec.implementations.local import LocalFileSystem
 
 from dinat_batch.pipeline.parallel import in_threads
 
@@ -43,9 +46,12 @@ def pages(fs, path: str, recursive: bool, stem: str = "") -> Iterator[list[dict[
     A folder that does not exist has no entries; the folder itself is never among them (a folder without a
     name, of keys with `//`, is `path/`). A `stem` (S3 only, from `cut`) keeps the entries whose names in
     the folder start with it."""
+    if stem and not isinstance(fs, s3fs.S3FileSystem):
+        raise ValueError(f"only S3 folders are listed by stems; got {type(fs).__name__} and {stem!r}")
+    if isinstance(fs, LocalFileSystem):
+        yield from _local_pages(fs, path, recursive)
+        return
     if not isinstance(fs, s3fs.S3FileSystem):
-        if stem:
-            raise ValueError(f"only S3 folders are listed by stems; got {type(fs).__name__} and {stem!r}")
         try:
             listed = fs.find(path, detail=True).values() if recursive else fs.ls(path, detail=True)
         except FileNotFoundError:
@@ -70,6 +76,38 @@ def pages(fs, path: str, recursive: bool, stem: str = "") -> Iterator[list[dict[
         if not page.get("IsTruncated"):
             return
         request["ContinuationToken"] = page["NextContinuationToken"]
+
+
+def _local_pages(fs: LocalFileSystem, path: str, recursive: bool) -> Iterator[list[dict[str, Any]]]:
+    """`pages` of a folder on a disk: what fsspec's `ls` and `find` give (its `info` of each directory
+    entry: a symbolic link is `other`, and is not followed), `PAGE_KEYS` at a time, a folder below listed
+    after the one holding it. A folder or entry removed since it was seen is left out, as by fsspec; a
+    folder that cannot be read raises (fsspec's `find` left it out, and the images in it with it), unless
+    hidden below (`.Trash-1000/`, `_tmp/`: never an input's or an output's)."""
+    folders, page = [path], []
+    while folders:
+        folder = folders.pop()
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    try:
+                        info = fs.info(entry)
+                    except FileNotFoundError:
+                        continue
+                    if recursive and info["type"] == "directory":
+                        folders.append(info["name"])
+                        continue
+                    page.append(info)
+                    if len(page) == PAGE_KEYS:
+                        yield page
+                        page = []
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError:
+            if folder == path or not os.path.basename(folder).startswith(("_", ".")):
+                raise
+    if page:
+        yield page
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 page), and the input's listing tasks: every object once, level by level, whole where a level is too wide
 or holds a folder without a name, and a big folder cut by its names into parts listed side by side."""
 
+import os
 import random
 
 import fsspec
@@ -122,13 +123,60 @@ def test_pages_of_what_is_not_there_are_empty(object_store, tmp_path):
     assert list(pages(fsspec.filesystem("file"), str(tmp_path / "absent"), False)) == []
 
 
-def test_other_stores_are_listed_by_fsspec(tmp_path):
-    root = str(tmp_path / "tree")
-    fs = fsspec.filesystem("file", auto_mkdir=True)
-    fs.mkdir(root)
+@pytest.fixture
+def disk_tree(tmp_path, monkeypatch):
+    fs, root = fsspec.filesystem("file", auto_mkdir=True), str(tmp_path / "tree")
     _tree(fs, root)
-    _, below = _entries(fs, root, recursive=True)
-    assert set(below) == {f"{root}/{name}" for name in FILES}
+    (tmp_path / "tree" / "empty").mkdir()
+    (tmp_path / "tree" / "link.jpg").symlink_to(tmp_path / "tree" / "a.jpg")
+    (tmp_path / "tree" / "sub" / "link").symlink_to(tmp_path / "tree" / "h")
+    monkeypatch.setattr(listing, "PAGE_KEYS", 2)
+    return fs, root
+
+
+def test_disk_pages_give_what_fsspec_lists_a_page_at_a_time(disk_tree):
+    """fsspec's own entries (a symbolic link is `other`, not followed), never more than a page at once:
+    its `find` and `ls` made every entry of a folder before returning one."""
+    fs, root = disk_tree
+    found, below = _entries(fs, root, recursive=True)
+    assert len(found) > 1 and all(len(page) <= 2 for page in found)
+    assert below == fs.find(root, detail=True)
+    assert {name.removeprefix(f"{root}/") for name, entry in below.items() if entry["type"] == "other"} == {
+        "link.jpg",
+        "sub/link",
+    }
+    found, level = _entries(fs, root, recursive=False)
+    assert len(found) > 1 and all(len(page) <= 2 for page in found)
+    assert level == {entry["name"]: entry for entry in fs.ls(root, detail=True)} and root not in level
+    assert list(pages(fs, f"{root}/a.jpg", True)) == [] == list(pages(fs, f"{root}/a.jpg", False))
+
+
+def test_a_folder_below_that_cannot_be_read_raises_naming_it_unless_hidden(disk_tree, monkeypatch):
+    """fsspec's `find` left such a folder out, and every image in it: not a row, not an error."""
+    fs, root = disk_tree
+    scandir = os.scandir
+
+    def denied(path):
+        if path in unreadable:
+            raise PermissionError(13, "Permission denied", path)
+        return scandir(path)
+
+    monkeypatch.setattr(listing.os, "scandir", denied)
+    unreadable = {f"{root}/sub", f"{root}/_hidden"}
+    with pytest.raises(PermissionError, match=f"{root}/sub"):
+        _entries(fs, root, recursive=True)
+    assert len(_entries(fs, root, recursive=False)[1]) == 9
+    unreadable.remove(f"{root}/sub")  # a hidden folder holds no input: left out
+    assert f"{root}/sub/d.jpg" in _entries(fs, root, recursive=True)[1]
+    with pytest.raises(PermissionError):
+        _entries(fs, f"{root}/_hidden", recursive=True)
+
+
+def test_other_stores_are_listed_by_fsspec(monkeypatch):
+    fs, root = fsspec.filesystem("memory"), "/listing-tree"
+    _tree(fs, root)
+    found, below = _entries(fs, root, recursive=True)
+    assert len(found) == 1 and set(below) == {f"{root}/{name}" for name in FILES}
     _, level = _entries(fs, root, recursive=False)
     assert set(level) == {f"{root}/{name.split('/')[0]}" for name in FILES} and root not in level
 

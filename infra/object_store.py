@@ -43,6 +43,7 @@ class LocalObjectStore(Service):
         self.secret_key = secrets.token_hex(16)
         self.port = 0
         self._process: subprocess.Popen | None = None
+        self._grpc_ports: dict[str, int] = {}
         self._startup_timeout = startup_timeout
 
     @property
@@ -89,17 +90,21 @@ class LocalObjectStore(Service):
                 }
             ]
         }
-        # a start that gave up was stopped, which removes a data dir of our own
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self._own_dir and not self.data_dir.exists():  # removed when a start that gave up was stopped
+            self.data_dir = Path(tempfile.mkdtemp(prefix="dinat-weed-"))
         config = self.data_dir / "identities.json"
         config.write_text(json.dumps(identities))
         self.port = free_port()
         args = [weed_binary(), "server", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
         args += ["-s3", f"-s3.port={self.port}", f"-s3.config={config}"]
         # gRPC ports default to port + 10000 (invalid above 55535, colliding between servers): pick them all
-        for service in ("master", "volume", "filer"):
-            args += [f"-{service}.port={free_port()}", f"-{service}.port.grpc={free_port()}"]
-        args.append(f"-s3.port.grpc={free_port()}")
+        self._grpc_ports = {service: free_port() for service in ("master", "volume", "filer", "s3")}
+        for service, grpc_port in self._grpc_ports.items():
+            args.append(f"-{service}.port.grpc={grpc_port}")
+            if service != "s3":
+                args.append(f"-{service}.port={free_port()}")
+        # its unix sockets would stay in /tmp after it is killed: these two go with the data dir
+        args += [f"-s3.localSocket={self.data_dir}/s3.sock", f"-filer.localSocket={self.data_dir}/filer.sock"]
         # every bucket gets volumes of its own; with the default 30 GB volumes and a disk-sized maximum,
         # the third bucket found no free volume and writes failed with InternalError
         args += ["-master.volumeSizeLimitMB=256", "-volume.max=200"]
@@ -160,5 +165,11 @@ class LocalObjectStore(Service):
     def stop(self, timeout: float = 3.0) -> None:
         stop_group(self._process, signal.SIGTERM, timeout)
         self._process = None
+        # weed's gRPC unix sockets, at paths no flag moves, named by the ports it had bound
+        for service, grpc_port in self._grpc_ports.items():
+            left = Path(f"/tmp/seaweedfs-{service}-grpc-{grpc_port}.sock")
+            if left.is_socket():
+                left.unlink(missing_ok=True)
+        self._grpc_ports = {}
         if self._own_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)

@@ -29,19 +29,19 @@ def free_port() -> int:
 
 
 def started(start: Callable[[], T], may_retry: Callable[[], bool] = lambda: True) -> T:
-    """`start()`, called again when it raises GaveUp, up to STARTS times while `may_retry()`; the last
-    GaveUp carries the earlier ones as notes."""
+    """`start()`, called again when it raises GaveUp, up to STARTS times while `may_retry()`; what it
+    raises last carries the earlier starts' reasons as notes."""
     earlier: list[str] = []
-    for attempt in range(1, STARTS + 1):
+    while True:
         try:
             return start()
-        except GaveUp as err:
-            if attempt == STARTS or not may_retry():
-                for reason in earlier:
-                    err.add_note(f"an earlier start: {reason}")
-                raise
-            earlier.append(str(err))
-    raise AssertionError("unreachable")
+        except BaseException as err:
+            if isinstance(err, GaveUp) and len(earlier) + 1 < STARTS and may_retry():
+                earlier.append(str(err))
+                continue
+            for reason in earlier:
+                err.add_note(f"an earlier start: {reason}")
+            raise
 
 
 def stop_group(process: subprocess.Popen | None, first: signal.Signals, timeout: float) -> None:

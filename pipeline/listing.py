@@ -49,7 +49,7 @@ def pages(fs, path: str, recursive: bool, stem: str = "") -> Iterator[list[dict[
     if stem and not isinstance(fs, s3fs.S3FileSystem):
         raise ValueError(f"only S3 folders are listed by stems; got {type(fs).__name__} and {stem!r}")
     if isinstance(fs, LocalFileSystem):
-        yield from _local_pages(fs, path, recursive)
+        yield from _local_pages(fs, fs._strip_protocol(path), recursive)
         return
     if not isinstance(fs, s3fs.S3FileSystem):
         try:
@@ -104,7 +104,7 @@ def _local_pages(fs: LocalFileSystem, path: str, recursive: bool) -> Iterator[li
         except (FileNotFoundError, NotADirectoryError):
             continue
         except OSError:
-            if folder == path or not os.path.basename(folder).startswith(("_", ".")):
+            if not any(name.startswith(("_", ".")) for name in folder[len(path) :].split("/")):
                 raise
     if page:
         yield page

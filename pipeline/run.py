@@ -289,7 +289,7 @@ def execute(
         if todo.count():
             _execute(plan, todo, output, owner, None)
         expected = digest(listing, "uri")
-        read.unchanged(expected.count, listed, "nothing was committed")
+        read.unchanged(expected.count, listed, "images", "nothing was committed")
     else:
         sources = listed
         if sources:

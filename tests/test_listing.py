@@ -166,8 +166,12 @@ def test_a_folder_below_that_cannot_be_read_raises_naming_it_unless_hidden(disk_
     with pytest.raises(PermissionError, match=f"{root}/sub"):
         _entries(fs, root, recursive=True)
     assert len(_entries(fs, root, recursive=False)[1]) == 9
-    unreadable.remove(f"{root}/sub")  # a hidden folder holds no input: left out
+    unreadable.remove(f"{root}/sub")  # a hidden folder holds no input: left out, and what is below it
+    os.mkdir(f"{root}/_hidden/below")
+    unreadable.add(f"{root}/_hidden/below")
     assert f"{root}/sub/d.jpg" in _entries(fs, root, recursive=True)[1]
+    unreadable.remove(f"{root}/_hidden")
+    assert f"{root}/_hidden/g.jpg" in _entries(fs, root, recursive=True)[1]
     with pytest.raises(PermissionError):
         _entries(fs, f"{root}/_hidden", recursive=True)
 

@@ -416,7 +416,7 @@ def test_a_listing_ray_rebuilt_with_other_rows_commits_nothing(
 
     monkeypatch.setattr(run_module, "digest", rebuilt)
     config = RunConfig(input=str(source), output=str(tmp_path / "out"), model=str(tiny_model))
-    with pytest.raises(VerificationFailed, match=r"held 3 files and holds 2 now.*nothing was committed"):
+    with pytest.raises(VerificationFailed, match=r"held 3 images and holds 2 now.*nothing was committed"):
         run(config)
     assert not list((tmp_path / "out").rglob("_SUCCESS"))
 
@@ -431,7 +431,7 @@ def test_a_listing_that_changed_while_the_run_was_planned_is_refused(
     real = read._kind_counts
     monkeypatch.setattr(read, "_kind_counts", lambda batch: real(batch.slice(1)))
     config = RunConfig(input=str(tmp_path / "images"), output=str(tmp_path / "out"), model=str(tiny_model))
-    with pytest.raises(VerificationFailed, match=r"held 3 files and holds 2 now.*nothing was written"):
+    with pytest.raises(VerificationFailed, match=r"held 3 objects and holds 2 now.*nothing was written"):
         read.choose_kind(config, listing)
 
 

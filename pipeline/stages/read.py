@@ -332,7 +332,7 @@ def choose_kind(config: RunConfig, listing: ray.data.Dataset) -> tuple[str, ray.
     counts = Counter[str]()
     for row in listing.map_batches(_kind_counts, **tasks).take_all():
         counts.update(row)
-    unchanged(counts["objects"], listing.count(), "nothing was written")
+    unchanged(counts["objects"], listing.count(), "objects", "nothing was written")
     kind = config.input_format
     if kind == "auto":
         kind = next((k for k in _KIND_EXTENSIONS if counts[k]), None)
@@ -347,17 +347,18 @@ def choose_kind(config: RunConfig, listing: ray.data.Dataset) -> tuple[str, ray.
             f"input_format is {kind!r} but no {'/'.join(ext)} objects are under {config.input!r}"
         )
     chosen = listing.map_batches(_of_kind, fn_kwargs={"ext": ext}, **tasks).materialize()
-    unchanged(chosen.count(), counts[kind], "nothing was written")
+    unchanged(chosen.count(), counts[kind], f"{'/'.join(ext)} objects", "nothing was written")
     return kind, chosen
 
 
-def unchanged(now: int, before: int, done: str) -> None:
+def unchanged(now: int, before: int, what: str, done: str) -> None:
     """Refuse a listing whose rows are not the ones counted before: Ray rebuilt a lost block of it by
-    listing again (see `_find`), and the input had changed since (a listing task may then cut a folder it
-    listed whole, and give none of its rows). `done`: what the run did not do, for the message."""
+    listing again (see `_below`), and the input had changed since (a listing task may then cut a folder
+    it listed whole, and give none of its rows). `what`: what was counted; `done`: what the run did not
+    do, for the message."""
     if now != before:
         raise VerificationFailed(
-            f"the input's listing held {before} files and holds {now} now: Ray listed a part of it again "
+            f"the input's listing held {before} {what} and holds {now} now: Ray listed a part of it again "
             f"after a node was lost, and the input had changed; {done}; run the same command again"
         )
 

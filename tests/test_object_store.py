@@ -39,8 +39,10 @@ def test_stop_leaves_no_process_and_no_files():
     def sockets() -> list[Path]:
         return [path for path in [*grpc, s3_default] if path.exists()]
 
-    assert sockets() == grpc  # the S3 API's and the filer's own are in the data dir
-    store.stop()
+    try:
+        assert sockets() == grpc  # the S3 API's and the filer's own are in the data dir
+    finally:
+        store.stop()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert not data_dir.exists() and sockets() == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import _thread
 import logging
+import math
 import os
 import signal
 import threading
@@ -36,7 +37,7 @@ from dinat_batch.pipeline.output import FAILURE, SUCCESS, Compacted, Output, Ver
 from dinat_batch.pipeline.ownership import Ownership
 from dinat_batch.pipeline.resume import Resume, resume, unfinished
 from dinat_batch.pipeline.selection import digest
-from dinat_batch.pipeline.stages import decode, infer, read, write
+from dinat_batch.pipeline.stages import CPU_TASK, decode, infer, read, write
 from dinat_batch.pipeline.stages.infer import Actors, ActorSettings
 
 logger = logging.getLogger(__name__)
@@ -114,6 +115,20 @@ def _actors(config: RunConfig, resources: dict[str, float]) -> Actors:
     max_size = config.max_actors or default_max
     min_size = min(config.min_actors, max_size or config.min_actors)
     return Actors(device, num_gpus, min_size, max_size, dict(config.actor_resources))
+
+
+def _leave_cpus(actors: Actors, resources: dict[str, float]) -> None:
+    """Refuse a CPU pool whose smallest size holds every CPU of the cluster: Ray Data gives each actor one
+    for the whole run, and no read or decode task (`CPU_TASK`) could start beside them; the run would
+    wait out its stall_timeout (30 minutes by default) without an error. A cluster declaring no CPU yet
+    (an autoscaler's) is let through: its CPUs come with its nodes."""
+    cpus, task = resources.get("CPU", 0), CPU_TASK["num_cpus"]
+    if actors.device == "cpu" and cpus and cpus - actors.min_size < task:
+        raise ConfigError(
+            f"min_actors is {actors.min_size}: the CPU inference actors would hold {actors.min_size} of the "
+            f"cluster's {cpus:g} CPUs (one each) and leave the read and decode tasks none ({task:g} each); "
+            f"set min_actors to at most {max(1, math.floor(cpus - task))}, or run on more CPUs"
+        )
 
 
 def _device_share(
@@ -228,6 +243,7 @@ def plan(config: RunConfig, run_id: str, model: CheckedModel, guard: StallGuard)
     preprocessing = model.preprocessing
     resources = ray.cluster_resources()
     actors = _actors(config, resources)
+    _leave_cpus(actors, resources)
     undeclared = _undeclared(actors.resources, _live_nodes())
     if undeclared:
         logger.warning(

@@ -435,6 +435,25 @@ def test_a_listing_that_changed_while_the_run_was_planned_is_refused(
         read.choose_kind(config, listing)
 
 
+def test_cpu_actors_that_would_hold_every_cpu_are_refused_before_any_work(tmp_path, tiny_model, ray_session):
+    """Each actor holds a CPU for the whole run: with all of them held, no read or decode task starts and
+    the run would wait out its stall_timeout."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.jpg").write_bytes(photo(1))
+    cpus = int(ray.cluster_resources()["CPU"])
+    config = RunConfig(
+        input=str(tmp_path / "images"),
+        output=str(tmp_path / "out"),
+        model=str(tiny_model),
+        device="cpu",
+        min_actors=cpus,
+        max_actors=cpus,
+    )
+    with pytest.raises(ConfigError, match=f"min_actors is {cpus}: .* set min_actors to at most {cpus - 1}"):
+        run(config)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("kind", ["files", "parquet"])
 def test_actors_asking_for_a_resource_no_node_has_stall_naming_it(
     kind, tmp_path, tiny_model, ray_session, caplog

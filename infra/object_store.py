@@ -16,6 +16,7 @@ import json
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -92,6 +93,7 @@ class LocalObjectStore(Service):
         }
         if self._own_dir and not self.data_dir.exists():  # removed when a start that gave up was stopped
             self.data_dir = Path(tempfile.mkdtemp(prefix="dinat-weed-"))
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         config = self.data_dir / "identities.json"
         config.write_text(json.dumps(identities))
         self.port = free_port()
@@ -165,11 +167,26 @@ class LocalObjectStore(Service):
     def stop(self, timeout: float = 3.0) -> None:
         stop_group(self._process, signal.SIGTERM, timeout)
         self._process = None
-        # weed's gRPC unix sockets, at paths no flag moves, named by the ports it had bound
+        # weed's gRPC unix sockets, at paths no flag moves, named by the ports it was given; where a port
+        # was taken by another weed first, the path is that one's, in use
         for service, grpc_port in self._grpc_ports.items():
             left = Path(f"/tmp/seaweedfs-{service}-grpc-{grpc_port}.sock")
-            if left.is_socket():
+            if _unserved(left):
                 left.unlink(missing_ok=True)
         self._grpc_ports = {}
         if self._own_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def _unserved(path: Path) -> bool:
+    """Whether `path` is a unix socket that no process listens on."""
+    if not path.is_socket():
+        return False
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(path))
+        except ConnectionRefusedError:
+            return True
+        except OSError:
+            return False
+    return False

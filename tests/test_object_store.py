@@ -9,7 +9,7 @@ import s3fs
 
 from dinat_batch.infra import object_store as store_module
 from dinat_batch.infra import processes
-from dinat_batch.infra.object_store import LocalObjectStore
+from dinat_batch.infra.object_store import LocalObjectStore, _unserved
 from dinat_batch.infra.processes import GaveUp, free_port
 
 
@@ -34,18 +34,27 @@ def test_stop_leaves_no_process_and_no_files():
     store = LocalObjectStore().start()
     pid, data_dir = store._process.pid, store.data_dir
     grpc = [Path(f"/tmp/seaweedfs-{name}-grpc-{port}.sock") for name, port in store._grpc_ports.items()]
-    s3_default = Path(f"/tmp/seaweedfs-s3-{store.port}.sock")  # where -s3.localSocket would default to
-
-    def sockets() -> list[Path]:
-        return [path for path in [*grpc, s3_default] if path.exists()]
-
     try:
-        assert sockets() == grpc  # the S3 API's and the filer's own are in the data dir
+        assert all(path.is_socket() for path in grpc)
+        assert (data_dir / "s3.sock").is_socket() and (data_dir / "filer.sock").is_socket()
     finally:
         store.stop()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
-    assert not data_dir.exists() and sockets() == []
+    assert not data_dir.exists() and not any(path.exists() for path in grpc)
+
+
+def test_a_socket_in_use_is_not_removed(tmp_path):
+    """At a path of ours another weed may serve (it took the port first): only a socket nobody listens
+    on is weed's leftover."""
+    with socket.socket(socket.AF_UNIX) as left:  # bound, never listened on, closed: as weed leaves it
+        left.bind(str(tmp_path / "left.sock"))
+    with socket.socket(socket.AF_UNIX) as served:
+        served.bind(str(tmp_path / "served.sock"))
+        served.listen()
+        assert not _unserved(tmp_path / "served.sock") and _unserved(tmp_path / "left.sock")
+    (tmp_path / "file.sock").write_text("")
+    assert not _unserved(tmp_path / "file.sock") and not _unserved(tmp_path / "absent.sock")
 
 
 @pytest.fixture

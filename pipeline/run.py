@@ -117,17 +117,36 @@ def _actors(config: RunConfig, resources: dict[str, float]) -> Actors:
     return Actors(device, num_gpus, min_size, max_size, dict(config.actor_resources))
 
 
-def _leave_cpus(actors: Actors, resources: dict[str, float]) -> None:
-    """Refuse a CPU pool whose smallest size holds every CPU of the cluster: Ray Data gives each actor one
-    for the whole run, and no read or decode task (`CPU_TASK`) could start beside them; the run would
-    wait out its stall_timeout (30 minutes by default) without an error. A cluster declaring no CPU yet
-    (an autoscaler's) is let through: its CPUs come with its nodes."""
-    cpus, task = resources.get("CPU", 0), CPU_TASK["num_cpus"]
-    if actors.device == "cpu" and cpus and cpus - actors.min_size < task:
+def _leave_cpus(
+    actors: Actors, resources: dict[str, float], free: dict[str, float], stall_timeout: float
+) -> None:
+    """Refuse a CPU pool whose smallest size would hold every CPU of the cluster: Ray Data gives each
+    actor one for the whole run, and no read or decode task (`CPU_TASK`) could start beside them; the
+    run would wait out its stall_timeout (30 minutes by default) without an error. Warn where it would
+    hold every CPU free now (`free`: Ray's available resources; another job's tasks, or a submitted
+    job's own driver, hold the rest), which may yet be freed. A cluster declaring no CPU yet (an
+    autoscaler's) is let through: its CPUs come with its nodes."""
+    total, task = resources.get("CPU", 0), CPU_TASK["num_cpus"]
+    if actors.device != "cpu" or not total:
+        return
+    if total - actors.min_size < task:
+        most = math.floor(total - task)
+        fix = f"set min_actors to at most {most}, or run" if most >= 1 else "run"
         raise ConfigError(
-            f"min_actors is {actors.min_size}: the CPU inference actors would hold {actors.min_size} of the "
-            f"cluster's {cpus:g} CPUs (one each) and leave the read and decode tasks none ({task:g} each); "
-            f"set min_actors to at most {max(1, math.floor(cpus - task))}, or run on more CPUs"
+            f"the CPU inference pool starts with {actors.min_size} actors (min_actors, at most max_actors), "
+            f"each holding one of the cluster's {total:g} CPUs for the run: none would be left for the read "
+            f"and decode tasks ({task:g} each); {fix} on more CPUs"
+        )
+    if free.get("CPU", 0) - actors.min_size < task:
+        logger.warning(
+            "the CPU inference pool starts with %d actors, each holding a CPU for the run, and %g of the "
+            "cluster's %g CPUs are free now (a submitted job's driver holds entrypoint_num_cpus): the read "
+            "and decode tasks wait for CPUs to be freed, and the run stops after stall_timeout (%.0f s) "
+            "if none is",
+            actors.min_size,
+            free.get("CPU", 0),
+            total,
+            stall_timeout,
         )
 
 
@@ -243,7 +262,7 @@ def plan(config: RunConfig, run_id: str, model: CheckedModel, guard: StallGuard)
     preprocessing = model.preprocessing
     resources = ray.cluster_resources()
     actors = _actors(config, resources)
-    _leave_cpus(actors, resources)
+    _leave_cpus(actors, resources, ray.available_resources(), config.stall_timeout)
     undeclared = _undeclared(actors.resources, _live_nodes())
     if undeclared:
         logger.warning(

@@ -149,6 +149,7 @@ def test_disk_pages_give_what_fsspec_lists_a_page_at_a_time(disk_tree):
     assert len(found) > 1 and all(len(page) <= 2 for page in found)
     assert level == {entry["name"]: entry for entry in fs.ls(root, detail=True)} and root not in level
     assert list(pages(fs, f"{root}/a.jpg", True)) == [] == list(pages(fs, f"{root}/a.jpg", False))
+    assert _entries(fs, f"file://{root}/", recursive=True)[1] == below  # as fsspec takes a path
 
 
 def test_a_folder_below_that_cannot_be_read_raises_naming_it_unless_hidden(disk_tree, monkeypatch):
@@ -167,10 +168,9 @@ def test_a_folder_below_that_cannot_be_read_raises_naming_it_unless_hidden(disk_
         _entries(fs, root, recursive=True)
     assert len(_entries(fs, root, recursive=False)[1]) == 9
     unreadable.remove(f"{root}/sub")  # a hidden folder holds no input: left out, and what is below it
-    os.mkdir(f"{root}/_hidden/below")
-    unreadable.add(f"{root}/_hidden/below")
     assert f"{root}/sub/d.jpg" in _entries(fs, root, recursive=True)[1]
-    unreadable.remove(f"{root}/_hidden")
+    os.mkdir(f"{root}/_hidden/below")
+    unreadable.symmetric_difference_update({f"{root}/_hidden", f"{root}/_hidden/below"})
     assert f"{root}/_hidden/g.jpg" in _entries(fs, root, recursive=True)[1]
     with pytest.raises(PermissionError):
         _entries(fs, f"{root}/_hidden", recursive=True)

@@ -4,7 +4,9 @@ paths, read back with pyarrow and DuckDB, and checked against the model runtime 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -449,9 +451,31 @@ def test_cpu_actors_that_would_hold_every_cpu_are_refused_before_any_work(tmp_pa
         min_actors=cpus,
         max_actors=cpus,
     )
-    with pytest.raises(ConfigError, match=f"min_actors is {cpus}: .* set min_actors to at most {cpus - 1}"):
+    with pytest.raises(ConfigError, match=f"starts with {cpus} actors .* none would be left for the read"):
         run(config)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("device", "smallest", "total", "free", "refused", "warned"),
+    [
+        ("cpu", 2, 2, 2, "set min_actors to at most 1, or run on more CPUs", False),
+        ("cpu", 1, 1, 1, "(0.5 each); run on more CPUs", False),
+        ("cpu", 1, 2, 1, None, True),  # a submitted job's driver holds the other: it may yet be freed
+        ("cpu", 3, 4, 4, None, False),
+        ("cpu", 8, 0, 0, None, False),  # an autoscaler's cluster that declares no CPU yet
+        ("cuda", 4, 4, 4, None, False),  # GPU nodes bring CPUs with them
+    ],
+)
+def test_the_cpus_a_pool_leaves_to_the_tasks(device, smallest, total, free, refused, warned, caplog):
+    actors = Actors(device, int(device == "cuda"), smallest, None, {})
+    check = functools.partial(run_module._leave_cpus, actors, {"CPU": total}, {"CPU": free}, 60)
+    if refused is None:
+        check()
+    else:
+        with pytest.raises(ConfigError, match=re.escape(refused)):
+            check()
+    assert ("the read and decode tasks wait for CPUs to be freed" in caplog.text) == warned
 
 
 @pytest.mark.parametrize("kind", ["files", "parquet"])

@@ -22,7 +22,7 @@ from typing import Any
 
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from dinat_batch.pipeline.config import RunConfig, is_secret_name, redact, redact_properties
+from dinat_batch.pipeline.config import DRIVER_CPUS, RunConfig, is_secret_name, redact, redact_properties
 
 TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
 CONFIG_NAME = "job.yaml"
@@ -100,7 +100,7 @@ def submit(
     _refuse_secrets(config, env)
     job_id = submission_id(config, nightly_date)
     command = f"dinat-batch nightly --config {CONFIG_NAME} --date {nightly_date}" if nightly_date else None
-    runtime_env: dict = {"env_vars": env} if env else {}
+    runtime_env: dict = {"env_vars": env | {DRIVER_CPUS: str(entrypoint_num_cpus)}}
     if image:
         runtime_env["image_uri"] = image
     with tempfile.TemporaryDirectory(prefix="dinat-job-") as tmp:

@@ -66,6 +66,11 @@ SAFE_STORAGE_OPTIONS = frozenset(
 SAME_JOB = ("input", "model", "input_format", "image_column", "uri_column", "top_k")
 
 
+# Set by `dinat-batch submit` in the job's environment: the CPUs Ray holds for the job's driver
+# (entrypoint_num_cpus) for the whole run, which the cluster's total still counts (see run._leave_cpus)
+DRIVER_CPUS = "DINAT_BATCH_DRIVER_CPUS"
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the field and what to change."""
 

@@ -26,7 +26,7 @@ import ray
 from pydantic import BaseModel
 from ray.data.exceptions import ExecutionTimeoutError
 
-from dinat_batch.pipeline.config import BUILTIN_RESOURCES, ConfigError, RunConfig
+from dinat_batch.pipeline.config import BUILTIN_RESOURCES, DRIVER_CPUS, ConfigError, RunConfig
 from dinat_batch.pipeline.gpu_decoding import default_share, unsupported
 from dinat_batch.pipeline.iceberg import IcebergTable
 from dinat_batch.pipeline.lease import Lease
@@ -120,30 +120,32 @@ def _actors(config: RunConfig, resources: dict[str, float]) -> Actors:
 def _leave_cpus(
     actors: Actors, resources: dict[str, float], free: dict[str, float], stall_timeout: float
 ) -> None:
-    """Refuse a CPU pool whose smallest size would hold every CPU of the cluster: Ray Data gives each
-    actor one for the whole run, and no read or decode task (`CPU_TASK`) could start beside them; the
-    run would wait out its stall_timeout (30 minutes by default) without an error. Warn where it would
-    hold every CPU free now (`free`: Ray's available resources; another job's tasks, or a submitted
-    job's own driver, hold the rest), which may yet be freed. A cluster declaring no CPU yet (an
-    autoscaler's) is let through: its CPUs come with its nodes."""
+    """Refuse a CPU pool whose smallest size would hold every CPU of the cluster but the submitted job's
+    driver's (`DRIVER_CPUS`): Ray Data gives each actor one for the whole run, and no read or decode task
+    (`CPU_TASK`) could start beside them; the run would wait out its stall_timeout (30 minutes by default)
+    without an error. Warn where it would hold every CPU free now (`free`: Ray's available resources;
+    other jobs hold the rest), which may yet be freed. A cluster declaring no CPU yet (an autoscaler's) is
+    let through: its CPUs come with its nodes."""
     total, task = resources.get("CPU", 0), CPU_TASK["num_cpus"]
     if actors.device != "cpu" or not total:
         return
-    if total - actors.min_size < task:
-        most = math.floor(total - task)
+    driver = float(os.environ.get(DRIVER_CPUS) or 0)
+    pool = f"the CPU inference pool starts with {actors.min_size} actor{'s' * (actors.min_size != 1)}"
+    if total - driver - actors.min_size < task:
+        most = math.floor(total - driver - task)
         fix = f"set min_actors to at most {most}, or run" if most >= 1 else "run"
+        held = f", {driver:g} of them held by this job's driver (--entrypoint-num-cpus)" if driver else ""
         raise ConfigError(
-            f"the CPU inference pool starts with {actors.min_size} actors (min_actors, at most max_actors), "
-            f"each holding one of the cluster's {total:g} CPUs for the run: none would be left for the read "
-            f"and decode tasks ({task:g} each); {fix} on more CPUs"
+            f"{pool} (min_actors, clipped to max_actors), each holding one of the cluster's {total:g} CPUs "
+            f"for the run{held}: none would be left for the read and decode tasks ({task:g} each); {fix} "
+            "on more CPUs"
         )
     if free.get("CPU", 0) - actors.min_size < task:
         logger.warning(
-            "the CPU inference pool starts with %d actors, each holding a CPU for the run, and %g of the "
-            "cluster's %g CPUs are free now (a submitted job's driver holds entrypoint_num_cpus): the read "
-            "and decode tasks wait for CPUs to be freed, and the run stops after stall_timeout (%.0f s) "
-            "if none is",
-            actors.min_size,
+            "%s, each holding a CPU for the run, and %g of the cluster's %g CPUs are free now: the read and "
+            "decode tasks wait for other work to free CPUs, and the run stops after stall_timeout (%.0f s) "
+            "if none does",
+            pool,
             free.get("CPU", 0),
             total,
             stall_timeout,

@@ -27,7 +27,7 @@ import ray
 from ray.data.context import AutoscalingConfig
 
 from dinat_batch.pipeline import run as run_module
-from dinat_batch.pipeline.config import ConfigError, RunConfig
+from dinat_batch.pipeline.config import DRIVER_CPUS, ConfigError, RunConfig
 from dinat_batch.pipeline.locations import filesystem
 from dinat_batch.pipeline.model import ModelLoadError, load_model
 from dinat_batch.pipeline.output import Output, VerificationFailed
@@ -461,13 +461,16 @@ def test_cpu_actors_that_would_hold_every_cpu_are_refused_before_any_work(tmp_pa
     [
         ("cpu", 2, 2, 2, "set min_actors to at most 1, or run on more CPUs", False),
         ("cpu", 1, 1, 1, "(0.5 each); run on more CPUs", False),
-        ("cpu", 1, 2, 1, None, True),  # a submitted job's driver holds the other: it may yet be freed
+        ("cpu", 1, 2, 1, None, True),  # another job holds the other: it may yet be freed
+        ("cpu", 1, 1.5, 1.5, None, False),
+        ("cpu", 2, 2, 1, "at most 1", False),  # refused before it is warned about
         ("cpu", 3, 4, 4, None, False),
         ("cpu", 8, 0, 0, None, False),  # an autoscaler's cluster that declares no CPU yet
         ("cuda", 4, 4, 4, None, False),  # GPU nodes bring CPUs with them
     ],
 )
 def test_the_cpus_a_pool_leaves_to_the_tasks(device, smallest, total, free, refused, warned, caplog):
+    """What the cluster's CPUs leave the read and decode tasks (0.5 CPU each) beside the pool's actors."""
     actors = Actors(device, int(device == "cuda"), smallest, None, {})
     check = functools.partial(run_module._leave_cpus, actors, {"CPU": total}, {"CPU": free}, 60)
     if refused is None:
@@ -475,7 +478,18 @@ def test_the_cpus_a_pool_leaves_to_the_tasks(device, smallest, total, free, refu
     else:
         with pytest.raises(ConfigError, match=re.escape(refused)):
             check()
-    assert ("the read and decode tasks wait for CPUs to be freed" in caplog.text) == warned
+    assert ("the read and decode tasks wait for other work to free CPUs" in caplog.text) == warned
+
+
+def test_a_submitted_jobs_driver_cpus_are_not_the_pools(monkeypatch, caplog):
+    """`dinat-batch submit` reserves CPUs for the job's driver for the whole run: a pool that needs them
+    would stall as surely as one that needs every CPU."""
+    monkeypatch.setenv(DRIVER_CPUS, "1")
+    actors = Actors("cpu", 0, 1, 1, {})
+    with pytest.raises(ConfigError, match=r"1 of them held by this job's driver .*; run on more CPUs"):
+        run_module._leave_cpus(actors, {"CPU": 2}, {"CPU": 1}, 60)
+    run_module._leave_cpus(actors, {"CPU": 3}, {"CPU": 2}, 60)
+    assert "free now" not in caplog.text
 
 
 @pytest.mark.parametrize("kind", ["files", "parquet"])

@@ -12,7 +12,7 @@ import pytest
 
 from dinat_batch.infra.local_ray import LocalRayHead
 from dinat_batch.jobs.submit import SubmitError, submit
-from dinat_batch.pipeline.config import RunConfig
+from dinat_batch.pipeline.config import DRIVER_CPUS, RunConfig
 from tests.data import image_folder
 
 pytestmark = pytest.mark.apart
@@ -103,3 +103,17 @@ def test_submission_accepts_safe_settings():
     )
     with pytest.raises(AttributeError, match="'NoneType' object has no attribute 'submit_job'"):
         submit(None, config)  # past the checks: it reaches the (absent) client
+
+
+def test_the_cpus_held_for_the_driver_go_with_the_job():
+    """The run refuses a CPU pool that needs them (run._leave_cpus): it has to know them."""
+
+    class Client:
+        def submit_job(self, **job):
+            self.job = job
+            return job["submission_id"]
+
+    client = Client()
+    submit(client, RunConfig(input="s3://b/in", output="s3://b/out"), env={"A": "1"}, entrypoint_num_cpus=0.5)
+    assert client.job["entrypoint_num_cpus"] == 0.5
+    assert client.job["runtime_env"]["env_vars"] == {"A": "1", DRIVER_CPUS: "0.5"}

@@ -104,7 +104,7 @@ def _local_pages(fs: LocalFileSystem, path: str, recursive: bool) -> Iterator[li
         except (FileNotFoundError, NotADirectoryError):
             continue
         except OSError:
-            if not any(name.startswith(("_", ".")) for name in folder[len(path) :].split("/")):
+            if not hidden(f"{folder}/x", path):
                 raise
     if page:
         yield page
@@ -229,6 +229,15 @@ def _named(fs, request: dict[str, Any]) -> list[dict[str, Any]]:
         for found in page.get("Contents", [])
         if found["Key"] == request["Prefix"]
     ]
+
+
+def hidden(path: str, root: str) -> bool:
+    """In a folder below `root` whose name starts with `_` or `.` (_staging/, _runs/, .git/: bookkeeping,
+    as Hive and Spark treat them; and `.` or `..` themselves, names on an object store, which a path
+    library would fold away). Files are never hidden by their own name: `_cat.jpg` is an image."""
+    below = root.rstrip("/") + "/"
+    folders = path[len(below) :].split("/")[:-1] if path.startswith(below) else []
+    return any(name.startswith(("_", ".")) for name in folders)
 
 
 def unnamed(name: str, path: str) -> bool:

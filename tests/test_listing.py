@@ -346,7 +346,9 @@ def _odd_names(count: int, unnamed: bool = False) -> list[str]:
 
 
 def _visible(keys: list[str]) -> list[str]:
-    return sorted(f"s3://bkt/{key}" for key in keys if not key.endswith("/") and not read._hidden(key, "in"))
+    return sorted(
+        f"s3://bkt/{key}" for key in keys if not key.endswith("/") and not listing.hidden(key, "in")
+    )
 
 
 @pytest.mark.parametrize(("wide", "most"), [(4, 1000), (40, 1000), (4, 3), (10**6, 1000)])
@@ -407,7 +409,7 @@ def test_a_flat_folder_is_cut_for_tasks_side_by_side(object_store, ray_session, 
     in_threads(lambda name: fs.pipe_file(f"listing/flat/{name}", b"x"), names)
     monkeypatch.setattr(read, "SPAN_ENTRIES", 10)
     rows = read.list_objects(uri, object_store.storage_options).take_all()
-    visible = [name for name in names if not read._hidden(f"flat/{name}", "flat")]
+    visible = [name for name in names if not listing.hidden(f"flat/{name}", "flat")]
     assert sorted(row["uri"] for row in rows) == sorted(f"{uri}/{name}" for name in visible)
     levels, below = listing_calls
     assert levels == [Span(uri)] and len([span for group in below for span in group if span.stem]) >= 16

@@ -27,7 +27,7 @@ import ray
 
 from dinat_batch.pipeline.config import IMAGE_EXTENSIONS, ConfigError, RunConfig
 from dinat_batch.pipeline.errors import error_text, read_error
-from dinat_batch.pipeline.listing import Cut, cut, pages, unnamed
+from dinat_batch.pipeline.listing import Cut, cut, hidden, pages, unnamed
 from dinat_batch.pipeline.locations import (
     GLOB_CHARS,
     Location,
@@ -98,15 +98,6 @@ def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _hidden(path: str, root: str) -> bool:
-    """In a folder below `root` whose name starts with `_` or `.` (_staging/, _runs/, .git/: bookkeeping,
-    as Hive and Spark treat them; and `.` or `..` themselves, names on an object store, which a path
-    library would fold away). Files are never hidden by their own name: `_cat.jpg` is an image."""
-    below = root.rstrip("/") + "/"
-    folders = path[len(below) :].split("/")[:-1] if path.startswith(below) else []
-    return any(name.startswith(("_", ".")) for name in folders)
-
-
 @dataclass(frozen=True)
 class Spelling:
     """How to turn fsspec's protocol-less paths back into the URIs users gave (s3://b/k, or a plain path)."""
@@ -130,7 +121,7 @@ def _version(info: dict[str, Any]) -> str:
 
 
 def _listing(infos: list[dict[str, Any]], where: Spelling, root: str) -> pa.Table:
-    infos = [i for i in infos if i.get("type", "file") == "file" and not _hidden(i["name"], root)]
+    infos = [i for i in infos if i.get("type", "file") == "file" and not hidden(i["name"], root)]
     return pa.table(
         {
             "uri": [where.uri(i["name"]) for i in infos],
@@ -193,7 +184,7 @@ class _Paged:
 
     def _spans(self, parts: Cut) -> _Parts:
         root = self.path.rstrip("/")
-        stems = [stem for stem in parts.stems if not _hidden(f"{root}/{stem}x", self.path)]
+        stems = [stem for stem in parts.stems if not hidden(f"{root}/{stem}x", self.path)]
         if self.recursive:
             spans = [Span(self.span.uri, stem) for stem in stems]
         else:
@@ -247,7 +238,7 @@ def _top(
     for page in paged:
         tables.append(_listing(page, paged.where, paged.path))
         found = [
-            i["name"] for i in page if i["type"] == "directory" and not _hidden(f"{i['name']}/x", paged.path)
+            i["name"] for i in page if i["type"] == "directory" and not hidden(f"{i['name']}/x", paged.path)
         ]
         folders += found
         if len(folders) > most or any(unnamed(folder, paged.path) for folder in found):

@@ -101,10 +101,8 @@ class LocalObjectStore(Service):
         args += ["-s3", f"-s3.port={self.port}", f"-s3.config={config}"]
         # gRPC ports default to port + 10000 (invalid above 55535, colliding between servers): pick them all
         self._grpc_ports = {service: free_port() for service in ("master", "volume", "filer", "s3")}
-        for service, grpc_port in self._grpc_ports.items():
-            args.append(f"-{service}.port.grpc={grpc_port}")
-            if service != "s3":
-                args.append(f"-{service}.port={free_port()}")
+        args += [f"-{service}.port.grpc={grpc_port}" for service, grpc_port in self._grpc_ports.items()]
+        args += [f"-{service}.port={free_port()}" for service in ("master", "volume", "filer")]
         # its unix sockets would stay in /tmp after it is killed: these two go with the data dir
         args += [f"-s3.localSocket={self.data_dir}/s3.sock", f"-filer.localSocket={self.data_dir}/filer.sock"]
         # every bucket gets volumes of its own; with the default 30 GB volumes and a disk-sized maximum,

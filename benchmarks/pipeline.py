@@ -23,6 +23,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -60,18 +61,22 @@ def photos(count: int) -> list[bytes]:
 
 
 def bare_loop(
-    folder: Path, data: list[bytes], batch: int, dtype: str, device: str = "cpu", **runner
+    folder: Path, data: list[bytes], batch: int, dtype: str, device: str = "cpu", lanes: int = 1, **runner
 ) -> float:
     """images/s of the model runtime alone on pixels decoded beforehand (decoding not timed): the same
-    `Runner` as the actors', fed host pixels."""
+    `Runner` as the actors', fed host pixels; `lanes` > 1: that many loops side by side on threads of one
+    torch thread each, over a share of the pixels each, as a CPU actor runs its lanes (`infer.Actors`)."""
     model = load_model(str(folder), device=device)
     distinct = {d: resized(decode(d), model.preprocessing) for d in set(data)}  # the set repeats pictures
     pixels = np.stack([distinct[d] for d in data])
     run = Runner(model, DTYPES[dtype], batch_size=batch, **runner)
-    run(pixels[:batch])  # warm-up
-    start = time.perf_counter()
-    run(pixels)
-    return len(pixels) / (time.perf_counter() - start)
+    shares = np.array_split(pixels, lanes)
+    threads = {"initializer": torch.set_num_threads, "initargs": (1,)} if lanes > 1 else {}
+    with ThreadPoolExecutor(lanes, **threads) as loops:
+        list(loops.map(run, [share[:batch] for share in shares]))  # warm-up
+        start = time.perf_counter()
+        list(loops.map(run, shares))
+        return len(pixels) / (time.perf_counter() - start)
 
 
 class Measured(NamedTuple):
@@ -220,6 +225,9 @@ def main() -> None:
         folder = save_checkpoint(random_model("dinat-mini-in1k-224"), Path(tmp) / "dinat-mini")
         bare = bare_loop(folder, data, args.batch, args.dtype)
         print(f"bare model loop: {bare:.1f} images/s", flush=True)
+        cores = len(os.sched_getaffinity(0))
+        lanes = bare_loop(folder, data, args.batch, args.dtype, lanes=cores)
+        print(f"bare model loops, one a core: {lanes:.1f} images/s", flush=True)
         (measured,) = pipeline_runs(
             folder, data, [({"batch_size": args.batch, "dtype": args.dtype}, contextlib.nullcontext)]
         )
@@ -230,6 +238,8 @@ def main() -> None:
         "| measured | images/s | x bare model loop |",
         "|---|---|---|",
         f"| bare model loop on decoded tensors | {bare:.1f} | 1.00 |",
+        f"| bare model loops on decoded tensors, {cores} side by side of one thread each (the actor's lanes) "
+        f"| {lanes:.1f} | {lanes / bare:.2f} |",
         f"| pipeline, while the actors made rows | {measured.actors:.1f} | {measured.actors / bare:.2f} |",
         f"| pipeline, object store to Parquet, after listing (run summary) | {measured.after_listing:.1f} | "
         f"{measured.after_listing / bare:.2f} |",
@@ -237,7 +247,8 @@ def main() -> None:
         f"{measured.whole / bare:.2f} |",
         "",
         f"Fixed cost: {measured.first_row:.1f} s from the run() call to the first row the actors made (model check, "
-        "listing, selection, actor start).",
+        "listing, selection, actor start). Against the loops side by side, the pipeline after listing runs at "
+        f"{measured.after_listing / lanes:.2f}.",
     ]
     print("\n".join(lines))
     if args.record:

@@ -234,7 +234,7 @@ PIPELINE_RUNS = {
         "decode on CPU, one actor call at a time",
         MINI,
         {"decode": "cpu"},
-        lambda: mock.patch.object(infer, "CALLS_PER_ACTOR", 1),
+        lambda: mock.patch.object(infer, "CALLS_PER_LANE", 1),
     ),
     "gpu": ("decode on the GPU", MINI, {"decode": "gpu"}, contextlib.nullcontext),
     "share": ("as shipped (decode: auto)", MINI, {"decode": "auto"}, contextlib.nullcontext),

@@ -148,7 +148,13 @@ class RunConfig(BaseModel):
         "Default: all with decode: gpu; with auto, 1 - CPUs / (11 x GPUs): none at 11 or more CPUs per GPU, "
         "a quarter at 8 (fitted on 500 x 375 JPEGs; larger photos cost the CPUs more)",
     )
-    cpu_threads: int | None = Field(None, ge=1, description="torch threads per CPU actor; default: all cores")
+    cpu_threads: int | None = Field(
+        None,
+        ge=1,
+        description="cores a CPU actor's model uses: eager, one call per core at a time, each on one thread "
+        "(holding its batch's activations: ~0.3 GB for dinat-mini; set batch_size to hold less); compiled, "
+        "one call on that many threads. Default: the CPUs Ray declares on the cluster's largest node",
+    )
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="larger declared images are decode errors")
     max_bytes_per_image: int = Field(
         64 * 2**20,

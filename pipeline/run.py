@@ -23,6 +23,7 @@ from difflib import get_close_matches
 from typing import Any
 
 import ray
+import torch
 from pydantic import BaseModel
 from ray.data.exceptions import ExecutionTimeoutError
 
@@ -33,6 +34,7 @@ from dinat_batch.pipeline.lease import Lease
 from dinat_batch.pipeline.locations import options_for, resolve
 from dinat_batch.pipeline.model import load_model
 from dinat_batch.pipeline.model.preprocessing import PreprocessConfig
+from dinat_batch.pipeline.model.runtime import resolve_compile
 from dinat_batch.pipeline.output import FAILURE, SUCCESS, Compacted, Output, VerificationFailed
 from dinat_batch.pipeline.ownership import Ownership
 from dinat_batch.pipeline.resume import Resume, resume, unfinished
@@ -100,21 +102,31 @@ class Plan:
         return Ownership(self.run_id, self.model_sha256, self.attempt, output.identity)
 
 
-def _actors(config: RunConfig, resources: dict[str, float]) -> Actors:
+def _actors(config: RunConfig, resources: dict[str, float], nodes: list[dict[str, float]]) -> Actors:
     """GPU actors where GPUs exist (or are asked for, for autoscaling clusters that start without any), so
     that a CPU-only cluster never waits for a GPU that will not come. A GPU pool has no default bound: it
     grows onto each GPU node that joins while the run goes on, as far as the autoscaler lets the cluster
-    grow. A CPU actor runs its model on all of its machine's cores, so by default there is one: CPU
-    clusters are for trying things out (set max_actors, with cpu_threads, to use more machines).
-    `resources`: the cluster's, as Ray totals them."""
-    gpus = int(resources.get("GPU", 0))
+    grow. A CPU actor runs its model on `cpu_threads` cores, by default the CPUs Ray declares on the
+    cluster's largest live node (which follow a container's CPU limit), so by default there is one: CPU
+    clusters are for trying things out (set max_actors, with cpu_threads, to use more machines); eager,
+    it runs a one-thread lane per core (see `Actors`). `resources`: the cluster's, as Ray totals them;
+    `nodes`: its live nodes' resources."""
+    gpus, asks = int(resources.get("GPU", 0)), dict(config.actor_resources)
     if config.device == "cuda" or (config.device == "auto" and gpus > 0):
-        device, num_gpus, default_max = "cuda", 1, None
-    else:
-        device, num_gpus, default_max = "cpu", 0, 1
-    max_size = config.max_actors or default_max
-    min_size = min(config.min_actors, max_size or config.min_actors)
-    return Actors(device, num_gpus, min_size, max_size, dict(config.actor_resources))
+        max_size = config.max_actors
+        return Actors("cuda", 1, min(config.min_actors, max_size or config.min_actors), max_size, asks)
+    max_size = config.max_actors or 1
+    cores = config.cpu_threads or _node_cores(nodes)
+    compiled = resolve_compile(config.compile, torch.device("cpu")) != "off"
+    lanes, threads = (1, cores) if compiled else (cores, 1)
+    return Actors("cpu", 0, min(config.min_actors, max_size), max_size, asks, lanes, threads)
+
+
+def _node_cores(nodes: list[dict[str, float]]) -> int:
+    """The CPUs Ray declares on the largest of `nodes`; where none declares any (an autoscaling cluster
+    before its first worker), the cores this process may use."""
+    declared = max((node.get("CPU", 0) for node in nodes), default=0)
+    return max(int(declared), 1) if declared else len(os.sched_getaffinity(0))
 
 
 def _leave_cpus(
@@ -263,9 +275,10 @@ def plan(config: RunConfig, run_id: str, model: CheckedModel, guard: StallGuard)
     is read. `guard`: the stall guard the plan is carried out under."""
     preprocessing = model.preprocessing
     resources = ray.cluster_resources()
-    actors = _actors(config, resources)
+    nodes = _live_nodes()
+    actors = _actors(config, resources, nodes)
     _leave_cpus(actors, resources, ray.available_resources(), config.stall_timeout)
-    undeclared = _undeclared(actors.resources, _live_nodes())
+    undeclared = _undeclared(actors.resources, nodes)
     if undeclared:
         logger.warning(
             "actor_resources asks for %s, which no node of the cluster declares now: the actors wait for a "
@@ -551,7 +564,7 @@ def _execute(
     that earlier attempts finished."""
     config = plan.config
     records = output.ray_target(output.sources(plan.attempt))
-    settings = ActorSettings.of(config, plan.run_id, plan.actors.device, plan.device_share > 0)
+    settings = ActorSettings.of(config, plan.run_id, plan.actors, plan.device_share > 0)
     done = kept.done if kept else None
     image_bytes = plan.preprocessing.height * plan.preprocessing.width * 3
     rows = read.dataset(plan.kind, listing, config, done, records, infer.call_batch(settings), image_bytes)

@@ -161,7 +161,7 @@ def test_the_default_gpu_path_through_a_ray_actor(tiny_model, ray_session, share
     out = decoded.map_batches(
         CountingPredictor,
         fn_constructor_kwargs={"settings": settings},
-        compute=infer.pool(1, 1),
+        compute=infer.pool(1, 1, lanes=1),
         batch_size=8,
         batch_format="numpy",
         num_gpus=1,

@@ -2,15 +2,17 @@
 through, backbone-only models, and out-of-memory handled by smaller slices."""
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
 from dinat_batch.pipeline.config import RunConfig
 from dinat_batch.pipeline.model.export import random_model, save_checkpoint
 from dinat_batch.pipeline.stages.decode import decode_batch
-from dinat_batch.pipeline.stages.infer import ActorSettings, Predictor
+from dinat_batch.pipeline.stages.infer import Actors, ActorSettings, Predictor
 from dinat_batch.pipeline.stages.write import output_schema
 from tests.data import MAX_PIXELS, TINY, TINY_INPUT, direct_predictions, photo
 
@@ -88,7 +90,7 @@ def test_out_of_memory_halves_the_slice_and_keeps_it(tiny_model):
 
 
 def test_the_actor_settings_are_the_run_config_s_by_name():
-    own = {"run_id", "device", "jpegs_to_device"}  # settled by the plan
+    own = {"run_id", "device", "lanes", "threads", "jpegs_to_device"}  # settled by the plan
     assert ActorSettings.model_fields.keys() - own <= RunConfig.model_fields.keys()
     config = RunConfig(
         input="s3://in/x",
@@ -102,17 +104,18 @@ def test_the_actor_settings_are_the_run_config_s_by_name():
         cpu_threads=2,
         storage_options={"key": "secret"},
     )
-    settings = ActorSettings.of(config, "run-9", "cpu", True)
+    settings = ActorSettings.of(config, "run-9", Actors("cpu", 0, 1, 1, {}, lanes=3, threads=1), True)
     shared = ActorSettings.model_fields.keys() - own
     assert {name: getattr(settings, name) for name in shared} == config.model_dump(include=shared)
-    assert (settings.run_id, settings.device, settings.jpegs_to_device) == ("run-9", "cpu", True)
+    planned = (settings.run_id, settings.device, settings.lanes, settings.threads, settings.jpegs_to_device)
+    assert planned == ("run-9", "cpu", 3, 1, True)
     assert "secret" not in repr(settings)
 
 
 def test_calls_from_several_threads_run_the_model_on_one(tiny_model):
-    """Ray Data calls the actor from a pool of threads, CALLS_PER_ACTOR calls at a time: each call gets its
-    own rows, and the model runs on one thread only, the same for every call (torch keeps CUDA graphs per
-    thread)."""
+    """Ray Data calls the actor from a pool of threads, CALLS_PER_LANE calls per lane at a time: each call
+    gets its own rows, and with one lane the model runs on one thread only, the same for every call (torch
+    keeps CUDA graphs per thread)."""
     batches = [decoded({f"{b}-{i}.jpg": photo(10 * b + i) for i in range(3)}) for b in range(4)]
     expected = [predictor(tiny_model)(batch) for batch in batches]
     actor = predictor(tiny_model)
@@ -135,6 +138,32 @@ def test_calls_from_several_threads_run_the_model_on_one(tiny_model):
     for thread in callers:
         thread.join()
     assert len(ran_on) == 1 and ran_on.isdisjoint({threading.get_ident(), *(t.ident for t in callers)})
+    assert_same_rows(tables, expected)
+
+
+def test_a_cpu_actor_runs_a_call_per_lane_at_once_each_on_one_torch_thread(tiny_model):
+    """Eager on a CPU, the plan gives an actor a lane per core (`Actors`): its calls run the model at the
+    same time, each on a device thread of its own with one torch thread, and give one lane's rows."""
+    batches = [decoded({f"{b}-{i}.jpg": photo(10 * b + i) for i in range(3)}) for b in range(2)]
+    expected = [predictor(tiny_model)(batch) for batch in batches]
+    settings = ActorSettings(model=str(tiny_model), run_id="run-1", top_k=3, device="cpu", lanes=2, threads=1)
+    actor = Predictor(settings)
+    together = threading.Barrier(2, timeout=60)  # broken, failing both calls, unless both run at once
+    ran, run = [], actor.runner._run
+
+    def recorded(pixels):
+        together.wait()
+        ran.append((threading.get_ident(), torch.get_num_threads()))
+        return run(pixels)
+
+    actor.runner._run = recorded
+    with ThreadPoolExecutor(2) as calls:
+        tables = list(calls.map(actor, batches))
+    assert len({thread for thread, _ in ran}) == 2 and {threads for _, threads in ran} == {1}
+    assert_same_rows(tables, expected)
+
+
+def assert_same_rows(tables: list[pa.Table], expected: list[pa.Table]) -> None:
     for table, want in zip(tables, expected, strict=True):
         assert table.column("key").to_pylist() == want.column("key").to_pylist()
         np.testing.assert_allclose(

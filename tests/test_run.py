@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
+import os
 import re
 import signal
 import subprocess
@@ -576,8 +577,27 @@ def test_a_run_on_several_nodes_refuses_a_local_output_before_any_write(
 )
 def test_actor_pool_grows_with_the_cluster_by_default(gpus, settings, expected):
     config = RunConfig(input="s3://b/in", output="s3://b/out", model="m", **settings)
-    actors = _actors(config, {"CPU": 8, "GPU": gpus})
+    actors = _actors(config, {"CPU": 8, "GPU": gpus}, [{"CPU": 8, "GPU": gpus}])
     assert (actors.device, actors.num_gpus, actors.min_size, actors.max_size) == expected
+
+
+@pytest.mark.parametrize(
+    ("settings", "nodes", "lanes", "threads"),
+    [
+        ({}, [{"CPU": 4}, {"CPU": 12.0}, {"CPU": 2}], 12, 1),  # a one-thread lane per core of the largest
+        ({"cpu_threads": 3}, [{"CPU": 12}], 3, 1),
+        ({"compile": "on"}, [{"CPU": 12}], 1, 12),  # Dynamo compiles and guards per thread: one lane
+        ({"compile": "on", "cpu_threads": 3}, [{"CPU": 12}], 1, 3),
+        ({}, [{"CPU": 0.5}], 1, 1),
+        ({}, [{"memory": 1e9}], len(os.sched_getaffinity(0)), 1),  # no CPUs declared yet: this machine's
+        ({"device": "cuda"}, [{"CPU": 12, "GPU": 1}], 1, None),  # one thread feeds a GPU
+    ],
+)
+def test_an_actor_runs_its_model_in_lanes_over_the_cores_of_the_largest_node(settings, nodes, lanes, threads):
+    config = RunConfig(input="s3://b/in", output="s3://b/out", model="m", **settings)
+    resources = {name: sum(node.get(name, 0) for node in nodes) for name in ("CPU", "GPU")}
+    actors = _actors(config, resources, nodes)
+    assert (actors.lanes, actors.threads) == (lanes, threads)
 
 
 def test_the_inference_stage_scales_its_pool_for_two_calls_per_actor(tiny_model, ray_session):
@@ -620,7 +640,7 @@ def test_the_split_of_a_listing_of_files_runs_ahead_and_no_other_read_does(ray_s
 def test_actors_ask_for_their_gpu_and_custom_resources(gpus, custom, asks):
     """What a node must have for an actor to start: the stall guard waits for one that has it all."""
     config = RunConfig(input="s3://b/in", output="s3://b/out", model="m", actor_resources=custom)
-    actors = _actors(config, {"CPU": 8, "GPU": gpus})
+    actors = _actors(config, {"CPU": 8, "GPU": gpus}, [{"CPU": 8, "GPU": gpus}])
     assert actors.resources == custom and actors.asks() == asks
 
 

@@ -115,14 +115,15 @@ def test_chunk_groups_fill_up_to_the_rows_in_order_and_a_larger_chunk_goes_alone
 
 
 def test_the_pool_sheds_actors_at_the_calls_in_flight_of_one_call_per_actor():
-    """Ray Data's pool use is calls in flight per actor over CALLS_PER_ACTOR: an actor running one call is
-    busy, as with one call per actor; half a call per actor is little enough to shed idle ones."""
+    """Ray Data's pool use is calls in flight per actor over the calls it may take, CALLS_PER_LANE per lane:
+    an actor running one call per lane is busy, as with one call per lane; half a call per lane is little
+    enough to shed idle ones."""
     config = infer.autoscaling(AutoscalingConfig())
-
-    def use(calls_per_actor: float) -> float:
-        return calls_per_actor / infer.CALLS_PER_ACTOR
-
-    assert use(0.5) <= config.actor_pool_util_downscaling_threshold < use(1)
+    for lanes in (1, 4):
+        most = infer.pool(1, 2, lanes).max_concurrent_calls_per_actor
+        assert most == infer.CALLS_PER_LANE * lanes
+        busy, idle = lanes / most, lanes / 2 / most  # in use: a call per lane in flight; half a call
+        assert idle <= config.actor_pool_util_downscaling_threshold < busy
     assert (
         config.actor_pool_util_upscaling_threshold == AutoscalingConfig().actor_pool_util_upscaling_threshold
     )

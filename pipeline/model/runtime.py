@@ -34,6 +34,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # embeddings [n, D]; top-k scores and label ids [n, k], or None for a backbone-only model
 Outputs = tuple[np.ndarray, np.ndarray | None, np.ndarray | None]
 CPU_BATCH = 32  # images per call on a CPU when none is asked for: beyond it throughput stays flat
+# images per call for a one-thread lane of a CPU actor: one thread's throughput is flat from 4 up, and an
+# actor holds a call's activations per lane (~40 MB an image for dinat-mini at 224)
+LANE_BATCH = 8
 MAX_AUTO_BATCH = 1024  # the most a GPU batch is sized to: launch overhead is long amortised by then
 MEMORY_SHARE = 0.75  # of the free GPU memory that activations may take; the rest covers what the probe misses
 _PROBE_BATCH = 8

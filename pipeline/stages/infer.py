@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +25,7 @@ from dinat_batch.pipeline.model import load_model
 from dinat_batch.pipeline.model.runtime import (
     CPU_BATCH,
     DTYPES,
+    LANE_BATCH,
     MAX_AUTO_BATCH,
     CompileMode,
     Outputs,
@@ -40,10 +40,10 @@ from dinat_batch.pipeline.stages.write import COLUMNS, Provenance, output_rows, 
 # no resources of its own: what each actor asks for besides a CPU (a GPU, custom resources) depends on the
 # cluster and the run's config, which the plan settles (`Actors`)
 STAGE = Stage("infer", consumes=DECODED.produces, produces=COLUMNS, may_consume=DECODED.may_produce)
-# calls running at once per actor: while one runs the model, the next is batched and its pixels gathered
-# (Ray Data's batching alone took 40 ms per 1024 images on this project's CPUs, a sixth of the model's
-# time for them on an H200)
-CALLS_PER_ACTOR = 2
+# calls running at once per lane of an actor (`Actors.lanes`): while one runs the model, the next is
+# batched and its pixels gathered (Ray Data's batching alone took 40 ms per 1024 images on this project's
+# CPUs, a sixth of the model's time for them on an H200)
+CALLS_PER_LANE = 2
 logger = logging.getLogger(__name__)
 
 
@@ -60,18 +60,22 @@ class ActorSettings(BaseModel):
     batch_size: int | None = None
     compile: CompileMode = "auto"
     max_pixels: int = DEFAULT_MAX_PIXELS
-    cpu_threads: int | None = None
+    lanes: int = 1  # model calls at once, each on a device thread of its own (`Actors`)
+    threads: int | None = None  # torch threads per lane; None: as the process has them
     jpegs_to_device: bool = False  # the decode stage sends JPEGs on as bytes
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)  # may hold keys
 
     @classmethod
-    def of(cls, config: RunConfig, run_id: str, device: str, jpegs_to_device: bool) -> ActorSettings:
-        """The actor's share of a run's config, with what the plan settled (run id, device, routing)."""
+    def of(cls, config: RunConfig, run_id: str, actors: Actors, jpegs_to_device: bool) -> ActorSettings:
+        """The actor's share of a run's config, with what the plan settled (run id, the actors' device and
+        lanes, routing)."""
         shared = (cls.model_fields.keys() & RunConfig.model_fields.keys()) - {"run_id", "device"}
         return cls(
             **config.model_dump(include=shared),
             run_id=run_id,
-            device=device,
+            device=actors.device,
+            lanes=actors.lanes,
+            threads=actors.threads,
             jpegs_to_device=jpegs_to_device,
         )
 
@@ -79,14 +83,21 @@ class ActorSettings(BaseModel):
 @dataclass(frozen=True)
 class Actors:
     """The inference actor pool a plan settles: the device its model runs on, what each actor asks of Ray
-    besides a CPU (`num_gpus`, the config's custom `resources`), and the pool's bounds (`max_size` None: no
-    bound)."""
+    besides a CPU (`num_gpus`, the config's custom `resources`), the pool's bounds (`max_size` None: no
+    bound), and how each actor runs its model: `lanes` calls at once, each on a device thread of its own
+    with `threads` torch threads (None: as the process has them). A GPU actor has one lane: torch keeps
+    CUDA graphs per thread, and one thread feeds the GPU. A CPU actor runs a one-thread lane per core it
+    uses: one call on two threads ran 0.81-0.93x as fast as two calls on one thread each (dinat-mini, 2
+    cores, benchmarks/RESULTS.md), as a many-thread model waits at each parallel region for its slowest
+    thread; a compiled one has one lane of many threads, as Dynamo compiles and guards per thread."""
 
     device: str
     num_gpus: int
     min_size: int
     max_size: int | None
     resources: dict[str, float]
+    lanes: int = 1
+    threads: int | None = None
 
     def asks(self) -> dict[str, float]:
         """What one actor asks of its node besides a CPU: what a node must have for the pool to grow."""
@@ -103,9 +114,6 @@ class Predictor:
     """
 
     def __init__(self, settings: ActorSettings):
-        if settings.device == "cpu":
-            # Ray pins OMP threads to the actor's num_cpus (1); inference should use the cores it was given
-            torch.set_num_threads(settings.cpu_threads or os.cpu_count() or 1)
         options = options_for(settings.model, settings.storage_options)
         loaded = load_model(settings.model, device=settings.device, storage_options=options)
         self.provenance = Provenance(loaded.source, loaded.weights_sha256, settings.run_id)
@@ -127,14 +135,20 @@ class Predictor:
                 )
             jpeg = nvjpeg if reason is None else None
             self.decoder = DeviceDecoder(loaded.preprocessing, device, settings.max_pixels, jpeg=jpeg)
-        # all device work on one thread of the actor's own: Ray Data calls from several threads, and torch
-        # keeps compiled CUDA graphs per thread
-        self._device = ThreadPoolExecutor(1, thread_name_prefix="device")
+        # all device work on the actor's own threads, one per lane: Ray Data calls from several threads, and
+        # torch keeps compiled CUDA graphs per thread. Torch's thread count is a thread's own: each sets its
+        # lane's (Ray pins the process's to its num_cpus, 1, where a CPU actor uses the cores it was given)
+        self._device = ThreadPoolExecutor(
+            settings.lanes,
+            thread_name_prefix="device",
+            initializer=_set_threads,
+            initargs=(settings.threads,),
+        )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        """Called by Ray Data from a pool of threads, CALLS_PER_ACTOR calls at a time: what this call does
-        on the host, its pixels' upload to the device included, overlaps the device work of the call before
-        it, which runs on the actor's device thread, one call at a time."""
+        """Called by Ray Data from a pool of threads, CALLS_PER_LANE calls per lane at a time: what this call
+        does on the host, its pixels' upload to the device included, overlaps the device work of the calls
+        before it, which run on the actor's device threads, one call per lane at a time."""
         slow_call()
         errors = error_column(batch["error"])
         n = len(errors)
@@ -203,37 +217,49 @@ class Predictor:
         return ok, late, self.runner(gathered[torch.from_numpy(ok)])
 
 
-def pool(min_size: int, max_size: int | None) -> ray.data.ActorPoolStrategy:
-    """The actor pool, CALLS_PER_ACTOR calls running at once in each actor (see `Predictor.__call__`)."""
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def pool(min_size: int, max_size: int | None, lanes: int) -> ray.data.ActorPoolStrategy:
+    """The actor pool, CALLS_PER_LANE calls per lane running at once in each actor (see
+    `Predictor.__call__`)."""
     return ray.data.ActorPoolStrategy(
         min_size=min_size,
         max_size=max_size,
-        max_concurrent_calls_per_actor=CALLS_PER_ACTOR,
+        max_concurrent_calls_per_actor=CALLS_PER_LANE * lanes,
         enable_true_multi_threading=True,  # the actor serialises its device work itself
     )
 
 
 def autoscaling(config: AutoscalingConfig) -> AutoscalingConfig:
-    """`config` shedding actors where Ray Data's default does with one call per actor: at half a call in
-    flight per actor. Ray Data measures a pool's use as calls in flight per actor over CALLS_PER_ACTOR, so
-    its default would count an actor running one of its two calls as half idle, and a pool starved by
-    decoding would shed actors, to start them again (model load, compile) when the input catches up. The
-    pool still grows at Ray Data's default use: once its actors' queues are nearly full."""
+    """`config` shedding actors where Ray Data's default does with one call per lane: at half a call in
+    flight per lane. Ray Data measures a pool's use as calls in flight per actor over the calls it may
+    take (CALLS_PER_LANE per lane), so its default would count a lane running one of its two calls as half
+    idle, and a pool starved by decoding would shed actors, to start them again (model load, compile) when
+    the input catches up. The pool still grows at Ray Data's default use: once its actors' queues are
+    nearly full."""
     default = AutoscalingConfig().actor_pool_util_downscaling_threshold
-    return dataclasses.replace(config, actor_pool_util_downscaling_threshold=default / CALLS_PER_ACTOR)
+    return dataclasses.replace(config, actor_pool_util_downscaling_threshold=default / CALLS_PER_LANE)
 
 
 def call_batch(settings: ActorSettings) -> int:
     """Images per actor call. On a GPU the actor sizes its model's slices itself (from free memory); a
-    call brings it up to the most."""
-    return settings.batch_size or (MAX_AUTO_BATCH if settings.device == "cuda" else CPU_BATCH)
+    call brings it up to the most. A CPU actor of many lanes takes fewer per call: it holds a call's
+    activations per lane."""
+    if settings.batch_size:
+        return settings.batch_size
+    if settings.device == "cuda":
+        return MAX_AUTO_BATCH
+    return CPU_BATCH if settings.lanes == 1 else LANE_BATCH
 
 
 def apply(dataset: ray.data.Dataset, settings: ActorSettings, actors: Actors) -> ray.data.Dataset:
     inferred = dataset.map_batches(
         Predictor,
         fn_constructor_kwargs={"settings": settings},
-        compute=pool(actors.min_size, actors.max_size),
+        compute=pool(actors.min_size, actors.max_size, actors.lanes),
         batch_size=call_batch(settings),
         batch_format="numpy",
         num_gpus=actors.num_gpus,

@@ -40,7 +40,7 @@ from benchmarks.common import machine, record
 from dinat_batch.pipeline.images import decode, resized
 from dinat_batch.pipeline.model import load_model
 from dinat_batch.pipeline.model.export import random_model, save_checkpoint
-from dinat_batch.pipeline.model.runtime import DTYPES, Runner
+from dinat_batch.pipeline.model.runtime import DTYPES, Runner, hold_freed_memory
 
 DISTINCT = 32  # distinct pictures; the set repeats them under other names
 
@@ -65,7 +65,10 @@ def bare_loop(
 ) -> float:
     """images/s of the model runtime alone on pixels decoded beforehand (decoding not timed): the same
     `Runner` as the actors', fed host pixels; `lanes` > 1: that many loops side by side on threads of one
-    torch thread each, over a share of the pixels each, as a CPU actor runs its lanes (`infer.Actors`)."""
+    torch thread each, over a share of the pixels each, as a CPU actor runs its lanes (`infer.Actors`), and
+    holding the memory it frees, as a CPU actor does."""
+    if device == "cpu":
+        hold_freed_memory()
     model = load_model(str(folder), device=device)
     distinct = {d: resized(decode(d), model.preprocessing) for d in set(data)}  # the set repeats pictures
     pixels = np.stack([distinct[d] for d in data])

@@ -11,6 +11,7 @@ import torch
 
 from dinat_batch.pipeline.config import RunConfig
 from dinat_batch.pipeline.model.export import random_model, save_checkpoint
+from dinat_batch.pipeline.stages import infer
 from dinat_batch.pipeline.stages.decode import decode_batch
 from dinat_batch.pipeline.stages.infer import Actors, ActorSettings, Predictor
 from dinat_batch.pipeline.stages.write import output_schema
@@ -157,10 +158,20 @@ def test_a_cpu_actor_runs_a_call_per_lane_at_once_each_on_one_torch_thread(tiny_
         return run(pixels)
 
     actor.runner._run = recorded
+    before = torch.get_num_threads()
     with ThreadPoolExecutor(2) as calls:
         tables = list(calls.map(actor, batches))
+    torch.set_num_threads(before)  # a lane's setting is also the default of threads started after it
     assert len({thread for thread, _ in ran}) == 2 and {threads for _, threads in ran} == {1}
     assert_same_rows(tables, expected)
+
+
+def test_a_cpu_actor_holds_the_memory_it_frees(tiny_model, monkeypatch):
+    """Its calls' activations are not faulted in again on every call (`runtime.hold_freed_memory`)."""
+    calls = []
+    monkeypatch.setattr(infer, "hold_freed_memory", lambda: calls.append(1) or True)
+    predictor(tiny_model)
+    assert calls == [1]
 
 
 def assert_same_rows(tables: list[pa.Table], expected: list[pa.Table]) -> None:

@@ -30,6 +30,7 @@ from dinat_batch.pipeline.model.runtime import (
     CompileMode,
     Outputs,
     Runner,
+    hold_freed_memory,
     label_names,
 )
 from dinat_batch.pipeline.stages import Stage
@@ -114,6 +115,8 @@ class Predictor:
     """
 
     def __init__(self, settings: ActorSettings):
+        if settings.device == "cpu":
+            hold_freed_memory()
         options = options_for(settings.model, settings.storage_options)
         loaded = load_model(settings.model, device=settings.device, storage_options=options)
         self.provenance = Provenance(loaded.source, loaded.weights_sha256, settings.run_id)
@@ -136,8 +139,9 @@ class Predictor:
             jpeg = nvjpeg if reason is None else None
             self.decoder = DeviceDecoder(loaded.preprocessing, device, settings.max_pixels, jpeg=jpeg)
         # all device work on the actor's own threads, one per lane: Ray Data calls from several threads, and
-        # torch keeps compiled CUDA graphs per thread. Torch's thread count is a thread's own: each sets its
-        # lane's (Ray pins the process's to its num_cpus, 1, where a CPU actor uses the cores it was given)
+        # torch keeps compiled CUDA graphs per thread. torch.set_num_threads sets the calling thread's count
+        # (and the default of threads started after it): each lane's thread sets its own, as Ray sets the
+        # process's to its num_cpus, 1, where a CPU actor's lanes use every core of its node
         self._device = ThreadPoolExecutor(
             settings.lanes,
             thread_name_prefix="device",

@@ -3,6 +3,9 @@ fails falls back to eager, and batch sizing from free memory. The CUDA-only part
 pinned copies on a side stream) are measured by benchmarks/gpu.py."""
 
 import logging
+import platform
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -119,6 +122,42 @@ def test_batch_from_free_memory_is_a_power_of_two_that_fits(free_gib, per_image_
 
 def test_batch_from_free_memory_respects_a_cap():
     assert batch_for_memory(80 * 2**30, 2**20, cap=100) == 64
+
+
+# in a process of its own, as the setting is for good: how a 100 MB block is served and what stays when freed
+HELD = """
+import ctypes, sys
+from dinat_batch.pipeline.model.runtime import hold_freed_memory
+
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
+    ]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Mallinfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+if sys.argv[1] == "held":
+    assert hold_freed_memory()
+before = libc.mallinfo2()
+block = libc.malloc(100 << 20)
+mapped = libc.mallinfo2().hblks - before.hblks
+libc.free(block)
+print(mapped, (libc.mallinfo2().arena - before.arena) >> 20)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="hold_freed_memory sets glibc's malloc")
+@pytest.mark.parametrize("held", [True, False])
+def test_held_memory_serves_big_blocks_from_the_heap_and_keeps_them_once_freed(held):
+    """By default glibc maps a block this large on its own and unmaps it when freed, so the next one is
+    faulted in again page by page; held, the block comes from the heap and stays there for the next."""
+    setting = "held" if held else "default"
+    ran = subprocess.run([sys.executable, "-c", HELD, setting], capture_output=True, text=True, check=True)
+    mapped, kept_mb = (int(n) for n in ran.stdout.split())
+    assert (mapped, kept_mb >= 99) == ((0, True) if held else (1, False))
 
 
 def test_the_model_traces_as_one_graph(model):

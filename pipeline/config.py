@@ -110,7 +110,8 @@ class RunConfig(BaseModel):
         None,
         ge=1,
         le=4096,
-        description="images per model call; default: 32 on a CPU, on a GPU as many as fit its free memory",
+        description="images per model call; default: on a CPU 8 per lane (32 where the actor has one lane: "
+        "compiled), on a GPU as many as fit its free memory",
     )
     min_actors: int = Field(1, ge=1, description="smallest inference actor pool")
     max_actors: int | None = Field(
@@ -153,7 +154,8 @@ class RunConfig(BaseModel):
         ge=1,
         description="cores a CPU actor's model uses: eager, one call per core at a time, each on one thread "
         "(holding its batch's activations: ~0.3 GB for dinat-mini; set batch_size to hold less); compiled, "
-        "one call on that many threads. Default: the CPUs Ray declares on the cluster's largest node",
+        "one call on that many threads. Default: the CPUs Ray declares on the largest node with the "
+        "actor_resources; an actor runs no more lanes than its own node declares CPUs",
     )
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="larger declared images are decode errors")
     max_bytes_per_image: int = Field(

@@ -107,25 +107,28 @@ def _actors(config: RunConfig, resources: dict[str, float], nodes: list[dict[str
     that a CPU-only cluster never waits for a GPU that will not come. A GPU pool has no default bound: it
     grows onto each GPU node that joins while the run goes on, as far as the autoscaler lets the cluster
     grow. A CPU actor runs its model on `cpu_threads` cores, by default the CPUs Ray declares on the
-    cluster's largest live node (which follow a container's CPU limit), so by default there is one: CPU
-    clusters are for trying things out (set max_actors, with cpu_threads, to use more machines); eager,
-    it runs a one-thread lane per core (see `Actors`). `resources`: the cluster's, as Ray totals them;
-    `nodes`: its live nodes' resources."""
+    largest live node that has what the actors ask for (they follow a container's CPU limit), so by
+    default there is one: CPU clusters are for trying things out (set max_actors, with cpu_threads, to
+    use more machines); eager, it runs a one-thread lane per core (see `Actors`), no more than its own
+    node declares CPUs (`infer.lanes_here`). `resources`: the cluster's, as Ray totals them; `nodes`: its
+    live nodes' resources."""
     gpus, asks = int(resources.get("GPU", 0)), dict(config.actor_resources)
     if config.device == "cuda" or (config.device == "auto" and gpus > 0):
         max_size = config.max_actors
         return Actors("cuda", 1, min(config.min_actors, max_size or config.min_actors), max_size, asks)
     max_size = config.max_actors or 1
-    cores = config.cpu_threads or _node_cores(nodes)
+    cores = config.cpu_threads or _node_cores(nodes, asks)
     compiled = resolve_compile(config.compile, torch.device("cpu")) != "off"
     lanes, threads = (1, cores) if compiled else (cores, 1)
     return Actors("cpu", 0, min(config.min_actors, max_size), max_size, asks, lanes, threads)
 
 
-def _node_cores(nodes: list[dict[str, float]]) -> int:
-    """The CPUs Ray declares on the largest of `nodes`; where none declares any (an autoscaling cluster
-    before its first worker), the cores this process may use."""
-    declared = max((node.get("CPU", 0) for node in nodes), default=0)
+def _node_cores(nodes: list[dict[str, float]], asks: dict[str, float]) -> int:
+    """The CPUs Ray declares on the largest of `nodes` that has each resource of `asks` (where the actors
+    may run); where none declares any (an autoscaling cluster before its first such worker), the cores
+    this process may use."""
+    fit = [node for node in nodes if all(node.get(name, 0) >= amount for name, amount in asks.items())]
+    declared = max((node.get("CPU", 0) for node in fit), default=0)
     return max(int(declared), 1) if declared else len(os.sched_getaffinity(0))
 
 

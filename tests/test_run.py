@@ -590,6 +590,8 @@ def test_actor_pool_grows_with_the_cluster_by_default(gpus, settings, expected):
         ({"compile": "on", "cpu_threads": 3}, [{"CPU": 12}], 1, 3),
         ({}, [{"CPU": 0.5}], 1, 1),
         ({}, [{"memory": 1e9}], len(os.sched_getaffinity(0)), 1),  # no CPUs declared yet: this machine's
+        ({"actor_resources": {"big": 1}}, [{"CPU": 32}, {"CPU": 8, "big": 2}], 8, 1),  # where they may run
+        ({"actor_resources": {"big": 1}}, [{"CPU": 32}], len(os.sched_getaffinity(0)), 1),
         ({"device": "cuda"}, [{"CPU": 12, "GPU": 1}], 1, None),  # one thread feeds a GPU
     ],
 )
@@ -600,7 +602,17 @@ def test_an_actor_runs_its_model_in_lanes_over_the_cores_of_the_largest_node(set
     assert (actors.lanes, actors.threads) == (lanes, threads)
 
 
-def test_the_inference_stage_scales_its_pool_for_two_calls_per_actor(tiny_model, ray_session):
+def test_an_actor_on_a_node_smaller_than_planned_runs_a_lane_per_cpu_it_has(ray_session):
+    (declared,) = (node["Resources"]["CPU"] for node in ray.nodes() if node["Alive"])
+    here = ray.remote(num_cpus=0)(infer.lanes_here)
+    assert ray.get([here.remote(int(declared) + 3), here.remote(1), here.remote(int(declared))]) == [
+        int(declared),
+        1,
+        int(declared),
+    ]
+
+
+def test_the_inference_stage_scales_its_pool_for_two_calls_per_lane(tiny_model, ray_session):
     settings = ActorSettings(model=str(tiny_model), run_id="r", top_k=1, device="cpu")
     actors = Actors("cpu", 0, 1, 2, {})
     inferred = infer.apply(ray.data.from_items([{"key": "a"}]), settings, actors)

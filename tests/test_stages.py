@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 from ray.data.context import AutoscalingConfig
 
+from dinat_batch.pipeline.model.runtime import CPU_BATCH, LANE_BATCH, MAX_AUTO_BATCH
 from dinat_batch.pipeline.stages import decode, infer, read, write
 from dinat_batch.pipeline.stages.decode import decode_batch, host_pixels
 from tests.data import MAX_PIXELS, TINY_INPUT, photo
@@ -114,7 +115,7 @@ def test_chunk_groups_fill_up_to_the_rows_in_order_and_a_larger_chunk_goes_alone
     assert write.chunk_groups(untold, 7) == [untold[:1], untold[1:]]
 
 
-def test_the_pool_sheds_actors_at_the_calls_in_flight_of_one_call_per_actor():
+def test_the_pool_sheds_actors_at_the_calls_in_flight_of_one_call_per_lane():
     """Ray Data's pool use is calls in flight per actor over the calls it may take, CALLS_PER_LANE per lane:
     an actor running one call per lane is busy, as with one call per lane; half a call per lane is little
     enough to shed idle ones."""
@@ -128,6 +129,23 @@ def test_the_pool_sheds_actors_at_the_calls_in_flight_of_one_call_per_actor():
         config.actor_pool_util_upscaling_threshold == AutoscalingConfig().actor_pool_util_upscaling_threshold
     )
     assert infer.autoscaling(config) == config  # applying it twice changes nothing
+
+
+@pytest.mark.parametrize(
+    ("device", "lanes", "batch_size", "expected"),
+    [
+        ("cpu", 4, None, LANE_BATCH),  # a lane holds its call's activations
+        ("cpu", 1, None, CPU_BATCH),
+        ("cpu", 4, 24, 24),
+        ("cuda", 1, None, MAX_AUTO_BATCH),  # the actor slices it to what fits its GPU
+        ("cuda", 1, 64, 64),
+    ],
+)
+def test_an_actor_call_takes_the_batch_asked_or_its_device_s_default(device, lanes, batch_size, expected):
+    settings = infer.ActorSettings(
+        model="m", run_id="r", top_k=1, device=device, lanes=lanes, batch_size=batch_size
+    )
+    assert infer.call_batch(settings) == expected
 
 
 def test_read_tasks_take_two_per_cpu_in_whole_batches_up_to_a_bound():

@@ -142,8 +142,9 @@ class Predictor:
         # torch keeps compiled CUDA graphs per thread. torch.set_num_threads sets the calling thread's count
         # (and the default of threads started after it): each lane's thread sets its own, as Ray sets the
         # process's to its num_cpus, 1, where a CPU actor's lanes use every core of its node
+        self.lanes = lanes_here(settings.lanes)
         self._device = ThreadPoolExecutor(
-            settings.lanes,
+            self.lanes,
             thread_name_prefix="device",
             initializer=_set_threads,
             initargs=(settings.threads,),
@@ -219,6 +220,26 @@ class Predictor:
             gathered[torch.from_numpy(from_host)] = torch.as_tensor(on_host, device=self.runner.device)
         gathered[passed] = on_device
         return ok, late, self.runner(gathered[torch.from_numpy(ok)])
+
+
+def lanes_here(planned: int) -> int:
+    """`planned` lanes, but no more than the CPUs Ray declares on the node this process runs on: the plan
+    sizes them for the largest node the actors may use, and the pool may start one on a smaller node,
+    where lanes beyond its cores would take turns on them, each holding its call's activations."""
+    if planned == 1 or not ray.is_initialized():
+        return planned
+    here = ray.get_runtime_context().get_node_id()
+    declared = next((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["NodeID"] == here), 0)
+    if not declared or declared >= planned:
+        return planned
+    lanes = max(int(declared), 1)
+    logger.warning(
+        "this actor's node declares %g CPUs, fewer than the %d lanes planned for the largest node: it runs %d",
+        declared,
+        planned,
+        lanes,
+    )
+    return lanes
 
 
 def _set_threads(threads: int | None) -> None:

@@ -110,7 +110,7 @@ def _actors(config: RunConfig, resources: dict[str, float], nodes: list[dict[str
     largest live node that has what the actors ask for (they follow a container's CPU limit), so by
     default there is one: CPU clusters are for trying things out (set max_actors, with cpu_threads, to
     use more machines); eager, it runs a one-thread lane per core (see `Actors`), no more than its own
-    node declares CPUs (`infer.lanes_here`). `resources`: the cluster's, as Ray totals them; `nodes`: its
+    node declares CPUs (`infer.on_this_node`). `resources`: the cluster's, as Ray totals them; `nodes`: its
     live nodes' resources."""
     gpus, asks = int(resources.get("GPU", 0)), dict(config.actor_resources)
     if config.device == "cuda" or (config.device == "auto" and gpus > 0):

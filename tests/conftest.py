@@ -73,6 +73,13 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.fixture
+def process_malloc_as_is(monkeypatch):
+    """For tests that build a CPU Predictor in this process: its `hold_freed_memory` would change this
+    process's allocator for the tests after it."""
+    monkeypatch.setattr("dinat_batch.pipeline.stages.infer.hold_freed_memory", lambda: False)
+
+
+@pytest.fixture
 def model_cache(tmp_path, monkeypatch):
     """A private download cache for models fetched from URIs."""
     monkeypatch.setenv("DINAT_BATCH_CACHE", str(tmp_path / "cache"))

@@ -32,7 +32,7 @@ from dinat_batch.pipeline.stages.decode import decode_batch
 from dinat_batch.pipeline.stages.infer import Actors, ActorSettings, Predictor
 from tests.data import MAX_PIXELS, TINY, TINY_INPUT, photo
 
-pytestmark = pytest.mark.standalone
+pytestmark = [pytest.mark.standalone, pytest.mark.usefixtures("process_malloc_as_is")]
 
 RNG = np.random.default_rng(7)
 

@@ -17,7 +17,7 @@ from dinat_batch.pipeline.stages.infer import Actors, ActorSettings, Predictor
 from dinat_batch.pipeline.stages.write import output_schema
 from tests.data import MAX_PIXELS, TINY, TINY_INPUT, direct_predictions, photo
 
-pytestmark = pytest.mark.standalone
+pytestmark = [pytest.mark.standalone, pytest.mark.usefixtures("process_malloc_as_is")]
 
 
 def decoded(items: dict[str, bytes]) -> dict[str, np.ndarray]:

@@ -602,14 +602,11 @@ def test_an_actor_runs_its_model_in_lanes_over_the_cores_of_the_largest_node(set
     assert (actors.lanes, actors.threads) == (lanes, threads)
 
 
-def test_an_actor_on_a_node_smaller_than_planned_runs_a_lane_per_cpu_it_has(ray_session):
-    (declared,) = (node["Resources"]["CPU"] for node in ray.nodes() if node["Alive"])
-    here = ray.remote(num_cpus=0)(infer.lanes_here)
-    assert ray.get([here.remote(int(declared) + 3), here.remote(1), here.remote(int(declared))]) == [
-        int(declared),
-        1,
-        int(declared),
-    ]
+def test_an_actor_on_a_node_smaller_than_planned_uses_the_cpus_it_has(ray_session):
+    (declared,) = (int(node["Resources"]["CPU"]) for node in ray.nodes() if node["Alive"])
+    planned = [(declared + 3, 1), (1, declared + 3), (declared, 1), (1, None)]
+    here = ray.remote(num_cpus=0)(infer.on_this_node)
+    assert ray.get([here.remote(*plan) for plan in planned]) == [(declared, 1), (1, declared), *planned[2:]]
 
 
 def test_the_inference_stage_scales_its_pool_for_two_calls_per_lane(tiny_model, ray_session):

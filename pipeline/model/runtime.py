@@ -47,8 +47,10 @@ MAX_COMPILE_FAILURES = 3  # compiles (or CUDA graph recordings) that ran out of 
 COMPILES_SINCE = (2, 13)
 # glibc's mallopt parameters (malloc.h), and what `hold_freed_memory` sets them to
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_MAPPED_FROM = 1 << 30  # blocks this large or larger get pages of their own; smaller come from the heap
-_NEVER_TRIM = 2**31 - 1  # the most mallopt takes: free memory at the heap's top stays
+# blocks this large or larger get pages of their own, smaller ones come from a heap: the first that glibc
+# takes (older releases refuse more than 32 MB, half the size of a thread's heap)
+_MAPPED_FROM = (1 << 30, 32 << 20)
+_NEVER_TRIM = -1  # glibc reads it as the largest size: the free memory at a heap's top stays there
 logger = logging.getLogger(__name__)
 
 
@@ -68,13 +70,16 @@ def hold_freed_memory() -> bool:
     afresh (above its mmap threshold, at most 32 MB) or trims off its heap once freed, so each call faults
     them in again page by page: 9-13% of a lane's CPU time in the kernel (dinat-mini, benchmarks/RESULTS.md),
     and 1.09x the pipeline's images/s with it kept. The process stays at its peak: the activations of the
-    calls it runs at once. Process-wide and for good; False where the C library is not glibc (nothing
-    changed)."""
+    calls it runs at once. A lane's thread allocates from a heap of its own, which glibc makes 64 MB at
+    most: a larger block is still mapped afresh (dinat-mini at 224, 8 images a call: ~20 MB at most; a
+    compiled actor's one call of 32 has blocks of ~80 MB). Process-wide and for good; False where the C
+    library is not glibc (nothing changed)."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, _MAPPED_FROM)) and bool(mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM))
+    mapped_from = any(mallopt(_M_MMAP_THRESHOLD, size) for size in _MAPPED_FROM)
+    return bool(mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM)) and mapped_from
 
 
 def resolve_compile(mode: CompileMode, device: torch.device) -> Literal["off", "on", "graphs"]:

@@ -142,12 +142,9 @@ class Predictor:
         # torch keeps compiled CUDA graphs per thread. torch.set_num_threads sets the calling thread's count
         # (and the default of threads started after it): each lane's thread sets its own, as Ray sets the
         # process's to its num_cpus, 1, where a CPU actor's lanes use every core of its node
-        self.lanes = lanes_here(settings.lanes)
+        self.lanes, threads = on_this_node(settings.lanes, settings.threads)
         self._device = ThreadPoolExecutor(
-            self.lanes,
-            thread_name_prefix="device",
-            initializer=_set_threads,
-            initargs=(settings.threads,),
+            self.lanes, thread_name_prefix="device", initializer=_set_threads, initargs=(threads,)
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -222,24 +219,28 @@ class Predictor:
         return ok, late, self.runner(gathered[torch.from_numpy(ok)])
 
 
-def lanes_here(planned: int) -> int:
-    """`planned` lanes, but no more than the CPUs Ray declares on the node this process runs on: the plan
-    sizes them for the largest node the actors may use, and the pool may start one on a smaller node,
-    where lanes beyond its cores would take turns on them, each holding its call's activations."""
-    if planned == 1 or not ray.is_initialized():
-        return planned
+def on_this_node(lanes: int, threads: int | None) -> tuple[int, int | None]:
+    """`lanes` with `threads` torch threads each as planned (`Actors`), but on no more cores than Ray
+    declares CPUs on the node this process runs on: the plan sizes them (`cpu_threads`, by default the
+    largest node the actors may use) and the pool may start an actor on a smaller node, where lanes beyond
+    its cores would take turns on them, each holding its call's activations, and threads beyond them wait
+    for one another. The pool's calls beyond the lanes wait for one."""
+    cores = lanes * (threads or 1)
+    if cores == 1 or not ray.is_initialized():
+        return lanes, threads
     here = ray.get_runtime_context().get_node_id()
     declared = next((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["NodeID"] == here), 0)
-    if not declared or declared >= planned:
-        return planned
-    lanes = max(int(declared), 1)
+    if not declared or declared >= cores:
+        return lanes, threads
+    fit = max(int(declared), 1)
     logger.warning(
-        "this actor's node declares %g CPUs, fewer than the %d lanes planned for the largest node: it runs %d",
+        "this actor's node declares %g CPUs, fewer than the %d cores its model was to use (cpu_threads, by "
+        "default the CPUs of the largest node it may run on): it uses %d",
         declared,
-        planned,
-        lanes,
+        cores,
+        fit,
     )
-    return lanes
+    return (fit, threads) if lanes > 1 else (1, fit)
 
 
 def _set_threads(threads: int | None) -> None:

@@ -1,7 +1,7 @@
 """The GPU benchmark in one command (inside 10 minutes on one GPU): NA kernels per backend, model images/s
 per variant, dtype and execution mode, bf16-vs-fp32 agreement, JPEG decode rates on CPU workers and on the
 GPU, and the pipeline end to end with the GPU's utilisation sampled during the run. Prints one report;
-`--record` appends it to benchmarks/RESULTS.md.
+`--record` adds it to its section of benchmarks/RESULTS.md.
 
     .venv/bin/python benchmarks/gpu.py [--record]          # on a machine with a GPU
     .venv/bin/python benchmarks/gpu.py --device cpu --quick  # the same code paths, small, on a CPU
@@ -369,7 +369,7 @@ def main() -> None:
         lines += pipeline_table(device, images, batch, dtype, args.store, args.compile, args.pipeline_runs)
     print("\n".join(lines))
     if args.record:
-        record(lines)
+        record(lines, "GPU")
 
 
 if __name__ == "__main__":

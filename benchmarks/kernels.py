@@ -6,7 +6,7 @@ Prints one table: milliseconds per call (median), the ratio to natten's own path
 without RPB (natten >= 0.20 has no RPB; on CPU that is its uncompiled flex-fna), and the fraction of the
 arithmetic floor reached. The floor is the minimal NA arithmetic, 4 * B * H * W * heads * K^2 * head_dim
 FLOPs (QK^T and AV, a multiply and an add each), at the matmul rate measured in the same run.
-`--record` appends the table to benchmarks/RESULTS.md.
+`--record` adds the table to its section of benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -120,14 +120,16 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    parser.add_argument(
+        "--record", action="store_true", help="add the table to its section of benchmarks/RESULTS.md"
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     with torch.inference_mode():
         lines = run(torch.device(args.device), getattr(torch, args.dtype), args.batch, args.repeat)
     print("\n".join(lines))
     if args.record:
-        record(lines)
+        record(lines, "NA kernels")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 
 Random weights (speed does not depend on them). Each row: one forward of a batch, median of --repeat
 after a warm-up call (which compiles where compiling is asked for; compile time is printed separately).
-`--record` appends the table to benchmarks/RESULTS.md.
+`--record` adds the table to its section of benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def main() -> None:
         print(lines[-1], flush=True)
     print("\n".join(lines))
     if args.record:
-        record(lines)
+        record(lines, "Model")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ model loop on already-decoded tensors, same model, batch size, dtype and machine
 
 dinat-mini with random weights (speed does not depend on them); generated 500 x 375 JPEGs (a typical
 photo size) in SeaweedFS on loopback. The bare loop runs first, alone on the machine; then the pipeline
-runs on a fresh local Ray with every core. `--record` appends the table to benchmarks/RESULTS.md.
+runs on a fresh local Ray with every core. `--record` adds the table to its section of benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -255,7 +255,7 @@ def main() -> None:
     ]
     print("\n".join(lines))
     if args.record:
-        record(lines)
+        record(lines, "Pipeline")
 
 
 if __name__ == "__main__":

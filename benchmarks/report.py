@@ -100,7 +100,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--record", action="store_true", help="append the result to RESULTS.md")
+    parser.add_argument(
+        "--record", action="store_true", help="add the result to its section of benchmarks/RESULTS.md"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         output = Path(tmp) / "out"
@@ -120,7 +122,8 @@ def main() -> None:
             [
                 f"report over {args.rows:,} rows ({args.dim}-d embeddings): {seconds:.1f} s, page "
                 f"{result['page_mb']} MB ({dt.date.today()}, `benchmarks/report.py`)"
-            ]
+            ],
+            "The report over a big output",
         )
 
 

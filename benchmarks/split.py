@@ -62,7 +62,9 @@ def main() -> None:
     parser.add_argument("--per-task", type=int, default=64)
     parser.add_argument("--cpus", type=int, default=64, help="CPUs Ray is told the machine has")
     parser.add_argument("--seconds", type=float, default=2.0, help="each read task's length")
-    parser.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    parser.add_argument(
+        "--record", action="store_true", help="add the table to its section of benchmarks/RESULTS.md"
+    )
     args = parser.parse_args()
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -97,7 +99,7 @@ def main() -> None:
         f"read.split / Ray Data's repartition: {ours / default:.2f}; read.split / no split: {ours / ceiling:.2f}"
     )
     if args.record:
-        record(lines)
+        record(lines, "GPU")
 
 
 if __name__ == "__main__":

@@ -221,22 +221,26 @@ class Predictor:
 
 def on_this_node(lanes: int, threads: int | None) -> tuple[int, int | None]:
     """`lanes` with `threads` torch threads each as planned (`Actors`), but on no more cores than Ray
-    declares CPUs on the node this process runs on: the plan sizes them (`cpu_threads`, by default the
-    largest node the actors may use) and the pool may start an actor on a smaller node, where lanes beyond
-    its cores would take turns on them, each holding its call's activations, and threads beyond them wait
-    for one another. The pool's calls beyond the lanes wait for one."""
+    declares CPUs on the node this process runs on, nor than it has (a container's CPU limit): the plan
+    sizes them (`cpu_threads`, by default the largest node the actors may use) and the pool may start an
+    actor on a smaller node, where lanes beyond its cores would take turns on them, each holding its call's
+    activations, and threads beyond them wait for one another; and a local Ray declares at least two CPUs
+    (`run.local_cpus`). The pool's calls beyond the lanes wait for one."""
     cores = lanes * (threads or 1)
     if cores == 1 or not ray.is_initialized():
         return lanes, threads
     here = ray.get_runtime_context().get_node_id()
     declared = next((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["NodeID"] == here), 0)
-    if not declared or declared >= cores:
+    limit = ray._private.utils.get_num_cpus()
+    usable = min(declared, limit) if declared else limit
+    if usable >= cores:
         return lanes, threads
-    fit = max(int(declared), 1)
+    fit = max(int(usable), 1)
     logger.warning(
-        "this actor's node declares %g CPUs, fewer than the %d cores its model was to use (cpu_threads, by "
-        "default the CPUs of the largest node it may run on): it uses %d",
+        "this actor's node declares %g CPUs and its process may use %g, fewer than the %d cores its model was "
+        "to use (cpu_threads, by default the CPUs of the largest node it may run on): it uses %d",
         declared,
+        limit,
         cores,
         fit,
     )

@@ -174,6 +174,50 @@ def test_a_cpu_actor_holds_the_memory_it_frees(tiny_model, monkeypatch):
     assert calls == [1]
 
 
+@pytest.mark.parametrize(
+    ("lanes", "per_lane", "budget", "expected"),
+    [(8, 10, 35, 3), (8, 10, 500, 8), (8, 10, 5, 1), (8, 10, -4, 1)],
+)
+def test_lanes_fit_in_their_memory_budget_and_at_least_one_runs(lanes, per_lane, budget, expected):
+    assert infer.lanes_in_memory(lanes, per_lane, budget) == expected
+
+
+@pytest.mark.parametrize(
+    ("memory_gib", "batch_size", "lanes", "probes"), [(4, 16, 1, 1), (16, 16, 4, 1), (4, None, 4, 0)]
+)
+def test_a_cpu_actor_runs_the_lanes_its_node_s_memory_holds(
+    tiny_model, monkeypatch, caplog, memory_gib, batch_size, lanes, probes
+):
+    """One call measured at actor start (here said to take 1 GiB, beside 0.5 GiB held): of 4 GiB the
+    lanes may take half, 1.5 GiB beside what the actor holds, one lane's; of 16 GiB, all four. Not where
+    the lanes take no more images at once than one lane's default call (4 x 8 against 32)."""
+    probed = []
+
+    def growth(call):
+        call()
+        probed.append(threading.get_ident())
+        return 2**30
+
+    monkeypatch.setattr(infer, "node_resources", lambda: {"CPU": 4, "memory": memory_gib * 2**30})
+    monkeypatch.setattr(infer.ray._private.utils, "get_num_cpus", lambda: 4)
+    monkeypatch.setattr(infer, "peak_growth", growth)
+    monkeypatch.setattr(infer, "resident_bytes", lambda: 2**29)
+    settings = ActorSettings(
+        model=str(tiny_model),
+        run_id="run-1",
+        top_k=3,
+        device="cpu",
+        lanes=4,
+        threads=1,
+        batch_size=batch_size,
+    )
+    actor = Predictor(settings)
+    assert actor.lanes == lanes and len(probed) == probes and threading.get_ident() not in probed
+    assert ("1 lanes of the 4 planned" in caplog.text) == (lanes == 1)
+    batch = decoded({"a.jpg": photo(1)})
+    assert_same_rows([actor(batch)], [predictor(tiny_model)(batch)])
+
+
 def assert_same_rows(tables: list[pa.Table], expected: list[pa.Table]) -> None:
     for table, want in zip(tables, expected, strict=True):
         assert table.column("key").to_pylist() == want.column("key").to_pylist()

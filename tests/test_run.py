@@ -606,15 +606,16 @@ def test_an_actor_on_a_node_smaller_than_planned_uses_the_cpus_it_has(ray_sessio
     (declared,) = (int(node["Resources"]["CPU"]) for node in ray.nodes() if node["Alive"])
     has = min(declared, ray._private.utils.get_num_cpus())  # and on a machine of fewer cores, those
     planned = [(has + 3, 1), (1, has + 3), (has, 1), (1, None)]
-    here = ray.remote(num_cpus=0)(infer.on_this_node)
+    here = ray.remote(num_cpus=0)(lambda *plan: infer.on_this_node(*plan, infer.node_resources()))
     assert ray.get([here.remote(*plan) for plan in planned]) == [(has, 1), (1, has), *planned[2:]]
+    assert infer.on_this_node(has + 3, 1, {}) == (has + 3, 1)  # outside Ray: as planned
 
 
-def test_an_actor_uses_no_more_cores_than_its_process_may(ray_session, monkeypatch):
+def test_an_actor_uses_no_more_cores_than_its_process_may(monkeypatch):
     """A local Ray declares two CPUs on a machine (or in a container) of one (`local_cpus`)."""
     monkeypatch.setattr(ray._private.utils, "get_num_cpus", lambda: 1)
-    assert infer.on_this_node(2, 1) == (1, 1)
-    assert infer.on_this_node(1, 2) == (1, 1)
+    assert infer.on_this_node(2, 1, {"CPU": 2}) == (1, 1)
+    assert infer.on_this_node(1, 2, {"CPU": 2}) == (1, 1)
 
 
 def test_the_inference_stage_scales_its_pool_for_two_calls_per_lane(tiny_model, ray_session):

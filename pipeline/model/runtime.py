@@ -22,6 +22,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
+from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -80,6 +82,34 @@ def hold_freed_memory() -> bool:
         return False
     mapped_from = any(mallopt(_M_MMAP_THRESHOLD, size) for size in _MAPPED_FROM)
     return bool(mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM)) and mapped_from
+
+
+def peak_growth(call: Callable[[], object]) -> int | None:
+    """How far this process's resident memory rose above its size at the start while `call` ran, in
+    bytes, read from Linux's high-water mark (reset first through /proc/self/clear_refs): what a call's
+    activations take, blocks mapped on their own included. None where Linux does not tell."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        start = _status_kb("VmRSS")
+        call()
+        return (_status_kb("VmHWM") - start) * 1024
+    except OSError:
+        return None
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory; None where Linux does not tell."""
+    try:
+        return _status_kb("VmRSS") * 1024
+    except OSError:
+        return None
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
 
 
 def resolve_compile(mode: CompileMode, device: torch.device) -> Literal["off", "on", "graphs"]:

@@ -32,6 +32,8 @@ from dinat_batch.pipeline.model.runtime import (
     Runner,
     hold_freed_memory,
     label_names,
+    peak_growth,
+    resident_bytes,
 )
 from dinat_batch.pipeline.stages import Stage
 from dinat_batch.pipeline.stages.decode import STAGE as DECODED
@@ -45,6 +47,9 @@ STAGE = Stage("infer", consumes=DECODED.produces, produces=COLUMNS, may_consume=
 # batched and its pixels gathered (Ray Data's batching alone took 40 ms per 1024 images on this project's
 # CPUs, a sixth of the model's time for them on an H200)
 CALLS_PER_LANE = 2
+# of the memory Ray declares on a CPU actor's node, the share its lanes' activations may take: the rest is
+# for the read and decode tasks beside it, Ray's workers and its object store's spill buffers
+LANE_MEMORY_SHARE = 0.5
 logger = logging.getLogger(__name__)
 
 
@@ -115,8 +120,6 @@ class Predictor:
     """
 
     def __init__(self, settings: ActorSettings):
-        if settings.device == "cpu":
-            hold_freed_memory()
         options = options_for(settings.model, settings.storage_options)
         loaded = load_model(settings.model, device=settings.device, storage_options=options)
         self.provenance = Provenance(loaded.source, loaded.weights_sha256, settings.run_id)
@@ -142,10 +145,44 @@ class Predictor:
         # torch keeps compiled CUDA graphs per thread. torch.set_num_threads sets the calling thread's count
         # (and the default of threads started after it): each lane's thread sets its own, as Ray sets the
         # process's to its num_cpus, 1, where a CPU actor's lanes use every core of its node
-        self.lanes, threads = on_this_node(settings.lanes, settings.threads)
+        node = node_resources()
+        self.lanes, threads = on_this_node(settings.lanes, settings.threads, node)
+        batch = call_batch(settings)
+        if self.lanes * batch > CPU_BATCH and node.get("memory"):  # more in flight than one lane's default
+            self.lanes = self._lanes_in_memory(threads, batch, node["memory"])
+        if settings.device == "cpu":  # after the measure, which would count memory held as none taken
+            hold_freed_memory()
         self._device = ThreadPoolExecutor(
             self.lanes, thread_name_prefix="device", initializer=_set_threads, initargs=(threads,)
         )
+
+    def _lanes_in_memory(self, threads: int | None, batch: int, memory: float) -> int:
+        """As many of its lanes as hold their calls' activations in LANE_MEMORY_SHARE of `memory` (Ray's
+        on this node), beside what the actor holds already: one call of `batch` images, on a thread like
+        a lane's, measured at actor start (one call's time: 3 s for dinat-mini at 224, 10 s for
+        dinat-base on one core of a slow 2-core machine; 0.23 and 0.57 GB), so that a many-core node at
+        the defaults, or a larger model, does not run out of memory. Only where the lanes take more
+        images at once than a one-lane actor's default call (CPU_BATCH), which came before lanes."""
+        pixels = np.zeros((batch, *self.runner.size, 3), dtype=np.uint8)
+        with ThreadPoolExecutor(1, initializer=_set_threads, initargs=(threads,)) as probe:
+            per_lane = probe.submit(peak_growth, lambda: self.runner(pixels)).result()
+        held = resident_bytes()
+        if per_lane is None or held is None:
+            return self.lanes
+        fit = lanes_in_memory(self.lanes, per_lane, memory * LANE_MEMORY_SHARE - held)
+        if fit < self.lanes:
+            logger.warning(
+                "a call of %d images took %.2f GB here: %d lanes of the %d planned fit in %.0f%% of the "
+                "node's %.1f GB beside the %.1f GB this actor holds (set batch_size lower for more)",
+                batch,
+                per_lane / 2**30,
+                fit,
+                self.lanes,
+                LANE_MEMORY_SHARE * 100,
+                memory / 2**30,
+                held / 2**30,
+            )
+        return fit
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         """Called by Ray Data from a pool of threads, CALLS_PER_LANE calls per lane at a time: what this call
@@ -219,18 +256,18 @@ class Predictor:
         return ok, late, self.runner(gathered[torch.from_numpy(ok)])
 
 
-def on_this_node(lanes: int, threads: int | None) -> tuple[int, int | None]:
+def on_this_node(lanes: int, threads: int | None, node: dict[str, float]) -> tuple[int, int | None]:
     """`lanes` with `threads` torch threads each as planned (`Actors`), but on no more cores than Ray
-    declares CPUs on the node this process runs on, nor than it has (a container's CPU limit): the plan
-    sizes them (`cpu_threads`, by default the largest node the actors may use) and the pool may start an
-    actor on a smaller node, where lanes beyond its cores would take turns on them, each holding its call's
-    activations, and threads beyond them wait for one another; and a local Ray declares at least two CPUs
-    (`run.local_cpus`). The pool's calls beyond the lanes wait for one."""
+    declares CPUs on the node this process runs on (`node`: its resources, none outside Ray), nor than the
+    process may use (a container's CPU limit): the plan sizes them (`cpu_threads`, by default the largest
+    node the actors may use) and the pool may start an actor on a smaller node, where lanes beyond its
+    cores would take turns on them, each holding its call's activations, and threads beyond them wait for
+    one another; and a local Ray declares at least two CPUs (`run.local_cpus`). The pool's calls beyond
+    the lanes wait for one."""
     cores = lanes * (threads or 1)
-    if cores == 1 or not ray.is_initialized():
+    if cores == 1 or not node:
         return lanes, threads
-    here = ray.get_runtime_context().get_node_id()
-    declared = next((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["NodeID"] == here), 0)
+    declared = node.get("CPU", 0)
     limit = ray._private.utils.get_num_cpus()
     usable = min(declared, limit) if declared else limit
     if usable >= cores:
@@ -245,6 +282,19 @@ def on_this_node(lanes: int, threads: int | None) -> tuple[int, int | None]:
         fit,
     )
     return (fit, threads) if lanes > 1 else (1, fit)
+
+
+def node_resources() -> dict[str, float]:
+    """What Ray declares on the node this process runs on; nothing outside Ray."""
+    if not ray.is_initialized():
+        return {}
+    here = ray.get_runtime_context().get_node_id()
+    return next((node["Resources"] for node in ray.nodes() if node["NodeID"] == here), {})
+
+
+def lanes_in_memory(lanes: int, per_lane: int, budget: float) -> int:
+    """As many of `lanes` as hold `per_lane` bytes each within `budget` bytes; at least one."""
+    return max(1, min(lanes, int(budget // max(per_lane, 1))))
 
 
 def _set_threads(threads: int | None) -> None:

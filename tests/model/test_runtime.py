@@ -3,11 +3,13 @@ fails falls back to eager, and batch sizing from free memory. The CUDA-only part
 pinned copies on a side stream) are measured by benchmarks/gpu.py."""
 
 import logging
+import mmap
 import platform
 import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +18,14 @@ from torch._dynamo.testing import CompileCounter
 
 from dinat_batch.pipeline.model import load_model
 from dinat_batch.pipeline.model.export import random_model, save_checkpoint
-from dinat_batch.pipeline.model.runtime import CPU_BATCH, Runner, batch_for_memory, resolve_compile
+from dinat_batch.pipeline.model.runtime import (
+    CPU_BATCH,
+    Runner,
+    batch_for_memory,
+    peak_growth,
+    resident_bytes,
+    resolve_compile,
+)
 from tests.data import TINY, TINY_INPUT
 
 pytestmark = pytest.mark.standalone
@@ -170,6 +179,18 @@ def test_held_memory_serves_big_blocks_from_the_heap_and_keeps_them_once_freed(h
     command = [sys.executable, "-c", HELD, setting, thread]
     mapped, kept_mb = (int(n) for n in subprocess.check_output(command, text=True).split())
     assert (mapped, kept_mb >= 23) == ((0, True) if held else (1, False))
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux tells a process's peak memory")
+def test_a_call_s_peak_memory_is_measured_from_its_start():
+    def touch(size: int) -> None:  # pages of its own, whatever the allocator holds already
+        with mmap.mmap(-1, size) as block:
+            np.frombuffer(block, dtype=np.uint8)[:] = 1
+
+    touch(80 << 20)  # a peak before the call does not count
+    grew = peak_growth(lambda: touch(40 << 20))
+    assert 38 << 20 <= grew < 60 << 20
+    assert resident_bytes() > 0
 
 
 def test_the_model_traces_as_one_graph(model):

@@ -155,8 +155,8 @@ class RunConfig(BaseModel):
         description="cores a CPU actor's model uses: eager, one call per core at a time, each on one thread "
         "(holding its batch's activations: ~0.3 GB for dinat-mini; set batch_size to hold less); compiled, "
         "one call on that many threads. Default: the CPUs Ray declares on the largest node with the "
-        "actor_resources; an actor runs no more lanes than its own node declares CPUs, nor than half the memory "
-        "Ray declares there holds (one call measured at start)",
+        "actor_resources; an actor runs no more lanes than its own node declares CPUs, nor than fit in half the "
+        "memory Ray declares there beside what it holds (one call measured at start)",
     )
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="larger declared images are decode errors")
     max_bytes_per_image: int = Field(

@@ -30,6 +30,15 @@ def decoded(items: dict[str, bytes]) -> dict[str, np.ndarray]:
     return decode_batch(batch, TINY_INPUT, MAX_PIXELS)
 
 
+@pytest.fixture(autouse=True)
+def torch_threads_as_they_were():
+    """A lane's thread count is also the default of threads started after it: the tests after these
+    (a compile among them, which guards on it) see the count they would have seen."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 def predictor(folder, top_k=3) -> Predictor:
     return Predictor(ActorSettings(model=str(folder), run_id="run-1", top_k=top_k, device="cpu"))
 
@@ -158,10 +167,8 @@ def test_a_cpu_actor_runs_a_call_per_lane_at_once_each_on_one_torch_thread(tiny_
         return run(pixels)
 
     actor.runner._run = recorded
-    before = torch.get_num_threads()
     with ThreadPoolExecutor(2) as calls:
         tables = list(calls.map(actor, batches))
-    torch.set_num_threads(before)  # a lane's setting is also the default of threads started after it
     assert len({thread for thread, _ in ran}) == 2 and {threads for _, threads in ran} == {1}
     assert_same_rows(tables, expected)
 
@@ -199,7 +206,7 @@ def test_a_cpu_actor_runs_the_lanes_its_node_s_memory_holds(
         return 2**30
 
     monkeypatch.setattr(infer, "node_resources", lambda: {"CPU": 4, "memory": memory_gib * 2**30})
-    monkeypatch.setattr(infer.ray._private.utils, "get_num_cpus", lambda: 4)
+    monkeypatch.setattr(infer, "process_cpus", lambda: 4)
     monkeypatch.setattr(infer, "peak_growth", growth)
     monkeypatch.setattr(infer, "resident_bytes", lambda: 2**29)
     settings = ActorSettings(
@@ -213,7 +220,7 @@ def test_a_cpu_actor_runs_the_lanes_its_node_s_memory_holds(
     )
     actor = Predictor(settings)
     assert actor.lanes == lanes and len(probed) == probes and threading.get_ident() not in probed
-    assert ("1 lanes of the 4 planned" in caplog.text) == (lanes == 1)
+    assert ("1 of this actor's 4 lanes fit" in caplog.text) == (lanes == 1)
     batch = decoded({"a.jpg": photo(1)})
     assert_same_rows([actor(batch)], [predictor(tiny_model)(batch)])
 

@@ -604,7 +604,7 @@ def test_an_actor_runs_its_model_in_lanes_over_the_cores_of_the_largest_node(set
 
 def test_an_actor_on_a_node_smaller_than_planned_uses_the_cpus_it_has(ray_session):
     (declared,) = (int(node["Resources"]["CPU"]) for node in ray.nodes() if node["Alive"])
-    has = min(declared, ray._private.utils.get_num_cpus())  # and on a machine of fewer cores, those
+    has = min(declared, infer.process_cpus())  # and on a machine of fewer cores, those
     planned = [(has + 3, 1), (1, has + 3), (has, 1), (1, None)]
     here = ray.remote(num_cpus=0)(lambda *plan: infer.on_this_node(*plan, infer.node_resources()))
     assert ray.get([here.remote(*plan) for plan in planned]) == [(has, 1), (1, has), *planned[2:]]
@@ -613,7 +613,7 @@ def test_an_actor_on_a_node_smaller_than_planned_uses_the_cpus_it_has(ray_sessio
 
 def test_an_actor_uses_no_more_cores_than_its_process_may(monkeypatch):
     """A local Ray declares two CPUs on a machine (or in a container) of one (`local_cpus`)."""
-    monkeypatch.setattr(ray._private.utils, "get_num_cpus", lambda: 1)
+    monkeypatch.setattr(infer, "process_cpus", lambda: 1)
     assert infer.on_this_node(2, 1, {"CPU": 2}) == (1, 1)
     assert infer.on_this_node(1, 2, {"CPU": 2}) == (1, 1)
 

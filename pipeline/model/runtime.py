@@ -87,10 +87,15 @@ def hold_freed_memory() -> bool:
 def peak_growth(call: Callable[[], object]) -> int | None:
     """How far this process's resident memory rose above its size at the start while `call` ran, in
     bytes, read from Linux's high-water mark (reset first through /proc/self/clear_refs): what a call's
-    activations take, blocks mapped on their own included. None where Linux does not tell."""
+    activations take, blocks mapped on their own included. None where Linux does not tell (or ignored the
+    reset, as some sandboxes do)."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
         start = _status_kb("VmRSS")
+        if (
+            _status_kb("VmHWM") > start + 1024
+        ):  # a mark that stayed (pages the process touched since add to both)
+            return None
         call()
         return (_status_kb("VmHWM") - start) * 1024
     except OSError:
@@ -98,9 +103,10 @@ def peak_growth(call: Callable[[], object]) -> int | None:
 
 
 def resident_bytes() -> int | None:
-    """This process's resident memory; None where Linux does not tell."""
+    """This process's own resident memory (not the shared libraries' pages); None where Linux does not
+    tell."""
     try:
-        return _status_kb("VmRSS") * 1024
+        return _status_kb("RssAnon") * 1024
     except OSError:
         return None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -47,8 +48,8 @@ STAGE = Stage("infer", consumes=DECODED.produces, produces=COLUMNS, may_consume=
 # batched and its pixels gathered (Ray Data's batching alone took 40 ms per 1024 images on this project's
 # CPUs, a sixth of the model's time for them on an H200)
 CALLS_PER_LANE = 2
-# of the memory Ray declares on a CPU actor's node, the share its lanes' activations may take: the rest is
-# for the read and decode tasks beside it, Ray's workers and its object store's spill buffers
+# of the memory Ray declares on a CPU actor's node (what was free at its start less the object store's), the
+# share its lanes' activations may take: the rest is for the read and decode tasks beside it and Ray's workers
 LANE_MEMORY_SHARE = 0.5
 logger = logging.getLogger(__name__)
 
@@ -148,37 +149,46 @@ class Predictor:
         node = node_resources()
         self.lanes, threads = on_this_node(settings.lanes, settings.threads, node)
         batch = call_batch(settings)
-        if self.lanes * batch > CPU_BATCH and node.get("memory"):  # more in flight than one lane's default
-            self.lanes = self._lanes_in_memory(threads, batch, node["memory"])
+        # a GPU actor has one lane, whose first call compiles on the thread that makes it: never measured
+        if settings.device == "cpu" and self.lanes > 1 and self.lanes * batch > CPU_BATCH:
+            self.lanes = self._lanes_in_memory(threads, batch, node)
         if settings.device == "cpu":  # after the measure, which would count memory held as none taken
             hold_freed_memory()
         self._device = ThreadPoolExecutor(
             self.lanes, thread_name_prefix="device", initializer=_set_threads, initargs=(threads,)
         )
 
-    def _lanes_in_memory(self, threads: int | None, batch: int, memory: float) -> int:
-        """As many of its lanes as hold their calls' activations in LANE_MEMORY_SHARE of `memory` (Ray's
-        on this node), beside what the actor holds already: one call of `batch` images, on a thread like
+    def _lanes_in_memory(self, threads: int | None, batch: int, node: dict[str, float]) -> int:
+        """As many of its lanes as hold their calls' activations, beside what the actor holds already, in
+        LANE_MEMORY_SHARE of the memory Ray declares on its `node`, times the share of the node's CPUs the
+        actor uses (so that actors sharing a node share it): one call of `batch` images, on a thread like
         a lane's, measured at actor start (one call's time: 3 s for dinat-mini at 224, 10 s for
         dinat-base on one core of a slow 2-core machine; 0.23 and 0.57 GB), so that a many-core node at
         the defaults, or a larger model, does not run out of memory. Only where the lanes take more
         images at once than a one-lane actor's default call (CPU_BATCH), which came before lanes."""
+        memory, cpus = node.get("memory", 0), node.get("CPU", 0)
+        if not memory or not cpus:
+            return self.lanes
         pixels = np.zeros((batch, *self.runner.size, 3), dtype=np.uint8)
         with ThreadPoolExecutor(1, initializer=_set_threads, initargs=(threads,)) as probe:
             per_lane = probe.submit(peak_growth, lambda: self.runner(pixels)).result()
         held = resident_bytes()
         if per_lane is None or held is None:
+            logger.info(
+                "this process's memory is not measurable here: the actor keeps its %d lanes", self.lanes
+            )
             return self.lanes
-        fit = lanes_in_memory(self.lanes, per_lane, memory * LANE_MEMORY_SHARE - held)
+        share = LANE_MEMORY_SHARE * min(1.0, self.lanes * (threads or 1) / cpus)
+        fit = lanes_in_memory(self.lanes, per_lane, memory * share - held)
         if fit < self.lanes:
             logger.warning(
-                "a call of %d images took %.2f GB here: %d lanes of the %d planned fit in %.0f%% of the "
-                "node's %.1f GB beside the %.1f GB this actor holds (set batch_size lower for more)",
+                "a call of %d images took %.2f GiB here: %d of this actor's %d lanes fit in %.0f%% of the "
+                "node's %.1f GiB of Ray memory beside the %.1f GiB it holds (set batch_size lower for more)",
                 batch,
                 per_lane / 2**30,
                 fit,
                 self.lanes,
-                LANE_MEMORY_SHARE * 100,
+                share * 100,
                 memory / 2**30,
                 held / 2**30,
             )
@@ -268,7 +278,7 @@ def on_this_node(lanes: int, threads: int | None, node: dict[str, float]) -> tup
     if cores == 1 or not node:
         return lanes, threads
     declared = node.get("CPU", 0)
-    limit = ray._private.utils.get_num_cpus()
+    limit = process_cpus()
     usable = min(declared, limit) if declared else limit
     if usable >= cores:
         return lanes, threads
@@ -282,6 +292,13 @@ def on_this_node(lanes: int, threads: int | None, node: dict[str, float]) -> tup
         fit,
     )
     return (fit, threads) if lanes > 1 else (1, fit)
+
+
+def process_cpus() -> int:
+    """The cores this process may use: its CPU quota (a container's limit) and its affinity."""
+    return min(
+        ray._private.utils.get_num_cpus(override_docker_cpu_warning=True), len(os.sched_getaffinity(0))
+    )
 
 
 def node_resources() -> dict[str, float]:

@@ -92,9 +92,8 @@ def peak_growth(call: Callable[[], object]) -> int | None:
     try:
         Path("/proc/self/clear_refs").write_text("5")
         start = _status_kb("VmRSS")
-        if (
-            _status_kb("VmHWM") > start + 1024
-        ):  # a mark that stayed (pages the process touched since add to both)
+        # the reset sets the mark to the size now: a mark well above it is one the reset left standing
+        if _status_kb("VmHWM") > start + 1024:
             return None
         call()
         return (_status_kb("VmHWM") - start) * 1024

@@ -142,18 +142,19 @@ class Predictor:
                 )
             jpeg = nvjpeg if reason is None else None
             self.decoder = DeviceDecoder(loaded.preprocessing, device, settings.max_pixels, jpeg=jpeg)
+        # a GPU actor runs its one lane as planned: its first call compiles on the thread that makes it
+        self.lanes, threads = settings.lanes, settings.threads
+        if settings.device == "cpu":
+            node = node_resources()
+            self.lanes, threads = on_this_node(self.lanes, threads, node)
+            batch = call_batch(settings)
+            if self.lanes > 1 and self.lanes * batch > CPU_BATCH:
+                self.lanes = self._lanes_in_memory(threads, batch, node)
+            hold_freed_memory()  # after the measure, which would count memory held as none taken
         # all device work on the actor's own threads, one per lane: Ray Data calls from several threads, and
         # torch keeps compiled CUDA graphs per thread. torch.set_num_threads sets the calling thread's count
         # (and the default of threads started after it): each lane's thread sets its own, as Ray sets the
         # process's to its num_cpus, 1, where a CPU actor's lanes use every core of its node
-        node = node_resources()
-        self.lanes, threads = on_this_node(settings.lanes, settings.threads, node)
-        batch = call_batch(settings)
-        # a GPU actor has one lane, whose first call compiles on the thread that makes it: never measured
-        if settings.device == "cpu" and self.lanes > 1 and self.lanes * batch > CPU_BATCH:
-            self.lanes = self._lanes_in_memory(threads, batch, node)
-        if settings.device == "cpu":  # after the measure, which would count memory held as none taken
-            hold_freed_memory()
         self._device = ThreadPoolExecutor(
             self.lanes, thread_name_prefix="device", initializer=_set_threads, initargs=(threads,)
         )

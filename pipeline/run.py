@@ -126,10 +126,10 @@ def _actors(config: RunConfig, resources: dict[str, float], nodes: list[dict[str
 def _node_cores(nodes: list[dict[str, float]], asks: dict[str, float]) -> int:
     """The CPUs Ray declares on the largest of `nodes` that has each resource of `asks` (where the actors
     may run); where none declares any (an autoscaling cluster before its first such worker), the cores
-    this process may use."""
+    this process may use (`infer.process_cpus`: a container's CPU quota and the process's affinity)."""
     fit = [node for node in nodes if all(node.get(name, 0) >= amount for name, amount in asks.items())]
     declared = max((node.get("CPU", 0) for node in fit), default=0)
-    return max(int(declared), 1) if declared else len(os.sched_getaffinity(0))
+    return max(int(declared), 1) if declared else infer.process_cpus()
 
 
 def _leave_cpus(

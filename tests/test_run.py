@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
-import os
 import re
 import signal
 import subprocess
@@ -589,9 +588,9 @@ def test_actor_pool_grows_with_the_cluster_by_default(gpus, settings, expected):
         ({"compile": "on"}, [{"CPU": 12}], 1, 12),  # Dynamo compiles and guards per thread: one lane
         ({"compile": "on", "cpu_threads": 3}, [{"CPU": 12}], 1, 3),
         ({}, [{"CPU": 0.5}], 1, 1),
-        ({}, [{"memory": 1e9}], len(os.sched_getaffinity(0)), 1),  # no CPUs declared yet: this machine's
+        ({}, [{"memory": 1e9}], infer.process_cpus(), 1),  # no CPUs declared yet: this process's
         ({"actor_resources": {"big": 1}}, [{"CPU": 32}, {"CPU": 8, "big": 2}], 8, 1),  # where they may run
-        ({"actor_resources": {"big": 1}}, [{"CPU": 32}], len(os.sched_getaffinity(0)), 1),
+        ({"actor_resources": {"big": 1}}, [{"CPU": 32}], infer.process_cpus(), 1),
         ({"device": "cuda"}, [{"CPU": 12, "GPU": 1}], 1, None),  # one thread feeds a GPU
     ],
 )

@@ -176,6 +176,27 @@ def test_a_folder_below_that_cannot_be_read_raises_naming_it_unless_hidden(disk_
         _entries(fs, f"{root}/_hidden", recursive=True)
 
 
+def _by_levels(uri: str) -> list[str]:
+    """The files `list_objects` gets from its level tasks (`_top`), without Ray: every level listed."""
+    levels, found = [Span(uri)], []
+    while levels:
+        files, (deeper, below) = read._top._function(levels.pop(), {}, 10, 100)
+        assert below == []
+        found += files.column("uri").to_pylist()
+        levels += deeper
+    return sorted(found)
+
+
+@pytest.mark.standalone
+def test_a_level_with_an_empty_folder_on_a_disk_is_listed(tmp_path):
+    """A folder with no entries gives no page on a disk (an S3 prefix has none such): its level task made
+    a table of no tables and failed the run."""
+    (tmp_path / "in" / "empty").mkdir(parents=True)
+    assert _by_levels(str(tmp_path / "in")) == []
+    (tmp_path / "in" / "a.jpg").write_bytes(b"a")
+    assert _by_levels(str(tmp_path / "in")) == [str(tmp_path / "in" / "a.jpg")]
+
+
 def test_other_stores_are_listed_by_fsspec(monkeypatch):
     fs, root = fsspec.filesystem("memory"), "/listing-tree"
     _tree(fs, root)

@@ -245,7 +245,8 @@ def _top(
             return LISTING.empty_table(), ([], [span])
     if paged.parts is not None:
         return paged.parts.files, (paged.parts.spans, [])
-    return pa.concat_tables(tables).combine_chunks(), ([Span(paged.where.uri(f)) for f in folders], [])
+    files = pa.concat_tables(tables or [LISTING.empty_table()])  # an empty folder on a disk has no page
+    return files.combine_chunks(), ([Span(paged.where.uri(f)) for f in folders], [])
 
 
 def _glob_root(pattern: str) -> str:

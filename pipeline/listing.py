@@ -39,17 +39,20 @@ CUT_MOST = 1024
 _LAST = "\U0010ffff"
 
 
-def pages(fs, path: str, recursive: bool, stem: str = "") -> Iterator[list[dict[str, Any]]]:
+def pages(
+    fs, path: str, recursive: bool, stem: str = "", follow_links: bool = False
+) -> Iterator[list[dict[str, Any]]]:
     """The entries under folder `path` (without the protocol), a page at a time, in fsspec's shape:
     `name`, `type` (`file` or `directory`), `size`, and what the store tells the content by (S3's `ETag`
     and `LastModified`). One level (subfolders as `directory` entries) or, `recursive`, every file below.
     A folder that does not exist has no entries; the folder itself is never among them (a folder without a
     name, of keys with `//`, is `path/`). A `stem` (S3 only, from `cut`) keeps the entries whose names in
-    the folder start with it."""
+    the folder start with it. A symbolic link on a disk is `other`, or with `follow_links` what it points
+    to (`through_link`)."""
     if stem and not isinstance(fs, s3fs.S3FileSystem):
         raise ValueError(f"only S3 folders are listed by stems; got {type(fs).__name__} and {stem!r}")
     if isinstance(fs, LocalFileSystem):
-        yield from _local_pages(fs, fs._strip_protocol(path), recursive)
+        yield from _local_pages(fs, fs._strip_protocol(path), recursive, follow_links)
         return
     if not isinstance(fs, s3fs.S3FileSystem):
         try:
@@ -78,12 +81,15 @@ def pages(fs, path: str, recursive: bool, stem: str = "") -> Iterator[list[dict[
         request["ContinuationToken"] = page["NextContinuationToken"]
 
 
-def _local_pages(fs: LocalFileSystem, path: str, recursive: bool) -> Iterator[list[dict[str, Any]]]:
+def _local_pages(
+    fs: LocalFileSystem, path: str, recursive: bool, follow_links: bool
+) -> Iterator[list[dict[str, Any]]]:
     """`pages` of a folder on a disk: what fsspec's `ls` and `find` give (its `info` of each directory
     entry: a symbolic link is `other`, and is not followed), `PAGE_KEYS` at a time, a folder below listed
-    after the one holding it. A folder or entry removed since it was seen is left out, as by fsspec; a
-    folder that cannot be read raises (fsspec's `find` left it out, and the images in it with it), unless
-    hidden below (`.Trash-1000/`, `_tmp/`: never an input's or an output's)."""
+    after the one holding it; with `follow_links`, a link as `through_link` makes it. A folder or entry
+    removed since it was seen is left out, as by fsspec; a folder that cannot be read raises (fsspec's
+    `find` left it out, and the images in it with it), unless hidden below (`.Trash-1000/`, `_tmp/`: never
+    an input's or an output's)."""
     folders, page = [path], []
     while folders:
         folder = folders.pop()
@@ -94,6 +100,10 @@ def _local_pages(fs: LocalFileSystem, path: str, recursive: bool) -> Iterator[li
                         info = fs.info(entry)
                     except FileNotFoundError:
                         continue
+                    if follow_links and info["islink"]:
+                        info = through_link(fs, info)
+                        if info is None:
+                            continue
                     if recursive and info["type"] == "directory":
                         folders.append(info["name"])
                         continue
@@ -229,6 +239,31 @@ def _named(fs, request: dict[str, Any]) -> list[dict[str, Any]]:
         for found in page.get("Contents", [])
         if found["Key"] == request["Prefix"]
     ]
+
+
+def through_link(fs: LocalFileSystem, link: dict[str, Any]) -> dict[str, Any] | None:
+    """The entry of what a symbolic link on a disk points to, under the link's own name, as `find -L`, PIL
+    and torchvision's ImageFolder take it: a file's size and modification time (a changed target is a
+    changed input), a folder to be listed below the link's name. A link that points nowhere (a dataset's
+    file not fetched, as git-annex leaves them) stays a file of its own size, whose read fails: an error
+    row naming it. None for a link to the folder holding it or a folder above it, which would list that
+    folder again below itself without end: its files are listed by their own names."""
+    try:
+        target = fs.info(link["name"])
+    except OSError:
+        try:
+            return link | {"type": "file", "size": os.lstat(link["name"]).st_size}
+        except OSError:  # removed since it was seen
+            return None
+    if target["type"] == "directory":
+        real, path, above = os.path.realpath(link["name"]), link["name"], set()
+        # each folder on the link's path, at its real place: a walk reaches the link only through them
+        while (folder := os.path.dirname(path)) != path:
+            above.add(os.path.realpath(folder))
+            path = folder
+        if any(place == real or place.startswith(real.rstrip("/") + "/") for place in above):
+            return None
+    return target
 
 
 def hidden(path: str, root: str) -> bool:

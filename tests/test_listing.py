@@ -197,6 +197,64 @@ def test_a_level_with_an_empty_folder_on_a_disk_is_listed(tmp_path):
     assert _by_levels(str(tmp_path / "in")) == [str(tmp_path / "in" / "a.jpg")]
 
 
+@pytest.fixture
+def linked_input(tmp_path):
+    """An input folder of links: to a file and a folder outside it, to itself, to the folder above it, to a
+    pair of folders that link to each other, and to nothing."""
+    for name in ("outside/x.jpg", "outside/deep/y.jpg", "pair/a/pa.jpg", "pair/b/pb.jpg", "in/a.jpg"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(name.encode())
+    (tmp_path / "in" / "sub").mkdir()
+    links = {
+        "in/to_file.jpg": "outside/x.jpg",
+        "in/to_folder": "outside",
+        "in/loop": "in",
+        "in/sub/above": ".",
+        "in/pair": "pair/a",
+        "pair/a/b": "pair/b",
+        "pair/b/a": "pair/a",
+        "in/nowhere.jpg": "absent.jpg",
+    }
+    for link, target in links.items():
+        (tmp_path / link).symlink_to(tmp_path / target)
+    return tmp_path / "in"
+
+
+LINKED = ["a.jpg", "nowhere.jpg", "to_file.jpg", "to_folder/x.jpg", "to_folder/deep/y.jpg", "pair/pa.jpg"]
+LINKED += ["pair/b/pb.jpg"]
+
+
+@pytest.mark.standalone
+def test_an_input_on_a_disk_is_listed_through_its_links(linked_input):
+    """As `find -L` lists it: a link to a file is that file (its size and time), a link to a folder is
+    listed below its own name, one that loops back up is left out (its files have names of their own),
+    and one that points nowhere is a file whose read fails (an error row, not an image lost unseen);
+    alike whole (`_below`), a level at a time (`_top`) and by a glob."""
+    root = str(linked_input)
+    whole, more = read._below([Span(root)], {}, 100)
+    assert more == []
+    rows = {row["uri"].removeprefix(f"{root}/"): row for row in whole.to_pylist()}
+    assert sorted(rows) == sorted(LINKED)
+    target = os.stat(linked_input.parent / "outside" / "x.jpg")
+    assert (rows["to_file.jpg"]["size"], rows["to_file.jpg"]["version"]) == (
+        target.st_size,
+        str(target.st_mtime),
+    )
+    assert _by_levels(root) == sorted(f"{root}/{name}" for name in LINKED)
+    globbed = read._glob._function(f"{root}/*.jpg", {}).column("uri").to_pylist()
+    assert sorted(globbed) == [f"{root}/{name}" for name in ("a.jpg", "nowhere.jpg", "to_file.jpg")]
+
+
+@pytest.mark.standalone
+def test_a_disk_listing_follows_no_link_unless_asked(linked_input):
+    """The output's, a table's and the nightly ledgers' own folders: a link there is never theirs."""
+    fs = fsspec.filesystem("file")
+    listed = {entry["name"]: entry["type"] for page in pages(fs, str(linked_input), True) for entry in page}
+    assert {name for name, kind in listed.items() if kind == "other"} == {
+        f"{linked_input}/{name}" for name in ("to_file.jpg", "to_folder", "loop", "pair", "nowhere.jpg")
+    } | {f"{linked_input}/sub/above"}
+
+
 def test_other_stores_are_listed_by_fsspec(monkeypatch):
     fs, root = fsspec.filesystem("memory"), "/listing-tree"
     _tree(fs, root)

@@ -27,7 +27,7 @@ import ray
 
 from dinat_batch.pipeline.config import IMAGE_EXTENSIONS, ConfigError, RunConfig
 from dinat_batch.pipeline.errors import error_text, read_error
-from dinat_batch.pipeline.listing import Cut, cut, hidden, pages, unnamed
+from dinat_batch.pipeline.listing import Cut, cut, hidden, pages, through_link, unnamed
 from dinat_batch.pipeline.locations import (
     GLOB_CHARS,
     Location,
@@ -170,7 +170,7 @@ class _Paged:
 
     def __iter__(self) -> Iterator[list[dict[str, Any]]]:
         names: list[str] | None = []  # what a cut must cover, until it is tried
-        for page in pages(self.fs, self.path, self.recursive, self.span.stem):
+        for page in pages(self.fs, self.path, self.recursive, self.span.stem, follow_links=True):
             yield page
             if names is None:
                 continue
@@ -222,7 +222,9 @@ _find = ray.remote(num_cpus=0.25, num_returns=2)(_below)
 @ray.remote(num_cpus=0.25)
 def _glob(uri: str, storage_options: dict[str, Any]) -> pa.Table:
     fs, path = _fresh(uri, storage_options)
-    return _listing(list(fs.glob(path, detail=True).values()), Spelling.of(uri), _glob_root(path))
+    matched = fs.glob(path, detail=True).values()
+    followed = [through_link(fs, info) if info.get("islink") else info for info in matched]
+    return _listing([info for info in followed if info is not None], Spelling.of(uri), _glob_root(path))
 
 
 @ray.remote(num_cpus=0.25, num_returns=2)

@@ -40,19 +40,19 @@ _LAST = "\U0010ffff"
 
 
 def pages(
-    fs, path: str, recursive: bool, stem: str = "", follow_links: bool = False
+    fs, path: str, recursive: bool, stem: str = "", links_of: str | None = None
 ) -> Iterator[list[dict[str, Any]]]:
     """The entries under folder `path` (without the protocol), a page at a time, in fsspec's shape:
     `name`, `type` (`file` or `directory`), `size`, and what the store tells the content by (S3's `ETag`
     and `LastModified`). One level (subfolders as `directory` entries) or, `recursive`, every file below.
     A folder that does not exist has no entries; the folder itself is never among them (a folder without a
     name, of keys with `//`, is `path/`). A `stem` (S3 only, from `cut`) keeps the entries whose names in
-    the folder start with it. A symbolic link on a disk is `other`, or with `follow_links` what it points
-    to (`through_link`)."""
+    the folder start with it. A symbolic link on a disk is `other`; in an input's listing (`links_of`: the
+    input folder's real path) what it points to (`through_link`)."""
     if stem and not isinstance(fs, s3fs.S3FileSystem):
         raise ValueError(f"only S3 folders are listed by stems; got {type(fs).__name__} and {stem!r}")
     if isinstance(fs, LocalFileSystem):
-        yield from _local_pages(fs, fs._strip_protocol(path), recursive, follow_links)
+        yield from _local_pages(fs, fs._strip_protocol(path), recursive, links_of)
         return
     if not isinstance(fs, s3fs.S3FileSystem):
         try:
@@ -82,11 +82,11 @@ def pages(
 
 
 def _local_pages(
-    fs: LocalFileSystem, path: str, recursive: bool, follow_links: bool
+    fs: LocalFileSystem, path: str, recursive: bool, links_of: str | None
 ) -> Iterator[list[dict[str, Any]]]:
     """`pages` of a folder on a disk: what fsspec's `ls` and `find` give (its `info` of each directory
     entry: a symbolic link is `other`, and is not followed), `PAGE_KEYS` at a time, a folder below listed
-    after the one holding it; with `follow_links`, a link as `through_link` makes it. A folder or entry
+    after the one holding it; with `links_of`, a link as `through_link` makes it. A folder or entry
     removed since it was seen is left out, as by fsspec; a folder that cannot be read raises (fsspec's
     `find` left it out, and the images in it with it), unless hidden below (`.Trash-1000/`, `_tmp/`: never
     an input's or an output's)."""
@@ -100,8 +100,8 @@ def _local_pages(
                         info = fs.info(entry)
                     except FileNotFoundError:
                         continue
-                    if follow_links and info["islink"]:
-                        info = through_link(fs, info)
+                    if links_of is not None and info["islink"]:
+                        info = through_link(fs, info, links_of)
                         if info is None:
                             continue
                     if recursive and info["type"] == "directory":
@@ -241,29 +241,42 @@ def _named(fs, request: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def through_link(fs: LocalFileSystem, link: dict[str, Any]) -> dict[str, Any] | None:
-    """The entry of what a symbolic link on a disk points to, under the link's own name, as `find -L`, PIL
-    and torchvision's ImageFolder take it: a file's size and modification time (a changed target is a
-    changed input), a folder to be listed below the link's name. A link that points nowhere (a dataset's
-    file not fetched, as git-annex leaves them) stays a file of its own size, whose read fails: an error
-    row naming it. None for a link to the folder holding it or a folder above it, which would list that
-    folder again below itself without end: its files are listed by their own names."""
+def through_link(fs: LocalFileSystem, link: dict[str, Any], root: str) -> dict[str, Any] | None:
+    """The entry of what a symbolic link in the input folder `root` (its real path) points to, under the
+    link's own name, as `find -L`, PIL and torchvision's ImageFolder take it: a file's size, and as its
+    version its modification time and inode (a link pointed at another file is a changed input); a folder
+    to be listed below the link's name. A link that cannot be followed (to nothing, as git-annex leaves a
+    file not fetched; or to what this process may not read) stays a file of its own size, whose read
+    fails: an error row naming it. None for a link removed since it was seen, and for a link to a folder
+    inside `root` (its files are listed by their own names: links between the input's folders would list
+    them again and again) or one on the link's own path (`_loops_back`)."""
     try:
         target = fs.info(link["name"])
     except OSError:
         try:
             return link | {"type": "file", "size": os.lstat(link["name"]).st_size}
-        except OSError:  # removed since it was seen
+        except OSError:
             return None
     if target["type"] == "directory":
-        real, path, above = os.path.realpath(link["name"]), link["name"], set()
-        # each folder on the link's path, at its real place: a walk reaches the link only through them
-        while (folder := os.path.dirname(path)) != path:
-            above.add(os.path.realpath(folder))
-            path = folder
-        if any(place == real or place.startswith(real.rstrip("/") + "/") for place in above):
+        real = os.path.realpath(link["name"])
+        if _within(real, root) or _loops_back(link["name"], real):
             return None
-    return target
+    return target | {"mtime": f"{target['mtime']}:{target['ino']}"}
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _loops_back(link: str, target: str) -> bool:
+    """Whether the folder `target` (a real path) holds a folder on the `link`'s path, or is one: a walk
+    that followed the link would come to the link again, and list below it without end."""
+    path = link
+    while (folder := os.path.dirname(path)) != path:
+        if _within(os.path.realpath(folder), target):
+            return True
+        path = folder
+    return False
 
 
 def hidden(path: str, root: str) -> bool:

@@ -6,6 +6,7 @@ import os
 import random
 
 import fsspec
+import pyarrow.compute as pc
 import pytest
 import s3fs
 
@@ -178,7 +179,7 @@ def test_a_folder_below_that_cannot_be_read_raises_naming_it_unless_hidden(disk_
 
 def _by_levels(uri: str) -> list[str]:
     """The files `list_objects` gets from its level tasks (`_top`), without Ray: every level listed."""
-    levels, found = [Span(uri)], []
+    levels, found = [Span(uri, root=os.path.realpath(uri))], []
     while levels:
         files, (deeper, below) = read._top._function(levels.pop(), {}, 10, 100)
         assert below == []
@@ -200,11 +201,15 @@ def test_a_level_with_an_empty_folder_on_a_disk_is_listed(tmp_path):
 @pytest.fixture
 def linked_input(tmp_path):
     """An input folder of links: to a file and a folder outside it, to itself, to the folder above it, to a
-    pair of folders that link to each other, and to nothing."""
-    for name in ("outside/x.jpg", "outside/deep/y.jpg", "pair/a/pa.jpg", "pair/b/pb.jpg", "in/a.jpg"):
+    pair of folders outside that link to each other, between two of its own folders, to a FIFO, to
+    nothing, and one a hidden folder's name."""
+    names = ["outside/x.jpg", "outside/deep/y.jpg", "pair/a/pa.jpg", "pair/b/pb.jpg", "in/a.jpg"]
+    names += ["in/s1/one.jpg", "in/s2/two.jpg"]
+    for name in names:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(name.encode())
     (tmp_path / "in" / "sub").mkdir()
+    os.mkfifo(tmp_path / "fifo")
     links = {
         "in/to_file.jpg": "outside/x.jpg",
         "in/to_folder": "outside",
@@ -213,7 +218,11 @@ def linked_input(tmp_path):
         "in/pair": "pair/a",
         "pair/a/b": "pair/b",
         "pair/b/a": "pair/a",
+        "in/s1/to_s2": "in/s2",
+        "in/s2/to_s1": "in/s1",
+        "in/fifo.jpg": "fifo",
         "in/nowhere.jpg": "absent.jpg",
+        "in/_hidden": "outside",
     }
     for link, target in links.items():
         (tmp_path / link).symlink_to(tmp_path / target)
@@ -221,28 +230,60 @@ def linked_input(tmp_path):
 
 
 LINKED = ["a.jpg", "nowhere.jpg", "to_file.jpg", "to_folder/x.jpg", "to_folder/deep/y.jpg", "pair/pa.jpg"]
-LINKED += ["pair/b/pb.jpg"]
+LINKED += ["pair/b/pb.jpg", "s1/one.jpg", "s2/two.jpg"]
 
 
 @pytest.mark.standalone
 def test_an_input_on_a_disk_is_listed_through_its_links(linked_input):
-    """As `find -L` lists it: a link to a file is that file (its size and time), a link to a folder is
-    listed below its own name, one that loops back up is left out (its files have names of their own),
-    and one that points nowhere is a file whose read fails (an error row, not an image lost unseen);
-    alike whole (`_below`), a level at a time (`_top`) and by a glob."""
+    """As `find -L` lists it, every image once under each name outside the input's own folders: a link to
+    a file is that file, a link to a folder outside is listed below its own name; a link that loops back
+    up, or to a folder of the input (whose files have names of their own), is not followed; alike whole
+    (`_below`) and a level at a time (`_top`). A link to a FIFO is no file, as a FIFO is not."""
     root = str(linked_input)
-    whole, more = read._below([Span(root)], {}, 100)
+    whole, more = read._below([Span(root, root=root)], {}, 100)
     assert more == []
     rows = {row["uri"].removeprefix(f"{root}/"): row for row in whole.to_pylist()}
     assert sorted(rows) == sorted(LINKED)
     target = os.stat(linked_input.parent / "outside" / "x.jpg")
-    assert (rows["to_file.jpg"]["size"], rows["to_file.jpg"]["version"]) == (
-        target.st_size,
-        str(target.st_mtime),
-    )
+    assert rows["to_file.jpg"]["size"] == target.st_size
+    assert rows["to_file.jpg"]["version"] == f"{target.st_mtime}:{target.st_ino}"
     assert _by_levels(root) == sorted(f"{root}/{name}" for name in LINKED)
+    assert read._below([Span(root)], {}, 100)[0].num_rows == 3  # no input root: no link followed
+
+
+@pytest.mark.standalone
+def test_a_link_to_nothing_is_an_error_row_and_a_new_input_once_fetched(linked_input):
+    root = str(linked_input)
+    listed = read._below([Span(root, root=root)], {}, 100)[0]
+    rows = read.read_listed(
+        listed.filter(pc.equal(listed.column("uri"), f"{root}/nowhere.jpg")), read.ReadRules({}, 1 << 20)
+    )
+    assert rows.column("error").to_pylist() == [
+        f"ReadError: could not read {root}/nowhere.jpg: FileNotFoundError: [Errno 2] No such file or "
+        f"directory: '{root}/nowhere.jpg'"
+    ]
+    (linked_input.parent / "absent.jpg").write_bytes(b"fetched")
+    again = {row["uri"]: row for row in read._below([Span(root, root=root)], {}, 100)[0].to_pylist()}
+    before = {row["uri"]: row for row in listed.to_pylist()}
+    assert again[f"{root}/nowhere.jpg"]["size"] == len(b"fetched")
+    assert again[f"{root}/nowhere.jpg"]["version"] != before[f"{root}/nowhere.jpg"]["version"]
+    (linked_input / "to_file.jpg").unlink()  # pointed at another file of the same time: changed
+    (linked_input / "to_file.jpg").symlink_to(linked_input.parent / "outside" / "deep" / "y.jpg")
+    os.utime(
+        linked_input.parent / "outside" / "deep" / "y.jpg",
+        ns=(0, os.stat(linked_input.parent / "outside" / "x.jpg").st_mtime_ns),
+    )
+    moved = {row["uri"]: row for row in read._below([Span(root, root=root)], {}, 100)[0].to_pylist()}
+    assert moved[f"{root}/to_file.jpg"]["version"] != before[f"{root}/to_file.jpg"]["version"]
+
+
+@pytest.mark.standalone
+def test_a_glob_on_a_disk_reads_links_to_files_and_enters_no_linked_folder(linked_input):
+    root = str(linked_input)
     globbed = read._glob._function(f"{root}/*.jpg", {}).column("uri").to_pylist()
     assert sorted(globbed) == [f"{root}/{name}" for name in ("a.jpg", "nowhere.jpg", "to_file.jpg")]
+    deeper = read._glob._function(f"{root}/*/*.jpg", {}).column("uri").to_pylist()
+    assert sorted(deeper) == [f"{root}/{name}" for name in ("s1/one.jpg", "s2/two.jpg")]
 
 
 @pytest.mark.standalone
@@ -250,9 +291,11 @@ def test_a_disk_listing_follows_no_link_unless_asked(linked_input):
     """The output's, a table's and the nightly ledgers' own folders: a link there is never theirs."""
     fs = fsspec.filesystem("file")
     listed = {entry["name"]: entry["type"] for page in pages(fs, str(linked_input), True) for entry in page}
+    links = ["to_file.jpg", "to_folder", "loop", "pair", "nowhere.jpg", "fifo.jpg", "_hidden", "sub/above"]
+    links += ["s1/to_s2", "s2/to_s1"]
     assert {name for name, kind in listed.items() if kind == "other"} == {
-        f"{linked_input}/{name}" for name in ("to_file.jpg", "to_folder", "loop", "pair", "nowhere.jpg")
-    } | {f"{linked_input}/sub/above"}
+        f"{linked_input}/{n}" for n in links
+    }
 
 
 def test_other_stores_are_listed_by_fsspec(monkeypatch):

@@ -12,18 +12,20 @@ top-level folders of a prefix in parallel Ray tasks rather than one object at a 
 from __future__ import annotations
 
 import math
+import os
 import re
 import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
+from fsspec.implementations.local import LocalFileSystem
 
 from dinat_batch.pipeline.config import IMAGE_EXTENSIONS, ConfigError, RunConfig
 from dinat_batch.pipeline.errors import error_text, read_error
@@ -143,10 +145,13 @@ def _fresh(uri: str, storage_options: dict[str, Any]):
 @dataclass(frozen=True)
 class Span:
     """What a listing task is given: the entries of folder `uri` whose names there start with `stem` (all
-    of them: ""). A folder too big for one task is cut into spans of longer stems (`listing.cut`)."""
+    of them: ""). A folder too big for one task is cut into spans of longer stems (`listing.cut`). `root`:
+    on a disk, the real path of the input folder the span is part of, whose symbolic links are followed
+    (`listing.through_link`)."""
 
     uri: str
     stem: str = ""
+    root: str | None = None
 
 
 class _Parts(NamedTuple):
@@ -170,7 +175,7 @@ class _Paged:
 
     def __iter__(self) -> Iterator[list[dict[str, Any]]]:
         names: list[str] | None = []  # what a cut must cover, until it is tried
-        for page in pages(self.fs, self.path, self.recursive, self.span.stem, follow_links=True):
+        for page in pages(self.fs, self.path, self.recursive, self.span.stem, self.span.root):
             yield page
             if names is None:
                 continue
@@ -186,12 +191,12 @@ class _Paged:
         root = self.path.rstrip("/")
         stems = [stem for stem in parts.stems if not hidden(f"{root}/{stem}x", self.path)]
         if self.recursive:
-            spans = [Span(self.span.uri, stem) for stem in stems]
+            spans = [replace(self.span, stem=stem) for stem in stems]
         else:
             spans = [
-                Span(self.where.uri(f"{root}/{stem[:-1]}"))
+                replace(self.span, uri=self.where.uri(f"{root}/{stem[:-1]}"), stem="")
                 if stem.endswith("/")
-                else Span(self.span.uri, stem)
+                else replace(self.span, stem=stem)
                 for stem in stems
             ]
         return _Parts(_listing(parts.exact, self.where, self.path), spans)
@@ -222,9 +227,11 @@ _find = ray.remote(num_cpus=0.25, num_returns=2)(_below)
 @ray.remote(num_cpus=0.25)
 def _glob(uri: str, storage_options: dict[str, Any]) -> pa.Table:
     fs, path = _fresh(uri, storage_options)
-    matched = fs.glob(path, detail=True).values()
-    followed = [through_link(fs, info) if info.get("islink") else info for info in matched]
-    return _listing([info for info in followed if info is not None], Spelling.of(uri), _glob_root(path))
+    matched, root = fs.glob(path, detail=True).values(), _glob_root(path)
+    if isinstance(fs, LocalFileSystem):  # a glob enters no linked folder (fsspec's): a link to a file is one
+        real = os.path.realpath(root)
+        matched = [through_link(fs, info, real) if info["islink"] else info for info in matched]
+    return _listing([info for info in matched if info is not None], Spelling.of(uri), root)
 
 
 @ray.remote(num_cpus=0.25, num_returns=2)
@@ -248,7 +255,7 @@ def _top(
     if paged.parts is not None:
         return paged.parts.files, (paged.parts.spans, [])
     files = pa.concat_tables(tables or [LISTING.empty_table()])  # an empty folder on a disk has no page
-    return files.combine_chunks(), ([Span(paged.where.uri(f)) for f in folders], [])
+    return files.combine_chunks(), ([replace(span, uri=paged.where.uri(f), stem="") for f in folders], [])
 
 
 def _glob_root(pattern: str) -> str:
@@ -270,7 +277,7 @@ def list_objects(uri: str, storage_options: dict[str, Any]) -> ray.data.Material
     if not fs.isdir(path):
         raise ConfigError(f"input {uri!r} does not exist (no object or prefix of that name); check the URI")
     blocks: list[ray.ObjectRef] = []
-    level, whole = [Span(uri)], []
+    level, whole = [Span(uri, root=os.path.realpath(path) if isinstance(fs, LocalFileSystem) else None)], []
     while level and len(level) < LISTING_TASKS:
         most = FOLDERS_PER_LEVEL // len(level)
         listed = [_top.remote(span, storage_options, most, SPAN_ENTRIES) for span in level]

@@ -16,6 +16,7 @@ keys listed before the cut, not always.
 from __future__ import annotations
 
 import bisect
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -26,7 +27,12 @@ from fsspec.implementations.local import LocalFileSystem
 
 from dinat_batch.pipeline.parallel import in_threads
 
+logger = logging.getLogger(__name__)
+
 PAGE_KEYS = 1000  # S3's most per ListObjectsV2 page
+# The most links to folders an input's listing follows on one path (`through_link`): a link farm over
+# datasets is one, a dataset's `latest -> v3` a second
+FOLDER_LINKS = 4
 # A cut finds at least this many prefixes where the names allow (a folder of hexadecimal names: 16 after
 # one character), so that the tasks listing them run side by side rather than one cut after another.
 CUT_FANOUT = 16
@@ -248,8 +254,10 @@ def through_link(fs: LocalFileSystem, link: dict[str, Any], root: str) -> dict[s
     to be listed below the link's name. A link that cannot be followed (to nothing, as git-annex leaves a
     file not fetched; or to what this process may not read) stays a file of its own size, whose read
     fails: an error row naming it. None for a link removed since it was seen, and for a link to a folder
-    inside `root` (its files are listed by their own names: links between the input's folders would list
-    them again and again) or one on the link's own path (`_loops_back`)."""
+    that is not followed: one in `root` but for its hidden folders (its files are listed by their own
+    names: links between the input's folders would list them again and again), one that loops back
+    (`_loops_back`), and one below `FOLDER_LINKS` others, logged (folders outside linking to each other
+    would be listed along every path through them: ten, millions of times)."""
     try:
         target = fs.info(link["name"])
     except OSError:
@@ -259,7 +267,16 @@ def through_link(fs: LocalFileSystem, link: dict[str, Any], root: str) -> dict[s
             return None
     if target["type"] == "directory":
         real = os.path.realpath(link["name"])
-        if _within(real, root) or _loops_back(link["name"], real):
+        if (_within(real, root) and not hidden(f"{real}/x", root)) or _loops_back(link["name"], real):
+            return None
+        if _folder_links(link["name"], root) >= FOLDER_LINKS:
+            logger.warning(
+                "%s: a symbolic link to a folder below %d others is not followed; give the folder it "
+                "points to (%s) as an input of its own to read it",
+                link["name"],
+                FOLDER_LINKS,
+                real,
+            )
             return None
     return target | {"mtime": f"{target['mtime']}:{target['ino']}"}
 
@@ -268,15 +285,24 @@ def _within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
+def _above(path: str) -> Iterator[str]:
+    """The folders holding `path`, nearest first."""
+    while (folder := os.path.dirname(path)) != path:
+        yield folder
+        path = folder
+
+
 def _loops_back(link: str, target: str) -> bool:
     """Whether the folder `target` (a real path) holds a folder on the `link`'s path, or is one: a walk
     that followed the link would come to the link again, and list below it without end."""
-    path = link
-    while (folder := os.path.dirname(path)) != path:
-        if _within(os.path.realpath(folder), target):
-            return True
-        path = folder
-    return False
+    return any(_within(os.path.realpath(folder), target) for folder in _above(link))
+
+
+def _folder_links(link: str, root: str) -> int:
+    """How many folders on the `link`'s path below the input folder (`root`, a real path) were links."""
+    return sum(
+        os.path.islink(folder) for folder in _above(link) if not _within(root, os.path.realpath(folder))
+    )
 
 
 def hidden(path: str, root: str) -> bool:

@@ -201,10 +201,12 @@ def test_a_level_with_an_empty_folder_on_a_disk_is_listed(tmp_path):
 @pytest.fixture
 def linked_input(tmp_path):
     """An input folder of links: to a file and a folder outside it, to itself, to the folder above it, to a
-    pair of folders outside that link to each other, between two of its own folders, to a FIFO, to
-    nothing, and one a hidden folder's name."""
+    pair of folders outside that link to each other, to a chain of six folders outside, between two of
+    its own folders, to one of its hidden folders, to a FIFO, to nothing, and one a hidden folder's
+    name."""
     names = ["outside/x.jpg", "outside/deep/y.jpg", "pair/a/pa.jpg", "pair/b/pb.jpg", "in/a.jpg"]
-    names += ["in/s1/one.jpg", "in/s2/two.jpg"]
+    names += ["in/s1/one.jpg", "in/s2/two.jpg", "in/.cache/data/c.jpg"]
+    names += [f"chain/c{i}/{i}.jpg" for i in range(6)]
     for name in names:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(name.encode())
@@ -223,6 +225,9 @@ def linked_input(tmp_path):
         "in/fifo.jpg": "fifo",
         "in/nowhere.jpg": "absent.jpg",
         "in/_hidden": "outside",
+        "in/data": "in/.cache/data",
+        "in/chain": "chain/c0",
+        **{f"chain/c{i}/next": f"chain/c{i + 1}" for i in range(5)},
     }
     for link, target in links.items():
         (tmp_path / link).symlink_to(tmp_path / target)
@@ -230,17 +235,22 @@ def linked_input(tmp_path):
 
 
 LINKED = ["a.jpg", "nowhere.jpg", "to_file.jpg", "to_folder/x.jpg", "to_folder/deep/y.jpg", "pair/pa.jpg"]
-LINKED += ["pair/b/pb.jpg", "s1/one.jpg", "s2/two.jpg"]
+LINKED += ["pair/b/pb.jpg", "s1/one.jpg", "s2/two.jpg", "data/c.jpg"]
+LINKED += [f"chain/{'next/' * i}{i}.jpg" for i in range(listing.FOLDER_LINKS)]
 
 
 @pytest.mark.standalone
-def test_an_input_on_a_disk_is_listed_through_its_links(linked_input):
+def test_an_input_on_a_disk_is_listed_through_its_links(linked_input, caplog):
     """As `find -L` lists it, every image once under each name outside the input's own folders: a link to
     a file is that file, a link to a folder outside is listed below its own name; a link that loops back
-    up, or to a folder of the input (whose files have names of their own), is not followed; alike whole
-    (`_below`) and a level at a time (`_top`). A link to a FIFO is no file, as a FIFO is not."""
+    up, to a folder of the input (whose files have names of their own) but for a hidden one, or below
+    FOLDER_LINKS others is not followed, the last logged; alike whole (`_below`) and a level at a time
+    (`_top`). A link to a FIFO is no file, as a FIFO is not."""
     root = str(linked_input)
     whole, more = read._below([Span(root, root=root)], {}, 100)
+    assert [record.getMessage().split(":")[0] for record in caplog.records] == [
+        f"{root}/chain{'/next' * listing.FOLDER_LINKS}"
+    ]
     assert more == []
     rows = {row["uri"].removeprefix(f"{root}/"): row for row in whole.to_pylist()}
     assert sorted(rows) == sorted(LINKED)
@@ -292,10 +302,16 @@ def test_a_disk_listing_follows_no_link_unless_asked(linked_input):
     fs = fsspec.filesystem("file")
     listed = {entry["name"]: entry["type"] for page in pages(fs, str(linked_input), True) for entry in page}
     links = ["to_file.jpg", "to_folder", "loop", "pair", "nowhere.jpg", "fifo.jpg", "_hidden", "sub/above"]
+    links += ["data", "chain"]
     links += ["s1/to_s2", "s2/to_s1"]
     assert {name for name, kind in listed.items() if kind == "other"} == {
         f"{linked_input}/{n}" for n in links
     }
+
+
+def test_a_local_input_is_listed_by_tasks_through_its_links(linked_input, ray_session):
+    rows = read.list_objects(str(linked_input), {}).take_all()
+    assert sorted(row["uri"] for row in rows) == sorted(f"{linked_input}/{name}" for name in LINKED)
 
 
 def test_other_stores_are_listed_by_fsspec(monkeypatch):

@@ -25,6 +25,7 @@ from typing import Any
 import s3fs
 from fsspec.implementations.local import LocalFileSystem
 
+from dinat_batch.pipeline.locations import Location
 from dinat_batch.pipeline.parallel import in_threads
 
 logger = logging.getLogger(__name__)
@@ -255,9 +256,9 @@ def through_link(fs: LocalFileSystem, link: dict[str, Any], root: str) -> dict[s
     file not fetched; or to what this process may not read) stays a file of its own size, whose read
     fails: an error row naming it. None for a link removed since it was seen, and for a link to a folder
     that is not followed: one in `root` but for its hidden folders (its files are listed by their own
-    names: links between the input's folders would list them again and again), one that loops back
-    (`_loops_back`), and one below `FOLDER_LINKS` others, logged (folders outside linking to each other
-    would be listed along every path through them: ten, millions of times)."""
+    names: links between the input's folders would list them again and again), one to a folder holding a
+    folder on the link's path or being one, and one below `FOLDER_LINKS` others, logged (folders outside
+    linking to each other would be listed along every path through them: ten, millions of times)."""
     try:
         target = fs.info(link["name"])
     except OSError:
@@ -266,23 +267,24 @@ def through_link(fs: LocalFileSystem, link: dict[str, Any], root: str) -> dict[s
         except OSError:
             return None
     if target["type"] == "directory":
-        real = os.path.realpath(link["name"])
-        if (_within(real, root) and not hidden(f"{real}/x", root)) or _loops_back(link["name"], real):
-            return None
-        if _folder_links(link["name"], root) >= FOLDER_LINKS:
+        real, input_folder = Location("file", os.path.realpath(link["name"])), Location("file", root)
+        # each folder on the link's path, at its real place: a walk reaches the link only through them
+        above = [(folder, Location("file", os.path.realpath(folder))) for folder in _above(link["name"])]
+        if input_folder.covers(real) and not hidden(f"{real.path}/x", root):
+            return None  # listed by its own name
+        if any(real.covers(place) for _, place in above):
+            return None  # following it would come to the link again, and list below it without end
+        links = sum(os.path.islink(folder) for folder, place in above if not place.covers(input_folder))
+        if links >= FOLDER_LINKS:
             logger.warning(
                 "%s: a symbolic link to a folder below %d others is not followed; give the folder it "
                 "points to (%s) as an input of its own to read it",
                 link["name"],
                 FOLDER_LINKS,
-                real,
+                real.path,
             )
             return None
     return target | {"mtime": f"{target['mtime']}:{target['ino']}"}
-
-
-def _within(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
 def _above(path: str) -> Iterator[str]:
@@ -290,19 +292,6 @@ def _above(path: str) -> Iterator[str]:
     while (folder := os.path.dirname(path)) != path:
         yield folder
         path = folder
-
-
-def _loops_back(link: str, target: str) -> bool:
-    """Whether the folder `target` (a real path) holds a folder on the `link`'s path, or is one: a walk
-    that followed the link would come to the link again, and list below it without end."""
-    return any(_within(os.path.realpath(folder), target) for folder in _above(link))
-
-
-def _folder_links(link: str, root: str) -> int:
-    """How many folders on the `link`'s path below the input folder (`root`, a real path) were links."""
-    return sum(
-        os.path.islink(folder) for folder in _above(link) if not _within(root, os.path.realpath(folder))
-    )
 
 
 def hidden(path: str, root: str) -> bool:

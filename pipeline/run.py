@@ -40,7 +40,7 @@ from dinat_batch.pipeline.ownership import Ownership
 from dinat_batch.pipeline.resume import Resume, resume, unfinished
 from dinat_batch.pipeline.selection import digest
 from dinat_batch.pipeline.stages import CPU_TASK, decode, infer, read, write
-from dinat_batch.pipeline.stages.infer import Actors, ActorSettings
+from dinat_batch.pipeline.stages.infer import Actors, ActorSettings, ModelChanged
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class RunSummary(BaseModel):
     output: str
     model: str
     model_sha256: str
+    model_revision: str | None  # the hub commit every actor loaded, for a hub id
     device: str
     decode: str  # where JPEGs were decoded: cpu, or gpu for a share of them
     device_decode_share: float  # the share of JPEGs decoded on the GPU
@@ -91,6 +92,7 @@ class Plan:
     listing: ray.data.MaterializedDataset  # uri, size, version of each image file, shard or table to read
     preprocessing: PreprocessConfig
     model_sha256: str
+    model_revision: str | None  # a hub checkpoint's commit, which every actor loads
     num_features: int
     actors: Actors
     device_share: float  # of the JPEGs, decoded by the GPU actors; 0: every image decoded on the CPU
@@ -255,6 +257,7 @@ class CheckedModel:
 
     preprocessing: PreprocessConfig
     sha256: str
+    revision: str | None  # for a hub id, the commit its default branch pointed at
     num_features: int
     started_at: datetime
 
@@ -270,7 +273,9 @@ def check_model(config: RunConfig) -> CheckedModel:
         raise ConfigError(
             f"{config.model}: its preprocessor does not resize; batched inference needs one size"
         )
-    return CheckedModel(model.preprocessing, model.weights_sha256, model.config.num_features, started_at)
+    return CheckedModel(
+        model.preprocessing, model.weights_sha256, model.revision, model.config.num_features, started_at
+    )
 
 
 def plan(config: RunConfig, run_id: str, model: CheckedModel, guard: StallGuard) -> Plan:
@@ -312,6 +317,7 @@ def plan(config: RunConfig, run_id: str, model: CheckedModel, guard: StallGuard)
         listing,
         preprocessing,
         model.sha256,
+        model.revision,
         model.num_features,
         actors,
         device_share,
@@ -363,6 +369,7 @@ def execute(
         output=output.uri,
         model=config.model,
         model_sha256=plan.model_sha256,
+        model_revision=plan.model_revision,
         device=plan.actors.device,
         decode="gpu" if plan.device_share else "cpu",
         device_decode_share=plan.device_share,
@@ -567,7 +574,9 @@ def _execute(
     that earlier attempts finished."""
     config = plan.config
     records = output.ray_target(output.sources(plan.attempt))
-    settings = ActorSettings.of(config, plan.run_id, plan.actors, plan.device_share > 0)
+    settings = ActorSettings.of(
+        config, plan.run_id, plan.actors, plan.device_share > 0, plan.model_sha256, plan.model_revision
+    )
     done = kept.done if kept else None
     image_bytes = plan.preprocessing.height * plan.preprocessing.width * 3
     rows = read.dataset(plan.kind, listing, config, done, records, infer.call_batch(settings), image_bytes)
@@ -576,8 +585,25 @@ def _execute(
     folder, filesystem = output.ray_target(output.staging(plan.attempt))
     # Ray Data's own guard against an execution without progress, read from the written dataset's context
     predicted.context.execution_no_progress_timeout_s = config.stall_timeout
-    with plan.guard.inferring(plan.actors.asks()):
+    with plan.guard.inferring(plan.actors.asks()), _failed_actor_starts():
         written = write.apply(
             predicted, folder, filesystem, owner, write.output_schema(plan.num_features), config.chunk_rows
         )
     output.wrote(written, owner)
+
+
+@contextmanager
+def _failed_actor_starts() -> Iterator[None]:
+    """The inference actors' refusal of other weights (ModelChanged) as the run's error: Ray hands the
+    driver an ActorDiedError with the last actor's traceback as text, ending in its error's type and
+    message."""
+    marker = f"{ModelChanged.__module__}.{ModelChanged.__qualname__}: "
+    try:
+        yield
+    except ray.exceptions.RayActorError as err:
+        if not err.actor_init_failed:
+            raise
+        text = str(err)
+        if marker in text:
+            raise ModelChanged(text.rsplit(marker, 1)[1].strip()) from err
+        raise

@@ -7,6 +7,7 @@ import datetime as dt
 import functools
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from dinat_batch.pipeline import run as run_module
 from dinat_batch.pipeline.config import DRIVER_CPUS, ConfigError, RunConfig
 from dinat_batch.pipeline.locations import filesystem
 from dinat_batch.pipeline.model import ModelLoadError, load_model
+from dinat_batch.pipeline.model.loading import sha256_file
 from dinat_batch.pipeline.output import Output, VerificationFailed
 from dinat_batch.pipeline.run import (
     Stalled,
@@ -49,10 +51,12 @@ from tests.data import (
     TINY,
     broken_files,
     direct_predictions,
+    image_folder,
     parquet_file,
     photo,
     photos,
     tar_shard,
+    tiny_checkpoint,
 )
 from tests.web import serving
 
@@ -712,3 +716,31 @@ def test_the_actors_nodes_may_go_once_the_stages_have_run(tmp_path, tiny_model, 
     )
     assert run(config).ok == 1 and len(looks) >= 4
     assert (tmp_path / "out" / "_SUCCESS").exists()
+
+
+def test_weights_replaced_during_a_run_start_no_actor(tmp_path, tiny_model, ray_session, monkeypatch):
+    """The driver checks the model, then the checkpoint is overwritten (here before the actors start; on a
+    cluster, before an autoscaled or restarted actor starts): the actors refuse the other weights, the run
+    fails saying why and commits nothing, and the same command run again uses the new weights."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    source = image_folder(tmp_path / "images", 3)
+    real = run_module.check_model
+
+    def replaced_after_the_check(config):
+        checked = real(config)
+        tiny_checkpoint(tmp_path / "other", seed=1)
+        shutil.copy(tmp_path / "other" / "model.safetensors", model / "model.safetensors")
+        return checked
+
+    monkeypatch.setattr(run_module, "check_model", replaced_after_the_check)
+    config = RunConfig(input=str(source), output=str(tmp_path / "out"), model=str(model))
+    with pytest.raises(
+        infer.ModelChanged, match=r"its weights changed during the run .*run the same command"
+    ):
+        run(config)
+    assert not list((tmp_path / "out").rglob("_SUCCESS"))
+    monkeypatch.setattr(run_module, "check_model", real)
+    summary = run(config)
+    assert summary.ok == 3
+    assert summary.model_sha256 == sha256_file(model / "model.safetensors")

@@ -289,7 +289,8 @@ class DinatBackbone(nn.Module):
 class Dinat(nn.Module):
     """DiNAT for embeddings and, when the checkpoint has a classifier, ImageNet-style logits.
 
-    Attributes set by `load_model`: `config`, `source`, `weights_sha256`, `preprocessing`.
+    Attributes set by `load_model`: `config`, `source`, `revision` (a hub checkpoint's commit, else None),
+    `weights_sha256`, `preprocessing`.
     """
 
     def __init__(self, config: DinatConfig, with_classifier: bool = True):
@@ -302,6 +303,7 @@ class Dinat(nn.Module):
             else None
         )
         self.source: str | None = None
+        self.revision: str | None = None
         self.weights_sha256: str | None = None
         self.preprocessing: PreprocessConfig | None = None
 

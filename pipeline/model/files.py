@@ -22,6 +22,7 @@ CONFIG = "config.json"
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 class ModelLoadError(RuntimeError):
@@ -30,10 +31,13 @@ class ModelLoadError(RuntimeError):
 
 @dataclass(frozen=True)
 class CheckpointFiles:
+    """`revision`: the hub commit the files are from (None for other sources)."""
+
     source: str
     config: Path
     weights: Path
     preprocessor_config: Path | None
+    revision: str | None = None
 
 
 def cache_root() -> Path:
@@ -83,22 +87,27 @@ def _from_fsspec(uri: str, storage_options: dict[str, Any]) -> CheckpointFiles:
     return _from_folder(uri, folder)
 
 
-def _from_hub(repo_id: str) -> CheckpointFiles:
-    """Through huggingface_hub, which honours HF_HOME, HF_HUB_OFFLINE and HF_TOKEN."""
+def _from_hub(repo_id: str, revision: str | None) -> CheckpointFiles:
+    """Through huggingface_hub, which honours HF_HOME, HF_HUB_OFFLINE and HF_TOKEN. `revision`: a branch,
+    tag or commit (None: the default branch); all files come from the commit the config file resolved to,
+    so that a push between two downloads cannot pair one commit's config with another's weights."""
     import huggingface_hub
     from huggingface_hub.errors import EntryNotFoundError
 
     def fetch_first(names: tuple[str, ...]) -> Path | None:
-        """The first of `names` the repository (or, offline, the cache) has."""
+        """The first of `names` the repository (or, offline, the cache) has at `revision`."""
         for name in names:
             try:
-                return Path(huggingface_hub.hf_hub_download(repo_id, name))
+                return Path(huggingface_hub.hf_hub_download(repo_id, name, revision=revision))
             except EntryNotFoundError:
                 continue
         return None
 
     try:
-        config = Path(huggingface_hub.hf_hub_download(repo_id, CONFIG))
+        config = Path(huggingface_hub.hf_hub_download(repo_id, CONFIG, revision=revision))
+        # the hub's cache keeps each commit's files in snapshots/<commit>/
+        if _COMMIT.match(config.parent.name):
+            revision = config.parent.name
         weights = fetch_first(WEIGHT_FILES)
     except (EntryNotFoundError, OSError, ValueError) as err:
         offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no")
@@ -116,11 +125,14 @@ def _from_hub(repo_id: str) -> CheckpointFiles:
         raise ModelLoadError(
             f"hub repository {repo_id!r} has none of the weight files {', '.join(WEIGHT_FILES)}"
         )
-    return CheckpointFiles(repo_id, config, weights, fetch_first((PREPROCESSOR_CONFIG,)))
+    return CheckpointFiles(repo_id, config, weights, fetch_first((PREPROCESSOR_CONFIG,)), revision)
 
 
-def resolve(source: str, storage_options: dict[str, Any] | None = None) -> CheckpointFiles:
-    """Find a checkpoint's files locally, downloading them first when they live elsewhere."""
+def resolve(
+    source: str, storage_options: dict[str, Any] | None = None, revision: str | None = None
+) -> CheckpointFiles:
+    """Find a checkpoint's files locally, downloading them first when they live elsewhere. `revision`: for
+    a hub id, the branch, tag or commit to take (None: the default branch); other sources have none."""
     if "://" in source:
         if source.startswith("file://"):
             return _from_folder(source, Path(source[len("file://") :]))
@@ -129,7 +141,7 @@ def resolve(source: str, storage_options: dict[str, Any] | None = None) -> Check
     if path.exists():
         return _from_folder(source, path)
     if _HUB_ID.match(source):
-        return _from_hub(source)
+        return _from_hub(source, revision)
     raise ModelLoadError(
         f"model source {source!r} is neither an existing folder, an fsspec URI (s3://...) nor a hub id (org/name)"
     )

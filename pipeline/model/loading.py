@@ -79,14 +79,16 @@ def load_model(
     dtype: torch.dtype | None = None,
     compile: bool = False,
     storage_options: dict[str, Any] | None = None,
+    revision: str | None = None,
 ) -> Dinat:
     """Load a DiNAT checkpoint in Hugging Face format from a hub id, a local folder or an fsspec URI.
 
     The returned module is in eval mode on `device` (default: CUDA when available) in `dtype` (default
-    float32), with `.config`, `.source`, `.weights_sha256` and `.preprocessing` set. Its forward gives
-    `.logits` (None for a backbone-only checkpoint) and `.embeddings`.
+    float32), with `.config`, `.source`, `.revision`, `.weights_sha256` and `.preprocessing` set. Its
+    forward gives `.logits` (None for a backbone-only checkpoint) and `.embeddings`. `revision`: for a hub
+    id, the branch, tag or commit to load (None: the default branch).
     """
-    files = resolve(source, storage_options)
+    files = resolve(source, storage_options, revision)
     try:
         config = DinatConfig.model_validate(json.loads(files.config.read_text()))
         preprocessing = (
@@ -103,6 +105,7 @@ def load_model(
     _check_keys(model, state_dict, source)
     model.load_state_dict(state_dict, assign=True)
     model.source = source
+    model.revision = files.revision
     model.weights_sha256 = sha256_file(files.weights)
     model.preprocessing = preprocessing
     if device is None:

@@ -54,12 +54,21 @@ LANE_MEMORY_SHARE = 0.5
 logger = logging.getLogger(__name__)
 
 
+class ModelChanged(RuntimeError):
+    """An actor found other weights at the model's source than the run was planned with."""
+
+
 class ActorSettings(BaseModel):
     """Everything an inference actor needs, sent to each actor as one object."""
 
     model_config = ConfigDict(frozen=True)
 
     model: str
+    # the weights the run was planned with (the driver's model check): an actor that finds others at
+    # `model` (a checkpoint replaced during the run) refuses to start, so that one run's rows come from one
+    # model; None: whatever `model` holds
+    model_sha256: str | None = None
+    model_revision: str | None = None  # the hub commit to load, for a hub id (None: the default branch)
     run_id: str
     top_k: int
     device: str  # cpu or cuda
@@ -73,9 +82,17 @@ class ActorSettings(BaseModel):
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)  # may hold keys
 
     @classmethod
-    def of(cls, config: RunConfig, run_id: str, actors: Actors, jpegs_to_device: bool) -> ActorSettings:
+    def of(
+        cls,
+        config: RunConfig,
+        run_id: str,
+        actors: Actors,
+        jpegs_to_device: bool,
+        model_sha256: str | None = None,
+        model_revision: str | None = None,
+    ) -> ActorSettings:
         """The actor's share of a run's config, with what the plan settled (run id, the actors' device and
-        lanes, routing)."""
+        lanes, routing, the model's identity)."""
         shared = (cls.model_fields.keys() & RunConfig.model_fields.keys()) - {"run_id", "device"}
         return cls(
             **config.model_dump(include=shared),
@@ -84,6 +101,8 @@ class ActorSettings(BaseModel):
             lanes=actors.lanes,
             threads=actors.threads,
             jpegs_to_device=jpegs_to_device,
+            model_sha256=model_sha256,
+            model_revision=model_revision,
         )
 
 
@@ -122,7 +141,17 @@ class Predictor:
 
     def __init__(self, settings: ActorSettings):
         options = options_for(settings.model, settings.storage_options)
-        loaded = load_model(settings.model, device=settings.device, storage_options=options)
+        loaded = load_model(
+            settings.model, settings.device, storage_options=options, revision=settings.model_revision
+        )
+        if settings.model_sha256 is not None and loaded.weights_sha256 != settings.model_sha256:
+            raise ModelChanged(
+                f"{settings.model}: its weights changed during the run (sha256 {loaded.weights_sha256[:12]} "
+                f"here, {settings.model_sha256[:12]} when it started); this actor refuses to start so that "
+                "the run's rows come from one model. Replace a checkpoint only between runs, and run the same "
+                "command again to use the new weights (it asks for --overwrite where rows of the old ones were "
+                "written)"
+            )
         self.provenance = Provenance(loaded.source, loaded.weights_sha256, settings.run_id)
         self.num_features = loaded.config.num_features
         self.labels = label_names(loaded.config)

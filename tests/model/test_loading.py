@@ -87,7 +87,17 @@ def test_hub_id_from_the_local_hub_cache(tmp_path, monkeypatch, reference_model,
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(hf_home / "hub"))
-    check_same(load_model("shi-labs/dinat-test", device="cpu"), expected)
+    model = load_model("shi-labs/dinat-test", device="cpu")
+    check_same(model, expected)
+    assert model.revision == commit
+    # a push moves the default branch; a run's actors load the commit its driver saw
+    pushed = "fedcba9876543210fedcba9876543210fedcba98"
+    save_checkpoint(random_model(shortened("dinat-mini-in1k-224"), seed=12), repo / "snapshots" / pushed)
+    (repo / "refs" / "main").write_text(pushed)
+    assert load_model("shi-labs/dinat-test", device="cpu").revision == pushed
+    pinned = load_model("shi-labs/dinat-test", device="cpu", revision=commit)
+    check_same(pinned, expected)
+    assert (pinned.revision, pinned.weights_sha256) == (commit, model.weights_sha256)
     with pytest.raises(ModelLoadError, match=r"HF_HUB_OFFLINE is set.*Pass a local copy"):
         load_model("shi-labs/dinat-absent")
 

@@ -1,7 +1,7 @@
 """Faults a test switches on through the environment; inert otherwise. Named points where the driver
 dies, to prove that a run cut short at any of them loses nothing and duplicates nothing once it is run
 again; and a wait before each model call of the inference actors, to hold a run open while nodes come and
-go."""
+go; and actor starts that fail, as on a node whose GPU or memory is bad."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ ENV = "DINAT_BATCH_CRASH_AT"
 # held open until a test has seen what it waits for)
 SLOW_ENV = "DINAT_BATCH_SLOW_CALLS"
 HOLD_ENV = "DINAT_BATCH_HOLD_CALLS"
+# read in the actors' processes too: a folder of files, each the failure of one inference actor's start
+# (the start that takes it: removing a file is atomic, so no two starts take one)
+FAILED_STARTS_ENV = "DINAT_BATCH_FAILED_STARTS"
 
 
 class SimulatedCrash(BaseException):
@@ -32,3 +35,17 @@ def slow_call() -> None:
     hold = os.environ.get(HOLD_ENV)
     while hold and os.path.exists(hold):
         time.sleep(0.2)
+
+
+class SimulatedStartFailure(RuntimeError):
+    """An inference actor's start failing (FAILED_STARTS_ENV)."""
+
+
+def failed_start() -> None:
+    folder = os.environ.get(FAILED_STARTS_ENV)
+    for name in sorted(os.listdir(folder)) if folder else ():
+        try:
+            os.remove(os.path.join(folder, name))
+        except FileNotFoundError:
+            continue  # another actor's start took it
+        raise SimulatedStartFailure(f"this actor's start failed ({name})")

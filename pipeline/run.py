@@ -49,6 +49,10 @@ class Stalled(RuntimeError):
     """The run made no progress for `stall_timeout` seconds: nothing was committed, its rows are kept."""
 
 
+class ActorsFailedToStart(RuntimeError):
+    """The inference actors failed to start more times in a row than a run tolerates (infer.FAILED_STARTS)."""
+
+
 class ErrorRateExceeded(RuntimeError):
     """More error rows than the config allows: the run wrote its rows and `_FAILURE`, not `_SUCCESS`."""
 
@@ -594,7 +598,8 @@ def _execute(
 
 @contextmanager
 def _failed_actor_starts() -> Iterator[None]:
-    """The inference actors' refusal of other weights (ModelChanged) as the run's error: Ray hands the
+    """The inference actors' failure to start as the run's error: their refusal of other weights
+    (ModelChanged) as itself, any other error saying how many starts failed and what to do. Ray hands the
     driver an ActorDiedError with the last actor's traceback as text, ending in its error's type and
     message."""
     marker = f"{ModelChanged.__module__}.{ModelChanged.__qualname__}: "
@@ -606,4 +611,8 @@ def _failed_actor_starts() -> Iterator[None]:
         text = str(err)
         if marker in text:
             raise ModelChanged(text.rsplit(marker, 1)[1].strip()) from err
-        raise
+        raise ActorsFailedToStart(
+            f"{infer.FAILED_STARTS + 1} inference actors in a row failed to start (fewer are replaced, as on "
+            "a node with a bad GPU or too little memory): fix what the last one's error below names and run "
+            f"the same command again; the rows written so far are kept.\n{text}"
+        ) from err

@@ -10,12 +10,15 @@ processes (`--part 1/2`, `--part 2/2`: every other test). A test that kills proc
 kills only its own process tree's, never another lane's. A standalone test must not start Ray itself. Plain
 `pytest` runs every lane in one process."""
 
+import os
+
 import pytest
 import ray
 import s3fs
 from fsspec.asyn import sync_wrapper
 
 from dinat_batch.infra.object_store import LocalObjectStore
+from dinat_batch.pipeline.faults import FAILED_STARTS_ENV
 from tests.data import tiny_checkpoint
 
 SHARED = {"ray_session", "object_store"}
@@ -52,7 +55,15 @@ def object_store():
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def failed_starts_folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("failed-starts")
+
+
+@pytest.fixture(scope="session")
+def ray_session(failed_starts_folder):
+    # the actors' processes have the environment Ray starts with: a test makes their starts fail by
+    # putting files in this folder (`failed_starts`), empty otherwise
+    os.environ[FAILED_STARTS_ENV] = str(failed_starts_folder)
     # "local": a new instance, never the Ray head another test process (or a stale file) points at
     ray.init(
         address="local",
@@ -64,6 +75,16 @@ def ray_session():
     )
     yield
     ray.shutdown()
+    del os.environ[FAILED_STARTS_ENV]
+
+
+@pytest.fixture
+def failed_starts(ray_session, failed_starts_folder):
+    """The folder in which each file is one inference actor start that fails (`faults.failed_start`),
+    emptied afterwards."""
+    yield failed_starts_folder
+    for token in failed_starts_folder.iterdir():
+        token.unlink()
 
 
 @pytest.fixture(scope="session")

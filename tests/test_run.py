@@ -34,6 +34,7 @@ from dinat_batch.pipeline.model import ModelLoadError, load_model
 from dinat_batch.pipeline.model.loading import sha256_file
 from dinat_batch.pipeline.output import Output, VerificationFailed
 from dinat_batch.pipeline.run import (
+    ActorsFailedToStart,
     Stalled,
     StallGuard,
     _actors,
@@ -744,3 +745,21 @@ def test_weights_replaced_during_a_run_start_no_actor(tmp_path, tiny_model, ray_
     summary = run(config)
     assert summary.ok == 3
     assert summary.model_sha256 == sha256_file(model / "model.safetensors")
+
+
+def test_actor_starts_that_fail_are_replaced_a_few_times_in_a_row(tmp_path, tiny_model, failed_starts):
+    """An inference actor whose start fails (a node's bad GPU, too little memory) is replaced up to
+    FAILED_STARTS times in a row; one more fails the run, saying so and with the last start's error, and
+    nothing is committed. The same command run again, with starts that fail fewer times, commits."""
+    for i in range(infer.FAILED_STARTS + 3):
+        (failed_starts / f"start-{i}").touch()
+    config = RunConfig(
+        input=str(image_folder(tmp_path / "images", 3)), output=str(tmp_path / "out"), model=str(tiny_model)
+    )
+    message = rf"{infer.FAILED_STARTS + 1} inference actors in a row failed to start.*SimulatedStartFailure"
+    with pytest.raises(ActorsFailedToStart, match=re.compile(message, re.DOTALL)):
+        run(config)
+    assert not list((tmp_path / "out").rglob("_SUCCESS"))
+    assert len(list(failed_starts.iterdir())) == 2  # FAILED_STARTS + 1 starts took one each, then it stopped
+    assert run(config).ok == 3
+    assert not list(failed_starts.iterdir())

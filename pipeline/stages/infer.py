@@ -19,7 +19,7 @@ from ray.data.context import AutoscalingConfig
 
 from dinat_batch.pipeline.config import DEFAULT_MAX_PIXELS, RunConfig
 from dinat_batch.pipeline.errors import error_column
-from dinat_batch.pipeline.faults import slow_call
+from dinat_batch.pipeline.faults import failed_start, slow_call
 from dinat_batch.pipeline.gpu_decoding import DECODE_BUDGET, DeviceDecoder, nvjpeg, probe, unsupported
 from dinat_batch.pipeline.locations import options_for
 from dinat_batch.pipeline.model import load_model
@@ -51,6 +51,12 @@ CALLS_PER_LANE = 2
 # of the memory Ray declares on a CPU actor's node (what was free at its start less the object store's), the
 # share its lanes' activations may take: the rest is for the read and decode tasks beside it and Ray's workers
 LANE_MEMORY_SHARE = 0.5
+# inference actors in a row whose start may fail (their process dies, or their constructor raises) before
+# the run fails with the last one's error: Ray Data fails a run at the first (max_consecutive_actor_init_
+# deaths 0), so one node with a bad GPU or too little memory joining an autoscaled cluster ended a long run.
+# A start that succeeds resets the count, so a model that cannot load anywhere still fails the run, after
+# as many model loads plus one
+FAILED_STARTS = 3
 logger = logging.getLogger(__name__)
 
 
@@ -140,6 +146,7 @@ class Predictor:
     """
 
     def __init__(self, settings: ActorSettings):
+        failed_start()
         options = options_for(settings.model, settings.storage_options)
         loaded = load_model(
             settings.model, settings.device, storage_options=options, revision=settings.model_revision
@@ -394,4 +401,5 @@ def apply(dataset: ray.data.Dataset, settings: ActorSettings, actors: Actors) ->
         **STAGE.resources,
     )
     inferred.context.autoscaling_config = autoscaling(inferred.context.autoscaling_config)
+    inferred.context.max_consecutive_actor_init_deaths = FAILED_STARTS
     return inferred

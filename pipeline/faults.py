@@ -1,7 +1,7 @@
 """Faults a test switches on through the environment; inert otherwise. Named points where the driver
 dies, to prove that a run cut short at any of them loses nothing and duplicates nothing once it is run
 again; and a wait before each model call of the inference actors, to hold a run open while nodes come and
-go; and actor starts that fail, as on a node whose GPU or memory is bad."""
+go; and inference actor starts that fail, as on a node whose GPU or memory is bad."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ class SimulatedStartFailure(RuntimeError):
     """An inference actor's start failing (FAILED_STARTS_ENV)."""
 
 
-def failed_start() -> None:
+def actor_start() -> None:
     folder = os.environ.get(FAILED_STARTS_ENV)
     for name in sorted(os.listdir(folder)) if folder else ():
         try:

@@ -32,7 +32,7 @@ from dinat_batch.pipeline.gpu_decoding import default_share, unsupported
 from dinat_batch.pipeline.iceberg import IcebergTable
 from dinat_batch.pipeline.lease import Lease
 from dinat_batch.pipeline.locations import options_for, resolve
-from dinat_batch.pipeline.model import load_model
+from dinat_batch.pipeline.model import ModelChanged, ModelPin, load_model
 from dinat_batch.pipeline.model.preprocessing import PreprocessConfig
 from dinat_batch.pipeline.model.runtime import resolve_compile
 from dinat_batch.pipeline.output import FAILURE, SUCCESS, Compacted, Output, VerificationFailed
@@ -40,7 +40,7 @@ from dinat_batch.pipeline.ownership import Ownership
 from dinat_batch.pipeline.resume import Resume, resume, unfinished
 from dinat_batch.pipeline.selection import digest
 from dinat_batch.pipeline.stages import CPU_TASK, decode, infer, read, write
-from dinat_batch.pipeline.stages.infer import Actors, ActorSettings, ModelChanged
+from dinat_batch.pipeline.stages.infer import Actors, ActorSettings
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class Stalled(RuntimeError):
 
 
 class ActorsFailedToStart(RuntimeError):
-    """The inference actors failed to start more times in a row than a run tolerates (infer.FAILED_STARTS)."""
+    """An inference actor's constructor raised, and Ray Data replaced no more (infer.FAILED_STARTS)."""
 
 
 class ErrorRateExceeded(RuntimeError):
@@ -64,7 +64,7 @@ class RunSummary(BaseModel):
     output: str
     model: str
     model_sha256: str
-    model_revision: str | None  # the hub commit every actor loaded, for a hub id
+    model_revision: str | None  # for a hub id, the commit every actor loaded
     device: str
     decode: str  # where JPEGs were decoded: cpu, or gpu for a share of them
     device_decode_share: float  # the share of JPEGs decoded on the GPU
@@ -96,7 +96,7 @@ class Plan:
     listing: ray.data.MaterializedDataset  # uri, size, version of each image file, shard or table to read
     preprocessing: PreprocessConfig
     model_sha256: str
-    model_revision: str | None  # a hub checkpoint's commit, which every actor loads
+    model_pin: ModelPin  # the checkpoint every actor loads
     num_features: int
     actors: Actors
     device_share: float  # of the JPEGs, decoded by the GPU actors; 0: every image decoded on the CPU
@@ -261,7 +261,7 @@ class CheckedModel:
 
     preprocessing: PreprocessConfig
     sha256: str
-    revision: str | None  # for a hub id, the commit its default branch pointed at
+    pin: ModelPin  # which checkpoint it loaded: for a hub id, the commit its default branch pointed at
     num_features: int
     started_at: datetime
 
@@ -278,7 +278,7 @@ def check_model(config: RunConfig) -> CheckedModel:
             f"{config.model}: its preprocessor does not resize; batched inference needs one size"
         )
     return CheckedModel(
-        model.preprocessing, model.weights_sha256, model.revision, model.config.num_features, started_at
+        model.preprocessing, model.weights_sha256, model.pin, model.config.num_features, started_at
     )
 
 
@@ -321,7 +321,7 @@ def plan(config: RunConfig, run_id: str, model: CheckedModel, guard: StallGuard)
         listing,
         preprocessing,
         model.sha256,
-        model.revision,
+        model.pin,
         model.num_features,
         actors,
         device_share,
@@ -373,7 +373,7 @@ def execute(
         output=output.uri,
         model=config.model,
         model_sha256=plan.model_sha256,
-        model_revision=plan.model_revision,
+        model_revision=plan.model_pin.revision,
         device=plan.actors.device,
         decode="gpu" if plan.device_share else "cpu",
         device_decode_share=plan.device_share,
@@ -578,9 +578,7 @@ def _execute(
     that earlier attempts finished."""
     config = plan.config
     records = output.ray_target(output.sources(plan.attempt))
-    settings = ActorSettings.of(
-        config, plan.run_id, plan.actors, plan.device_share > 0, plan.model_sha256, plan.model_revision
-    )
+    settings = ActorSettings.of(config, plan.run_id, plan.actors, plan.device_share > 0, plan.model_pin)
     done = kept.done if kept else None
     image_bytes = plan.preprocessing.height * plan.preprocessing.width * 3
     rows = read.dataset(plan.kind, listing, config, done, records, infer.call_batch(settings), image_bytes)
@@ -598,8 +596,8 @@ def _execute(
 
 @contextmanager
 def _failed_actor_starts() -> Iterator[None]:
-    """The inference actors' failure to start as the run's error: their refusal of other weights
-    (ModelChanged) as itself, any other error saying how many starts failed and what to do. Ray hands the
+    """The inference actors' failure to start as the run's error: their refusal of another checkpoint
+    (ModelChanged) as itself, any other error saying what to do. Ray hands the
     driver an ActorDiedError with the last actor's traceback as text, ending in its error's type and
     message."""
     marker = f"{ModelChanged.__module__}.{ModelChanged.__qualname__}: "
@@ -612,7 +610,7 @@ def _failed_actor_starts() -> Iterator[None]:
         if marker in text:
             raise ModelChanged(text.rsplit(marker, 1)[1].strip()) from err
         raise ActorsFailedToStart(
-            f"{infer.FAILED_STARTS + 1} inference actors in a row failed to start (fewer are replaced, as on "
-            "a node with a bad GPU or too little memory): fix what the last one's error below names and run "
-            f"the same command again; the rows written so far are kept.\n{text}"
+            f"an inference actor failed to start and was not replaced (a run replaces up to "
+            f"{infer.FAILED_STARTS} in a row): fix what its error below names and run the same command "
+            f"again; the rows written so far are kept.\n{text}"
         ) from err

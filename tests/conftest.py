@@ -10,8 +10,6 @@ processes (`--part 1/2`, `--part 2/2`: every other test). A test that kills proc
 kills only its own process tree's, never another lane's. A standalone test must not start Ray itself. Plain
 `pytest` runs every lane in one process."""
 
-import os
-
 import pytest
 import ray
 import s3fs
@@ -63,24 +61,24 @@ def failed_starts_folder(tmp_path_factory):
 def ray_session(failed_starts_folder):
     # the actors' processes have the environment Ray starts with: a test makes their starts fail by
     # putting files in this folder (`failed_starts`), empty otherwise
-    os.environ[FAILED_STARTS_ENV] = str(failed_starts_folder)
-    # "local": a new instance, never the Ray head another test process (or a stale file) points at
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=512 * 2**20,
-        resources={"inference": 1},  # for runs whose actors ask for a custom resource (actor_resources)
-        logging_level="ERROR",
-    )
-    yield
-    ray.shutdown()
-    del os.environ[FAILED_STARTS_ENV]
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(FAILED_STARTS_ENV, str(failed_starts_folder))
+        # "local": a new instance, never the Ray head another test process (or a stale file) points at
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            object_store_memory=512 * 2**20,
+            resources={"inference": 1},  # for runs whose actors ask for a custom resource (actor_resources)
+            logging_level="ERROR",
+        )
+        yield
+        ray.shutdown()
 
 
 @pytest.fixture
 def failed_starts(ray_session, failed_starts_folder):
-    """The folder in which each file is one inference actor start that fails (`faults.failed_start`),
+    """The folder in which each file is one inference actor start that fails (`faults.actor_start`),
     emptied afterwards."""
     yield failed_starts_folder
     for token in failed_starts_folder.iterdir():

@@ -1,6 +1,7 @@
 """The inference actor's callable on its own (no Ray): rows as the output schema says, error rows passed
 through, backbone-only models, and out-of-memory handled by smaller slices."""
 
+import hashlib
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -11,8 +12,8 @@ import pytest
 import torch
 
 from dinat_batch.pipeline.config import RunConfig
+from dinat_batch.pipeline.model import ModelChanged, ModelPin, load_model
 from dinat_batch.pipeline.model.export import random_model, save_checkpoint
-from dinat_batch.pipeline.model.loading import sha256_file
 from dinat_batch.pipeline.stages import infer
 from dinat_batch.pipeline.stages.decode import decode_batch
 from dinat_batch.pipeline.stages.infer import Actors, ActorSettings, Predictor
@@ -102,7 +103,7 @@ def test_out_of_memory_halves_the_slice_and_keeps_it(tiny_model):
 
 
 def test_the_actor_settings_are_the_run_config_s_by_name():
-    own = {"run_id", "device", "lanes", "threads", "jpegs_to_device", "model_sha256", "model_revision"}
+    own = {"run_id", "device", "lanes", "threads", "jpegs_to_device", "model_pin"}
     assert ActorSettings.model_fields.keys() - own <= RunConfig.model_fields.keys()
     config = RunConfig(
         input="s3://in/x",
@@ -117,12 +118,13 @@ def test_the_actor_settings_are_the_run_config_s_by_name():
         storage_options={"key": "secret"},
     )
     actors = Actors("cpu", 0, 1, 1, {}, lanes=3, threads=1)
-    settings = ActorSettings.of(config, "run-9", actors, True, "ab" * 32, "c" * 40)
+    pin = ModelPin(revision="c" * 40, weights="model.safetensors", sha256="ab" * 32)
+    settings = ActorSettings.of(config, "run-9", actors, True, pin)
     shared = ActorSettings.model_fields.keys() - own
     assert {name: getattr(settings, name) for name in shared} == config.model_dump(include=shared)
     planned = (settings.run_id, settings.device, settings.lanes, settings.threads, settings.jpegs_to_device)
     assert planned == ("run-9", "cpu", 3, 1, True)
-    assert (settings.model_sha256, settings.model_revision) == ("ab" * 32, "c" * 40)
+    assert settings.model_pin == pin
     assert "secret" not in repr(settings)
 
 
@@ -239,28 +241,29 @@ def assert_same_rows(tables: list[pa.Table], expected: list[pa.Table]) -> None:
         )
 
 
-def test_an_actor_loads_the_planned_hub_commit_and_refuses_other_weights(tmp_path, monkeypatch, tiny_model):
+def test_an_actor_loads_the_planned_hub_commit_and_refuses_another_checkpoint(
+    tmp_path, monkeypatch, tiny_model
+):
     """A push to the model's hub repository during a run: an actor started after it loads the commit the
-    driver resolved; without that commit (any other source) it finds other weights and refuses to start."""
+    driver's check pinned; where it finds another checkpoint (here: not told the commit) it refuses to
+    start."""
     hub = tmp_path / "hub"
     repo = hub / "models--shi-labs--dinat-tiny"
     planned, pushed = "0123456789abcdef" * 2 + "01234567", "f" * 40
     shutil.copytree(tiny_model, repo / "snapshots" / planned)
     tiny_checkpoint(repo / "snapshots" / pushed, seed=1)
     (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(pushed)
+    (repo / "refs" / "main").write_text(planned)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(hub))
-    sha = sha256_file(tiny_model / "model.safetensors")
-    settings = ActorSettings(
-        model="shi-labs/dinat-tiny",
-        model_sha256=sha,
-        model_revision=planned,
-        run_id="r",
-        top_k=1,
-        device="cpu",
+    pin = load_model("shi-labs/dinat-tiny", device="cpu").pin  # the driver's check
+    (repo / "refs" / "main").write_text(pushed)
+    settings = ActorSettings(model="shi-labs/dinat-tiny", model_pin=pin, run_id="r", top_k=1, device="cpu")
+    assert (
+        Predictor(settings).provenance.model_sha256
+        == hashlib.sha256((tiny_model / "model.safetensors").read_bytes()).hexdigest()
     )
-    assert Predictor(settings).provenance.model_sha256 == sha
-    with pytest.raises(infer.ModelChanged, match=rf"sha256 \w{{12}} here, {sha[:12]} when it started"):
-        Predictor(settings.model_copy(update={"model_revision": None}))
+    unpinned = pin.model_copy(update={"revision": None})
+    with pytest.raises(ModelChanged, match=rf"checkpoint_sha256 \w{{12}} here, {pin.sha256[:12]} then"):
+        Predictor(settings.model_copy(update={"model_pin": unpinned}))

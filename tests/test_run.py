@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import hashlib
 import json
 import re
 import shutil
@@ -30,8 +31,7 @@ from ray.data.context import AutoscalingConfig
 from dinat_batch.pipeline import run as run_module
 from dinat_batch.pipeline.config import DRIVER_CPUS, ConfigError, RunConfig
 from dinat_batch.pipeline.locations import filesystem
-from dinat_batch.pipeline.model import ModelLoadError, load_model
-from dinat_batch.pipeline.model.loading import sha256_file
+from dinat_batch.pipeline.model import ModelChanged, ModelLoadError, load_model
 from dinat_batch.pipeline.output import Output, VerificationFailed
 from dinat_batch.pipeline.run import (
     ActorsFailedToStart,
@@ -628,7 +628,9 @@ def test_the_inference_stage_scales_its_pool_for_two_calls_per_lane(tiny_model, 
     inferred = infer.apply(ray.data.from_items([{"key": "a"}]), settings, actors)
     wanted = infer.autoscaling(AutoscalingConfig())
     assert inferred.context.autoscaling_config == wanted != AutoscalingConfig()
-    assert ray.data.DataContext.get_current().autoscaling_config == AutoscalingConfig()  # the run's own
+    assert inferred.context.max_consecutive_actor_init_deaths == infer.FAILED_STARTS
+    current = ray.data.DataContext.get_current()  # the run's own
+    assert (current.autoscaling_config, current.max_consecutive_actor_init_deaths) == (AutoscalingConfig(), 0)
 
 
 def test_the_split_of_a_listing_of_files_runs_ahead_and_no_other_read_does(ray_session):
@@ -737,14 +739,14 @@ def test_weights_replaced_during_a_run_start_no_actor(tmp_path, tiny_model, ray_
     monkeypatch.setattr(run_module, "check_model", replaced_after_the_check)
     config = RunConfig(input=str(source), output=str(tmp_path / "out"), model=str(model))
     with pytest.raises(
-        infer.ModelChanged, match=r"its weights changed during the run .*run the same command"
+        ModelChanged, match=r"its checkpoint is not the one the run started with.*run the same command"
     ):
         run(config)
     assert not list((tmp_path / "out").rglob("_SUCCESS"))
     monkeypatch.setattr(run_module, "check_model", real)
     summary = run(config)
     assert summary.ok == 3
-    assert summary.model_sha256 == sha256_file(model / "model.safetensors")
+    assert summary.model_sha256 == hashlib.sha256((model / "model.safetensors").read_bytes()).hexdigest()
 
 
 def test_actor_starts_that_fail_are_replaced_a_few_times_in_a_row(tmp_path, tiny_model, failed_starts):
@@ -756,7 +758,7 @@ def test_actor_starts_that_fail_are_replaced_a_few_times_in_a_row(tmp_path, tiny
     config = RunConfig(
         input=str(image_folder(tmp_path / "images", 3)), output=str(tmp_path / "out"), model=str(tiny_model)
     )
-    message = rf"{infer.FAILED_STARTS + 1} inference actors in a row failed to start.*SimulatedStartFailure"
+    message = r"an inference actor failed to start and was not replaced.*SimulatedStartFailure"
     with pytest.raises(ActorsFailedToStart, match=re.compile(message, re.DOTALL)):
         run(config)
     assert not list((tmp_path / "out").rglob("_SUCCESS"))

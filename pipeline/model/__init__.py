@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from dinat_batch.pipeline.model.dinat import VARIANTS, Dinat, DinatConfig, DinatOutput
     from dinat_batch.pipeline.model.files import ModelLoadError
-    from dinat_batch.pipeline.model.loading import load_model
+    from dinat_batch.pipeline.model.loading import ModelChanged, ModelPin, load_model
 
 _MODULE_OF = {
     "VARIANTS": "dinat",
@@ -20,9 +20,20 @@ _MODULE_OF = {
     "DinatConfig": "dinat",
     "DinatOutput": "dinat",
     "ModelLoadError": "files",
+    "ModelChanged": "loading",
+    "ModelPin": "loading",
     "load_model": "loading",
 }
-__all__ = ["VARIANTS", "Dinat", "DinatConfig", "DinatOutput", "ModelLoadError", "load_model"]
+__all__ = [
+    "VARIANTS",
+    "Dinat",
+    "DinatConfig",
+    "DinatOutput",
+    "ModelChanged",
+    "ModelLoadError",
+    "ModelPin",
+    "load_model",
+]
 
 
 def __getattr__(name: str) -> Any:

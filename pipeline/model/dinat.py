@@ -18,6 +18,7 @@ from torch import nn
 from dinat_batch.kernels import na2d
 
 if TYPE_CHECKING:
+    from dinat_batch.pipeline.model.loading import ModelPin
     from dinat_batch.pipeline.model.preprocessing import PreprocessConfig
 
 # The published variants, for random-weight demos and tests; real checkpoints are always built from their
@@ -289,7 +290,7 @@ class DinatBackbone(nn.Module):
 class Dinat(nn.Module):
     """DiNAT for embeddings and, when the checkpoint has a classifier, ImageNet-style logits.
 
-    Attributes set by `load_model`: `config`, `source`, `revision` (a hub checkpoint's commit, else None),
+    Attributes set by `load_model`: `config`, `source`, `pin` (which checkpoint: `loading.ModelPin`),
     `weights_sha256`, `preprocessing`.
     """
 
@@ -303,7 +304,7 @@ class Dinat(nn.Module):
             else None
         )
         self.source: str | None = None
-        self.revision: str | None = None
+        self.pin: ModelPin | None = None
         self.weights_sha256: str | None = None
         self.preprocessing: PreprocessConfig | None = None
 

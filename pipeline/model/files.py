@@ -44,19 +44,19 @@ def cache_root() -> Path:
     return Path(os.environ.get("DINAT_BATCH_CACHE", Path.home() / ".cache" / "dinat-batch")) / "models"
 
 
-def _from_folder(source: str, folder: Path) -> CheckpointFiles:
+def _from_folder(source: str, folder: Path, names: tuple[str, ...]) -> CheckpointFiles:
     if not (folder / CONFIG).is_file():
         raise ModelLoadError(
             f"{source}: no {CONFIG} in {folder}; a checkpoint folder needs {CONFIG} and weights"
         )
-    weights = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
+    weights = next((folder / name for name in names if (folder / name).is_file()), None)
     if weights is None:
-        raise ModelLoadError(f"{source}: no weights in {folder}; expected one of {', '.join(WEIGHT_FILES)}")
+        raise ModelLoadError(f"{source}: no weights in {folder}; expected one of {', '.join(names)}")
     pre = folder / PREPROCESSOR_CONFIG
     return CheckpointFiles(source, folder / CONFIG, weights, pre if pre.is_file() else None)
 
 
-def _from_fsspec(uri: str, storage_options: dict[str, Any]) -> CheckpointFiles:
+def _from_fsspec(uri: str, storage_options: dict[str, Any], names: tuple[str, ...]) -> CheckpointFiles:
     """Download once into a cache folder keyed by the remote objects' identity (ETag or checksum)."""
     fs, root = fsspec.core.url_to_fs(uri.rstrip("/"), **storage_options)
     fs.invalidate_cache()  # fsspec reuses filesystem instances with their listings: always ask afresh
@@ -64,10 +64,10 @@ def _from_fsspec(uri: str, storage_options: dict[str, Any]) -> CheckpointFiles:
         present = {Path(p).name for p in fs.ls(root, detail=False)}
     except FileNotFoundError:
         present = set()
-    weights = next((name for name in WEIGHT_FILES if name in present), None)
+    weights = next((name for name in names if name in present), None)
     if CONFIG not in present or weights is None:
         raise ModelLoadError(
-            f"{uri}: expected {CONFIG} and one of {', '.join(WEIGHT_FILES)} under this prefix, found "
+            f"{uri}: expected {CONFIG} and one of {', '.join(names)} under this prefix, found "
             f"{sorted(present) or 'nothing'}; check the URI and the storage credentials"
         )
     names = [CONFIG, weights] + ([PREPROCESSOR_CONFIG] if PREPROCESSOR_CONFIG in present else [])
@@ -84,10 +84,10 @@ def _from_fsspec(uri: str, storage_options: dict[str, Any]) -> CheckpointFiles:
             shutil.rmtree(staging, ignore_errors=True)
             if not folder.is_dir():  # another process may have won the race
                 raise
-    return _from_folder(uri, folder)
+    return _from_folder(uri, folder, (weights,))
 
 
-def _from_hub(repo_id: str, revision: str | None) -> CheckpointFiles:
+def _from_hub(repo_id: str, revision: str | None, names: tuple[str, ...]) -> CheckpointFiles:
     """Through huggingface_hub, which honours HF_HOME, HF_HUB_OFFLINE and HF_TOKEN. `revision`: a branch,
     tag or commit (None: the default branch); all files come from the commit the config file resolved to,
     so that a push between two downloads cannot pair one commit's config with another's weights."""
@@ -108,7 +108,7 @@ def _from_hub(repo_id: str, revision: str | None) -> CheckpointFiles:
         # the hub's cache keeps each commit's files in snapshots/<commit>/
         if _COMMIT.match(config.parent.name):
             revision = config.parent.name
-        weights = fetch_first(WEIGHT_FILES)
+        weights = fetch_first(names)
     except (EntryNotFoundError, OSError, ValueError) as err:
         offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no")
         why = (
@@ -122,26 +122,29 @@ def _from_hub(repo_id: str, revision: str | None) -> CheckpointFiles:
             f"or pytorch_model.bin, e.g. made with `hf download {repo_id} --local-dir DIR`"
         ) from err
     if weights is None:
-        raise ModelLoadError(
-            f"hub repository {repo_id!r} has none of the weight files {', '.join(WEIGHT_FILES)}"
-        )
+        raise ModelLoadError(f"hub repository {repo_id!r} has none of the weight files {', '.join(names)}")
     return CheckpointFiles(repo_id, config, weights, fetch_first((PREPROCESSOR_CONFIG,)), revision)
 
 
 def resolve(
-    source: str, storage_options: dict[str, Any] | None = None, revision: str | None = None
+    source: str,
+    storage_options: dict[str, Any] | None = None,
+    revision: str | None = None,
+    weights: str | None = None,
 ) -> CheckpointFiles:
     """Find a checkpoint's files locally, downloading them first when they live elsewhere. `revision`: for
-    a hub id, the branch, tag or commit to take (None: the default branch); other sources have none."""
+    a hub id, the branch, tag or commit to take (None: the default branch); other sources have none.
+    `weights`: the weight file to take (None: the first of WEIGHT_FILES there is)."""
+    names = (weights,) if weights else WEIGHT_FILES
     if "://" in source:
         if source.startswith("file://"):
-            return _from_folder(source, Path(source[len("file://") :]))
-        return _from_fsspec(source, storage_options or {})
+            return _from_folder(source, Path(source[len("file://") :]), names)
+        return _from_fsspec(source, storage_options or {}, names)
     path = Path(source).expanduser()
     if path.exists():
-        return _from_folder(source, path)
+        return _from_folder(source, path, names)
     if _HUB_ID.match(source):
-        return _from_hub(source, revision)
+        return _from_hub(source, revision, names)
     raise ModelLoadError(
         f"model source {source!r} is neither an existing folder, an fsspec URI (s3://...) nor a hub id (org/name)"
     )

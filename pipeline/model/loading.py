@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from dinat_batch.pipeline.model.dinat import Dinat, DinatConfig
 from dinat_batch.pipeline.model.files import ModelLoadError, resolve
@@ -18,22 +19,43 @@ _BACKBONE_PREFIX = "dinat."
 _CLASSIFIER_PREFIX = "classifier."
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+class ModelPin(BaseModel):
+    """The checkpoint a run's model check loaded, which each of its actors loads in turn: the hub commit
+    (None for other sources), the weight file's name and a digest of what was read (`checkpoint_sha256`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    revision: str | None
+    weights: str
+    sha256: str
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors only, never code: safetensors, or torch.load with weights_only=True."""
+class ModelChanged(RuntimeError):
+    """The checkpoint at a model's source is not the one a run pinned (`ModelPin`): replaced since."""
+
+
+def checkpoint_sha256(config: bytes, preprocessor_config: bytes | None, weights_sha256: str) -> str:
+    """One digest of the files that make a model's output: the architecture and label names, the
+    preprocessing and the weights."""
+    parts = [
+        hashlib.sha256(config).hexdigest(),
+        preprocessor_config and hashlib.sha256(preprocessor_config).hexdigest(),
+    ]
+    return hashlib.sha256(json.dumps([*parts, weights_sha256]).encode()).hexdigest()
+
+
+def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """Tensors only, never code: safetensors, or torch.load with weights_only=True; and the sha256 of the
+    bytes they were read from (read once: a file replaced meanwhile cannot give one its digest and the
+    other its tensors)."""
     try:
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors.torch import load
 
-            return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
+            return load(data), digest
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), digest
     except Exception as err:
         raise ModelLoadError(
             f"could not read weights {path.name}: {type(err).__name__}: {err}. The file is corrupt or not a "
@@ -79,34 +101,51 @@ def load_model(
     dtype: torch.dtype | None = None,
     compile: bool = False,
     storage_options: dict[str, Any] | None = None,
-    revision: str | None = None,
+    pin: ModelPin | None = None,
 ) -> Dinat:
     """Load a DiNAT checkpoint in Hugging Face format from a hub id, a local folder or an fsspec URI.
 
     The returned module is in eval mode on `device` (default: CUDA when available) in `dtype` (default
-    float32), with `.config`, `.source`, `.revision`, `.weights_sha256` and `.preprocessing` set. Its
-    forward gives `.logits` (None for a backbone-only checkpoint) and `.embeddings`. `revision`: for a hub
-    id, the branch, tag or commit to load (None: the default branch).
+    float32), with `.config`, `.source`, `.pin`, `.weights_sha256` and `.preprocessing` set. Its forward
+    gives `.logits` (None for a backbone-only checkpoint) and `.embeddings`. `pin`: the checkpoint to load,
+    as an earlier load's `.pin` says (its hub commit and weight file); ModelChanged if the source holds
+    another now.
     """
-    files = resolve(source, storage_options, revision)
+    files = resolve(source, storage_options, pin and pin.revision, pin and pin.weights)
+    config_bytes = files.config.read_bytes()
+    preprocessor_bytes = files.preprocessor_config.read_bytes() if files.preprocessor_config else None
     try:
-        config = DinatConfig.model_validate(json.loads(files.config.read_text()))
+        config = DinatConfig.model_validate(json.loads(config_bytes))
         preprocessing = (
-            PreprocessConfig.model_validate(json.loads(files.preprocessor_config.read_text()))
-            if files.preprocessor_config
+            PreprocessConfig.model_validate(json.loads(preprocessor_bytes))
+            if preprocessor_bytes is not None
             else PreprocessConfig()
         )
     except (ValidationError, json.JSONDecodeError) as err:
         raise ModelLoadError(f"{source}: invalid checkpoint configuration: {err}") from err
-    state_dict = checkpoint_filter(read_state_dict(files.weights))
+    state_dict, weights_sha256 = read_state_dict(files.weights)
+    found = ModelPin(
+        revision=files.revision,
+        weights=files.weights.name,
+        sha256=checkpoint_sha256(config_bytes, preprocessor_bytes, weights_sha256),
+    )
+    if pin is not None and found != pin:
+        raise ModelChanged(
+            f"{source}: its checkpoint is not the one the run started with (checkpoint_sha256 "
+            f"{found.sha256[:12]} here, {pin.sha256[:12]} then): it was replaced at its source during the "
+            "run, or this node has another copy. The actor refuses it, so that the run's rows come from one "
+            "model. Replace a checkpoint only between runs, and run the same command again to use the new "
+            "one (it asks for --overwrite where rows of the old one were written)"
+        )
+    state_dict = checkpoint_filter(state_dict)
     with_classifier = any(k.startswith(_CLASSIFIER_PREFIX) for k in state_dict)
     with torch.device("meta"):
         model = Dinat(config, with_classifier=with_classifier)
     _check_keys(model, state_dict, source)
     model.load_state_dict(state_dict, assign=True)
     model.source = source
-    model.revision = files.revision
-    model.weights_sha256 = sha256_file(files.weights)
+    model.pin = found
+    model.weights_sha256 = weights_sha256
     model.preprocessing = preprocessing
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

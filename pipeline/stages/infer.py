@@ -19,10 +19,10 @@ from ray.data.context import AutoscalingConfig
 
 from dinat_batch.pipeline.config import DEFAULT_MAX_PIXELS, RunConfig
 from dinat_batch.pipeline.errors import error_column
-from dinat_batch.pipeline.faults import failed_start, slow_call
+from dinat_batch.pipeline.faults import actor_start, slow_call
 from dinat_batch.pipeline.gpu_decoding import DECODE_BUDGET, DeviceDecoder, nvjpeg, probe, unsupported
 from dinat_batch.pipeline.locations import options_for
-from dinat_batch.pipeline.model import load_model
+from dinat_batch.pipeline.model import ModelPin, load_model
 from dinat_batch.pipeline.model.runtime import (
     CPU_BATCH,
     DTYPES,
@@ -51,17 +51,14 @@ CALLS_PER_LANE = 2
 # of the memory Ray declares on a CPU actor's node (what was free at its start less the object store's), the
 # share its lanes' activations may take: the rest is for the read and decode tasks beside it and Ray's workers
 LANE_MEMORY_SHARE = 0.5
-# inference actors in a row whose start may fail (their process dies, or their constructor raises) before
-# the run fails with the last one's error: Ray Data fails a run at the first (max_consecutive_actor_init_
-# deaths 0), so one node with a bad GPU or too little memory joining an autoscaled cluster ended a long run.
-# A start that succeeds resets the count, so a model that cannot load anywhere still fails the run, after
-# as many model loads plus one
+# inference actors in a row whose constructor may raise before the run fails with the last one's error:
+# Ray Data's default fails a run at the first (max_consecutive_actor_init_deaths 0), so one start's
+# transient failure (the model's store, a device's first use) ended a long run. Ray puts the replacement
+# where there is room, which may be the same node: a node that fails every start still fails the run. A
+# start that succeeds resets the count, so a model that loads nowhere fails the run after FAILED_STARTS + 1
+# loads. An actor whose process or node dies while it starts is restarted by Ray, outside this count.
 FAILED_STARTS = 3
 logger = logging.getLogger(__name__)
-
-
-class ModelChanged(RuntimeError):
-    """An actor found other weights at the model's source than the run was planned with."""
 
 
 class ActorSettings(BaseModel):
@@ -70,11 +67,10 @@ class ActorSettings(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     model: str
-    # the weights the run was planned with (the driver's model check): an actor that finds others at
-    # `model` (a checkpoint replaced during the run) refuses to start, so that one run's rows come from one
-    # model; None: whatever `model` holds
-    model_sha256: str | None = None
-    model_revision: str | None = None  # the hub commit to load, for a hub id (None: the default branch)
+    # the checkpoint the run was planned with (the driver's model check): an actor that finds another at
+    # `model` (replaced during the run) refuses to start, so that one run's rows come from one model; None:
+    # whatever `model` holds
+    model_pin: ModelPin | None = None
     run_id: str
     top_k: int
     device: str  # cpu or cuda
@@ -94,8 +90,7 @@ class ActorSettings(BaseModel):
         run_id: str,
         actors: Actors,
         jpegs_to_device: bool,
-        model_sha256: str | None = None,
-        model_revision: str | None = None,
+        model_pin: ModelPin,
     ) -> ActorSettings:
         """The actor's share of a run's config, with what the plan settled (run id, the actors' device and
         lanes, routing, the model's identity)."""
@@ -107,8 +102,7 @@ class ActorSettings(BaseModel):
             lanes=actors.lanes,
             threads=actors.threads,
             jpegs_to_device=jpegs_to_device,
-            model_sha256=model_sha256,
-            model_revision=model_revision,
+            model_pin=model_pin,
         )
 
 
@@ -146,19 +140,9 @@ class Predictor:
     """
 
     def __init__(self, settings: ActorSettings):
-        failed_start()
+        actor_start()
         options = options_for(settings.model, settings.storage_options)
-        loaded = load_model(
-            settings.model, settings.device, storage_options=options, revision=settings.model_revision
-        )
-        if settings.model_sha256 is not None and loaded.weights_sha256 != settings.model_sha256:
-            raise ModelChanged(
-                f"{settings.model}: its weights changed during the run (sha256 {loaded.weights_sha256[:12]} "
-                f"here, {settings.model_sha256[:12]} when it started); this actor refuses to start so that "
-                "the run's rows come from one model. Replace a checkpoint only between runs, and run the same "
-                "command again to use the new weights (it asks for --overwrite where rows of the old ones were "
-                "written)"
-            )
+        loaded = load_model(settings.model, settings.device, storage_options=options, pin=settings.model_pin)
         self.provenance = Provenance(loaded.source, loaded.weights_sha256, settings.run_id)
         self.num_features = loaded.config.num_features
         self.labels = label_names(loaded.config)
@@ -401,5 +385,6 @@ def apply(dataset: ray.data.Dataset, settings: ActorSettings, actors: Actors) ->
         **STAGE.resources,
     )
     inferred.context.autoscaling_config = autoscaling(inferred.context.autoscaling_config)
-    inferred.context.max_consecutive_actor_init_deaths = FAILED_STARTS
+    if not inferred.context.max_consecutive_actor_init_deaths:  # unless set (RAY_DATA_MAX_CONSECUTIVE_...)
+        inferred.context.max_consecutive_actor_init_deaths = FAILED_STARTS
     return inferred

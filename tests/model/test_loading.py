@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from dinat_batch.pipeline.model import ModelLoadError, load_model
+from dinat_batch.pipeline.model import ModelChanged, ModelLoadError, load_model
 from dinat_batch.pipeline.model.export import random_model, save_checkpoint
 from tests.model.test_dinat import shortened
 
@@ -89,15 +89,15 @@ def test_hub_id_from_the_local_hub_cache(tmp_path, monkeypatch, reference_model,
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(hf_home / "hub"))
     model = load_model("shi-labs/dinat-test", device="cpu")
     check_same(model, expected)
-    assert model.revision == commit
+    assert model.pin.revision == commit
     # a push moves the default branch; a run's actors load the commit its driver saw
     pushed = "fedcba9876543210fedcba9876543210fedcba98"
     save_checkpoint(random_model(shortened("dinat-mini-in1k-224"), seed=12), repo / "snapshots" / pushed)
     (repo / "refs" / "main").write_text(pushed)
-    assert load_model("shi-labs/dinat-test", device="cpu").revision == pushed
-    pinned = load_model("shi-labs/dinat-test", device="cpu", revision=commit)
+    assert load_model("shi-labs/dinat-test", device="cpu").pin.revision == pushed
+    pinned = load_model("shi-labs/dinat-test", device="cpu", pin=model.pin)
     check_same(pinned, expected)
-    assert (pinned.revision, pinned.weights_sha256) == (commit, model.weights_sha256)
+    assert (pinned.pin, pinned.weights_sha256) == (model.pin, model.weights_sha256)
     with pytest.raises(ModelLoadError, match=r"HF_HUB_OFFLINE is set.*Pass a local copy"):
         load_model("shi-labs/dinat-absent")
 
@@ -148,3 +148,28 @@ def test_bad_sources_say_what_to_do(tmp_path):
     )
     with pytest.raises(ModelLoadError, match="one entry per stage"):
         load_model(str(tmp_path / "empty"))
+
+
+def test_a_pinned_load_takes_the_pinned_weight_file_and_refuses_any_other_change(tmp_path, reference_model):
+    """What a run's actors load (`pin`): the weight file its check took, even once a preferred one is
+    added; ModelChanged where the weights, the labels or the preprocessing differ from it."""
+    folder = save_checkpoint(reference_model, tmp_path / "ckpt", "bin")
+    pin = load_model(str(folder)).pin
+    assert pin.weights == "pytorch_model.bin" and pin.revision is None
+    other = random_model(shortened("dinat-mini-in1k-224"), seed=12)
+    shutil.copy(save_checkpoint(other, tmp_path / "other") / "model.safetensors", folder)
+    assert load_model(str(folder)).pin.weights == "model.safetensors"  # preferred, unpinned
+    assert load_model(str(folder), pin=pin).pin == pin
+    other_bin = save_checkpoint(other, tmp_path / "other-bin", "bin") / "pytorch_model.bin"
+    for name, changed in [
+        ("config.json", lambda text: text.replace(b'"LABEL_0"', b'"renamed"')),
+        ("preprocessor_config.json", lambda text: text.replace(b"224", b"256")),
+        ("pytorch_model.bin", lambda _: other_bin.read_bytes()),
+    ]:
+        kept = (folder / name).read_bytes()
+        (folder / name).write_bytes(changed(kept))
+        assert (folder / name).read_bytes() != kept
+        with pytest.raises(ModelChanged, match=r"not the one the run started with"):
+            load_model(str(folder), pin=pin)
+        (folder / name).write_bytes(kept)
+    assert load_model(str(folder), pin=pin).pin == pin

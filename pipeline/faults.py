@@ -1,7 +1,8 @@
 """Faults a test switches on through the environment; inert otherwise. Named points where the driver
 dies, to prove that a run cut short at any of them loses nothing and duplicates nothing once it is run
 again; and a wait before each model call of the inference actors, to hold a run open while nodes come and
-go; and inference actor starts that fail, as on a node whose GPU or memory is bad."""
+go; and inference actor starts that fail, as on a node whose GPU or memory is bad, or wait, as a big
+model's load on a node that may be lost meanwhile."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ HOLD_ENV = "DINAT_BATCH_HOLD_CALLS"
 # read in the actors' processes too: a folder of files, each the failure of one inference actor's start
 # (the start that takes it: removing a file is atomic, so no two starts take one)
 FAILED_STARTS_ENV = "DINAT_BATCH_FAILED_STARTS"
+HOLD_STARTS_ENV = "DINAT_BATCH_HOLD_STARTS"  # a file while which the starts wait
 
 
 class SimulatedCrash(BaseException):
@@ -49,3 +51,6 @@ def actor_start() -> None:
         except FileNotFoundError:
             continue  # another actor's start took it
         raise SimulatedStartFailure(f"this actor's start failed ({name})")
+    hold = os.environ.get(HOLD_STARTS_ENV)
+    while hold and os.path.exists(hold):
+        time.sleep(0.2)

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dinat_batch.infra.local_cluster import LocalCluster
-from dinat_batch.pipeline.faults import HOLD_ENV, SLOW_ENV
+from dinat_batch.pipeline.faults import HOLD_ENV, HOLD_STARTS_ENV, SLOW_ENV
 from tests.data import photos
 
 pytestmark = pytest.mark.apart
@@ -36,8 +36,13 @@ def hold(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cluster(hold):
-    workers = SLOW | {HOLD_ENV: str(hold)}
+def hold_starts(hold) -> Path:
+    return hold.with_name("starts")
+
+
+@pytest.fixture(scope="module")
+def cluster(hold, hold_starts):
+    workers = SLOW | {HOLD_ENV: str(hold), HOLD_STARTS_ENV: str(hold_starts)}
     with LocalCluster(
         workers=2, cpus_per_worker=2, resources_per_worker=SLOT, env_per_worker=workers
     ) as started:
@@ -204,6 +209,28 @@ def test_nodes_lost_mid_run_then_nodes_join_and_the_pool_grows_onto_them(
     assert driver.finish(600) == 0, driver.output()
     exactly_once(bucket, "replaced", expected)
     cluster.kill(second)  # the next test runs on one small node, as before: fewer processes to start
+
+
+def test_a_node_lost_while_its_actor_starts_is_replaced(cluster, object_store, bucket, tmp_path, hold_starts):
+    """The node an inference actor is starting on (a big model loading) is lost, as a spot instance taken
+    back just after it joined, and another joins: the actor starts there (Ray restarts it; a start that
+    raises is another matter, `infer.FAILED_STARTS`) and the run completes, every key once. (Leaves one
+    worker node, as the test before does.)"""
+    for node in [node for node in cluster.workers if node.process.poll() is None][1:]:
+        cluster.kill(node)  # one node to start on: the actor cannot start on another
+    expected = images(bucket, "starting")
+    hold_starts.touch()
+    try:
+        driver = start_driver(cluster, object_store, tmp_path, "starting", actor_resources=SLOT)
+        on = next(iter(wait_for_actor(cluster, driver).values()))
+        cluster.kill(next(node for node in cluster.workers if node.name == on))
+        hold_starts.unlink()
+        joined = cluster.add_worker()
+        wait_for_actor(cluster, driver, on={joined.name})
+    finally:
+        hold_starts.unlink(missing_ok=True)
+    assert driver.finish(600) == 0, driver.output()
+    exactly_once(bucket, "starting", expected)
 
 
 def test_every_node_lost_fails_clearly_in_bounded_time(cluster, object_store, bucket, tmp_path):

@@ -173,3 +173,21 @@ def test_a_pinned_load_takes_the_pinned_weight_file_and_refuses_any_other_change
             load_model(str(folder), pin=pin)
         (folder / name).write_bytes(kept)
     assert load_model(str(folder), pin=pin).pin == pin
+
+
+def test_weights_replaced_while_they_are_read_are_refused(tmp_path, reference_model, monkeypatch):
+    """The digest is of the tensors loaded: a weight file replaced between its hash and its load fails the
+    load (an actor's start, which is tried again), never pairs one file's digest with the other's tensors."""
+    folder = save_checkpoint(reference_model, tmp_path / "ckpt")
+    other = save_checkpoint(random_model(shortened("dinat-mini-in1k-224"), seed=12), tmp_path / "other")
+    import safetensors.torch
+
+    real = safetensors.torch.load_file
+
+    def replaced_first(path, *args, **kwargs):
+        shutil.copy(other / "model.safetensors", path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "load_file", replaced_first)
+    with pytest.raises(ModelLoadError, match=r"the weights were replaced while they were read"):
+        load_model(str(folder))

@@ -38,16 +38,18 @@ def checkpoint_sha256(config: bytes, preprocessor_config: bytes | None, weights_
     preprocessing and the weights."""
     parts = [
         hashlib.sha256(config).hexdigest(),
-        preprocessor_config and hashlib.sha256(preprocessor_config).hexdigest(),
+        None if preprocessor_config is None else hashlib.sha256(preprocessor_config).hexdigest(),
     ]
     return hashlib.sha256(json.dumps([*parts, weights_sha256]).encode()).hexdigest()
 
 
 def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     """Tensors only, never code: safetensors, or torch.load with weights_only=True; and the sha256 of the
-    file they were read from. The file is hashed, then loaded (safetensors maps it: reading it into memory
-    once for both would double a load's peak, 1.5 GB against 0.77 GB for dinat-large), and refused if it
-    was replaced or written meanwhile, so that the digest is the tensors'."""
+    file they were read from. The file is hashed, then loaded into the process's own memory (safetensors'
+    default maps the file, and its tensors then change with a file written over in place: a running
+    actor's weights), and refused if it was replaced or written meanwhile, so that the digest is the
+    tensors'. Reading it once for both would double a load's peak (1.5 GB against 0.77 GB for
+    dinat-large)."""
     before = _identity(path)
     digest = hashlib.sha256()
     try:
@@ -57,7 +59,7 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            state = load_file(str(path))
+            state = load_file(str(path), backend="pread")
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -71,9 +73,10 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
 
 
 def _identity(path: Path) -> tuple[int, ...]:
-    """What changes when a file is replaced (a new inode) or written (its size or modification time)."""
+    """What changes when a file is replaced (a new inode) or written (its size, its times: the change
+    time even where the modification time is set back, as `cp -p` does)."""
     st = path.stat()
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def checkpoint_filter(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -191,3 +191,14 @@ def test_weights_replaced_while_they_are_read_are_refused(tmp_path, reference_mo
     monkeypatch.setattr(safetensors.torch, "load_file", replaced_first)
     with pytest.raises(ModelLoadError, match=r"the weights were replaced while they were read"):
         load_model(str(folder))
+
+
+def test_a_loaded_model_keeps_its_weights_when_the_file_is_written_over(tmp_path, reference_model, expected):
+    """A running actor's weights are its own: a checkpoint copied over the file in place (same inode) after
+    the load changes nothing in the model (safetensors' default mapping shared the file's pages)."""
+    folder = save_checkpoint(reference_model, tmp_path / "ckpt")
+    model = load_model(str(folder), device="cpu")
+    other = save_checkpoint(random_model(shortened("dinat-mini-in1k-224"), seed=12), tmp_path / "other")
+    with (folder / "model.safetensors").open("r+b") as f:
+        f.write((other / "model.safetensors").read_bytes())
+    check_same(model, expected)

@@ -92,15 +92,21 @@ def _from_hub(repo_id: str, revision: str | None, names: tuple[str, ...]) -> Che
     tag or commit (None: the default branch); all files come from the commit the config file resolved to,
     so that a push between two downloads cannot pair one commit's config with another's weights."""
     import huggingface_hub
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub import constants
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    offline = constants.HF_HUB_OFFLINE
 
     def fetch_first(names: tuple[str, ...]) -> Path | None:
-        """The first of `names` the repository (or, offline, the cache) has at `revision`."""
+        """The first of `names` the repository (offline: the cache) has at `revision`. A hub that could not
+        be asked is an error, not a file it lacks: another weight file, or no preprocessor config, would be
+        another checkpoint than the one the driver pinned."""
         for name in names:
             try:
                 return Path(huggingface_hub.hf_hub_download(repo_id, name, revision=revision))
-            except EntryNotFoundError:
-                continue
+            except EntryNotFoundError as err:
+                if isinstance(err, LocalEntryNotFoundError) and not offline:
+                    raise
         return None
 
     try:
@@ -109,8 +115,8 @@ def _from_hub(repo_id: str, revision: str | None, names: tuple[str, ...]) -> Che
         if _COMMIT.match(config.parent.name):
             revision = config.parent.name
         weights = fetch_first(names)
+        preprocessor_config = fetch_first((PREPROCESSOR_CONFIG,))
     except (EntryNotFoundError, OSError, ValueError) as err:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no")
         why = (
             "HF_HUB_OFFLINE is set and it is not in the local cache"
             if offline
@@ -123,7 +129,7 @@ def _from_hub(repo_id: str, revision: str | None, names: tuple[str, ...]) -> Che
         ) from err
     if weights is None:
         raise ModelLoadError(f"hub repository {repo_id!r} has none of the weight files {', '.join(names)}")
-    return CheckpointFiles(repo_id, config, weights, fetch_first((PREPROCESSOR_CONFIG,)), revision)
+    return CheckpointFiles(repo_id, config, weights, preprocessor_config, revision)
 
 
 def resolve(

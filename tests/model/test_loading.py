@@ -8,6 +8,7 @@ import torch
 
 from dinat_batch.pipeline.model import ModelChanged, ModelLoadError, load_model
 from dinat_batch.pipeline.model.export import random_model, save_checkpoint
+from dinat_batch.pipeline.model.files import resolve
 from tests.model.test_dinat import shortened
 
 pytestmark = pytest.mark.standalone
@@ -202,3 +203,34 @@ def test_a_loaded_model_keeps_its_weights_when_the_file_is_written_over(tmp_path
     with (folder / "model.safetensors").open("r+b") as f:
         f.write((other / "model.safetensors").read_bytes())
     check_same(model, expected)
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_a_hub_file_that_could_not_be_asked_for_is_not_taken_as_absent(
+    tmp_path, monkeypatch, reference_model, offline
+):
+    """huggingface_hub reports a file it could not ask the hub for (down, unreachable) as not found in the
+    cache: online that fails the load, rather than load without the preprocessor config, which would be
+    another checkpoint than the driver's (its actors would refuse it as changed). Offline, a file not in
+    the cache is one the repository lacks."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    folder = save_checkpoint(reference_model, tmp_path / "ckpt")
+
+    def download(repo_id, name, revision=None):
+        if name == "preprocessor_config.json":
+            raise LocalEntryNotFoundError("the hub could not be reached")
+        if not (folder / name).exists():
+            raise LocalEntryNotFoundError("not in the cache")
+        return str(folder / name)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", offline)
+    if offline:
+        assert resolve("shi-labs/dinat-test").preprocessor_config is None
+    else:
+        with pytest.raises(
+            ModelLoadError, match=r"could not get 'shi-labs/dinat-test'.*could not be reached"
+        ):
+            load_model("shi-labs/dinat-test")

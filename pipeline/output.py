@@ -287,7 +287,7 @@ class Output:
             path = entry.name
             if owner:
                 found.chunks.setdefault(attempt, []).append(path)
-                found.models[path] = owner.model_sha256
+                found.models[path] = owner.checkpoint_sha256
                 found.staged.append(path)
             else:
                 found.foreign.append(path)
@@ -341,7 +341,7 @@ class Output:
                 not overwrite
                 and survey.marker == SUCCESS
                 and committed.get("retryable_errors", 0) > 0
-                and committed.get("model_sha256") == ownership.model_sha256
+                and committed.get("checkpoint_sha256") == ownership.checkpoint_sha256
                 and same_job
             )
             if not overwrite and not retry and not (replace and self.iceberg is not None):
@@ -374,7 +374,7 @@ class Output:
         kept = [
             path for attempt, paths in survey.chunks.items() if attempt != ownership.attempt for path in paths
         ]
-        other = sorted({path for path in kept if survey.models[path] != ownership.model_sha256})
+        other = sorted({path for path in kept if survey.models[path] != ownership.checkpoint_sha256})
         if other:
             raise ConfigError(
                 f"output {self.uri!r} holds an unfinished run of another model ({other[0]}); pass "

@@ -25,11 +25,12 @@ METADATA_KEY = b"dinat_batch"
 
 @dataclass(frozen=True)
 class Ownership:
-    """What the pipeline writes into each of its files' metadata: the run, its model, and the attempt
-    (unique to each start of the run, also when a user names the run: its staging folder)."""
+    """What the pipeline writes into each of its files' metadata: the run, its model (`checkpoint_sha256`:
+    `model.ModelPin.sha256`, of its weights and configs), and the attempt (unique to each start of the
+    run, also when a user names the run: its staging folder)."""
 
     run_id: str
-    model_sha256: str
+    checkpoint_sha256: str
     attempt: str
     output: str  # the output's resolved location: a file copied elsewhere is not that output's own
 
@@ -37,7 +38,7 @@ class Ownership:
         record = {
             "writer": WRITER,
             "run_id": self.run_id,
-            "model_sha256": self.model_sha256,
+            "checkpoint_sha256": self.checkpoint_sha256,
             "attempt": self.attempt,
             "output": self.output,
         }
@@ -85,8 +86,12 @@ def owner_in(metadata: dict[bytes, bytes] | None) -> Ownership | None:
         return None
     if not isinstance(record, dict) or record.get("writer") != WRITER:
         return None
+    # files of versions that recorded the weights' digest alone have none: another model to a run now
     return Ownership(
-        record["run_id"], record["model_sha256"], record.get("attempt", ""), record.get("output", "")
+        record["run_id"],
+        record.get("checkpoint_sha256", ""),
+        record.get("attempt", ""),
+        record.get("output", ""),
     )
 
 

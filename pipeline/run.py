@@ -65,6 +65,7 @@ class RunSummary(BaseModel):
     model: str
     model_sha256: str
     model_revision: str | None  # for a hub id, the commit every actor loaded
+    checkpoint_sha256: str  # of the weights and both configs: the model, for a resume or a retry
     device: str
     decode: str  # where JPEGs were decoded: cpu, or gpu for a share of them
     device_decode_share: float  # the share of JPEGs decoded on the GPU
@@ -105,7 +106,7 @@ class Plan:
     guard: StallGuard  # the stall guard it is carried out under: the stages add an actor's node to its needs
 
     def owner(self, output: Output) -> Ownership:
-        return Ownership(self.run_id, self.model_sha256, self.attempt, output.identity)
+        return Ownership(self.run_id, self.model_pin.sha256, self.attempt, output.identity)
 
 
 def _actors(config: RunConfig, resources: dict[str, float], nodes: list[dict[str, float]]) -> Actors:
@@ -374,6 +375,7 @@ def execute(
         model=config.model,
         model_sha256=plan.model_sha256,
         model_revision=plan.model_pin.revision,
+        checkpoint_sha256=plan.model_pin.sha256,
         device=plan.actors.device,
         decode="gpu" if plan.device_share else "cpu",
         device_decode_share=plan.device_share,

@@ -2,6 +2,7 @@
 through, backbone-only models, and out-of-memory handled by smaller slices."""
 
 import hashlib
+import re
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -245,8 +246,8 @@ def test_an_actor_loads_the_planned_hub_commit_and_refuses_another_checkpoint(
     tmp_path, monkeypatch, tiny_model
 ):
     """A push to the model's hub repository during a run: an actor started after it loads the commit the
-    driver's check pinned; where it finds another checkpoint (here: not told the commit) it refuses to
-    start."""
+    driver's check pinned; where it finds another checkpoint than the pin's digest (here: told the new
+    commit) it refuses to start."""
     hub = tmp_path / "hub"
     repo = hub / "models--shi-labs--dinat-tiny"
     planned, pushed = "0123456789abcdef" * 2 + "01234567", "f" * 40
@@ -264,6 +265,9 @@ def test_an_actor_loads_the_planned_hub_commit_and_refuses_another_checkpoint(
         Predictor(settings).provenance.model_sha256
         == hashlib.sha256((tiny_model / "model.safetensors").read_bytes()).hexdigest()
     )
-    unpinned = pin.model_copy(update={"revision": None})
-    with pytest.raises(ModelChanged, match=rf"checkpoint_sha256 \w{{12}} here, {pin.sha256[:12]} then"):
-        Predictor(settings.model_copy(update={"model_pin": unpinned}))
+    moved = pin.model_copy(update={"revision": pushed})
+    with pytest.raises(
+        ModelChanged, match=rf"checkpoint_sha256 (\w{{12}}) here, {pin.sha256[:12]} then"
+    ) as err:
+        Predictor(settings.model_copy(update={"model_pin": moved}))
+    assert re.search(r"checkpoint_sha256 (\w{12}) here", str(err.value)).group(1) != pin.sha256[:12]

@@ -30,6 +30,7 @@ from ray.data.context import AutoscalingConfig
 
 from dinat_batch.pipeline import run as run_module
 from dinat_batch.pipeline.config import DRIVER_CPUS, ConfigError, RunConfig
+from dinat_batch.pipeline.faults import ENV, SimulatedCrash
 from dinat_batch.pipeline.locations import filesystem
 from dinat_batch.pipeline.model import ModelChanged, ModelLoadError, load_model
 from dinat_batch.pipeline.output import Output, VerificationFailed
@@ -765,3 +766,25 @@ def test_actor_starts_that_fail_are_replaced_a_few_times_in_a_row(tmp_path, tiny
     assert len(list(failed_starts.iterdir())) == 2  # FAILED_STARTS + 1 starts took one each, then it stopped
     assert run(config).ok == 3
     assert not list(failed_starts.iterdir())
+
+
+def test_a_resume_with_other_labels_or_preprocessing_asks_to_start_over(tmp_path, tiny_model, monkeypatch):
+    """A run cut short after its rows were written, then the checkpoint's labels changed (its weights the
+    same): the same command would give rows of two label sets, so it asks for --overwrite, which then
+    gives the new labels to every row."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    config = RunConfig(
+        input=str(image_folder(tmp_path / "images", 3)), output=str(tmp_path / "out"), model=str(model)
+    )
+    with monkeypatch.context() as patch:
+        patch.setenv(ENV, "before-marker")
+        with pytest.raises(SimulatedCrash):
+            run(config)
+    config_json = model / "config.json"
+    config_json.write_text(config_json.read_text().replace('"class-', '"renamed-'))
+    with pytest.raises(ConfigError, match=r"holds an unfinished run of another model.*--overwrite"):
+        run(config)
+    assert run(config.model_copy(update={"overwrite": True})).ok == 3
+    rows = pq.read_table(tmp_path / "out").to_pylist()
+    assert {label.split("-")[0] for row in rows for label in row["labels"]} == {"renamed"}

@@ -58,6 +58,7 @@ LANE_MEMORY_SHARE = 0.5
 # start that succeeds resets the count, so a model that loads nowhere fails the run after FAILED_STARTS + 1
 # loads. An actor whose process or node dies while it starts is restarted by Ray, outside this count.
 FAILED_STARTS = 3
+INIT_DEATHS_ENV = "RAY_DATA_MAX_CONSECUTIVE_ACTOR_INIT_DEATHS"  # Ray Data's setting of it
 logger = logging.getLogger(__name__)
 
 
@@ -385,6 +386,6 @@ def apply(dataset: ray.data.Dataset, settings: ActorSettings, actors: Actors) ->
         **STAGE.resources,
     )
     inferred.context.autoscaling_config = autoscaling(inferred.context.autoscaling_config)
-    if not inferred.context.max_consecutive_actor_init_deaths:  # unless set (RAY_DATA_MAX_CONSECUTIVE_...)
+    if INIT_DEATHS_ENV not in os.environ:  # a user's setting stands
         inferred.context.max_consecutive_actor_init_deaths = FAILED_STARTS
     return inferred

@@ -18,7 +18,8 @@ HOLD_ENV = "DINAT_BATCH_HOLD_CALLS"
 # read in the actors' processes too: a folder of files, each the failure of one inference actor's start
 # (the start that takes it: removing a file is atomic, so no two starts take one)
 FAILED_STARTS_ENV = "DINAT_BATCH_FAILED_STARTS"
-HOLD_STARTS_ENV = "DINAT_BATCH_HOLD_STARTS"  # a file while which the starts wait
+# a file while which the starts wait, each saying so by a file of that name and `.waiting` beside it
+HOLD_STARTS_ENV = "DINAT_BATCH_HOLD_STARTS"
 
 
 class SimulatedCrash(BaseException):
@@ -52,5 +53,7 @@ def actor_start() -> None:
             continue  # another actor's start took it
         raise SimulatedStartFailure(f"this actor's start failed ({name})")
     hold = os.environ.get(HOLD_STARTS_ENV)
+    if hold and os.path.exists(hold):
+        open(f"{hold}.waiting", "a").close()
     while hold and os.path.exists(hold):
         time.sleep(0.2)

@@ -220,16 +220,25 @@ def test_a_node_lost_while_its_actor_starts_is_replaced(cluster, object_store, b
         cluster.kill(node)  # one node to start on: the actor cannot start on another
     expected = images(bucket, "starting")
     hold_starts.touch()
+    waiting = Path(f"{hold_starts}.waiting")
     try:
         driver = start_driver(cluster, object_store, tmp_path, "starting", actor_resources=SLOT)
         on = next(iter(wait_for_actor(cluster, driver).values()))
+        deadline = time.monotonic() + 120
+        while not waiting.exists():  # the actor is in its start, held
+            assert driver.running() and time.monotonic() < deadline, driver.output()
+            time.sleep(0.2)
+        assert not bucket.glob(f"{BUCKET}/starting-out/_staging/*/chunk-*.parquet")
+        bucket.invalidate_cache()  # the listing above would be the one read at the end
         cluster.kill(next(node for node in cluster.workers if node.name == on))
         hold_starts.unlink()
         joined = cluster.add_worker()
         wait_for_actor(cluster, driver, on={joined.name})
     finally:
         hold_starts.unlink(missing_ok=True)
+        waiting.unlink(missing_ok=True)
     assert driver.finish(600) == 0, driver.output()
+    assert "died during initialization" not in driver.log.read_text()  # Ray's restart, not a new actor
     exactly_once(bucket, "starting", expected)
 
 

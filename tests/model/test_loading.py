@@ -74,6 +74,13 @@ def test_s3_on_a_real_object_store(tmp_path, object_store, model_cache, referenc
     assert len(list(model_cache.iterdir())) == 2
     with pytest.raises(ModelLoadError, match=r"expected config.json and one of"):
         load_model("s3://models/absent/", storage_options=object_store.storage_options)
+    # pinned: the weight file the pin names, though a preferred one came beside it
+    pin = load_model(uri, storage_options=object_store.storage_options).pin
+    other = save_checkpoint(random_model(shortened("dinat-mini-in1k-224"), seed=12), tmp_path / "other")
+    fs.put(str(other / "model.safetensors"), "models/dinat-mini/model.safetensors")
+    assert load_model(uri, storage_options=object_store.storage_options).pin.weights == "model.safetensors"
+    pinned = load_model(uri, storage_options=object_store.storage_options, pin=pin)
+    assert pinned.pin == pin and pin.weights == "pytorch_model.bin"
 
 
 def test_hub_id_from_the_local_hub_cache(tmp_path, monkeypatch, reference_model, expected):

@@ -599,9 +599,8 @@ def _execute(
 @contextmanager
 def _failed_actor_starts() -> Iterator[None]:
     """The inference actors' failure to start as the run's error: their refusal of another checkpoint
-    (ModelChanged) as itself, any other error saying what to do. Ray hands the
-    driver an ActorDiedError with the last actor's traceback as text, ending in its error's type and
-    message."""
+    (ModelChanged) as itself, any other error saying what to do. Ray hands the driver an ActorDiedError
+    with the last actor's traceback as text, ending in its error's type and message."""
     marker = f"{ModelChanged.__module__}.{ModelChanged.__qualname__}: "
     try:
         yield

@@ -70,14 +70,14 @@ def _from_fsspec(uri: str, storage_options: dict[str, Any], names: tuple[str, ..
             f"{uri}: expected {CONFIG} and one of {', '.join(names)} under this prefix, found "
             f"{sorted(present) or 'nothing'}; check the URI and the storage credentials"
         )
-    names = [CONFIG, weights] + ([PREPROCESSOR_CONFIG] if PREPROCESSOR_CONFIG in present else [])
-    identity = json.dumps([uri] + [(n, fs.ukey(f"{root}/{n}")) for n in names])
+    fetched = [CONFIG, weights] + ([PREPROCESSOR_CONFIG] if PREPROCESSOR_CONFIG in present else [])
+    identity = json.dumps([uri] + [(n, fs.ukey(f"{root}/{n}")) for n in fetched])
     folder = cache_root() / hashlib.sha256(identity.encode()).hexdigest()[:24]
     if not folder.is_dir():
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".partial-"))
         try:
-            for name in names:
+            for name in fetched:
                 fs.get_file(f"{root}/{name}", str(staging / name))
             staging.rename(folder)  # atomic: a crashed download never looks complete
         except OSError:
